@@ -1,0 +1,1 @@
+"""CPU target descriptions (vector width, features, Numba cpu name, tiling)."""

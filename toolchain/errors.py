@@ -1,0 +1,34 @@
+"""Error types. Every problem with user input is an :class:`InputError`.
+
+The CLI turns an ``InputError`` into one line on stderr and exit code 2; any other
+exception is a bug in sparseforge (exit code 1).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SparseforgeError(Exception):
+    """Base class of every error sparseforge raises on purpose."""
+
+    exit_code = 1
+
+
+class InputError(SparseforgeError):
+    """Missing, corrupt, truncated or unsupported input (exit code 2).
+
+    ``path`` names the file or directory at fault; ``problem`` says what is wrong with it.
+    """
+
+    exit_code = 2
+
+    def __init__(self, path: str | Path | None, problem: str) -> None:
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class PassError(SparseforgeError):
+    """A pass was asked to run on an IR that does not meet its requirements (exit code 2)."""
+
+    exit_code = 2

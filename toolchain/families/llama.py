@@ -1,0 +1,135 @@
+"""Llama-style decoders: Llama, Mistral, Qwen2 (RMSNorm, RoPE, GQA, SwiGLU FFN)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..ir import ArchSpec, FFNBlock
+from .base import ModelFamily, config_value, register
+
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+
+def _rope_theta(config: dict[str, Any], path: Path) -> float:
+    """RoPE base; only unscaled ('default') RoPE is supported."""
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or None
+    rope_type = (params.get("rope_type") or params.get("type") or "default") if params else "default"
+    if scaling:
+        rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise InputError(path, f"unsupported RoPE scaling {rope_type!r} (only unscaled RoPE is supported)")
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    try:
+        return float(theta)
+    except (TypeError, ValueError):
+        raise InputError(path, f"config.json: rope_theta {theta!r} is not a number") from None
+
+
+@register
+class Llama(ModelFamily):
+    name = "llama"
+    architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+    ignored_tensors = ()
+
+    @classmethod
+    def spec_from_config(cls, config: dict[str, Any], path: Path) -> ArchSpec:
+        arch = config["architectures"][0]
+        act = config.get("hidden_act", "silu")
+        if act not in _ACTIVATIONS:
+            raise InputError(path, f"unsupported hidden_act {act!r}; supported: {', '.join(_ACTIVATIONS)}")
+        d = config_value(config, "hidden_size", path)
+        heads = config_value(config, "num_attention_heads", path)
+        kv = config_value(config, "num_key_value_heads", path, int, heads)
+        head_dim = config_value(config, "head_dim", path, int, d // heads)
+        if heads % kv:
+            raise InputError(path, f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+        window = config.get("sliding_window")
+        if arch == "Qwen2ForCausalLM" and not config.get("use_sliding_window", False):
+            window = None
+        max_pos = config_value(config, "max_position_embeddings", path, int, 2048)
+        if window is not None and int(window) < max_pos:
+            raise InputError(path, f"sliding-window attention (window {window} < {max_pos} positions) is not supported")
+        return ArchSpec(
+            family=cls.name,
+            architecture=arch,
+            hidden_size=d,
+            intermediate_size=config_value(config, "intermediate_size", path),
+            num_layers=config_value(config, "num_hidden_layers", path),
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=head_dim,
+            vocab_size=config_value(config, "vocab_size", path),
+            max_positions=max_pos,
+            activation=_ACTIVATIONS[act],
+            gated=True,
+            norm="rmsnorm",
+            norm_eps=config_value(config, "rms_norm_eps", path, float, 1e-6),
+            causal=True,
+            rope_theta=_rope_theta(config, path),
+            attention_bias=arch == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            pad_token_id=config.get("pad_token_id"),
+            bos_token_id=config.get("bos_token_id"),
+            eos_token_id=config.get("eos_token_id"),
+        )
+
+    @classmethod
+    def blocks(cls, spec: ArchSpec) -> list[FFNBlock]:
+        blocks = []
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}.mlp."
+            blocks.append(
+                FFNBlock(
+                    layer=i,
+                    gate=f"{p}gate_proj.weight",
+                    up=f"{p}up_proj.weight",
+                    down=f"{p}down_proj.weight",
+                    gate_bias=f"{p}gate_proj.bias" if spec.mlp_bias else None,
+                    up_bias=f"{p}up_proj.bias" if spec.mlp_bias else None,
+                    down_bias=f"{p}down_proj.bias" if spec.mlp_bias else None,
+                    activation=spec.activation,
+                )
+            )
+        return blocks
+
+    @classmethod
+    def expected_shapes(cls, spec: ArchSpec) -> dict[str, tuple[int, ...]]:
+        d, n, hd = spec.hidden_size, spec.intermediate_size, spec.head_dim
+        q, kv = spec.num_heads * hd, spec.num_kv_heads * hd
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, d), "model.norm.weight": (d,)}
+        if not spec.tie_word_embeddings:
+            shapes["lm_head.weight"] = (spec.vocab_size, d)
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}."
+            shapes[f"{p}input_layernorm.weight"] = (d,)
+            shapes[f"{p}post_attention_layernorm.weight"] = (d,)
+            shapes[f"{p}self_attn.q_proj.weight"] = (q, d)
+            shapes[f"{p}self_attn.k_proj.weight"] = (kv, d)
+            shapes[f"{p}self_attn.v_proj.weight"] = (kv, d)
+            shapes[f"{p}self_attn.o_proj.weight"] = (d, q)
+            if spec.attention_bias:
+                shapes[f"{p}self_attn.q_proj.bias"] = (q,)
+                shapes[f"{p}self_attn.k_proj.bias"] = (kv,)
+                shapes[f"{p}self_attn.v_proj.bias"] = (kv,)
+            shapes[f"{p}mlp.gate_proj.weight"] = (n, d)
+            shapes[f"{p}mlp.up_proj.weight"] = (n, d)
+            shapes[f"{p}mlp.down_proj.weight"] = (d, n)
+            if spec.mlp_bias:
+                shapes[f"{p}mlp.gate_proj.bias"] = (n,)
+                shapes[f"{p}mlp.up_proj.bias"] = (n,)
+                shapes[f"{p}mlp.down_proj.bias"] = (d,)
+        return shapes
+
+    @classmethod
+    def optional_shapes(cls, spec: ArchSpec) -> dict[str, tuple[int, ...]]:
+        d, hd = spec.hidden_size, spec.head_dim
+        out: dict[str, tuple[int, ...]] = {}
+        if spec.tie_word_embeddings:
+            out["lm_head.weight"] = (spec.vocab_size, d)
+        if spec.attention_bias:
+            for i in range(spec.num_layers):
+                out[f"model.layers.{i}.self_attn.o_proj.bias"] = (d,)
+        return out

@@ -1,0 +1,249 @@
+"""The model IR every pass reads and returns.
+
+``ModelIR`` = an :class:`ArchSpec` (what the network is), a lazy :class:`TensorStore`
+(its weights, canonical Hugging Face names and layouts), one :class:`FFNBlock` per
+transformer layer (which tensors form the FFN; passes annotate it), and provenance
+(source, tokenizer, ONNX graph, pass log, attached files).
+
+Canonical layouts: FFN ``gate``/``up`` weights are ``[n_ff, d_model]`` (rows are
+neurons), ``down`` is ``[d_model, n_ff]`` (columns are neurons), as in ``nn.Linear``.
+
+On disk an IR is a directory: ``manifest.json`` (everything but tensor bytes),
+``tensors.safetensors`` (tensors passes created; unchanged tensors stay references to
+the source files), ``tokenizer.json`` when the model has one, and ``files/`` for
+attachments (reports, sample shards).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_dir
+from .errors import InputError
+from .fingerprint import file_digest
+from .safetensors_io import write_safetensors
+from .tensors import TensorRef, TensorStore
+
+IR_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "tensors.safetensors"
+
+
+@dataclass
+class ArchSpec:
+    """Architecture of a transformer; dims are element counts.
+
+    ``activation`` is the FFN activation (``gelu``, ``gelu_tanh``, ``silu``, ``relu``);
+    ``gated`` FFNs compute ``act(x Wg^T) * (x Wu^T)``; ``norm`` is ``layernorm`` or
+    ``rmsnorm``. Decoder-only fields (rope) are None for encoders.
+    """
+
+    family: str
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    activation: str
+    gated: bool
+    norm: str
+    norm_eps: float
+    causal: bool
+    rope_theta: float | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    type_vocab_size: int = 0
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ArchSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class FFNBlock:
+    """One feed-forward block: ``down(act(gate(x)) * up(x))``, or ``down(act(up(x)))``.
+
+    Tensor fields hold names in the IR's tensor store (None when absent).
+    ``input_value`` / ``activation_value`` name the ONNX graph values of the FFN input
+    (hidden state after the norm, ``[tokens, d_model]``) and of the activation feeding
+    the down projection (``[tokens, n_ff]``) when the IR has a graph.
+    ``annotations`` is where passes record what they learn (JSON-serialisable; arrays
+    go in the tensor store under ``sparseforge.*`` names and are referenced here).
+    """
+
+    layer: int
+    up: str
+    down: str
+    gate: str | None = None
+    up_bias: str | None = None
+    down_bias: str | None = None
+    gate_bias: str | None = None
+    activation: str = "gelu"
+    input_value: str | None = None
+    activation_value: str | None = None
+    annotations: dict[str, Any] = field(default_factory=dict)
+
+    def weight_names(self) -> list[str]:
+        names = [self.gate, self.up, self.down, self.gate_bias, self.up_bias, self.down_bias]
+        return [n for n in names if n]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FFNBlock":
+        return cls(**d)
+
+
+@dataclass
+class ModelIR:
+    """A model between passes. Copy with :meth:`evolve` rather than mutating a shared one."""
+
+    spec: ArchSpec
+    store: TensorStore
+    blocks: list[FFNBlock]
+    source: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+    graph: str | None = None
+    pass_log: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def evolve(self) -> "ModelIR":
+        """A copy a pass may change freely (tensor bytes are shared, not copied)."""
+        return ModelIR(
+            spec=ArchSpec.from_dict(self.spec.to_dict()),
+            store=self.store.copy(),
+            blocks=[FFNBlock.from_dict(json.loads(json.dumps(b.to_dict()))) for b in self.blocks],
+            source=json.loads(json.dumps(self.source)),
+            tokenizer=self.tokenizer,
+            graph=self.graph,
+            pass_log=json.loads(json.dumps(self.pass_log)),
+            files=dict(self.files),
+        )
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    # -- identity --------------------------------------------------------------------
+    def content_hash(self) -> str:
+        """sha256 over everything that defines this IR: spec, blocks, provenance and
+        tensor contents (files by content digest, overlays by their bytes)."""
+        tensors: dict[str, Any] = {}
+        for name in self.store.names():
+            ref = self.store.ref(name)
+            if ref is None:
+                tensors[name] = {"overlay": self.store.overlay_digest(name)}
+            else:
+                tensors[name] = {"digest": file_digest(ref.file), "key": ref.key, "transpose": ref.transpose}
+        doc = {
+            "spec": self.spec.to_dict(),
+            "blocks": [b.to_dict() for b in self.blocks],
+            "tensors": tensors,
+            "tokenizer": file_digest(self.tokenizer) if self.tokenizer else None,
+            "graph": file_digest(self.graph) if self.graph else None,
+            "files": {k: file_digest(v) for k, v in sorted(self.files.items())},
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    # -- persistence -----------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        """Write the IR to ``directory`` atomically; overlays move to ``tensors.safetensors``
+        and this IR then references them there (freeing the memory)."""
+        directory = Path(directory).resolve()
+        with atomic_dir(directory) as tmp:
+            overlay = {name: self.store.get(name) for name in self.store.overlay_names()}
+            if overlay:
+                write_safetensors(tmp / TENSORS, overlay)
+            refs: dict[str, Any] = {}
+            for name in self.store.names():
+                ref = self.store.ref(name)
+                if ref is None:
+                    refs[name] = {"file": TENSORS, "key": name, "format": "safetensors"}
+                else:
+                    refs[name] = ref.to_dict()
+            tokenizer = None
+            if self.tokenizer:
+                shutil.copyfile(self.tokenizer, tmp / "tokenizer.json")
+                tokenizer = "tokenizer.json"
+            files = {}
+            if self.files:
+                (tmp / "files").mkdir()
+                for key, src in sorted(self.files.items()):
+                    dst = tmp / "files" / key
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, dst)
+                    files[key] = f"files/{key}"
+            manifest = {
+                "format": "sparseforge-ir",
+                "version": IR_FORMAT_VERSION,
+                "spec": self.spec.to_dict(),
+                "blocks": [b.to_dict() for b in self.blocks],
+                "source": self.source,
+                "tokenizer": tokenizer,
+                "graph": self.graph,
+                "pass_log": self.pass_log,
+                "files": files,
+                "tensors": refs,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        for name in list(overlay):
+            self.store.set_ref(name, TensorRef(str(directory / TENSORS), name))
+        if tokenizer:
+            self.tokenizer = str(directory / tokenizer)
+        self.files = {k: str(directory / v) for k, v in files.items()}
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ModelIR":
+        """Read an IR directory written by :meth:`save`; checks that referenced files exist."""
+        directory = Path(directory).resolve()
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise InputError(directory, f"not a sparseforge IR directory (no {MANIFEST})")
+        try:
+            m = json.loads(path.read_text(encoding="utf-8"))
+            if m.get("format") != "sparseforge-ir":
+                raise InputError(path, "not a sparseforge IR manifest")
+            if m.get("version") != IR_FORMAT_VERSION:
+                raise InputError(path, f"IR format version {m.get('version')} is not supported "
+                                 f"(this sparseforge reads version {IR_FORMAT_VERSION})")
+            refs = {}
+            for name, d in m["tensors"].items():
+                f = Path(d["file"])
+                ref = TensorRef.from_dict({**d, "file": str(f if f.is_absolute() else directory / f)})
+                refs[name] = ref
+            ir = cls(
+                spec=ArchSpec.from_dict(m["spec"]),
+                store=TensorStore(refs),
+                blocks=[FFNBlock.from_dict(b) for b in m["blocks"]],
+                source=m.get("source", {}),
+                tokenizer=str(directory / m["tokenizer"]) if m.get("tokenizer") else None,
+                graph=m.get("graph"),
+                pass_log=m.get("pass_log", []),
+                files={k: str(directory / v) for k, v in m.get("files", {}).items()},
+            )
+        except InputError:
+            raise
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise InputError(path, f"corrupt IR manifest: {exc!r}") from None
+        for ref in {r.file for r in refs.values()}:
+            if not Path(ref).is_file():
+                raise InputError(path, f"the IR references {ref}, which does not exist")
+        return ir

@@ -1,0 +1,164 @@
+"""Runs a sequence of passes with instruments, IR dumps and a content-addressed cache.
+
+Cache key of a pass = sha256(input IR content hash, pass name, options, versions of
+sparseforge and the numerical packages). A pipeline re-run with the same model and
+recipe loads every pass result from the cache; changing one pass's options changes
+its key, and therefore the IR it produces and every key after it, so the pipeline
+re-runs from that pass on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .atomic import write_text_atomic
+from .instruments import MemoryTimer
+from .ir import ModelIR
+from .pass_base import Pass, PassContext
+
+VERSIONED_PACKAGES = ("sparseforge", "numpy", "onnx", "onnxruntime", "torch", "numba", "gguf", "tokenizers")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for pkg in VERSIONED_PACKAGES:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+@dataclass
+class PassRecord:
+    """What happened to one pass: ``status`` is ``ran`` or ``cached``; times in seconds,
+    memory in MiB (peak RSS of the process while the pass ran)."""
+
+    name: str
+    options: dict[str, Any]
+    status: str
+    cache_key: str
+    wall_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    rss_start_mb: float = 0.0
+    modified: bool = True
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineResult:
+    ir: ModelIR
+    records: list[PassRecord]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passes": [asdict(r) for r in self.records]}
+
+
+class PassManager:
+    """Run ``passes`` in order on an IR.
+
+    ``cache_dir``: where finished passes are kept (None: no cache).
+    ``dump_after``: pass names (or ``"all"``) whose output IR is written to ``dump_dir``.
+    ``on_record``: called after each pass with its record (the CLI prints a line).
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[Pass],
+        *,
+        cache_dir: str | Path | None = None,
+        dump_after: Sequence[str] = (),
+        dump_dir: str | Path | None = None,
+        seed: int = 0,
+        progress: bool | None = None,
+        on_record: Callable[[PassRecord], None] | None = None,
+    ) -> None:
+        self.passes = list(passes)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.dump_after = set(dump_after)
+        self.dump_dir = Path(dump_dir) if dump_dir else None
+        if self.dump_after and self.dump_dir is None:
+            raise ValueError("dump_after needs dump_dir")
+        self.seed = seed
+        self.progress = progress
+        self.on_record = on_record
+        self.versions = package_versions()
+
+    def cache_key(self, ir: ModelIR, p: Pass) -> str:
+        doc = {"ir": ir.content_hash(), "pass": p.name, "options": p.options_dict(), "seed": self.seed,
+               "versions": self.versions}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+    def run(self, ir: ModelIR) -> PipelineResult:
+        records: list[PassRecord] = []
+        for index, p in enumerate(self.passes):
+            key = self.cache_key(ir, p)
+            cached = self._load_cached(key)
+            if cached is not None:
+                ir, record = cached
+            else:
+                ir, record = self._run_pass(p, ir, key)
+            records.append(record)
+            if p.name in self.dump_after or "all" in self.dump_after:
+                assert self.dump_dir is not None
+                ir.save(self.dump_dir / f"{index:02d}-{p.name}")
+            if self.on_record:
+                self.on_record(record)
+        return PipelineResult(ir, records)
+
+    def _run_pass(self, p: Pass, ir: ModelIR, key: str) -> tuple[ModelIR, PassRecord]:
+        with tempfile.TemporaryDirectory(prefix=f"sparseforge-{p.name}-") as work:
+            ctx = PassContext(work_dir=Path(work), seed=self.seed, progress=self.progress)
+            with MemoryTimer() as timer:
+                result = p(ir, ctx)
+            out = result.ir
+            record = PassRecord(
+                name=p.name, options=p.options_dict(), status="ran", cache_key=key,
+                wall_s=timer.result.wall_s, peak_rss_mb=timer.result.peak_rss_mb,
+                rss_start_mb=timer.result.rss_start_mb, modified=result.modified,
+                stats=json.loads(json.dumps(result.stats, default=_jsonable)),
+            )
+            out.pass_log.append({"pass": p.name, "options": record.options, "stats": record.stats})
+            if self.cache_dir is not None:
+                self._store(key, out, record)  # moves overlays and attached files into the cache
+        return out, record
+
+    # -- cache -----------------------------------------------------------------------
+    def _entry(self, key: str) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / key[:2] / key
+
+    def _load_cached(self, key: str) -> tuple[ModelIR, PassRecord] | None:
+        if self.cache_dir is None:
+            return None
+        entry = self._entry(key)
+        done = entry / "record.json"
+        if not done.is_file():
+            return None
+        try:
+            record = PassRecord(**json.loads(done.read_text()))
+            ir = ModelIR.load(entry / "ir")
+            ir.store.check()
+        except Exception:  # a damaged entry is a miss, never a failure
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+        record.status = "cached"
+        return ir, record
+
+    def _store(self, key: str, ir: ModelIR, record: PassRecord) -> None:
+        entry = self._entry(key)
+        ir.save(entry / "ir")
+        write_text_atomic(entry / "record.json", json.dumps(asdict(record)))
+
+
+def _jsonable(obj: Any) -> Any:
+    """JSON fallback for numpy scalars and arrays in pass statistics."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)

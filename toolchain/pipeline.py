@@ -1,0 +1,77 @@
+"""The Python API behind ``sparseforge convert``: import, run a recipe, write the output."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from .atomic import atomic_dir
+from .frontends import load_model
+from .ir import ModelIR
+from .pass_base import get_pass, make_options
+from .pass_manager import PassManager, PassRecord, PipelineResult
+from .recipe import load_recipe
+
+
+def convert_model(
+    model: str | Path,
+    output: str | Path,
+    *,
+    recipe: str | Path | None = None,
+    assignments: list[str] | None = None,
+    seed: int | None = None,
+    cache_dir: str | Path | None = None,
+    dump_after: list[str] | None = None,
+    dump_dir: str | Path | None = None,
+    on_record: Callable[[PassRecord], None] | None = None,
+) -> dict[str, Any]:
+    """Convert ``model`` with ``recipe``; writes ``output/ir`` and ``output/report.json``.
+
+    Returns the report (recipe, per-pass records). ``output`` appears only when complete.
+    """
+    r = load_recipe(recipe)
+    r.override(assignments or [])
+    if seed is not None:
+        r.seed = seed
+    passes = r.instantiate()
+    output = Path(output)
+    ir = load_model(model)
+    manager = PassManager(
+        passes, cache_dir=cache_dir, dump_after=dump_after or (),
+        dump_dir=dump_dir or output.with_name(output.name + ".dumps"), seed=r.seed, on_record=on_record,
+    )
+    result = manager.run(ir)
+    report = {"model": str(Path(model).resolve()), "recipe": r.to_dict(), **result.to_dict()}
+    with atomic_dir(output) as tmp:
+        _materialise(result, cache_dir)
+        result.ir.save(tmp / "ir")
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    return report
+
+
+def run_single_pass(name: str, model: str | Path, output: str | Path, assignments: list[str],
+                    seed: int = 0) -> PassRecord:
+    """Run one pass on a model or IR directory and save the resulting IR to ``output``."""
+    cls = get_pass(name)
+    values: dict[str, Any] = {}
+    from .recipe import Recipe, PassSpec
+
+    recipe = Recipe(name=name, passes=[PassSpec(name, values)], seed=seed, source="--set")
+    recipe.override(assignments)
+    p = cls(make_options(cls, recipe.passes[0].options, "--set"))
+    result = PassManager([p], seed=seed).run(load_model(model))
+    result.ir.save(output)
+    return result.records[0]
+
+
+def _materialise(result: PipelineResult, cache_dir: str | Path | None) -> None:
+    """Pull tensors that live in the pass cache into memory, so the output IR does not
+    depend on the cache (references to the source model files are kept)."""
+    if cache_dir is None:
+        return
+    root = Path(cache_dir).resolve()
+    store = result.ir.store
+    for name in store.names():
+        ref = store.ref(name)
+        if ref is not None and Path(ref.file).resolve().is_relative_to(root):
+            store.set(name, store.get(name))

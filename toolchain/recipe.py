@@ -1,0 +1,123 @@
+"""Recipes: TOML files that list the passes of a conversion and their options.
+
+```toml
+name = "minilm"          # optional
+seed = 0                 # optional, default 0
+
+[[pass]]
+name = "weight-stats"
+
+[[pass]]
+name = "profile"
+[pass.options]
+seq_len = 128
+```
+
+``--set PASS.OPTION=VALUE`` on the CLI overrides an option (VALUE is read as TOML).
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .pass_base import Pass, get_pass, make_options
+
+
+@dataclass
+class PassSpec:
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    name: str
+    passes: list[PassSpec]
+    seed: int = 0
+    source: str = "<built-in>"
+
+    def instantiate(self) -> list[Pass]:
+        """Pass objects with validated options (unknown names/options raise InputError)."""
+        out = []
+        for spec in self.passes:
+            cls = get_pass(spec.name, self.source)
+            out.append(cls(make_options(cls, spec.options, self.source)))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "seed": self.seed,
+                "passes": [{"name": p.name, "options": p.options} for p in self.passes]}
+
+    def override(self, assignments: list[str]) -> None:
+        """Apply ``PASS.OPTION=VALUE`` strings to every pass of that name."""
+        for text in assignments:
+            lhs, sep, rhs = text.partition("=")
+            pass_name, dot, option = lhs.strip().partition(".")
+            if not sep or not dot or not option:
+                raise InputError(None, f"--set {text!r}: expected PASS.OPTION=VALUE")
+            try:
+                value = tomllib.loads(f"v = {rhs.strip()}")["v"]
+            except tomllib.TOMLDecodeError:
+                value = rhs.strip()  # a bare word is a string
+            targets = [p for p in self.passes if p.name == pass_name]
+            if not targets:
+                raise InputError(None, f"--set {text!r}: the recipe has no pass {pass_name!r}")
+            for p in targets:
+                p.options[option] = value
+
+
+def parse_recipe(text: str, source: str) -> Recipe:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(source, f"invalid TOML: {exc}") from None
+    passes = doc.get("pass")
+    if not isinstance(passes, list) or not passes:
+        raise InputError(source, "a recipe needs at least one [[pass]] table")
+    specs = []
+    for i, entry in enumerate(passes):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InputError(source, f"[[pass]] number {i + 1} has no name")
+        unknown = set(entry) - {"name", "options"}
+        if unknown:
+            raise InputError(source, f"[[pass]] {entry['name']!r}: unknown keys {sorted(unknown)} "
+                                     "(options go in [pass.options])")
+        options = entry.get("options", {})
+        if not isinstance(options, dict):
+            raise InputError(source, f"[[pass]] {entry['name']!r}: options must be a table")
+        specs.append(PassSpec(entry["name"], dict(options)))
+    seed = doc.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise InputError(source, f"seed must be an integer, got {seed!r}")
+    recipe = Recipe(name=str(doc.get("name", Path(source).stem)), passes=specs, seed=seed, source=source)
+    recipe.instantiate()  # validate pass names and options now, not halfway through a run
+    return recipe
+
+
+def load_recipe(path: str | Path | None) -> Recipe:
+    """Read a recipe file; ``None`` or a bare built-in name (``default``) reads a built-in."""
+    if path is None:
+        path = "default"
+    p = Path(path)
+    if not p.suffix and not p.exists():
+        builtin = resources.files("sparseforge.toolchain") / "recipes" / f"{p.name}.toml"
+        if not builtin.is_file():
+            raise InputError(path, f"no such recipe file, and no built-in recipe named {p.name!r} "
+                                   f"(built-in: {', '.join(builtin_recipes())})")
+        return parse_recipe(builtin.read_text(encoding="utf-8"), f"<built-in recipe {p.name}>")
+    if not p.is_file():
+        raise InputError(p, "recipe file not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(p, "recipe is not UTF-8 text") from None
+    return parse_recipe(text, str(p))
+
+
+def builtin_recipes() -> list[str]:
+    folder = resources.files("sparseforge.toolchain") / "recipes"
+    return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".toml"))

@@ -1,0 +1,57 @@
+"""Human and JSON summaries of an IR (what ``sparseforge inspect`` prints)."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from .ir import ModelIR
+
+
+def describe(ir: ModelIR) -> dict[str, Any]:
+    """A JSON-serialisable description: spec, parameter counts, dtypes, blocks, pass log."""
+    dtypes: Counter[str] = Counter()
+    params = 0
+    for name in ir.store.names():
+        n = int(np.prod(ir.store.shape(name)))
+        params += n
+        dtypes[ir.store.dtype(name).name] += n
+    ffn = sum(int(np.prod(ir.store.shape(t))) for b in ir.blocks for t in b.weight_names())
+    return {
+        "spec": ir.spec.to_dict(),
+        "source": ir.source,
+        "tokenizer": ir.tokenizer,
+        "graph": ir.graph,
+        "tensors": len(ir.store),
+        "parameters": params,
+        "ffn_parameters": ffn,
+        "dtypes": dict(sorted(dtypes.items())),
+        "blocks": [
+            {"layer": b.layer, "activation": b.activation, "gated": b.gate is not None,
+             "neurons": int(ir.store.shape(b.up)[0]), "annotations": sorted(b.annotations)}
+            for b in ir.blocks
+        ],
+        "passes": [p["pass"] for p in ir.pass_log],
+    }
+
+
+def format_summary(d: dict[str, Any]) -> str:
+    s = d["spec"]
+    lines = [
+        f"model        {s['architecture']} (family {s['family']}) from {d['source'].get('path', '?')}",
+        f"dims         d_model {s['hidden_size']}, d_ff {s['intermediate_size']}, layers {s['num_layers']}, "
+        f"heads {s['num_heads']} (kv {s['num_kv_heads']}, head_dim {s['head_dim']}), vocab {s['vocab_size']}",
+        f"ffn          {'gated ' if s['gated'] else ''}{s['activation']}, norm {s['norm']} (eps {s['norm_eps']:g})"
+        + (f", rope theta {s['rope_theta']:g}" if s.get("rope_theta") else ""),
+        f"parameters   {d['parameters']:,} in {d['tensors']} tensors; FFN {d['ffn_parameters']:,} "
+        f"({100 * d['ffn_parameters'] / max(d['parameters'], 1):.1f}%)",
+        f"dtypes       " + ", ".join(f"{k} {v:,}" for k, v in d["dtypes"].items()),
+        f"tokenizer    {d['tokenizer'] or 'none'}",
+    ]
+    if d["graph"]:
+        lines.append(f"onnx graph   {d['graph']}")
+    notes = sorted({a for b in d["blocks"] for a in b["annotations"]})
+    lines.append(f"annotations  {', '.join(notes) if notes else 'none'}")
+    lines.append(f"passes run   {', '.join(d['passes']) if d['passes'] else 'none'}")
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""The lazy tensor store behind the model IR.
+
+A tensor is either a *reference* into a file on disk (a safetensors shard or an ONNX
+model, opened as a memory map on first use) or an *overlay* array a pass produced and
+holds in memory until the IR is saved. ``get`` never copies a referenced tensor; a
+reference may carry a transpose, so an ONNX ``MatMul`` weight ``[in, out]`` reads as
+the canonical Hugging Face ``Linear`` layout ``[out, in]`` without a copy.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from .errors import InputError
+from .safetensors_io import SafetensorsFile
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where a tensor lives: ``key`` inside ``file`` (format ``safetensors`` or ``onnx``)."""
+
+    file: str
+    key: str
+    format: str = "safetensors"
+    transpose: bool = False
+
+    def to_dict(self) -> dict:
+        d = {"file": self.file, "key": self.key, "format": self.format}
+        if self.transpose:
+            d["transpose"] = True
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorRef":
+        return cls(d["file"], d["key"], d.get("format", "safetensors"), bool(d.get("transpose", False)))
+
+
+class TensorFile(Protocol):
+    """A file that holds named tensors (safetensors shard, ONNX initializers)."""
+
+    def keys(self) -> list[str]: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def dtype(self, key: str) -> np.dtype: ...
+    def get(self, key: str) -> np.ndarray: ...
+
+
+_OPEN_FILES: dict[tuple[str, str, int, int], TensorFile] = {}
+
+
+def open_tensor_file(path: str | Path, fmt: str) -> TensorFile:
+    """Open a tensor file of format ``fmt``, once per process and file version (a file
+    rewritten since it was opened, detected by size and mtime, is opened and validated anew)."""
+    resolved = Path(path).resolve()
+    try:
+        st = resolved.stat()
+    except OSError:
+        raise InputError(path, "file not found") from None
+    key = (str(resolved), fmt, st.st_size, st.st_mtime_ns)
+    if key not in _OPEN_FILES:
+        if fmt == "safetensors":
+            _OPEN_FILES[key] = SafetensorsFile(path)
+        elif fmt == "onnx":
+            from .frontends.onnx_initializers import OnnxInitializers
+
+            _OPEN_FILES[key] = OnnxInitializers(path)
+        else:
+            raise InputError(path, f"unknown tensor file format {fmt!r}")
+    return _OPEN_FILES[key]
+
+
+def forget_open_files() -> None:
+    """Drop cached file handles (tests that rewrite files in place need this)."""
+    _OPEN_FILES.clear()
+
+
+class TensorStore:
+    """Named tensors, loaded lazily. Passes read with ``get`` and write with ``set``."""
+
+    def __init__(self, refs: dict[str, TensorRef] | None = None) -> None:
+        self._refs: dict[str, TensorRef] = dict(refs or {})
+        self._overlay: dict[str, np.ndarray] = {}
+
+    # -- reading ---------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(set(self._refs) | set(self._overlay))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._overlay or name in self._refs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(set(self._refs) | set(self._overlay))
+
+    def ref(self, name: str) -> TensorRef | None:
+        """The file reference of ``name``, or None if it is an in-memory overlay."""
+        return None if name in self._overlay else self._refs.get(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._overlay:
+            return tuple(self._overlay[name].shape)
+        ref = self._lookup(name)
+        shape = open_tensor_file(ref.file, ref.format).shape(ref.key)
+        return tuple(reversed(shape)) if ref.transpose else tuple(shape)
+
+    def dtype(self, name: str) -> np.dtype:
+        if name in self._overlay:
+            return self._overlay[name].dtype
+        ref = self._lookup(name)
+        return open_tensor_file(ref.file, ref.format).dtype(ref.key)
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor ``name``: a read-only memory-mapped view, or the overlay array."""
+        if name in self._overlay:
+            return self._overlay[name]
+        ref = self._lookup(name)
+        arr = open_tensor_file(ref.file, ref.format).get(ref.key)
+        return arr.T if ref.transpose else arr
+
+    def get_f32(self, name: str) -> np.ndarray:
+        """The tensor as a float32 array (copies only when the stored dtype differs)."""
+        arr = self.get(name)
+        return arr if arr.dtype == np.float32 else arr.astype(np.float32)
+
+    def _lookup(self, name: str) -> TensorRef:
+        try:
+            return self._refs[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} is not in the store") from None
+
+    # -- writing ---------------------------------------------------------------------
+    def set(self, name: str, array: np.ndarray) -> None:
+        """Add or replace ``name`` with an in-memory array (saved with the IR)."""
+        self._overlay[name] = np.ascontiguousarray(array)
+        self._refs.pop(name, None)
+
+    def set_ref(self, name: str, ref: TensorRef) -> None:
+        self._refs[name] = ref
+        self._overlay.pop(name, None)
+
+    def delete(self, name: str) -> None:
+        self._overlay.pop(name, None)
+        self._refs.pop(name, None)
+
+    def check(self) -> None:
+        """Open every referenced file and check each referenced key is in it (InputError if not)."""
+        for name, ref in self._refs.items():
+            if ref.key not in open_tensor_file(ref.file, ref.format).keys():
+                raise InputError(ref.file, f"tensor {ref.key!r} (IR name {name!r}) is missing from the file")
+
+    def overlay_names(self) -> list[str]:
+        return sorted(self._overlay)
+
+    def copy(self) -> "TensorStore":
+        """A shallow copy: references are shared, overlay arrays are shared (not copied)."""
+        new = TensorStore(self._refs)
+        new._overlay = dict(self._overlay)
+        return new
+
+    def overlay_digest(self, name: str) -> str:
+        """sha256 of an overlay tensor's dtype, shape and bytes."""
+        arr = self._overlay[name]
+        h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(np.ascontiguousarray(arr).data)
+        return h.hexdigest()
