@@ -254,6 +254,7 @@ def _minilm_batch(minilm_dir):
 
     tok = Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
     tok.no_truncation()
+    tok.no_padding()
     texts = ["The quick brown fox jumps over the lazy dog near the riverbank at dawn.",
              "Sparse activations speed up inference."]
     enc = [tok.encode(t) for t in texts]

@@ -104,7 +104,7 @@ def load_recipe(path: str | Path | None) -> Recipe:
         path = "default"
     p = Path(path)
     if not p.suffix and not p.exists():
-        builtin = resources.files("sparseforge.toolchain") / "recipes" / f"{p.name}.toml"
+        builtin = resources.files("sparseforge.toolchain.recipes") / f"{p.name}.toml"
         if not builtin.is_file():
             raise InputError(path, f"no such recipe file, and no built-in recipe named {p.name!r} "
                                    f"(built-in: {', '.join(builtin_recipes())})")
@@ -119,5 +119,5 @@ def load_recipe(path: str | Path | None) -> Recipe:
 
 
 def builtin_recipes() -> list[str]:
-    folder = resources.files("sparseforge.toolchain") / "recipes"
+    folder = resources.files("sparseforge.toolchain.recipes")
     return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".toml"))

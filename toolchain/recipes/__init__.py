@@ -1,0 +1,1 @@
+"""Built-in recipes (TOML files read with importlib.resources)."""
