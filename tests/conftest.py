@@ -65,10 +65,7 @@ def export_onnx(model, kind: str, path: Path) -> Path:
     batch = torch.export.Dim("batch", min=1, max=8)
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
     mask = torch.ones_like(ids)
-    if kind == "bert":
-        wrapper = _BertWrapper(model)
-    else:
-        wrapper = _DecoderWrapper(model)
+    wrapper = (_BertWrapper(model) if kind == "bert" else _DecoderWrapper(model)).eval()
     torch.onnx.export(
         wrapper, (ids, mask), str(path), dynamo=True, input_names=["input_ids", "attention_mask"],
         output_names=["output"],

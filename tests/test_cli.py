@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -44,20 +45,36 @@ def test_version_and_help():
         assert opt in res.stdout
 
 
+RECIPE = """
+[[pass]]
+name = "weight-stats"
+[[pass]]
+name = "profile"
+[pass.options]
+calib = "ids.npy"
+seq_len = 16
+num_sequences = 8
+"""
+
+
 def test_convert_inspect_and_cache(tiny_model, tmp_path):
     ckpt, _ = tiny_model("llama")
-    res = run("convert", str(ckpt), "-o", "out", "--dump-after", "weight-stats", cwd=tmp_path)
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 128, size=(12, 16)))
+    (tmp_path / "r.toml").write_text(RECIPE)
+    res = run("convert", str(ckpt), "-r", "r.toml", "-o", "out", "--dump-after", "weight-stats", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "weight-stats" in res.stdout and " ran " in res.stdout
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["passes"][0]["name"] == "weight-stats"
+    assert [p["name"] for p in report["passes"]] == ["weight-stats", "profile"]
     assert (tmp_path / "out.dumps" / "00-weight-stats" / "manifest.json").is_file()
-    res = run("convert", str(ckpt), "-o", "out", cwd=tmp_path)
-    assert res.returncode == 0 and " cached " in res.stdout
+    res = run("convert", str(ckpt), "-r", "r.toml", "-o", "out", cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.count(" cached ") == 2, res.stdout
+    res = run("convert", str(ckpt), "-r", "r.toml", "--set", "profile.num_sequences=6", "-o", "out", cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.count(" cached ") == 1 and res.stdout.count(" ran ") == 1
     res = run("inspect", "out", "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     d = json.loads(res.stdout)
-    assert d["spec"]["architecture"] == "LlamaForCausalLM" and d["passes"] == ["weight-stats"]
+    assert d["spec"]["architecture"] == "LlamaForCausalLM" and d["passes"] == ["weight-stats", "profile"]
     res = run("inspect", str(ckpt))
     assert res.returncode == 0 and "LlamaForCausalLM" in res.stdout
 

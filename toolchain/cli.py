@@ -121,6 +121,42 @@ def run_one_pass(name: str, model: Path, output: Path, assignments: tuple[str, .
     click.echo(f"wrote {output}")
 
 
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Output directory: ir/, profile.json, sparsity.png, frequency.png, report.json.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration data: a text file, a directory of text files, JSONL with a 'text' field, "
+                   "or a .npy of token ids. Default: the text shipped with sparseforge.")
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per sequence.")
+@click.option("--num-sequences", type=int, default=256, show_default=True, help="Calibration sequences.")
+@click.option("--heldout-fraction", type=float, default=0.1, show_default=True,
+              help="Fraction of sequences kept apart for quality checks.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per onnxruntime call.")
+@click.option("--eps", type=float, default=0.0, show_default=True, help="A neuron is active when |a| > eps.")
+@click.option("--max-samples", type=int, default=8192, show_default=True,
+              help="(FFN input, activation mask) pairs kept per layer for predictor training.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Pass cache directory.")
+@click.option("--no-cache", is_flag=True, help="Ignore cached results.")
+def profile(model: Path, output: Path, calib: Path | None, seq_len: int, num_sequences: int,
+            heldout_fraction: float, batch_size: int, eps: float, max_samples: int, seed: int,
+            cache_dir: Path | None, no_cache: bool) -> None:
+    """Profile MODEL's FFN activations on calibration text through onnxruntime."""
+    from .pipeline import run_pass_to_dir
+
+    options = {"calib": str(calib) if calib else None, "seq_len": seq_len, "num_sequences": num_sequences,
+               "heldout_fraction": heldout_fraction, "batch_size": batch_size, "eps": eps,
+               "max_samples": max_samples}
+    record = run_pass_to_dir("profile", model, output, options, seed=seed,
+                             cache_dir=None if no_cache else (cache_dir or default_cache_dir()))
+    _print_record(record)
+    for i, s in enumerate(record.stats["per_layer_sparsity"]):
+        click.echo(f"  layer {i:2d}: sparsity {s:.3f}, positive fraction "
+                   f"{record.stats['per_layer_positive_fraction'][i]:.3f}")
+    click.echo(f"wrote {output}/ (ir/, profile.json, sparsity.png, frequency.png)")
+
+
 @cli.command("passes")
 def list_passes() -> None:
     """List the available passes and their options."""

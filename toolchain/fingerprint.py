@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 _MEMO: dict[tuple[str, int, int], str] = {}
@@ -22,9 +21,15 @@ def file_digest(path: str | Path) -> str:
     return _MEMO[key]
 
 
-def bytes_digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def environ_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in {"1", "true", "yes"}
+def path_digest(path: str | Path) -> str:
+    """Digest of a file, or of a directory's files (names and contents, in path order);
+    "missing" when nothing is there (the pass reports that properly when it runs)."""
+    p = Path(path)
+    if p.is_file():
+        return file_digest(p)
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(x for x in p.rglob("*") if x.is_file()):
+            h.update(f"{f.relative_to(p).as_posix()}\0{file_digest(f)}\0".encode())
+        return h.hexdigest()
+    return "missing"

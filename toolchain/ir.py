@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,8 +83,8 @@ class FFNBlock:
 
     Tensor fields hold names in the IR's tensor store (None when absent).
     ``input_value`` / ``activation_value`` name the ONNX graph values of the FFN input
-    (hidden state after the norm, ``[tokens, d_model]``) and of the activation feeding
-    the down projection (``[tokens, n_ff]``) when the IR has a graph.
+    (hidden state after the norm, ``[batch, seq, d_model]``) and of the activation
+    feeding the down projection (``[batch, seq, n_ff]``) when the IR has a graph.
     ``annotations`` is where passes record what they learn (JSON-serialisable; arrays
     go in the tensor store under ``sparseforge.*`` names and are referenced here).
     """
@@ -114,7 +115,12 @@ class FFNBlock:
 
 @dataclass
 class ModelIR:
-    """A model between passes. Copy with :meth:`evolve` rather than mutating a shared one."""
+    """A model between passes. Copy with :meth:`evolve` rather than mutating a shared one.
+
+    ``graph`` is an ONNX file that computes exactly this IR (the ONNX source, or None);
+    a pass that changes what the model computes must rewrite or clear it.
+    ``files`` maps attachment keys (``profile/profile.json``) to file paths.
+    """
 
     spec: ArchSpec
     store: TensorStore
@@ -150,9 +156,9 @@ class ModelIR:
         for name in self.store.names():
             ref = self.store.ref(name)
             if ref is None:
-                tensors[name] = {"overlay": self.store.overlay_digest(name)}
+                tensors[name] = self.store.overlay_digest(name)
             else:
-                tensors[name] = {"digest": file_digest(ref.file), "key": ref.key, "transpose": ref.transpose}
+                tensors[name] = self.store.ref_digest(name)
         doc = {
             "spec": self.spec.to_dict(),
             "blocks": [b.to_dict() for b in self.blocks],
@@ -189,7 +195,7 @@ class ModelIR:
                 for key, src in sorted(self.files.items()):
                     dst = tmp / "files" / key
                     dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(src, dst)
+                    _link_or_copy(Path(src), dst)
                     files[key] = f"files/{key}"
             manifest = {
                 "format": "sparseforge-ir",
@@ -247,3 +253,11 @@ class ModelIR:
             if not Path(ref).is_file():
                 raise InputError(path, f"the IR references {ref}, which does not exist")
         return ir
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst`` (attached files can be large), copying across filesystems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

@@ -69,6 +69,11 @@ class Pass:
         self.ensures(result.ir)
         return result
 
+    def fingerprint(self) -> dict[str, Any]:
+        """Digests of inputs the options only name (e.g. a calibration file), so the
+        pass cache sees when their contents change. Default: none."""
+        return {}
+
     def options_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)
 

@@ -91,7 +91,8 @@ class PassManager:
         self.versions = package_versions()
 
     def cache_key(self, ir: ModelIR, p: Pass) -> str:
-        doc = {"ir": ir.content_hash(), "pass": p.name, "options": p.options_dict(), "seed": self.seed,
+        doc = {"ir": ir.content_hash(), "pass": p.name, "options": p.options_dict(),
+               "inputs": p.fingerprint(), "seed": self.seed,
                "versions": self.versions}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,7 +11,7 @@ from .frontends import load_model
 from .ir import ModelIR
 from .pass_base import get_pass, make_options
 from .pass_manager import PassManager, PassRecord, PipelineResult
-from .recipe import load_recipe
+from .recipe import PassSpec, Recipe, load_recipe
 
 
 def convert_model(
@@ -53,15 +54,33 @@ def run_single_pass(name: str, model: str | Path, output: str | Path, assignment
                     seed: int = 0) -> PassRecord:
     """Run one pass on a model or IR directory and save the resulting IR to ``output``."""
     cls = get_pass(name)
-    values: dict[str, Any] = {}
-    from .recipe import Recipe, PassSpec
-
-    recipe = Recipe(name=name, passes=[PassSpec(name, values)], seed=seed, source="--set")
+    recipe = Recipe(name=name, passes=[PassSpec(name, {})], seed=seed, source="--set")
     recipe.override(assignments)
     p = cls(make_options(cls, recipe.passes[0].options, "--set"))
     result = PassManager([p], seed=seed).run(load_model(model))
     result.ir.save(output)
     return result.records[0]
+
+
+def run_pass_to_dir(name: str, model: str | Path, output: str | Path, options: dict[str, Any], *,
+                    seed: int = 0, cache_dir: str | Path | None = None) -> PassRecord:
+    """Run one pass (a CLI subcommand like ``profile``) and write ``output/`` atomically:
+    ``ir/``, ``report.json`` and the files the pass attached under ``<name>/`` (copied
+    to the top level, e.g. ``profile.json`` and its plots)."""
+    cls = get_pass(name)
+    p = cls(make_options(cls, options, f"sparseforge {name}"))
+    ir = load_model(model)
+    result = PassManager([p], cache_dir=cache_dir, seed=seed).run(ir)
+    record = result.records[0]
+    with atomic_dir(Path(output)) as tmp:
+        _materialise(result, cache_dir)
+        result.ir.save(tmp / "ir")
+        for key, path in result.ir.files.items():
+            if key.startswith(f"{name}/") and key.count("/") == 1:
+                shutil.copyfile(path, tmp / key.split("/", 1)[1])
+        report = {"model": str(Path(model).resolve()), **result.to_dict()}
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    return record
 
 
 def _materialise(result: PipelineResult, cache_dir: str | Path | None) -> None:

@@ -104,6 +104,10 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return sorted(self._entries)
 
+    def data_files(self) -> list[Path]:
+        """The files the tensors' bytes live in (just this one)."""
+        return [self.path]
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
@@ -112,6 +116,10 @@ class SafetensorsFile:
 
     def dtype(self, name: str) -> np.dtype:
         return self._entries[name][0]
+
+    def offset(self, name: str) -> int:
+        """Byte offset of tensor ``name``'s data from the start of the file."""
+        return self.data_start + self._entries[name][2]
 
     def get(self, name: str) -> np.ndarray:
         """A read-only memory map of tensor ``name`` (no bytes are read until used)."""

@@ -16,6 +16,7 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from .errors import InputError
+from .fingerprint import file_digest
 from .safetensors_io import SafetensorsFile
 
 
@@ -43,6 +44,7 @@ class TensorFile(Protocol):
     """A file that holds named tensors (safetensors shard, ONNX initializers)."""
 
     def keys(self) -> list[str]: ...
+    def data_files(self) -> list[Path]: ...
     def shape(self, key: str) -> tuple[int, ...]: ...
     def dtype(self, key: str) -> np.dtype: ...
     def get(self, key: str) -> np.ndarray: ...
@@ -146,6 +148,14 @@ class TensorStore:
     def delete(self, name: str) -> None:
         self._overlay.pop(name, None)
         self._refs.pop(name, None)
+
+    def ref_digest(self, name: str) -> str:
+        """Digest of the files a referenced tensor's bytes live in, plus its key and
+        transpose flag (content, not paths: a moved file keeps its digest)."""
+        ref = self._lookup(name)
+        files = open_tensor_file(ref.file, ref.format).data_files()
+        doc = "|".join(file_digest(f) for f in files) + f"|{ref.key}|{ref.transpose}"
+        return hashlib.sha256(doc.encode()).hexdigest()
 
     def check(self) -> None:
         """Open every referenced file and check each referenced key is in it (InputError if not)."""

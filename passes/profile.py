@@ -1,0 +1,217 @@
+"""``profile``: measure every FFN neuron on calibration text through onnxruntime.
+
+Changes no weight. Adds, per FFN block:
+
+* tensors ``sparseforge.profile.{L}.count_active`` / ``count_positive`` [n_ff] int64
+  (tokens with |a| > eps / a > 0), ``mean_abs`` and ``max_abs`` [n_ff] float32,
+  ``hist`` [len(HIST_EDGES)] int64 (|a| histogram, bins of
+  ``toolchain.activation_stats.HIST_EDGES``), ``rank`` [n_ff] int32 (hot first);
+* ``block.annotations["profile"]``: tokens, sparsity, positive fraction, the tensor
+  names above and the sample shard files;
+
+and attaches to the IR the calibration split (``calibration/train.safetensors``,
+``calibration/heldout.safetensors``: ``ids`` [N, seq_len], ``lengths`` [N]), capped
+samples of (FFN input, activation mask) in ``profile/samples/`` (see
+``toolchain.samples``), ``profile/profile.json`` and two PNG plots.
+
+The graph is the IR's own ONNX graph when it has one (ONNX frontend), otherwise one
+built from the IR (``toolchain.onnx_builder``). Padding tokens never count.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparseforge.toolchain.activation_stats import HIST_EDGES, LayerStats
+from sparseforge.toolchain.calibration import CalibrationSet, Sequences, build_calibration
+from sparseforge.toolchain.errors import PassError
+from sparseforge.toolchain.ffn_tap import FFNTap
+from sparseforge.toolchain.fingerprint import path_digest
+from sparseforge.toolchain.ir import FFNBlock, ModelIR
+from sparseforge.toolchain.pass_base import Pass, PassContext, PassResult, register_pass
+from sparseforge.toolchain.plots import plot_frequency_distribution, plot_layer_sparsity
+from sparseforge.toolchain.progress import progress
+from sparseforge.toolchain.safetensors_io import write_safetensors
+from sparseforge.toolchain.samples import SampleShardWriter
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """``calib``: text file, directory, JSONL or .npy of token ids (None: the shipped default
+    text). ``seq_len`` tokens per sequence, ``num_sequences`` calibration sequences,
+    ``heldout_fraction`` of all windows kept apart for quality checks, ``batch_size``
+    sequences per onnxruntime call, ``eps``: a neuron is active when |a| > eps,
+    ``max_samples``: (FFN input, mask) pairs kept per layer, ``shard_size``: pairs per
+    shard file, ``threads``: onnxruntime threads (0: all cores)."""
+
+    calib: str | None = None
+    seq_len: int = 128
+    num_sequences: int = 256
+    heldout_fraction: float = 0.1
+    batch_size: int = 16
+    eps: float = 0.0
+    max_samples: int = 8192
+    shard_size: int = 4096
+    threads: int = 0
+
+
+def _tensor(layer: int, what: str) -> str:
+    return f"sparseforge.profile.{layer}.{what}"
+
+
+@register_pass
+class Profile(Pass):
+    name = "profile"
+    summary = "per-neuron activation statistics and predictor samples on calibration text (onnxruntime)"
+    Options = ProfileOptions
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"calib": path_digest(self.options.calib) if self.options.calib else "default"}
+
+    def requires(self, ir: ModelIR) -> None:
+        o = self.options
+        if o.batch_size < 1 or o.max_samples < 0 or o.shard_size < 1 or o.eps < 0:
+            raise PassError("profile: batch_size and shard_size must be >= 1, max_samples and eps >= 0")
+
+    def run(self, ir: ModelIR, ctx: PassContext) -> PassResult:
+        o = self.options
+        out = ir.evolve()
+        calib = build_calibration(
+            o.calib, tokenizer=ir.tokenizer, vocab_size=ir.spec.vocab_size, seq_len=o.seq_len,
+            num_sequences=o.num_sequences, heldout_fraction=o.heldout_fraction, seed=ctx.seed,
+            pad_id=ir.spec.pad_token_id or 0,
+        )
+        graph, blocks = graph_with_taps(ir, ctx.work_dir / "graph")
+        n_ff = ir.spec.intermediate_size
+        stats, shards, elapsed = self._measure(graph, blocks, n_ff, calib.train, ctx)
+        self._record(out, stats, shards)
+        self._attach_calibration(out, calib, ctx.work_dir)
+        report = self._report(out, calib, stats, elapsed)
+        self._attach_report(out, report, ctx.work_dir)
+        return PassResult(out, report["summary"], modified=True)
+
+    # -- measuring -------------------------------------------------------------------
+    def _measure(self, graph: Path, blocks: list[FFNBlock], n_ff: int, train: Sequences, ctx: PassContext):
+        """Stream the calibration split through the tapped graph; returns the per-layer
+        statistics, the sample shard files per layer and the elapsed seconds."""
+        o = self.options
+        tap = FFNTap(graph, blocks, threads=o.threads or None)
+        rng = np.random.default_rng(ctx.seed)
+        total = train.num_tokens
+        chosen = np.sort(rng.choice(total, size=min(o.max_samples, total), replace=False))
+        stats = {b.layer: LayerStats(n_ff=n_ff, eps=o.eps) for b in blocks}
+        writer = SampleShardWriter(ctx.work_dir / "samples", o.shard_size)
+        offset = 0
+        t0 = time.perf_counter()
+        bar = progress(train.batches(o.batch_size), desc="profile", enabled=ctx.progress,
+                       total=-(-len(train) // o.batch_size), unit="batch")
+        for ids, mask in bar:
+            real = mask.astype(bool)
+            n_real = int(real.sum())
+            lo, hi = np.searchsorted(chosen, [offset, offset + n_real])
+            local = chosen[lo:hi] - offset
+            for layer, x, a in tap.run(ids, mask):
+                a_real = a[real]
+                stats[layer].update(a_real)
+                if len(local):
+                    writer.add(layer, x[real][local], np.abs(a_real[local]) > o.eps, chosen[lo:hi])
+            offset += n_real
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(tok_s=f"{offset / (time.perf_counter() - t0):.0f}")
+        shards = writer.close()
+        return stats, shards, time.perf_counter() - t0
+
+    # -- recording -------------------------------------------------------------------
+    def _record(self, out: ModelIR, stats: dict[int, LayerStats], shards: dict[int, list[Path]]) -> None:
+        for block in out.blocks:
+            s = stats[block.layer]
+            names = {}
+            for what, arr in (
+                ("count_active", s.count_active), ("count_positive", s.count_positive),
+                ("mean_abs", (s.sum_abs / max(s.tokens, 1)).astype(np.float32)), ("max_abs", s.max_abs),
+                ("hist", s.hist), ("rank", s.ranking()),
+            ):
+                out.store.set(_tensor(block.layer, what), arr)
+                names[what] = _tensor(block.layer, what)
+            files = []
+            for path in shards.get(block.layer, []):
+                key = f"profile/samples/{path.name}"
+                out.files[key] = str(path)
+                files.append(key)
+            block.annotations["profile"] = {
+                "tokens": s.tokens, "eps": self.options.eps, "sparsity": s.sparsity,
+                "positive_fraction": s.positive_fraction, "tensors": names, "sample_shards": files,
+                "samples": _count_rows(shards.get(block.layer, [])),
+            }
+        out.store.set("sparseforge.profile.hist_edges", HIST_EDGES.astype(np.float64))
+
+    def _attach_calibration(self, out: ModelIR, calib: CalibrationSet, work: Path) -> None:
+        for split, seqs in (("train", calib.train), ("heldout", calib.heldout)):
+            path = work / "calibration" / f"{split}.safetensors"
+            write_safetensors(path, {"ids": seqs.ids, "lengths": seqs.lengths})
+            out.files[f"calibration/{split}.safetensors"] = str(path)
+
+    def _report(self, out: ModelIR, calib: CalibrationSet, stats: dict[int, LayerStats],
+                elapsed: float) -> dict[str, Any]:
+        layers = []
+        for block in out.blocks:
+            s = stats[block.layer]
+            f = s.frequency
+            hot = np.sort(s.count_active)[::-1]
+            top10 = hot[: max(1, len(hot) // 10)].sum() / max(hot.sum(), 1)
+            layers.append({
+                "layer": block.layer, "tokens": s.tokens, "sparsity": s.sparsity,
+                "positive_fraction": s.positive_fraction,
+                "frequency_quantiles": {q: float(np.quantile(f, float(q))) for q in ("0.1", "0.5", "0.9", "0.99")},
+                "dead_neurons": int((s.count_active == 0).sum()),
+                "top10pct_neuron_share_of_activations": float(top10),
+                "mean_abs": float(s.sum_abs.sum() / max(s.tokens * s.n_ff, 1)),
+            })
+        sp = [l["sparsity"] for l in layers]
+        pos = [l["positive_fraction"] for l in layers]
+        summary = {
+            "sequences": len(calib.train), "tokens": calib.train.num_tokens,
+            "heldout_sequences": len(calib.heldout), "mean_sparsity": float(np.mean(sp)),
+            "mean_positive_fraction": float(np.mean(pos)),
+            "tokens_per_s": calib.train.num_tokens / elapsed if elapsed > 0 else 0.0,
+            "per_layer_sparsity": sp, "per_layer_positive_fraction": pos,
+        }
+        return {"model": out.spec.architecture, "options": self.options_dict(), "summary": summary,
+                "layers": layers}
+
+    def _attach_report(self, out: ModelIR, report: dict[str, Any], work: Path) -> None:
+        folder = work / "report"
+        folder.mkdir(parents=True, exist_ok=True)
+        # tokens/s varies from run to run; keep it out of the attached (hashed) file
+        stable = {**report, "summary": {k: v for k, v in report["summary"].items() if k != "tokens_per_s"}}
+        (folder / "profile.json").write_text(json.dumps(stable, indent=1) + "\n")
+        title = f"{out.spec.architecture}: FFN activations on {report['summary']['tokens']} tokens"
+        plot_layer_sparsity(folder / "sparsity.png", report["summary"]["per_layer_sparsity"],
+                            report["summary"]["per_layer_positive_fraction"], title)
+        freqs = [out.store.get(_tensor(b.layer, "count_active")) / max(b.annotations["profile"]["tokens"], 1)
+                 for b in out.blocks]
+        plot_frequency_distribution(folder / "frequency.png", freqs, "neuron activation frequency per layer")
+        for name in ("profile.json", "sparsity.png", "frequency.png"):
+            out.files[f"profile/{name}"] = str(folder / name)
+
+
+def _count_rows(paths: list[Path]) -> int:
+    from sparseforge.toolchain.safetensors_io import SafetensorsFile
+
+    return sum(SafetensorsFile(p).shape("token")[0] for p in paths)
+
+
+def graph_with_taps(ir: ModelIR, directory: Path) -> tuple[Path, list[FFNBlock]]:
+    """The ONNX graph to observe and blocks naming its FFN values: the IR's own graph when
+    every block names its values there, else a graph built from the IR."""
+    if ir.graph and all(b.input_value and b.activation_value for b in ir.blocks):
+        return Path(ir.graph), ir.blocks
+    from sparseforge.toolchain.onnx_builder import build_onnx
+
+    built = build_onnx(ir, directory)
+    return Path(built.ir.graph), built.ir.blocks

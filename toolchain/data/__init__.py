@@ -1,0 +1,1 @@
+"""Data files shipped with sparseforge (the default calibration text)."""

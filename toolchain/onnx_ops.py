@@ -1,0 +1,208 @@
+"""Sub-graph emitters for :mod:`.onnx_builder`: a small ONNX graph under construction and
+one function per transformer piece (linear, norms, RoPE, attention, FFN).
+
+Shapes use ``B`` batch, ``S`` sequence, ``d`` model width, ``H`` attention heads, ``K``
+key/value heads, ``R = H / K`` query heads per key/value head, ``hd`` head dim. All
+activations are float32. Weights stay in their canonical ``[out, in]`` layout and are
+applied with ``Gemm(transB=1)`` on the tokens flattened to 2-D, so neither the files nor
+onnxruntime hold a transposed copy.
+
+FFN activations are :data:`ACTIVATIONS` entries ``fn(graph, z, block, name) -> value``;
+a new kind (e.g. a thresholded ReLU reading its threshold from ``block.annotations``) is
+one more entry.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Protocol
+
+import numpy as np
+from onnx import NodeProto, TensorProto, helper, numpy_helper
+
+from .ir import FFNBlock
+
+OPSET = 20
+NEG = float(np.finfo(np.float32).min)
+
+
+class WeightSource(Protocol):
+    """Makes the initializer of a store tensor (FLOAT or FLOAT16, canonical layout)."""
+
+    def initializer(self, name: str) -> TensorProto: ...
+
+
+class Graph:
+    """Nodes, initializers and unique value names of a graph being built.
+
+    ``input_ids`` [B, S] is expected as a graph input; ``dims`` ([B, S]) and ``positions``
+    ([S], 0..S-1) are derived from it once.
+    """
+
+    def __init__(self, weights: WeightSource) -> None:
+        self.nodes: list[NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._weights = weights
+        self._used: set[str] = {"input_ids", "attention_mask"}
+        self._values: dict[tuple, str] = {}  # constants, cast weights, shapes: built once
+        self.shapes: dict[str, tuple[int, ...]] = {}  # of the weights added so far
+        self.dims = self.op("Shape", "input_ids", name="dims")
+        seq = self.op("Gather", self.dims, self.const(np.array(1, np.int64), "one"), axis=0, name="seq")
+        self.positions = self.op("Range", self.const(np.array(0, np.int64), "zero"), seq,
+                                 self.const(np.array(1, np.int64), "one"), name="positions")
+
+    def fresh(self, hint: str) -> str:
+        """``hint``, or ``hint.N`` if that value name is taken."""
+        name, n = hint, 1
+        while name in self._used:
+            name, n = f"{hint}.{n}", n + 1
+        self._used.add(name)
+        return name
+
+    def op(self, op_type: str, *inputs: str, name: str | None = None, **attrs) -> str:
+        """Append one single-output node; returns its output value name."""
+        out = self.fresh(name or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def const(self, array: np.ndarray, hint: str) -> str:
+        """An inline constant initializer (one per distinct dtype, shape and content)."""
+        key = ("const", array.dtype.str, array.shape, array.tobytes())
+        if key not in self._values:
+            name = self.fresh(f"const.{hint}")
+            self.initializers.append(numpy_helper.from_array(array, name))
+            self._values[key] = name
+        return self._values[key]
+
+    def ints(self, values: list[int], hint: str) -> str:
+        return self.const(np.array(values, np.int64), hint)
+
+    def scalar(self, value: float, hint: str) -> str:
+        return self.const(np.array(value, np.float32), hint)
+
+    def weight(self, name: str) -> str:
+        """The store tensor ``name`` as a float32 value (float16 initializers get a Cast)."""
+        key = ("weight", name)
+        if key not in self._values:
+            if name in self._used:
+                raise ValueError(f"tensor name {name!r} clashes with a graph value name")
+            init = self._weights.initializer(name)
+            self._used.add(name)
+            self.initializers.append(init)
+            self.shapes[name] = tuple(init.dims)
+            value = name
+            if init.data_type == TensorProto.FLOAT16:
+                value = self.op("Cast", name, to=TensorProto.FLOAT, name=f"{name}.f32")
+            self._values[key] = value
+        return self._values[key]
+
+    def tokens_shape(self, width: int) -> str:
+        """The shape value ``[B, S, width]``."""
+        key = ("shape", width)
+        if key not in self._values:
+            self._values[key] = self.op("Concat", self.dims, self.ints([width], f"w{width}"),
+                                        axis=0, name=f"shape.{width}")
+        return self._values[key]
+
+
+def linear(g: Graph, x: str, weight: str, bias: str | None, name: str | None = None) -> str:
+    """``x W^T + b``: x [B, S, in], W [out, in] -> [B, S, out] (Gemm on [B*S, in])."""
+    w = g.weight(weight)
+    out, inp = g.shapes[weight]
+    inputs = [g.op("Reshape", x, g.ints([-1, inp], f"flat{inp}"), name=f"{x}.2d"), w]
+    if bias:
+        inputs.append(g.weight(bias))
+    y = g.op("Gemm", *inputs, transB=1, name=f"{weight}.gemm")
+    return g.op("Reshape", y, g.tokens_shape(out), name=name or f"{weight}.out")
+
+
+def layer_norm(g: Graph, x: str, weight: str, bias: str, eps: float, name: str | None = None) -> str:
+    """LayerNorm over the last axis of x [..., d]."""
+    return g.op("LayerNormalization", x, g.weight(weight), g.weight(bias), axis=-1, epsilon=eps, name=name)
+
+
+def rms_norm(g: Graph, x: str, weight: str, eps: float, name: str | None = None) -> str:
+    """``x / sqrt(mean(x^2) + eps) * w`` over the last axis of x [..., d] (basic ops only)."""
+    var = g.op("ReduceMean", g.op("Mul", x, x), g.ints([-1], "last"), keepdims=1)
+    inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.scalar(eps, "eps"))))
+    return g.op("Mul", g.op("Mul", x, inv), g.weight(weight), name=name)
+
+
+def rope_tables(g: Graph, head_dim: int, theta: float) -> tuple[str, str]:
+    """``cos, sin`` [S, hd] for positions 0..S-1 (HF: angles ``pos * inv_freq`` in float32,
+    each half of the head repeated)."""
+    inv_freq = (1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+    pos = g.op("Unsqueeze", g.op("Cast", g.positions, to=TensorProto.FLOAT), g.ints([1], "ax1"))
+    freqs = g.op("Mul", pos, g.const(inv_freq, "inv_freq"))  # [S, hd/2]
+    emb = g.op("Concat", freqs, freqs, axis=-1, name="rope.angles")
+    return g.op("Cos", emb, name="rope.cos"), g.op("Sin", emb, name="rope.sin")
+
+
+def rope(g: Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
+    """``x cos + rotate_half(x) sin`` for x [..., S, hd], ``rotate_half([a, b]) = [-b, a]``."""
+    half, axis = g.ints([head_dim // 2], "half"), g.ints([-1], "last")
+    first = g.op("Slice", x, g.ints([0], "start"), half, axis)
+    second = g.op("Slice", x, half, g.ints([head_dim], "hd"), axis)
+    rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
+    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin), name=f"{x}.rope")
+
+
+def attention_mask(g: Graph, causal: bool) -> str:
+    """Additive mask: 0 where a query may attend a key, float32 min elsewhere (padding
+    keys; later keys when causal). [B, 1, 1, 1, S], or [B, 1, 1, S, S] when causal."""
+    keep = g.op("Cast", g.op("Unsqueeze", "attention_mask", g.ints([1, 2, 3], "ax123")), to=TensorProto.BOOL)
+    if causal:
+        rows = g.op("Unsqueeze", g.positions, g.ints([1], "ax1"))
+        keep = g.op("And", g.op("LessOrEqual", g.positions, rows, name="causal"), keep)
+    return g.op("Where", keep, g.scalar(0.0, "zero"), g.scalar(NEG, "neg"), name="mask")
+
+
+def attention(g: Graph, x: str, proj: dict[str, tuple[str, str | None]], heads: int, kv_heads: int,
+              head_dim: int, mask: str, rope_cs: tuple[str, str] | None) -> str:
+    """Multi-head attention with grouped key/value heads: x [B, S, d] -> [B, S, d].
+
+    ``proj`` maps q/k/v/o to (weight, bias or None). Queries are grouped [B, K, R, S, hd]
+    against keys/values [B, K, 1, S, hd] (broadcast = HF ``repeat_kv``).
+    """
+    rep = heads // kv_heads
+
+    def split(name: str, group: int) -> str:  # [B, S, K*group*hd] -> [B, K, group, S, hd]
+        y = g.op("Reshape", linear(g, x, *proj[name]), g.ints([0, 0, kv_heads, group, head_dim], f"heads{group}"))
+        y = g.op("Transpose", y, perm=[0, 2, 3, 1, 4], name=f"{proj[name][0]}.heads")
+        return rope(g, y, *rope_cs, head_dim) if rope_cs and name in ("q", "k") else y
+
+    q, k, v = split("q", rep), split("k", 1), split("v", 1)
+    scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 2, 4, 3]))  # [B, K, R, S, S]
+    scores = g.op("Add", g.op("Mul", scores, g.scalar(1.0 / math.sqrt(head_dim), "scale")), mask)
+    ctx = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)  # [B, K, R, S, hd]
+    ctx = g.op("Transpose", ctx, perm=[0, 3, 1, 2, 4])  # [B, S, K, R, hd]
+    ctx = g.op("Reshape", ctx, g.ints([0, 0, heads * head_dim], "merge"))
+    return linear(g, ctx, *proj["o"])
+
+
+Activation = Callable[[Graph, str, FFNBlock, str], str]
+
+ACTIVATIONS: dict[str, Activation] = {
+    "gelu": lambda g, z, block, name: g.op("Gelu", z, name=name),
+    "gelu_tanh": lambda g, z, block, name: g.op("Gelu", z, approximate="tanh", name=name),
+    "silu": lambda g, z, block, name: g.op("Mul", z, g.op("Sigmoid", z), name=name),
+    "relu": lambda g, z, block, name: g.op("Relu", z, name=name),
+}
+"""FFN activation kinds by ``FFNBlock.activation``: ``fn(graph, z, block, name)`` emits
+``act(z)`` for the pre-activation ``z`` [B, S, n_ff] as a value called ``name``."""
+
+
+def ffn(g: Graph, block: FFNBlock, x: str, act_name: str) -> str:
+    """One FFN block on x [B, S, d] -> [B, S, d]; the activation feeding the down
+    projection ([B, S, n_ff]) is the value ``act_name``."""
+    try:
+        act = ACTIVATIONS[block.activation]
+    except KeyError:
+        raise ValueError(f"layer {block.layer}: no ONNX builder for FFN activation {block.activation!r} "
+                         f"(known: {', '.join(sorted(ACTIVATIONS))})") from None
+    up = linear(g, x, block.up, block.up_bias)
+    if block.gate:
+        gate = act(g, linear(g, x, block.gate, block.gate_bias), block, f"ffn.{block.layer}.gate_act")
+        h = g.op("Mul", gate, up, name=act_name)
+    else:
+        h = act(g, up, block, act_name)
+    return linear(g, h, block.down, block.down_bias)

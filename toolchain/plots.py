@@ -1,0 +1,53 @@
+"""PNG plots for pass reports (matplotlib, Agg backend, deterministic bytes)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+_PNG_META = {"Software": None}  # no version string: same bytes on every run
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_layer_sparsity(path: Path, sparsity: Sequence[float], positive: Sequence[float], title: str) -> None:
+    """Bar chart: per-layer fraction of zero (|a| <= eps) and of positive activations."""
+    plt = _pyplot()
+    layers = np.arange(len(sparsity))
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    ax.bar(layers - 0.2, sparsity, width=0.4, label="sparsity (|a| <= eps)")
+    ax.bar(layers + 0.2, positive, width=0.4, label="positive fraction (a > 0)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction of activations")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(layers)
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata=_PNG_META)
+    plt.close(fig)
+
+
+def plot_frequency_distribution(path: Path, frequencies: Sequence[np.ndarray], title: str) -> None:
+    """One curve per layer: the distribution (histogram) of neuron activation frequency."""
+    plt = _pyplot()
+    bins = np.linspace(0, 1, 51)
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    for layer, f in enumerate(frequencies):
+        counts, _ = np.histogram(f, bins=bins)
+        ax.plot(0.5 * (bins[1:] + bins[:-1]), counts / max(len(f), 1), label=f"layer {layer}", lw=1.2)
+    ax.set_xlabel("activation frequency of a neuron (fraction of tokens)")
+    ax.set_ylabel("fraction of neurons")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, metadata=_PNG_META)
+    plt.close(fig)
