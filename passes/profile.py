@@ -32,7 +32,7 @@ from sparseforge.toolchain.calibration import CalibrationSet, Sequences, build_c
 from sparseforge.toolchain.errors import PassError
 from sparseforge.toolchain.ffn_tap import FFNTap
 from sparseforge.toolchain.fingerprint import path_digest
-from sparseforge.toolchain.ir import FFNBlock, ModelIR
+from sparseforge.toolchain.ir import ANNOTATION_PREFIX, FFNBlock, ModelIR
 from sparseforge.toolchain.pass_base import Pass, PassContext, PassResult, register_pass
 from sparseforge.toolchain.plots import plot_frequency_distribution, plot_layer_sparsity
 from sparseforge.toolchain.progress import progress
@@ -61,7 +61,7 @@ class ProfileOptions:
 
 
 def _tensor(layer: int, what: str) -> str:
-    return f"sparseforge.profile.{layer}.{what}"
+    return f"{ANNOTATION_PREFIX}profile.{layer}.{what}"
 
 
 @register_pass
@@ -87,44 +87,16 @@ class Profile(Pass):
             pad_id=ir.spec.pad_token_id or 0,
         )
         graph, blocks = graph_with_taps(ir, ctx.work_dir / "graph")
-        n_ff = ir.spec.intermediate_size
-        stats, shards, elapsed = self._measure(graph, blocks, n_ff, calib.train, ctx)
+        tap = FFNTap(graph, blocks, threads=o.threads or None)
+        stats, shards, elapsed = stream_statistics(
+            tap, calib.train, n_ff=ir.spec.intermediate_size, eps=o.eps, batch_size=o.batch_size,
+            max_samples=o.max_samples, shard_size=o.shard_size, seed=ctx.seed,
+            sample_dir=ctx.work_dir / "samples", progress_enabled=ctx.progress)
         self._record(out, stats, shards)
         self._attach_calibration(out, calib, ctx.work_dir)
         report = self._report(out, calib, stats, elapsed)
         self._attach_report(out, report, ctx.work_dir)
         return PassResult(out, report["summary"], modified=True)
-
-    # -- measuring -------------------------------------------------------------------
-    def _measure(self, graph: Path, blocks: list[FFNBlock], n_ff: int, train: Sequences, ctx: PassContext):
-        """Stream the calibration split through the tapped graph; returns the per-layer
-        statistics, the sample shard files per layer and the elapsed seconds."""
-        o = self.options
-        tap = FFNTap(graph, blocks, threads=o.threads or None)
-        rng = np.random.default_rng(ctx.seed)
-        total = train.num_tokens
-        chosen = np.sort(rng.choice(total, size=min(o.max_samples, total), replace=False))
-        stats = {b.layer: LayerStats(n_ff=n_ff, eps=o.eps) for b in blocks}
-        writer = SampleShardWriter(ctx.work_dir / "samples", o.shard_size)
-        offset = 0
-        t0 = time.perf_counter()
-        bar = progress(train.batches(o.batch_size), desc="profile", enabled=ctx.progress,
-                       total=-(-len(train) // o.batch_size), unit="batch")
-        for ids, mask in bar:
-            real = mask.astype(bool)
-            n_real = int(real.sum())
-            lo, hi = np.searchsorted(chosen, [offset, offset + n_real])
-            local = chosen[lo:hi] - offset
-            for layer, x, a in tap.run(ids, mask):
-                a_real = a[real]
-                stats[layer].update(a_real)
-                if len(local):
-                    writer.add(layer, x[real][local], np.abs(a_real[local]) > o.eps, chosen[lo:hi])
-            offset += n_real
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(tok_s=f"{offset / (time.perf_counter() - t0):.0f}")
-        shards = writer.close()
-        return stats, shards, time.perf_counter() - t0
 
     # -- recording -------------------------------------------------------------------
     def _record(self, out: ModelIR, stats: dict[int, LayerStats], shards: dict[int, list[Path]]) -> None:
@@ -148,7 +120,7 @@ class Profile(Pass):
                 "positive_fraction": s.positive_fraction, "tensors": names, "sample_shards": files,
                 "samples": _count_rows(shards.get(block.layer, [])),
             }
-        out.store.set("sparseforge.profile.hist_edges", HIST_EDGES.astype(np.float64))
+        out.store.set(f"{ANNOTATION_PREFIX}profile.hist_edges", HIST_EDGES.astype(np.float64))
 
     def _attach_calibration(self, out: ModelIR, calib: CalibrationSet, work: Path) -> None:
         for split, seqs in (("train", calib.train), ("heldout", calib.heldout)):
@@ -198,6 +170,34 @@ class Profile(Pass):
         plot_frequency_distribution(folder / "frequency.png", freqs, "neuron activation frequency per layer")
         for name in ("profile.json", "sparsity.png", "frequency.png"):
             out.files[f"profile/{name}"] = str(folder / name)
+
+
+def stream_statistics(tap: FFNTap, train: Sequences, *, n_ff: int, eps: float, batch_size: int,
+                      max_samples: int, shard_size: int, seed: int, sample_dir: Path,
+                      progress_enabled: bool | None = None
+                      ) -> tuple[dict[int, LayerStats], dict[int, list[Path]], float]:
+    """Stream ``train`` through the tapped graph: per-layer statistics of the real tokens,
+    sample shards of ``max_samples`` tokens drawn with ``seed`` (per layer), and seconds."""
+    total = train.num_tokens
+    chosen = np.sort(np.random.default_rng(seed).choice(total, size=min(max_samples, total), replace=False))
+    stats = {layer: LayerStats(n_ff=n_ff, eps=eps) for layer, _, _ in tap.taps}
+    writer = SampleShardWriter(sample_dir, shard_size)
+    offset = 0
+    t0 = time.perf_counter()
+    bar = progress(train.batches(batch_size), desc="profile", enabled=progress_enabled,
+                   total=-(-len(train) // batch_size), unit="batch")
+    for ids, mask in bar:
+        real = np.flatnonzero(mask.ravel())  # positions of real tokens, row-major
+        lo, hi = np.searchsorted(chosen, [offset, offset + len(real)])
+        picked = real[chosen[lo:hi] - offset]
+        for layer, x, a in tap.run(ids, mask):
+            a2, x2 = a.reshape(-1, a.shape[-1]), x.reshape(-1, x.shape[-1])
+            stats[layer].update(a2 if len(real) == len(a2) else a2[real])
+            if len(picked):
+                writer.add(layer, x2[picked], np.abs(a2[picked]) > eps, chosen[lo:hi])
+        offset += len(real)
+        bar.set_postfix(tok_s=f"{offset / (time.perf_counter() - t0):.0f}", refresh=False)
+    return stats, writer.close(), time.perf_counter() - t0
 
 
 def _count_rows(paths: list[Path]) -> int:

@@ -1,6 +1,6 @@
 """Streaming per-neuron activation statistics of one FFN layer.
 
-Memory is fixed by the layer width and the histogram, never by the number of tokens:
+The update is one fused Numba sweep (``kernels/stats.py``). Memory is fixed by the layer width and the histogram, never by the number of tokens:
 ``LayerStats`` holds six arrays of ``n_ff`` entries and one histogram of
 ``len(HIST_EDGES)`` bins however many batches it sees.
 
@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sparseforge.kernels.stats import accumulate, bin_table
+
 HIST_EDGES = np.concatenate([[0.0], np.logspace(-6, 3, 9 * 40 + 1)])
-
-
-def histogram_index(abs_a: np.ndarray) -> np.ndarray:
-    """Bin index of each |a| (the last bin is the overflow bin [1e3, inf))."""
-    return np.searchsorted(HIST_EDGES, abs_a, side="right") - 1
+_BIN_TABLE = bin_table(HIST_EDGES)
 
 
 @dataclass
@@ -49,13 +47,10 @@ class LayerStats:
         """Add the activations of real (non-padding) tokens, ``a`` [tokens, n_ff] float32."""
         if a.shape[0] == 0:
             return
-        abs_a = np.abs(a)
         self.tokens += a.shape[0]
-        self.count_active += (abs_a > self.eps).sum(axis=0)
-        self.count_positive += (a > 0).sum(axis=0)
-        self.sum_abs += abs_a.sum(axis=0, dtype=np.float64)
-        np.maximum(self.max_abs, abs_a.max(axis=0), out=self.max_abs)
-        self.hist += np.bincount(histogram_index(abs_a).ravel(), minlength=len(HIST_EDGES))
+        accumulate(np.ascontiguousarray(a, dtype=np.float32), float(self.eps), HIST_EDGES, _BIN_TABLE,
+                   self.count_active, self.count_positive, self.sum_abs, self.max_abs,
+                   self.hist)
 
     def nbytes(self) -> int:
         """Bytes held by the accumulators (constant for a given layer width)."""

@@ -22,6 +22,8 @@ def _session_options(graph: Path, threads: int | None):
     so = ort.SessionOptions()
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.parent))
     so.intra_op_num_threads = threads or os.cpu_count() or 1
+    # idle onnxruntime threads must not spin: the statistics kernel needs the cores between runs
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     return so

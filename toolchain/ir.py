@@ -31,6 +31,8 @@ from .safetensors_io import write_safetensors
 from .tensors import TensorRef, TensorStore
 
 IR_FORMAT_VERSION = 1
+#: prefix of tensors passes add (statistics, thresholds, predictors); the rest are weights
+ANNOTATION_PREFIX = "sparseforge."
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterable, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -10,8 +10,9 @@ T = TypeVar("T")
 
 
 def progress(iterable: Iterable[T], *, desc: str, total: int | None = None, enabled: bool | None = None,
-             unit: str = "it") -> Iterator[T]:
-    """Wrap ``iterable`` in a progress bar; ``enabled=None`` means "only on a terminal"."""
+             unit: str = "it") -> "tqdm[T]":
+    """Wrap ``iterable`` in a progress bar; ``enabled=None`` means "only on a terminal".
+    The bar is iterable and has ``set_postfix`` (a no-op when disabled)."""
     if enabled is None:
         enabled = sys.stderr.isatty()
-    return iter(tqdm(iterable, desc=desc, total=total, disable=not enabled, unit=unit, leave=False))
+    return tqdm(iterable, desc=desc, total=total, disable=not enabled, unit=unit, leave=False)

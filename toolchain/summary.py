@@ -6,14 +6,16 @@ from typing import Any
 
 import numpy as np
 
-from .ir import ModelIR
+from .ir import ANNOTATION_PREFIX, ModelIR
 
 
 def describe(ir: ModelIR) -> dict[str, Any]:
-    """A JSON-serialisable description: spec, parameter counts, dtypes, blocks, pass log."""
+    """A JSON-serialisable description: spec, parameter counts and dtypes of the model's
+    weights (not the ``sparseforge.*`` tensors passes add), blocks, pass log."""
     dtypes: Counter[str] = Counter()
     params = 0
-    for name in ir.store.names():
+    weights = [n for n in ir.store.names() if not n.startswith(ANNOTATION_PREFIX)]
+    for name in weights:
         n = int(np.prod(ir.store.shape(name)))
         params += n
         dtypes[ir.store.dtype(name).name] += n
@@ -23,7 +25,8 @@ def describe(ir: ModelIR) -> dict[str, Any]:
         "source": ir.source,
         "tokenizer": ir.tokenizer,
         "graph": ir.graph,
-        "tensors": len(ir.store),
+        "tensors": len(weights),
+        "annotation_tensors": len(ir.store) - len(weights),
         "parameters": params,
         "ffn_parameters": ffn,
         "dtypes": dict(sorted(dtypes.items())),
@@ -33,7 +36,17 @@ def describe(ir: ModelIR) -> dict[str, Any]:
             for b in ir.blocks
         ],
         "passes": [p["pass"] for p in ir.pass_log],
+        "profile": _profile(ir),
     }
+
+
+def _profile(ir: ModelIR) -> list[dict[str, Any]] | None:
+    """Per-layer sparsity and positive fraction when the IR has been profiled."""
+    if not all("profile" in b.annotations for b in ir.blocks):
+        return None
+    return [{"layer": b.layer, "tokens": b.annotations["profile"]["tokens"],
+             "sparsity": b.annotations["profile"]["sparsity"],
+             "positive_fraction": b.annotations["profile"]["positive_fraction"]} for b in ir.blocks]
 
 
 def format_summary(d: dict[str, Any]) -> str:
@@ -54,4 +67,9 @@ def format_summary(d: dict[str, Any]) -> str:
     notes = sorted({a for b in d["blocks"] for a in b["annotations"]})
     lines.append(f"annotations  {', '.join(notes) if notes else 'none'}")
     lines.append(f"passes run   {', '.join(d['passes']) if d['passes'] else 'none'}")
+    if d.get("profile"):
+        lines.append(f"profile      {d['profile'][0]['tokens']} calibration tokens")
+        for p in d["profile"]:
+            lines.append(f"  layer {p['layer']:2d}  sparsity {p['sparsity']:.3f}  "
+                         f"positive fraction {p['positive_fraction']:.3f}")
     return "\n".join(lines)
