@@ -74,3 +74,21 @@ class LayerStats:
         """Neuron ids from hottest to coldest (by active count; ties by lower id), int32."""
         return np.lexsort((np.arange(self.n_ff), -self.count_active)).astype(np.int32)
 
+
+
+def threshold_for_sparsity(hist: np.ndarray, target: float) -> float:
+    """A magnitude t such that about ``target`` of the histogrammed |a| are <= t.
+
+    Finds the bin where the cumulative fraction crosses ``target`` and interpolates
+    log-linearly inside it (linearly in the first bin, [0, 1e-6)). Resolution: one bin
+    is 6% wide in magnitude; the sparsity actually reached is measured afterwards."""
+    total = int(hist.sum())
+    if total == 0 or target <= 0:
+        return 0.0
+    cum = np.cumsum(hist) / total
+    k = min(int(np.searchsorted(cum, target, side="left")), len(hist) - 1)
+    below = cum[k - 1] if k > 0 else 0.0
+    frac = 0.0 if hist[k] == 0 else min(max((target - below) * total / hist[k], 0.0), 1.0)
+    lo = HIST_EDGES[k]
+    hi = HIST_EDGES[k + 1] if k + 1 < len(HIST_EDGES) else lo * 10.0
+    return float(hi * frac) if lo == 0.0 else float(lo * (hi / lo) ** frac)

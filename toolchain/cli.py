@@ -166,8 +166,9 @@ def list_passes() -> None:
 
     for name, cls in pass_registry().items():
         click.echo(f"{name}: {cls.summary}")
+        defaults = cls.Options()
         for f in dataclasses.fields(cls.Options):
-            click.echo(f"    {f.name} = {f.default!r}")
+            click.echo(f"    {f.name} = {getattr(defaults, f.name)!r}")
 
 
 # -- inspect / demo --------------------------------------------------------------------

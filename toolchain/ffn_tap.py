@@ -53,6 +53,7 @@ class FFNTap:
                 if name not in existing:
                     model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
                     existing.add(name)
+        self.output_name = model.graph.output[0].name
         self.input_names = [i.name for i in model.graph.input
                             if i.name not in {init.name for init in model.graph.initializer}]
         try:
@@ -82,6 +83,11 @@ class FFNTap:
 
     def run(self, ids: np.ndarray, mask: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """(layer, FFN input, activation) for every block, each [batch, seq, .] float32."""
-        outs = self.session.run(self._fetch, self.feeds(ids, mask))
+        return self.run_with_output(ids, mask)[1]
+
+    def run_with_output(self, ids: np.ndarray, mask: np.ndarray
+                        ) -> tuple[np.ndarray, list[tuple[int, np.ndarray, np.ndarray]]]:
+        """The model's first output (hidden states or logits) and the taps of :meth:`run`."""
+        outs = self.session.run([self.output_name] + self._fetch, self.feeds(ids, mask))
         n = len(self.taps)
-        return [(layer, outs[i], outs[n + i]) for i, (layer, _, _) in enumerate(self.taps)]
+        return outs[0], [(layer, outs[1 + i], outs[1 + n + i]) for i, (layer, _, _) in enumerate(self.taps)]

@@ -81,7 +81,13 @@ class ArchSpec:
 
 @dataclass
 class FFNBlock:
-    """One feed-forward block: ``down(act(gate(x)) * up(x))``, or ``down(act(up(x)))``.
+    """One feed-forward block: ``down(h)`` with ``h = act(gate(x)) * up_act(up(x))`` when
+    gated, else ``h = act(up(x))``; then ``h`` is zeroed where ``|h| <= output_threshold``.
+
+    ``activation``: ``gelu``, ``gelu_tanh``, ``silu``, ``relu`` or ``fatrelu``
+    (``z if z > activation_threshold else 0``). ``up_activation``: None (identity) or
+    ``relu`` (dReLU: ReLU on both gate and up). ``output_threshold`` > 0 keeps only
+    activations of larger magnitude (training-free threshold sparsity); 0 keeps all.
 
     Tensor fields hold names in the IR's tensor store (None when absent).
     ``input_value`` / ``activation_value`` name the ONNX graph values of the FFN input
@@ -99,6 +105,9 @@ class FFNBlock:
     down_bias: str | None = None
     gate_bias: str | None = None
     activation: str = "gelu"
+    activation_threshold: float = 0.0
+    up_activation: str | None = None
+    output_threshold: float = 0.0
     input_value: str | None = None
     activation_value: str | None = None
     annotations: dict[str, Any] = field(default_factory=dict)

@@ -181,11 +181,22 @@ def attention(g: Graph, x: str, proj: dict[str, tuple[str, str | None]], heads: 
 
 Activation = Callable[[Graph, str, FFNBlock, str], str]
 
+
+def _threshold(g: Graph, block: FFNBlock, what: str, value: float) -> str:
+    return g.scalar(float(value), f"ffn.{block.layer}.{what}_threshold")
+
+
+def _keep_where(g: Graph, cond: str, z: str, name: str) -> str:
+    """``z`` where ``cond`` holds, else 0 (named ``name``)."""
+    return g.op("Where", cond, z, g.scalar(0.0, "zero"), name=name)
+
+
 ACTIVATIONS: dict[str, Activation] = {
     "gelu": lambda g, z, block, name: g.op("Gelu", z, name=name),
     "gelu_tanh": lambda g, z, block, name: g.op("Gelu", z, approximate="tanh", name=name),
     "silu": lambda g, z, block, name: g.op("Mul", z, g.op("Sigmoid", z), name=name),
     "relu": lambda g, z, block, name: g.op("Relu", z, name=name),
+    "fatrelu": lambda g, z, block, name: _keep_where(g, g.op("Greater", z, _threshold(g, block, "fat", block.activation_threshold)), z, name),
 }
 """FFN activation kinds by ``FFNBlock.activation``: ``fn(graph, z, block, name)`` emits
 ``act(z)`` for the pre-activation ``z`` [B, S, n_ff] as a value called ``name``."""
@@ -200,9 +211,18 @@ def ffn(g: Graph, block: FFNBlock, x: str, act_name: str) -> str:
         raise ValueError(f"layer {block.layer}: no ONNX builder for FFN activation {block.activation!r} "
                          f"(known: {', '.join(sorted(ACTIVATIONS))})") from None
     up = linear(g, x, block.up, block.up_bias)
+    thresholded = block.output_threshold > 0
+    h_name = f"ffn.{block.layer}.h" if thresholded else act_name
     if block.gate:
         gate = act(g, linear(g, x, block.gate, block.gate_bias), block, f"ffn.{block.layer}.gate_act")
-        h = g.op("Mul", gate, up, name=act_name)
+        if block.up_activation == "relu":
+            up = g.op("Relu", up)
+        elif block.up_activation is not None:
+            raise ValueError(f"layer {block.layer}: unknown up activation {block.up_activation!r} (known: relu)")
+        h = g.op("Mul", gate, up, name=h_name)
     else:
-        h = act(g, up, block, act_name)
+        h = act(g, up, block, h_name)
+    if thresholded:
+        keep = g.op("Greater", g.op("Abs", h), _threshold(g, block, "output", block.output_threshold))
+        h = _keep_where(g, keep, h, act_name)
     return linear(g, h, block.down, block.down_bias)

@@ -26,11 +26,14 @@ class NoOptions:
 @dataclass
 class PassContext:
     """What a pass may use besides the IR: a scratch directory for files it attaches to
-    the IR, the seed, whether to show progress bars."""
+    the IR, the seed, whether to show progress bars, and ``state_dir``: a directory that
+    survives an interrupted run of the same pass on the same input (for checkpoints; None
+    when there is no cache), removed once the pass has finished."""
 
     work_dir: Path
     seed: int = 0
     progress: bool | None = None
+    state_dir: Path | None = None
 
 
 @dataclass

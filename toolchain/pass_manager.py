@@ -8,6 +8,7 @@ re-runs from that pass on.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -15,7 +16,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 from .atomic import write_text_atomic
 from .instruments import MemoryTimer
@@ -53,8 +54,12 @@ class PassRecord:
 
 @dataclass
 class PipelineResult:
+    """The final IR and one record per pass. ``scratch`` keeps the files passes attached
+    alive when there is no cache to move them into (they go when the result does)."""
+
     ir: ModelIR
     records: list[PassRecord]
+    scratch: tempfile.TemporaryDirectory | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"passes": [asdict(r) for r in self.records]}
@@ -98,6 +103,7 @@ class PassManager:
 
     def run(self, ir: ModelIR) -> PipelineResult:
         records: list[PassRecord] = []
+        self._scratch = None if self.cache_dir else tempfile.TemporaryDirectory(prefix="sparseforge-")
         for index, p in enumerate(self.passes):
             key = self.cache_key(ir, p)
             cached = self._load_cached(key)
@@ -111,11 +117,12 @@ class PassManager:
                 ir.save(self.dump_dir / f"{index:02d}-{p.name}")
             if self.on_record:
                 self.on_record(record)
-        return PipelineResult(ir, records)
+        return PipelineResult(ir, records, self._scratch)
 
     def _run_pass(self, p: Pass, ir: ModelIR, key: str) -> tuple[ModelIR, PassRecord]:
-        with tempfile.TemporaryDirectory(prefix=f"sparseforge-{p.name}-") as work:
-            ctx = PassContext(work_dir=Path(work), seed=self.seed, progress=self.progress)
+        state = self.cache_dir / "state" / key if self.cache_dir is not None else None
+        with self._work_dir(p.name) as work:
+            ctx = PassContext(work_dir=Path(work), seed=self.seed, progress=self.progress, state_dir=state)
             with MemoryTimer() as timer:
                 result = p(ir, ctx)
             out = result.ir
@@ -128,7 +135,16 @@ class PassManager:
             out.pass_log.append({"pass": p.name, "options": record.options, "stats": record.stats})
             if self.cache_dir is not None:
                 self._store(key, out, record)  # moves overlays and attached files into the cache
+        if state is not None:
+            shutil.rmtree(state, ignore_errors=True)
         return out, record
+
+    def _work_dir(self, name: str) -> ContextManager[str]:
+        """A pass's scratch directory: temporary when a cache will receive what the pass
+        attaches, else one inside the pipeline's scratch directory (kept with the result)."""
+        if self._scratch is None:
+            return tempfile.TemporaryDirectory(prefix=f"sparseforge-{name}-")
+        return contextlib.nullcontext(tempfile.mkdtemp(prefix=f"{name}-", dir=self._scratch.name))
 
     # -- cache -----------------------------------------------------------------------
     def _entry(self, key: str) -> Path:

@@ -51,3 +51,38 @@ def plot_frequency_distribution(path: Path, frequencies: Sequence[np.ndarray], t
     fig.tight_layout()
     fig.savefig(path, metadata=_PNG_META)
     plt.close(fig)
+
+
+def plot_before_after(path: Path, before: Sequence[float], after: Sequence[float], title: str) -> None:
+    """Bar chart of per-layer FFN sparsity before and after a transformation."""
+    plt = _pyplot()
+    layers = np.arange(len(before))
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    ax.bar(layers - 0.2, before, width=0.4, label="before")
+    ax.bar(layers + 0.2, after, width=0.4, label="after")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("FFN sparsity (fraction of zero activations)")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(layers)
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata=_PNG_META)
+    plt.close(fig)
+
+
+def plot_tradeoff(path: Path, sparsity: Sequence[float], quality: Sequence[float], quality_label: str,
+                  title: str) -> None:
+    """The sparsity-vs-quality curve of a threshold sweep."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(sparsity, quality, marker="o")
+    for s, q in zip(sparsity, quality):
+        ax.annotate(f"{q:.3f}", (s, q), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set_xlabel("mean FFN sparsity")
+    ax.set_ylabel(quality_label)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, metadata=_PNG_META)
+    plt.close(fig)

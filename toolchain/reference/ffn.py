@@ -137,11 +137,18 @@ def relu(z: np.ndarray) -> np.ndarray:
     return np.maximum(np.asarray(z, dtype=np.float32), np.float32(0))
 
 
+def fatrelu(z: np.ndarray, threshold: float) -> np.ndarray:
+    """FATReLU: ``z if z > threshold else 0`` (ReLU for threshold 0)."""
+    z = np.asarray(z, dtype=np.float32)
+    return np.where(z > np.float32(threshold), z, np.float32(0))
+
+
 ACTIVATIONS: dict[str, ActivationFn] = {
     "gelu": lambda z, block: gelu(z),
     "gelu_tanh": lambda z, block: gelu_tanh(z),
     "silu": lambda z, block: silu(z),
     "relu": lambda z, block: relu(z),
+    "fatrelu": lambda z, block: fatrelu(z, block.activation_threshold),
 }
 """Activation kinds by ``FFNBlock.activation`` name: ``fn(z, block) -> act(z)``."""
 
@@ -159,6 +166,15 @@ def apply_activation(block: FFNBlock, z: np.ndarray) -> np.ndarray:
         raise ValueError(f"layer {block.layer}: unknown FFN activation {block.activation!r} "
                          f"(known: {', '.join(sorted(ACTIVATIONS))})") from None
     return fn(z, block)
+
+
+def apply_up_activation(block: FFNBlock, up: np.ndarray) -> np.ndarray:
+    """The up projection's activation: identity, or ReLU for dReLU blocks."""
+    if block.up_activation is None:
+        return up
+    if block.up_activation == "relu":
+        return np.maximum(up, np.float32(0))
+    raise ValueError(f"layer {block.layer}: unknown up activation {block.up_activation!r} (known: relu)")
 
 
 # -- the block ---------------------------------------------------------------------------------
@@ -185,9 +201,11 @@ def ffn_forward(store: TensorStore, block: FFNBlock, x: np.ndarray, *,
     up = _linear(store, x2, block.up, block.up_bias)
     if block.gate:
         h = apply_activation(block, _linear(store, x2, block.gate, block.gate_bias))
-        h *= up
+        h *= apply_up_activation(block, up)
     else:
         h = apply_activation(block, up)
+    if block.output_threshold > 0:
+        h[np.abs(h) <= block.output_threshold] = 0.0
     if capture is not None:
         capture(block.layer, x2, h)
     y = _linear(store, h, block.down, block.down_bias)
