@@ -403,7 +403,7 @@ def train(s: Settings, corpus: Corpus, out: Path, threads: int, digest: str) -> 
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
+        loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
         if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
             t_eval = time.time()
             ppl, _ = perplexity(model, eval_windows, s.eval_batch)
@@ -515,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_dir(out) as tmp:
         log = train(s, corpus, tmp, args.threads, digest)
         (tmp / "train_log.json").write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
+        for f in tmp.iterdir():
+            f.chmod(0o644)
     print(out)
     return 0
 

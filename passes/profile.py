@@ -73,10 +73,15 @@ class Profile(Pass):
     def fingerprint(self) -> dict[str, Any]:
         return {"calib": path_digest(self.options.calib) if self.options.calib else "default"}
 
-    def requires(self, ir: ModelIR) -> None:
+    def check_options(self) -> None:
         o = self.options
         if o.batch_size < 1 or o.max_samples < 0 or o.shard_size < 1 or o.eps < 0:
             raise PassError("profile: batch_size and shard_size must be >= 1, max_samples and eps >= 0")
+
+    def requires(self, ir: ModelIR) -> None:
+        if self.options.seq_len > ir.spec.max_positions:
+            raise PassError(f"profile: seq_len {self.options.seq_len} exceeds the model's "
+                            f"{ir.spec.max_positions} positions")
 
     def run(self, ir: ModelIR, ctx: PassContext) -> PassResult:
         o = self.options

@@ -99,17 +99,22 @@ class Relufy(Pass):
             modes[b.layer] = mode
         return modes
 
-    def requires(self, ir: ModelIR) -> None:
+    def check_options(self) -> None:
         o = self.options
-        unknown = sorted(set(o.layer_modes) - {str(b.layer) for b in ir.blocks})
-        if unknown:
-            raise PassError(f"relufy: layer_modes names layers {unknown} the model does not have")
+        bad = sorted(m for m in o.layer_modes.values() if m not in MODES and m != "auto")
+        if bad:
+            raise PassError(f"relufy: unknown mode {bad[0]!r} in layer_modes (modes: auto, {', '.join(MODES)})")
         if not 0.0 < o.target_sparsity < 1.0:
             raise PassError(f"relufy: target_sparsity must be in (0, 1), got {o.target_sparsity}")
         if any(not 0.0 < s < 1.0 for s in o.sweep):
             raise PassError("relufy: sweep sparsities must be in (0, 1)")
         if o.steps < 0 or o.lr <= 0 or o.batch_size < 1:
             raise PassError("relufy: steps must be >= 0, lr > 0, batch_size >= 1")
+
+    def requires(self, ir: ModelIR) -> None:
+        unknown = sorted(set(self.options.layer_modes) - {str(b.layer) for b in ir.blocks})
+        if unknown:
+            raise PassError(f"relufy: layer_modes names layers {unknown} the model does not have")
         self.layer_modes(ir)
         if not all("profile" in b.annotations for b in ir.blocks) or "calibration/train.safetensors" not in ir.files:
             raise PassError("relufy needs a profiled model: run the 'profile' pass first")

@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "\n\n") * 12
+"""Calibration text for tiny models: its words make up the tiny BERT tokenizer's vocabulary."""
+
 TINY_CONFIGS = {
     "bert": dict(
         architectures=["BertModel"], model_type="bert", hidden_size=64, intermediate_size=128,
@@ -153,3 +156,24 @@ def minilm_onnx(minilm_dir, tmp_path_factory) -> Path:
 
     model = transformers.BertModel.from_pretrained(minilm_dir).eval()
     return export_onnx(model, "bert", tmp_path_factory.mktemp("onnx-minilm") / "model.onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_tokenized(tiny_model, tmp_path_factory):
+    """The tiny BERT checkpoint plus a word-level tokenizer.json over its 120-token vocab."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    ckpt, _ = tiny_model("bert")
+    words = sorted(set(TEXT.replace(".", " .").split()))
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, lowercase=False)  # drops control characters
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    d = tmp_path_factory.mktemp("tiny-bert-tok")
+    for f in ckpt.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    tok.save(str(d / "tokenizer.json"))
+    return d
+
+

@@ -23,26 +23,7 @@ from sparseforge.toolchain.samples import read_shards
 from sparseforge.passes.profile import Profile, ProfileOptions, graph_with_taps
 
 SPARSEFORGE = str(Path(sys.executable).with_name("sparseforge"))
-TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "\n\n") * 12
-
-
-@pytest.fixture(scope="session")
-def tiny_bert_tokenized(tiny_model, tmp_path_factory):
-    """The tiny BERT checkpoint plus a word-level tokenizer.json over its 120-token vocab."""
-    from tokenizers import models, normalizers, pre_tokenizers, processors
-
-    ckpt, _ = tiny_model("bert")
-    words = sorted(set(TEXT.replace(".", " .").split()))
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, lowercase=False)  # drops control characters
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    d = tmp_path_factory.mktemp("tiny-bert-tok")
-    for f in ckpt.iterdir():
-        (d / f.name).write_bytes(f.read_bytes())
-    tok.save(str(d / "tokenizer.json"))
-    return d
+from conftest import TEXT
 
 
 def _direct_activations(graph: Path, blocks, seqs: Sequences):
@@ -219,11 +200,14 @@ def test_bad_calibration_input_exits_2(tiny_bert_tokenized, tiny_model, tmp_path
             path.write_bytes(content)
         elif content is not None:
             np.save(path, content)
-        res = _run("profile", model, "--calib", str(path), "-o", str(tmp_path / "out"), cwd=tmp_path)
+        res = _run("profile", model, "--calib", str(path), "--seq-len", "16", "-o", str(tmp_path / "out"),
+                   cwd=tmp_path)
         assert res.returncode == 2, (name, res.stderr)
         assert str(path) in res.stderr and expect[name] in res.stderr and "Traceback" not in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+    res = _run("profile", model, "-o", str(tmp_path / "out"), cwd=tmp_path)  # default seq_len 128 > 64 positions
+    assert res.returncode == 2 and "seq_len 128 exceeds the model's 64 positions" in res.stderr
 
 
 def test_profile_command_writes_report_and_plots(tiny_bert_tokenized, tmp_path):

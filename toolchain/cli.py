@@ -148,13 +148,64 @@ def profile(model: Path, output: Path, calib: Path | None, seq_len: int, num_seq
     options = {"calib": str(calib) if calib else None, "seq_len": seq_len, "num_sequences": num_sequences,
                "heldout_fraction": heldout_fraction, "batch_size": batch_size, "eps": eps,
                "max_samples": max_samples}
-    record = run_pass_to_dir("profile", model, output, options, seed=seed,
-                             cache_dir=None if no_cache else (cache_dir or default_cache_dir()))
+    (record,) = run_pass_to_dir("profile", model, output, options, seed=seed,
+                                cache_dir=None if no_cache else (cache_dir or default_cache_dir()))
     _print_record(record)
     for i, s in enumerate(record.stats["per_layer_sparsity"]):
         click.echo(f"  layer {i:2d}: sparsity {s:.3f}, positive fraction "
                    f"{record.stats['per_layer_positive_fraction'][i]:.3f}")
     click.echo(f"wrote {output}/ (ir/, profile.json, sparsity.png, frequency.png)")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Output directory: ir/, relufy.json, sparsity.png, sweep.png, report.json.")
+@click.option("--mode", type=click.Choice(["auto", "relu", "drelu", "fatrelu", "threshold"]), default="auto",
+              show_default=True, help="auto = drelu for gated FFNs, relu otherwise.")
+@click.option("--layer-mode", "layer_modes", multiple=True, metavar="LAYER=MODE",
+              help="Override the mode of one layer (repeatable).")
+@click.option("--target-sparsity", type=float, default=0.9, show_default=True,
+              help="Sparsity the threshold / fatrelu modes calibrate their thresholds for.")
+@click.option("--mean-correction", is_flag=True, help="Fold W_down . E[h_old - h_new] into the down bias.")
+@click.option("--steps", type=int, default=0, show_default=True, help="Distillation steps (0: training-free).")
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="Learning rate (AdamW).")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per training step.")
+@click.option("--l1", type=float, default=0.0, show_default=True,
+              help="Final weight of the L1 penalty on FFN activations (rises from 0; ProSparse).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration data for the profile pass run first when MODEL is not profiled.")
+@click.option("--seq-len", type=int, default=128, show_default=True,
+              help="Sequence length of that profile pass.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Pass cache directory.")
+@click.option("--no-cache", is_flag=True, help="Ignore cached results.")
+def relufy(model: Path, output: Path, mode: str, layer_modes: tuple[str, ...], target_sparsity: float,
+           mean_correction: bool, steps: int, lr: float, batch_size: int, l1: float, calib: Path | None,
+           seq_len: int, seed: int, cache_dir: Path | None, no_cache: bool) -> None:
+    """ReLU-ify MODEL's FFNs and report sparsity and quality against the original.
+
+    MODEL is profiled first (onnxruntime, --calib data) unless it is an IR directory
+    that already holds a profile."""
+    from .frontends import load_model
+    from .pipeline import run_pass_to_dir
+
+    overrides = {}
+    for text in layer_modes:
+        layer, sep, value = text.partition("=")
+        if not sep:
+            raise InputError(None, f"--layer-mode {text!r}: expected LAYER=MODE")
+        overrides[layer.strip()] = value.strip()
+    options = {"mode": mode, "layer_modes": overrides, "target_sparsity": target_sparsity,
+               "mean_correction": mean_correction, "steps": steps, "lr": lr, "batch_size": batch_size, "l1": l1}
+    ir = load_model(model)
+    profiled = all("profile" in b.annotations for b in ir.blocks)
+    before = [] if profiled else [("profile", {"calib": str(calib) if calib else None, "seq_len": seq_len})]
+    records = run_pass_to_dir("relufy", model, output, options, seed=seed, before=before,
+                              cache_dir=None if no_cache else (cache_dir or default_cache_dir()))
+    for record in records:
+        _print_record(record)
+    click.echo(f"wrote {output}/ (ir/, relufy.json, sparsity.png, sweep.png)")
 
 
 @cli.command("passes")

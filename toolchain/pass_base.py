@@ -57,6 +57,10 @@ class Pass:
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
 
+    def check_options(self) -> None:
+        """Raise :class:`~sparseforge.toolchain.errors.PassError` for option values out of
+        range; the PassManager calls it for every pass before running any."""
+
     def requires(self, ir: ModelIR) -> None:
         """Raise :class:`~sparseforge.toolchain.errors.PassError` if ``ir`` can't be processed."""
 

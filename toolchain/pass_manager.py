@@ -102,6 +102,8 @@ class PassManager:
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     def run(self, ir: ModelIR) -> PipelineResult:
+        for p in self.passes:
+            p.check_options()
         records: list[PassRecord] = []
         self._scratch = None if self.cache_dir else tempfile.TemporaryDirectory(prefix="sparseforge-")
         for index, p in enumerate(self.passes):

@@ -63,15 +63,18 @@ def run_single_pass(name: str, model: str | Path, output: str | Path, assignment
 
 
 def run_pass_to_dir(name: str, model: str | Path, output: str | Path, options: dict[str, Any], *,
-                    seed: int = 0, cache_dir: str | Path | None = None) -> PassRecord:
-    """Run one pass (a CLI subcommand like ``profile``) and write ``output/`` atomically:
-    ``ir/``, ``report.json`` and the files the pass attached under ``<name>/`` (copied
-    to the top level, e.g. ``profile.json`` and its plots)."""
-    cls = get_pass(name)
-    p = cls(make_options(cls, options, f"sparseforge {name}"))
+                    seed: int = 0, cache_dir: str | Path | None = None,
+                    before: list[tuple[str, dict[str, Any]]] | None = None) -> list[PassRecord]:
+    """Run pass ``name`` (a CLI subcommand like ``profile``), after the passes ``before``
+    (name, options), and write ``output/`` atomically: ``ir/``, ``report.json`` and the
+    files pass ``name`` attached under ``<name>/`` (copied to the top level, e.g.
+    ``profile.json`` and its plots). Returns the records of every pass run."""
+    passes = []
+    for pass_name, values in [*(before or []), (name, options)]:
+        cls = get_pass(pass_name)
+        passes.append(cls(make_options(cls, values, f"sparseforge {name}")))
     ir = load_model(model)
-    result = PassManager([p], cache_dir=cache_dir, seed=seed).run(ir)
-    record = result.records[0]
+    result = PassManager(passes, cache_dir=cache_dir, seed=seed).run(ir)
     with atomic_dir(Path(output)) as tmp:
         _materialise(result, cache_dir)
         result.ir.save(tmp / "ir")
@@ -80,7 +83,7 @@ def run_pass_to_dir(name: str, model: str | Path, output: str | Path, options: d
                 shutil.copyfile(path, tmp / key.split("/", 1)[1])
         report = {"model": str(Path(model).resolve()), **result.to_dict()}
         (tmp / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-    return record
+    return result.records
 
 
 def _materialise(result: PipelineResult, cache_dir: str | Path | None) -> None:

@@ -1,0 +1,170 @@
+"""The relufy pass: modes, thresholds, mean correction, quality figures, ONNX parity, errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import TEXT
+from sparseforge.passes.profile import Profile, ProfileOptions
+from sparseforge.passes.relufy import Relufy, RelufyOptions, _split
+from sparseforge.toolchain.errors import PassError
+from sparseforge.toolchain.frontends import load_model
+from sparseforge.toolchain.onnx_builder import build_onnx
+from sparseforge.toolchain.pass_manager import PassManager
+from sparseforge.toolchain.reference import executor_for
+from sparseforge.toolchain.samples import read_shards
+
+SPARSEFORGE = str(Path(sys.executable).with_name("sparseforge"))
+
+
+@pytest.fixture(scope="module")
+def profiled(tiny_model, tiny_bert_tokenized, tmp_path_factory):
+    """``profiled(kind)`` -> a profiled IR of the tiny bert (text) or llama (token ids)."""
+    cache = {}
+
+    def make(kind):
+        if kind not in cache:
+            d = tmp_path_factory.mktemp(f"prof-{kind}")
+            if kind == "bert":
+                (d / "c.txt").write_text(TEXT * 4)
+                ir, calib = load_model(tiny_bert_tokenized), str(d / "c.txt")
+                opts = ProfileOptions(calib=calib, seq_len=16, num_sequences=40, heldout_fraction=0.25)
+            else:
+                ir = load_model(tiny_model(kind)[0])
+                np.save(d / "ids.npy", np.random.default_rng(0).integers(0, ir.spec.vocab_size, size=(48, 20)))
+                opts = ProfileOptions(calib=str(d / "ids.npy"), seq_len=20, num_sequences=40, heldout_fraction=0.25)
+            result = PassManager([Profile(opts)], cache_dir=d / "cache").run(ir)
+            cache[kind] = result.ir
+        return cache[kind]
+
+    return make
+
+
+def _relufy(ir, **kw):
+    return PassManager([Relufy(RelufyOptions(sweep=(0.6,), **kw))]).run(ir)
+
+
+def _onnx_matches_reference(ir, tmp_path):
+    built = build_onnx(ir, tmp_path / "g", ffn_outputs=False)
+    sess = ort.InferenceSession(str(built.path), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(5).integers(0, ir.spec.vocab_size, size=(2, 11))
+    mask = np.ones_like(ids)
+    out = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    ex = executor_for(ir)
+    ref = ex.forward(ids) if ir.spec.causal else ex.hidden_states(ids, mask)
+    return float(np.abs(out - ref).max())
+
+
+def test_threshold_mode_hits_the_target_and_keeps_the_activation(profiled, tmp_path):
+    ir = profiled("llama")
+    res = _relufy(ir, mode="threshold", target_sparsity=0.6)
+    out = res.ir
+    assert all(b.activation == "silu" and b.output_threshold > 0 for b in out.blocks)
+    assert res.records[0].stats["mean_sparsity"] == pytest.approx(0.6, abs=0.06)
+    assert _onnx_matches_reference(out, tmp_path) <= 1e-4
+    assert not any(n.startswith("sparseforge.profile.") for n in out.store.names())
+
+
+def test_drelu_and_relu_modes(profiled, tmp_path):
+    out = _relufy(profiled("llama"), mode="drelu").ir
+    assert all(b.activation == "relu" and b.up_activation == "relu" for b in out.blocks)
+    assert _onnx_matches_reference(out, tmp_path / "l") <= 1e-4
+    out = _relufy(profiled("bert"), mode="relu").ir
+    assert all(b.activation == "relu" and b.up_activation is None for b in out.blocks)
+    assert _onnx_matches_reference(out, tmp_path / "b") <= 1e-4
+
+
+def test_quality_figures_match_an_independent_computation(profiled):
+    """Cosine (encoder) and perplexity (decoder) against the numpy reference executors."""
+    bert = profiled("bert")
+    res = _relufy(bert, mode="relu")
+    held = _split(bert, "heldout")
+    embed = lambda ir: executor_for(ir).embed(held.ids, held.mask)  # noqa: E731
+    cos = (embed(bert) * embed(res.ir)).sum(1)
+    stats = res.records[0].stats
+    assert stats["mean_cosine"] == pytest.approx(float(cos.mean()), abs=1e-5)
+    assert stats["min_cosine"] == pytest.approx(float(cos.min()), abs=1e-5)
+
+    llama = profiled("llama")
+    res = _relufy(llama, mode="drelu")
+    held = _split(llama, "heldout")
+
+    def ppl(ir):
+        logits = executor_for(ir).forward(held.ids, attention_mask=held.mask).astype(np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        valid = (held.mask[:, 1:] * held.mask[:, :-1]).astype(bool)
+        nll = -np.take_along_axis(logp[:, :-1], held.ids[:, 1:, None], -1)[..., 0][valid]
+        return float(np.exp(nll.mean()))
+
+    stats = res.records[0].stats
+    assert stats["perplexity_reference"] == pytest.approx(ppl(llama), rel=1e-4)
+    assert stats["perplexity"] == pytest.approx(ppl(res.ir), rel=1e-4)
+
+
+def test_mean_correction_shifts_the_down_bias_by_the_mean_difference(profiled):
+    bert = profiled("bert")
+    out = _relufy(bert, mode="relu", mean_correction=True).ir
+    for old, new in zip(bert.blocks, out.blocks):
+        x, _, _ = read_shards([bert.files[k] for k in old.annotations["profile"]["sample_shards"]],
+                              bert.spec.intermediate_size)
+        w_up, b_up = bert.store.get_f32(old.up).astype(np.float64), bert.store.get_f32(old.up_bias)
+        z = x.astype(np.float64) @ w_up.T + b_up
+        import math
+
+        gelu = 0.5 * z * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))
+        delta = (gelu - np.maximum(z, 0)).mean(0)
+        expect = bert.store.get_f32(old.down_bias) + bert.store.get_f32(old.down).astype(np.float64) @ delta
+        np.testing.assert_allclose(out.store.get_f32(new.down_bias), expect, atol=2e-5)
+
+
+def test_report_files(profiled):
+    res = _relufy(profiled("bert"), mode="threshold", target_sparsity=0.5)  # keeps the attached files alive
+    out = res.ir
+    report = json.loads(Path(out.files["relufy/relufy.json"]).read_text())
+    assert set(report) >= {"before", "after", "untrained", "sweep", "thresholds", "modes"}
+    assert report["sweep"][0]["target"] == 0.6 and 0 < report["sweep"][0]["mean_sparsity"] < 1
+    for name in ("sparsity.png", "sweep.png"):
+        assert Path(out.files[f"relufy/{name}"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_requirements(profiled, tiny_model):
+    with pytest.raises(PassError, match="needs a gated FFN"):
+        _relufy(profiled("bert"), mode="drelu")
+    with pytest.raises(PassError, match="run the 'profile' pass first"):
+        _relufy(load_model(tiny_model("llama")[0]))
+    with pytest.raises(PassError, match="target_sparsity"):
+        _relufy(profiled("llama"), mode="threshold", target_sparsity=1.5)
+    with pytest.raises(PassError, match="layers"):
+        _relufy(profiled("llama"), layer_modes={"7": "relu"})
+
+
+def _run(*args, cwd):
+    env = {**os.environ, "SPARSEFORGE_CACHE_DIR": str(cwd / ".cache")}
+    return subprocess.run([SPARSEFORGE, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_cli_bad_options_exit_2(tiny_bert_tokenized, tmp_path):
+    (tmp_path / "c.txt").write_text(TEXT)
+    base = ["relufy", str(tiny_bert_tokenized), "--calib", "c.txt", "--seq-len", "16", "-o", "out"]
+    cases = [(["--mode", "gelu2"], "Invalid value for '--mode'"),
+             (["--target-sparsity", "1.2"], "target_sparsity must be in (0, 1)"),
+             (["--mode", "drelu"], "needs a gated FFN"),
+             (["--layer-mode", "0"], "LAYER=MODE"),
+             (["--layer-mode", "0=sigmoid"], "unknown mode 'sigmoid'")]
+    for extra, message in cases:
+        res = _run(*base, *extra, cwd=tmp_path)
+        assert res.returncode == 2, (extra, res.stderr)
+        assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
+    res = _run(*base, "--mode", "relu", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "profile" in res.stdout and "relufy" in res.stdout
+    assert json.loads((tmp_path / "out" / "relufy.json").read_text())["modes"]["0"] == "relu"
