@@ -71,6 +71,7 @@ SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 HELDOUT_PER_10000 = 500
+PROGRESS_EVERY = 25  # print a progress line every this many steps (between evaluations)
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "train_log.json", "heldout.jsonl")
 
 
@@ -329,7 +330,7 @@ def train(s: Settings, corpus: Corpus, out: Path, threads: int, digest: str) -> 
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
     torch.set_num_threads(threads)
     torch.manual_seed(s.seed)
 
@@ -404,6 +405,10 @@ def train(s: Settings, corpus: Corpus, out: Path, threads: int, digest: str) -> 
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
+        if (step + 1) % PROGRESS_EVERY == 0 and (step + 1) % s.eval_every:
+            rate = (step + 1) / (time.time() - t_train - eval_time)
+            say(f"step {step + 1}/{s.steps}  loss {float(loss.detach()):.3f}  "
+                f"{rate * s.batch_size * s.seq_len:.0f} tok/s")
         if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
             t_eval = time.time()
             ppl, _ = perplexity(model, eval_windows, s.eval_batch)
@@ -444,6 +449,7 @@ def train(s: Settings, corpus: Corpus, out: Path, threads: int, digest: str) -> 
                      "train_time_s": round(train_time, 1), "periodic_eval_time_s": round(eval_time, 1),
                      "final_eval_time_s": round(final_eval_time, 1),
                      "total_time_s": round(time.time() - t_start, 1),
+                     "cpu_time_s": round(time.process_time() - cpu_start, 1),
                      "torch": torch.__version__, "transformers": transformers.__version__,
                      "platform": platform.platform(), "cpu_count": os.cpu_count()},
         "curve": curve,

@@ -50,6 +50,8 @@ TRAINABLE = ("relu", "drelu", "fatrelu")
 class RelufyOptions:
     """``mode`` for every layer, ``layer_modes`` overrides ({"3": "threshold"});
     ``target_sparsity`` for ``threshold`` and ``fatrelu`` layers; ``mean_correction``;
+    ``local_steps`` / ``local_lr``: layer-local fitting of each new FFN to the original
+    FFN's outputs on the profile samples (``toolchain.local_distill``); end-to-end
     fine-tuning: ``steps`` (0: none), ``lr``, ``batch_size``, ``warmup_steps``,
     ``weight_decay``, ``l1`` (max weight of the L1 penalty on activations), ``l1_warmup``
     (fraction of steps over which it rises), ``lm_weight`` (decoders), ``hidden_weight``
@@ -61,6 +63,8 @@ class RelufyOptions:
     layer_modes: dict[str, str] = field(default_factory=dict)
     target_sparsity: float = 0.9
     mean_correction: bool = False
+    local_steps: int = 0
+    local_lr: float = 1e-3
     steps: int = 0
     lr: float = 2e-4
     batch_size: int = 16
@@ -131,8 +135,10 @@ class Relufy(Pass):
         student.graph = None
         for b in student.blocks:
             _apply_mode(b, modes[b.layer], threshold_for_sparsity(hists[b.layer], o.target_sparsity))
+        trainable = [b.layer for b in student.blocks if modes[b.layer] in TRAINABLE]
         if o.mean_correction:
-            _mean_correction(ir, student, [b.layer for b in student.blocks if modes[b.layer] in TRAINABLE])
+            _mean_correction(ir, student, trainable)
+        local = _local_fit(ir, student, trainable, o, ctx.seed) if o.local_steps > 0 else []
         threads = o.threads or None
         reference = run_model(ir, evalset, threads=threads)
         untrained = compare(reference, run_model(student, evalset, threads=threads))
@@ -151,7 +157,7 @@ class Relufy(Pass):
             "model": ir.spec.architecture, "modes": {str(k): v for k, v in modes.items()},
             "options": self.options_dict(), "eval_sequences": len(evalset),
             "before": {"sparsity": reference.sparsity, "mean_sparsity": float(np.mean(reference.sparsity))},
-            "untrained": untrained, "after": result, "training": training,
+            "untrained": untrained, "after": result, "local_fit": local, "training": training,
             "thresholds": {str(b.layer): b.output_threshold for b in student.blocks},
             "sweep": sweep,
         }
@@ -248,6 +254,20 @@ def _mean_correction(original: ModelIR, student: ModelIR, layers: list[int], chu
             student.store.set(new.down_bias, shift)
         else:
             student.store.set(new.down_bias, student.store.get_f32(new.down_bias) + shift)
+
+
+def _local_fit(original: ModelIR, student: ModelIR, layers: list[int], o: RelufyOptions,
+               seed: int) -> list[dict[str, Any]]:
+    """Fit each listed layer's new FFN to the original FFN on the profile samples."""
+    from sparseforge.toolchain.local_distill import fit_ffn
+
+    stats = []
+    for layer in layers:
+        shards = [original.files[k] for k in original.blocks[layer].annotations["profile"]["sample_shards"]]
+        x, _, _ = read_shards(shards, original.spec.intermediate_size)
+        stats.append(fit_ffn(original, student, layer, x, steps=o.local_steps, lr=o.local_lr,
+                             batch_size=256, l1=o.l1, seed=seed))
+    return stats
 
 
 def _activation(ir: ModelIR, block: FFNBlock, x: np.ndarray) -> np.ndarray:

@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from sparseforge.toolchain.calibration import Sequences
-from sparseforge.toolchain.finetune import CHECKPOINT, FinetuneOptions, batch_indices, distill, l1_at, lr_at
+from sparseforge.toolchain.finetune import (
+    CHECKPOINT, FinetuneOptions, TeacherOutputs, batch_indices, distill, l1_at, lr_at,
+)
 from sparseforge.toolchain.frontends.hf import load_hf_checkpoint
 from sparseforge.toolchain.reference import executor_for
+from sparseforge.toolchain.torch_model import build_torch_model
 
 OPTS = FinetuneOptions(steps=30, lr=1e-3, batch_size=8, warmup_steps=3, l1=0.0, l1_warmup=0.3,
                        checkpoint_every=5, threads=1)
@@ -189,3 +192,17 @@ def test_train_ffn_only_keeps_other_tensors(pair):
     for name in out.store.names():
         same = np.array_equal(out.store.get(name), student.store.get(name))
         assert same != (name in ffn), name
+
+
+def test_cached_teacher_outputs_match(pair):
+    _, teacher, train = pair("bert")
+    model = build_torch_model(teacher)
+    cached = TeacherOutputs(model, train, OPTS)
+    direct = TeacherOutputs(model, train, dataclasses.replace(OPTS, steps=1))
+    assert cached.cache is not None and direct.cache is None
+    rows = batch_indices(len(train), 8, 0, 3)
+    width = int(train.lengths[rows].max())
+    real = torch.from_numpy(train.mask[rows, :width]).bool()
+    a, b = cached(rows, width), direct(rows, width)
+    assert a.shape == b.shape and torch.allclose(a[real], b[real], atol=1e-5)
+    assert torch.isfinite(a).all()

@@ -168,3 +168,17 @@ def test_cli_bad_options_exit_2(tiny_bert_tokenized, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "profile" in res.stdout and "relufy" in res.stdout
     assert json.loads((tmp_path / "out" / "relufy.json").read_text())["modes"]["0"] == "relu"
+
+
+def test_local_fit_reduces_the_ffn_error(profiled):
+    bert = profiled("bert")
+    a = _relufy(bert, mode="relu", local_steps=40)
+    b = _relufy(bert, mode="relu", local_steps=40)
+    fits = json.loads(Path(a.ir.files["relufy/relufy.json"]).read_text())["local_fit"]
+    assert len(fits) == len(bert.blocks)
+    assert all(f["rel_error_after"] < f["rel_error_before"] for f in fits)
+    plain = _relufy(bert, mode="relu")
+    assert a.records[0].stats["mean_cosine"] > plain.records[0].stats["mean_cosine"]
+    for block in a.ir.blocks:  # deterministic, and the FFN weights changed
+        np.testing.assert_array_equal(a.ir.store.get(block.up), b.ir.store.get(block.up))
+        assert not np.array_equal(a.ir.store.get(block.up), bert.store.get(block.up))

@@ -285,5 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(0)
 
 
+from . import cli_predictors  # noqa: E402,F401  (registers `train-predictors` on the group)
+
 if __name__ == "__main__":
     main()

@@ -86,11 +86,10 @@ class FFN(nn.Module):
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Softmax attention ``[B, H, T, hd]``; ``allowed`` broadcasts to ``[B, H, T, S]``.
-    Disallowed scores get float32's lowest value (as the reference executors do)."""
-    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=-1) @ v
+    """Softmax attention ``[B, H, T, hd]`` (keys/values may have fewer heads: query head
+    ``i`` uses kv head ``i // (H / KV)``); ``allowed`` (bool) broadcasts to ``[B, H, T, S]``.
+    A query must be allowed at least one key (right padding guarantees it)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class TorchModel(nn.Module):
@@ -239,8 +238,6 @@ class LlamaLayer(nn.Module):
         k = self.k(a).view(B, T, self.kv_heads, -1).transpose(1, 2)
         v = self.v(a).view(B, T, self.kv_heads, -1).transpose(1, 2)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        g = self.heads // self.kv_heads  # query head i uses kv head i // g
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
         ctx = _attention(q, k, v, allowed).transpose(1, 2).reshape(B, T, -1)
         x = x + self.o(ctx)
         y, h = self.ffn(self.ffn_norm(x))
