@@ -49,13 +49,19 @@ def _profile(ir: ModelIR) -> list[dict[str, Any]] | None:
              "positive_fraction": b.annotations["profile"]["positive_fraction"]} for b in ir.blocks]
 
 
+def _activations(blocks: list[dict[str, Any]]) -> str:
+    kinds = Counter(b["activation"] for b in blocks)
+    return ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
+
+
 def format_summary(d: dict[str, Any]) -> str:
     s = d["spec"]
     lines = [
         f"model        {s['architecture']} (family {s['family']}) from {d['source'].get('path', '?')}",
         f"dims         d_model {s['hidden_size']}, d_ff {s['intermediate_size']}, layers {s['num_layers']}, "
         f"heads {s['num_heads']} (kv {s['num_kv_heads']}, head_dim {s['head_dim']}), vocab {s['vocab_size']}",
-        f"ffn          {'gated ' if s['gated'] else ''}{s['activation']}, norm {s['norm']} (eps {s['norm_eps']:g})"
+        f"ffn          {'gated ' if s['gated'] else ''}{s['activation']} in the source; now "
+        f"{_activations(d['blocks'])}; norm {s['norm']} (eps {s['norm_eps']:g})"
         + (f", rope theta {s['rope_theta']:g}" if s.get("rope_theta") else ""),
         f"parameters   {d['parameters']:,} in {d['tensors']} tensors; FFN {d['ffn_parameters']:,} "
         f"({100 * d['ffn_parameters'] / max(d['parameters'], 1):.1f}%)",

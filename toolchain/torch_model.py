@@ -311,7 +311,8 @@ def build_torch_model(ir: ModelIR) -> TorchModel:
         cls = FAMILIES[ir.spec.family]
     except KeyError:
         raise ValueError(f"no torch model for family {ir.spec.family!r} (known: {', '.join(sorted(FAMILIES))})") from None
-    return cls(ir)
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's throwaway init must not consume the caller's RNG
+        return cls(ir)
 
 
 def to_ir(module: TorchModel, ir: ModelIR, *, changed_only: bool = False) -> ModelIR:
