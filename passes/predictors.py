@@ -5,8 +5,9 @@ the profile pass's (FFN input, activation mask) samples which neurons fire; its
 threshold is calibrated on a held-out split (whole calibration sequences) for the
 ``recall`` target. Ranks are tried in ascending order and the smallest whose held-out
 predicted density is ``<= density_factor x`` the true density wins. Predictors must fit
-the size ``budget`` (a fraction of all FFN parameters, summed over layers); layers that
-meet no rank, or do not fit, fall back.
+the size ``budget`` (a fraction of all FFN parameters, summed over layers; when they do
+not, the predictors saving the least compute per parameter are dropped first); layers
+that meet no rank, or do not fit, fall back.
 
 Per-layer modes (``block.annotations["predictor"]["mode"]``):
 
@@ -184,7 +185,7 @@ class Predictors(Pass):
                  for b in ir.blocks if b.layer not in gate_first and ranks]
         searches = {s.layer: s for s in map_in_order(make_executor(o.executor, o.workers), search_rank, tasks)}
         chosen = {layer: s.chosen for layer, s in searches.items() if s.chosen is not None}
-        over_budget = _fit_budget(chosen, budget)
+        over_budget = _fit_budget(chosen, budget, {b.layer: ffn_flops(ir, b) for b in ir.blocks})
 
         layers = []
         for b in out.blocks:
@@ -295,12 +296,19 @@ def _sequence_ids(ir: ModelIR, b: FFNBlock) -> np.ndarray | None:
     return np.searchsorted(ends, tokens, side="right")
 
 
-def _fit_budget(chosen: dict[int, Any], budget: float) -> dict[int, int]:
-    """Drop predictors, largest first (then the later layer), until the rest fit
-    ``budget`` parameters; returns {layer: rank} of the dropped ones."""
+def _fit_budget(chosen: dict[int, Any], budget: float, dense_flops: dict[int, int]) -> dict[int, int]:
+    """Drop predictors until the rest fit ``budget`` parameters, the one that saves the
+    least FFN compute per parameter first (saving = 1 - predicted density - predictor
+    FLOPs / dense FFN FLOPs; ties: the later layer); returns {layer: rank} of the dropped."""
+    def efficiency(layer: int) -> tuple[float, int]:
+        r = chosen[layer]
+        d, rank, n = r.weights.w1.shape[1], r.weights.rank, r.weights.w2.shape[0]
+        saving = 1.0 - r.metrics.density - predictor_flops(d, rank, n) / dense_flops[layer]
+        return saving / max(r.weights.params, 1), -layer
+
     dropped = {}
     while chosen and sum(r.weights.params for r in chosen.values()) > budget:
-        layer = max(chosen, key=lambda k: (chosen[k].weights.params, k))
+        layer = min(chosen, key=efficiency)
         dropped[layer] = chosen.pop(layer).weights.rank
     return dropped
 
