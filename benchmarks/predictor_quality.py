@@ -2,7 +2,9 @@
 end-to-end quality with predicted masks applied.
 
 For each relufy variant the pipeline ``profile -> relufy(variant) -> profile ->
-predictors`` runs through the PassManager (cached in ``--cache-dir``). Reported per
+predictors`` runs through the PassManager (cached in ``--cache-dir``); relufy uses the
+default recipe's recovery (mean correction, ``--local-steps`` of layer-local fitting)
+unless told otherwise. Reported per
 variant: the relufy quality (dense relufied model vs the original), per layer the mode
 (predictor / gate-first / dense), rank, held-out recall, precision, predicted vs true
 density, parameters, FLOPs fraction and training time, the predictors' total FLOPs
@@ -62,6 +64,7 @@ def relufy_options(variant: str, args: argparse.Namespace) -> dict[str, Any] | N
         return None
     mode, _, suffix = variant.partition("+")
     opts: dict[str, Any] = {"mode": mode, "target_sparsity": args.target_sparsity,
+                            "mean_correction": args.mean_correction, "local_steps": args.local_steps,
                             "eval_sequences": args.eval_sequences, "sweep": (0.9,)}
     if suffix == "ft":
         opts.update(steps=args.steps, l1=args.l1, lr=args.lr, threads=args.threads,
@@ -142,6 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-sequences", type=int, default=256)
     ap.add_argument("--max-samples", type=int, default=32768, help="profile samples per layer")
     ap.add_argument("--target-sparsity", type=float, default=0.9, help="for the threshold / fatrelu variants")
+    ap.add_argument("--mean-correction", action=argparse.BooleanOptionalAction, default=True,
+                    help="relufy mean correction (default recipe: on)")
+    ap.add_argument("--local-steps", type=int, default=150,
+                    help="relufy layer-local fitting steps (default recipe: 150; 0: none)")
     ap.add_argument("--steps", type=int, default=300, help="distillation steps of the '+ft' variants")
     ap.add_argument("--l1", type=float, default=0.1, help="L1 activation penalty of the '+ft' variants")
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.smoke:
         args.num_sequences, args.max_samples, args.max_epochs, args.eval_sequences = 16, 1024, 2, 4
-        args.steps = min(args.steps, 2)
+        args.steps, args.local_steps = min(args.steps, 2), min(args.local_steps, 2)
     args.cache_dir = args.cache_dir or _default_cache()
     model = args.model or _default_model()
     gated = bool(load_model(model).blocks[0].gate)
