@@ -1,0 +1,256 @@
+"""Python entry points over :mod:`.ffn`: one FFN layer's bundles ready to run.
+
+``LayerKernels(blob, layout, activation=...)`` holds a layer's bundles (``f16`` widened
+to ``f32`` once) and runs:
+
+* ``forward(x, idx=None)``: one token; ``idx`` the active neurons (sorted int32/int64),
+  None for dense; returns ``y [d]`` (and ``h`` for the listed neurons with ``return_h``);
+* ``gate_first(x)``: dReLU/ReLU-gated FFNs: ``act(x Wg)`` for every neuron, then up/down
+  of the positive ones only (exact);
+* ``rows(x, part, idx)`` / ``axpy(h, idx)``: the row-gather matvec and the down axpy;
+* ``prefill(X, masks=None)``: T tokens; reads each neuron of the union of the masks once,
+  or switches to dense tiles (dequantize + BLAS sgemm) when the union density is at least
+  ``crossover`` (:func:`measure_crossover` measures it).
+
+``Predictor(w1, b1, w2, b2, threshold)`` evaluates the low-rank MLP and selects the
+neurons whose logit is ``>= threshold`` (or the top k).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ffn, quant
+from .bundle import BundleLayout, pack_bundles, unpack_bundles
+
+_EMPTY = np.zeros(0, np.float32)
+_LUT = quant.F16_TO_F32
+
+
+def activation_spec(activation: str, gated: bool, up_activation: str | None = None,
+                    threshold: float = 0.0) -> tuple[int, int, float]:
+    """(act code, up_relu, act threshold) of an FFN activation; ``drelu`` is the gated
+    ReLU x ReLU shorthand."""
+    if activation == "drelu":
+        if not gated:
+            raise ValueError("drelu needs a gated FFN")
+        activation, up_activation = "relu", "relu"
+    if activation not in ffn.ACT_CODES:
+        raise ValueError(f"unsupported activation {activation!r}; supported: {', '.join(ffn.ACT_CODES)}, drelu")
+    if up_activation not in (None, "relu"):
+        raise ValueError(f"unsupported up activation {up_activation!r}")
+    return ffn.ACT_CODES[activation], int(up_activation == "relu"), float(threshold)
+
+
+def _bias(b, size, name):
+    if b is None:
+        return _EMPTY
+    b = np.ascontiguousarray(b, np.float32)
+    if b.shape != (size,):
+        raise ValueError(f"{name} has shape {b.shape}; expected ({size},)")
+    return b
+
+
+def _idx(idx, n):
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= n)):
+        raise ValueError(f"neuron indices must be a 1-D array within [0, {n})")
+    return idx
+
+
+class LayerKernels:
+    """One FFN layer's bundles plus its activation, ready for the kernels."""
+
+    def __init__(self, blob: np.ndarray, layout: BundleLayout, activation: str = "relu",
+                 up_activation: str | None = None, activation_threshold: float = 0.0,
+                 output_threshold: float = 0.0, gate_bias=None, up_bias=None, down_bias=None,
+                 nchunks: int | None = None, crossover: float = 0.35) -> None:
+        blob = np.ascontiguousarray(blob, dtype=np.uint8).reshape(layout.n_neurons, layout.stride)
+        if layout.fmt == "f16":
+            g, u, dn = unpack_bundles(blob, layout)
+            layout = BundleLayout("f32", layout.d_model, layout.n_neurons, layout.gated, layout.align)
+            blob = pack_bundles(g, u, dn, layout)
+        self.layout = layout
+        self.blob = blob
+        self.fmt = ffn.FORMAT_CODES[layout.fmt]
+        self.d, self.n, self.gated = layout.d_model, layout.n_neurons, layout.gated
+        if self.fmt == ffn.F32:
+            self.wf, self.wq = blob.view(np.float32), np.zeros((1, 1), np.int8)
+            unit = 4
+        else:
+            self.wf, self.wq = np.zeros((1, 1), np.float32), blob.view(np.int8)
+            unit = 1
+        self.po = {p: layout.part_offset(p) // unit for p in layout.parts}
+        self.po_g = self.po.get("gate", 0)
+        self.act, self.up_relu, self.act_t = activation_spec(activation, self.gated, up_activation,
+                                                             activation_threshold)
+        self.out_t = float(output_threshold)
+        self.bg = _bias(gate_bias, self.n, "gate bias") if self.gated else _EMPTY
+        self.bu = _bias(up_bias, self.n, "up bias")
+        self.bd = _bias(down_bias, self.d, "down bias")
+        self.nchunks = nchunks or ffn.default_chunks()
+        self.crossover = crossover
+        self._all = np.arange(self.n, dtype=np.int64)
+
+    # -- one token -------------------------------------------------------------------
+    def forward(self, x: np.ndarray, idx: np.ndarray | None = None, return_h: bool = False, _gpre=_EMPTY):
+        x = np.ascontiguousarray(x, np.float32)
+        idx = self._all if idx is None else _idx(idx, self.n)
+        h = np.empty(idx.shape[0], np.float32)
+        y = np.empty(self.d, np.float32)
+        ffn.ffn_sparse(x, self.wf, self.wq, idx, self.fmt, self.d, int(self.gated), self.act,
+                       np.float32(self.act_t), self.up_relu, np.float32(self.out_t), self.po_g, self.po["up"],
+                       self.po["down"], self.bg, self.bu, self.bd, _LUT, self.nchunks, _gpre, h, y)
+        return (y, h) if return_h else y
+
+    def rows(self, x: np.ndarray, part: str, idx: np.ndarray | None = None) -> np.ndarray:
+        """Pre-activations ``W_part[idx] x (+ bias)`` of the gate or up rows."""
+        x = np.ascontiguousarray(x, np.float32)
+        idx = self._all if idx is None else _idx(idx, self.n)
+        bias = {"gate": self.bg, "up": self.bu}[part] if part in ("gate", "up") else None
+        if bias is None or part not in self.po:
+            raise ValueError(f"rows() takes a part of {self.layout.parts[:-1]}; got {part!r}")
+        out = np.empty(idx.shape[0], np.float32)
+        ffn.rows_sparse(x, self.wf, self.wq, idx, self.fmt, self.d, self.po[part], bias, _LUT, out)
+        return out
+
+    def axpy(self, h: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
+        """``sum_p h[p] * down[:, idx[p]]`` (no bias)."""
+        idx = self._all if idx is None else _idx(idx, self.n)
+        h = np.ascontiguousarray(h, np.float32)
+        if h.shape != idx.shape:
+            raise ValueError("h and idx must have the same length")
+        y = np.empty(self.d, np.float32)
+        ffn.axpy_sparse(h, self.wf, self.wq, idx, self.fmt, self.d, self.po["down"], _LUT, self.nchunks, y)
+        return y
+
+    def gate_first(self, x: np.ndarray, return_idx: bool = False):
+        """Exact FFN of a ReLU-family gated layer: all gates first, then only positives."""
+        if not self.gated or self.act not in (ffn.RELU, ffn.FATRELU):
+            raise ValueError("gate-first needs a gated FFN with a relu/fatrelu gate")
+        g = self.rows(x, "gate")
+        idx = np.empty(self.n, np.int64)
+        m = ffn.select_positive(g, np.float32(self.act_t if self.act == ffn.FATRELU else 0.0), idx)
+        idx = idx[:m]
+        y = self.forward(x, idx, _gpre=np.ascontiguousarray(g[idx]) if m else np.zeros(1, np.float32)[:0])
+        return (y, idx) if return_idx else y
+
+    # -- many tokens -----------------------------------------------------------------
+    def prefill(self, X: np.ndarray, masks: np.ndarray | None = None, mode: str = "auto") -> np.ndarray:
+        """``Y [T, d]`` for ``X [T, d]``; ``masks [T, n]`` bool (None: all neurons).
+        ``mode``: ``auto`` (dense when the union density >= ``crossover``), ``sparse``, ``dense``."""
+        X = np.ascontiguousarray(X, np.float32)
+        if X.ndim != 2 or X.shape[1] != self.d:
+            raise ValueError(f"X must be [T, {self.d}]")
+        if masks is not None:
+            masks = np.ascontiguousarray(masks, dtype=np.bool_)
+            if masks.shape != (X.shape[0], self.n):
+                raise ValueError(f"masks must be [T, {self.n}]")
+            union = np.flatnonzero(masks.any(axis=0)).astype(np.int64)
+        else:
+            union = self._all
+        density = union.shape[0] / self.n
+        if mode == "dense" or (mode == "auto" and density >= self.crossover):
+            return self._prefill_dense(X, masks)
+        Y = np.empty_like(X)
+        ffn.ffn_prefill_sparse(X, self.wf, self.wq, union, masks if masks is not None else np.zeros((0, 0), np.bool_),
+                               self.fmt, self.d, int(self.gated), self.act, np.float32(self.act_t), self.up_relu,
+                               np.float32(self.out_t), self.po_g, self.po["up"], self.po["down"], self.bg, self.bu,
+                               self.bd, _LUT, self.nchunks, Y)
+        return Y
+
+    def _prefill_dense(self, X: np.ndarray, masks: np.ndarray | None, tile: int = 512) -> np.ndarray:
+        """Dense tiles: dequantize ``tile`` neurons' parts, sgemm, activation, sgemm.
+        Quantized layers quantize X to Q8_0 first, as the sparse kernels do."""
+        Xk = X if self.fmt == ffn.F32 else quant.roundtrip(X, "q8_0")
+        Y = np.zeros_like(X) + (self.bd if self.bd.size else 0)
+        buf = np.empty((tile, self.d), np.float32)
+        empty_mask = np.zeros((0, 0), np.bool_)
+        for lo in range(0, self.n, tile):
+            hi = min(self.n, lo + tile)
+            w = buf[:hi - lo]
+            ffn.dequantize_rows(self.wf, self.wq, lo, hi, self.fmt, self.d, self.po["up"], _LUT, w)
+            U = Xk @ w.T
+            if self.bu.size:
+                U += self.bu[lo:hi]
+            G = U
+            if self.gated:
+                ffn.dequantize_rows(self.wf, self.wq, lo, hi, self.fmt, self.d, self.po_g, _LUT, w)
+                G = Xk @ w.T
+                if self.bg.size:
+                    G += self.bg[lo:hi]
+            U = np.ascontiguousarray(U)
+            m = np.ascontiguousarray(masks[:, lo:hi]) if masks is not None else empty_mask
+            ffn.apply_activation_2d(np.ascontiguousarray(G), U, m, self.gated, self.act, np.float32(self.act_t),
+                                    self.up_relu, np.float32(self.out_t))
+            ffn.dequantize_rows(self.wf, self.wq, lo, hi, self.fmt, self.d, self.po["down"], _LUT, w)
+            Y += U @ w
+        return Y
+
+
+def measure_crossover(kernels: LayerKernels, tokens: int = 32, densities=(0.05, 0.1, 0.2, 0.35, 0.5, 0.75),
+                      seed: int = 0, repeat: int = 2) -> float:
+    """The smallest union density at which dense prefill of ``tokens`` tokens beats the
+    sparse kernel on this machine (1.0 if it never does); sets ``kernels.crossover``."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((tokens, kernels.d)).astype(np.float32)
+
+    def best(fn):
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    kernels.prefill(X[:2], None, mode="sparse")  # compile outside the timing
+    kernels.prefill(X[:2], None, mode="dense")
+    found = 1.0
+    for dens in densities:
+        masks = rng.random((tokens, kernels.n)) < dens
+        if best(lambda: kernels.prefill(X, masks, mode="dense")) <= best(lambda: kernels.prefill(X, masks, mode="sparse")):
+            found = dens
+            break
+    kernels.crossover = found
+    return found
+
+
+@dataclass
+class Predictor:
+    """A layer's neuron predictor: ``logits = relu(x W1^T + b1) W2^T + b2``; a neuron is
+    predicted active when its logit is ``>= threshold``."""
+
+    w1: np.ndarray
+    w2: np.ndarray
+    threshold: float = 0.0
+    b1: np.ndarray | None = None
+    b2: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.w1 = np.ascontiguousarray(self.w1, np.float32)
+        self.w2 = np.ascontiguousarray(self.w2, np.float32)
+        r, n = self.w1.shape[0], self.w2.shape[0]
+        if self.w2.shape[1] != r:
+            raise ValueError(f"w2 must be [n, {r}]")
+        self.b1 = _bias(self.b1, r, "b1")
+        self.b2 = _bias(self.b2, n, "b2")
+        self._hidden = np.empty(r, np.float32)
+        self._logits = np.empty(n, np.float32)
+        self._idx = np.empty(n, np.int64)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        ffn.predictor_logits(np.ascontiguousarray(x, np.float32), self.w1, self.b1, self.w2, self.b2,
+                             self._hidden, self._logits)
+        return self._logits
+
+    def select(self, x: np.ndarray, top_k: int | None = None) -> np.ndarray:
+        """Active neuron indices (ascending): logits >= threshold, or the ``top_k`` largest."""
+        lg = self.logits(x)
+        if top_k is not None:
+            m = ffn.select_topk(lg, int(top_k), self._idx)
+        else:
+            m = ffn.select_positive(lg, np.float32(np.nextafter(np.float32(self.threshold), np.float32(-np.inf))),
+                                    self._idx)
+        return self._idx[:m].copy()

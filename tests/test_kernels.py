@@ -1,0 +1,168 @@
+"""Numba FFN kernels (kernels.ffn via kernels.runtime) against numpy references.
+
+References use the bundles' decoded weights (unpack_bundles); quantized kernels are
+compared with the activation's Q8_0 quantization emulated in numpy.
+"""
+import math
+
+import numpy as np
+import pytest
+
+from sparseforge.kernels import ffn, quant
+from sparseforge.kernels.bundle import BundleLayout, pack_bundles, unpack_bundles
+from sparseforge.kernels.runtime import LayerKernels, Predictor, measure_crossover
+
+D, N = 96, 80
+
+
+def _act(z, kind, t=0.0):
+    z = z.astype(np.float64)
+    if kind == "relu":
+        return np.maximum(z, 0)
+    if kind == "fatrelu":
+        return np.where(z > t, z, 0)
+    if kind == "silu":
+        return z / (1 + np.exp(-z))
+    if kind == "gelu":
+        return 0.5 * z * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))
+    return 0.5 * z * (1 + np.tanh(0.7978845608028654 * (z + 0.044715 * z ** 3)))
+
+
+def _layer(fmt, gated, seed=0, bias=False):
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((N, D)).astype(np.float32) / 8 if gated else None
+    u = rng.standard_normal((N, D)).astype(np.float32) / 8
+    dn = rng.standard_normal((D, N)).astype(np.float32) / 8
+    lay = BundleLayout(fmt, D, N, gated)
+    blob = pack_bundles(g, u, dn, lay)
+    b = {}
+    if bias:
+        b = {"up_bias": rng.standard_normal(N).astype(np.float32) / 10,
+             "down_bias": rng.standard_normal(D).astype(np.float32) / 10}
+        if gated:
+            b["gate_bias"] = rng.standard_normal(N).astype(np.float32) / 10
+    return blob, lay, b
+
+
+def _ref(blob, lay, x, kind, up_relu=False, t=0.0, out_t=0.0, idx=None, bias=None):
+    bias = bias or {}
+    g, u, dn = unpack_bundles(blob, lay)
+    xx = quant.roundtrip(x, "q8_0") if lay.fmt in quant.QUANTIZED else x
+    U = u.astype(np.float64) @ xx + bias.get("up_bias", 0)
+    if lay.gated:
+        G = g.astype(np.float64) @ xx + bias.get("gate_bias", 0)
+        h = _act(G, kind, t) * (np.maximum(U, 0) if up_relu else U)
+    else:
+        h = _act(U, kind, t)
+    if out_t > 0:
+        h = np.where(np.abs(h) <= out_t, 0, h)
+    mask = np.zeros(lay.n_neurons, bool)
+    mask[np.arange(lay.n_neurons) if idx is None else idx] = True
+    h = np.where(mask, h, 0)
+    return dn.astype(np.float64) @ h + bias.get("down_bias", 0), h
+
+
+def _close(a, b, tol=2e-4):
+    scale = max(1e-3, float(np.abs(b).max(initial=0)))
+    np.testing.assert_allclose(a, b, atol=tol * scale, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["f32", "f16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("kind,gated,up_relu", [("relu", False, False), ("relu", True, True), ("fatrelu", True, False),
+                                                ("silu", True, False), ("gelu", False, False),
+                                                ("gelu_tanh", False, False)])
+def test_sparse_and_dense_forward(fmt, kind, gated, up_relu):
+    blob, lay, bias = _layer(fmt, gated, bias=(kind == "gelu"))
+    t = 0.05 if kind == "fatrelu" else 0.0
+    k = LayerKernels(blob, lay, activation=kind, up_activation="relu" if up_relu else None,
+                     activation_threshold=t, **bias)
+    x = np.random.default_rng(1).standard_normal(D).astype(np.float32)
+    idx = np.sort(np.random.default_rng(2).choice(N, 17, replace=False))
+    for sel in (None, idx, idx[:0]):
+        y, h = k.forward(x, sel, return_h=True)
+        yr, hr = _ref(blob, lay, x, kind, up_relu, t, idx=sel, bias=bias)
+        _close(y, yr)
+        _close(h, hr[np.arange(N) if sel is None else sel])
+
+
+@pytest.mark.parametrize("fmt", ["f32", "q8_0", "q4_0"])
+def test_rows_axpy_output_threshold_and_gate_first(fmt):
+    blob, lay, _ = _layer(fmt, True, seed=3)
+    g, u, dn = unpack_bundles(blob, lay)
+    x = np.random.default_rng(4).standard_normal(D).astype(np.float32)
+    xx = quant.roundtrip(x, "q8_0") if fmt != "f32" else x
+    k = LayerKernels(blob, lay, activation="drelu", output_threshold=0.002)
+    idx = np.array([0, 5, 6, 40, 79])
+    _close(k.rows(x, "gate", idx), (g @ xx)[idx])
+    _close(k.rows(x, "up"), u @ xx)
+    hv = np.random.default_rng(5).standard_normal(5).astype(np.float32)
+    _close(k.axpy(hv, idx), dn[:, idx] @ hv)
+    yr, _ = _ref(blob, lay, x, "relu", True, out_t=0.002)
+    _close(k.forward(x), yr)
+    y, pos = k.gate_first(x, return_idx=True)
+    _close(y, yr)
+    np.testing.assert_array_equal(pos, np.flatnonzero(g.astype(np.float64) @ xx > 0))
+    with pytest.raises(ValueError, match="rows"):
+        k.rows(x, "down")
+    with pytest.raises(ValueError, match="gate-first"):
+        LayerKernels(*_layer(fmt, False)[:2]).gate_first(x)
+
+
+def test_activation_quantization_matches_ggml():
+    x = np.random.default_rng(6).standard_normal((8, 256)).astype(np.float32) * np.float32(3)
+    x[0, :32] = 0
+    x[1, 5] = 1e-7
+    for row in x:
+        xq, xd = np.empty(256, np.int8), np.empty(8, np.float32)
+        ffn.quantize_q8_0_into(row, xq, xd)
+        q, d = quant.quantize_activation_q8_0(row)
+        np.testing.assert_array_equal(xq, q)
+        np.testing.assert_array_equal(xd, d)
+
+
+@pytest.mark.parametrize("fmt", ["f32", "q4_0"])
+def test_prefill_sparse_dense_and_crossover(fmt):
+    blob, lay, bias = _layer(fmt, True, seed=7, bias=True)
+    k = LayerKernels(blob, lay, activation="silu", **bias)
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((5, D)).astype(np.float32)
+    masks = rng.random((5, N)) < 0.3
+    ref = np.stack([_ref(blob, lay, X[t], "silu", idx=np.flatnonzero(masks[t]), bias=bias)[0] for t in range(5)])
+    for mode in ("sparse", "dense", "auto"):
+        _close(k.prefill(X, masks, mode=mode), ref)
+    ref_all = np.stack([_ref(blob, lay, X[t], "silu", bias=bias)[0] for t in range(5)])
+    _close(k.prefill(X, None, mode="sparse"), ref_all)
+    _close(k.prefill(X, None, mode="dense"), ref_all)
+    c = measure_crossover(k, tokens=4, densities=(0.1, 0.5), repeat=1)
+    assert c in (0.1, 0.5, 1.0) and k.crossover == c
+
+
+def test_predictor_eval_and_selection():
+    rng = np.random.default_rng(9)
+    w1, w2 = rng.standard_normal((16, D)).astype(np.float32), rng.standard_normal((N, 16)).astype(np.float32)
+    b1, b2 = rng.standard_normal(16).astype(np.float32), rng.standard_normal(N).astype(np.float32)
+    p = Predictor(w1, w2, threshold=0.5, b1=b1, b2=b2)
+    x = rng.standard_normal(D).astype(np.float32)
+    lg = np.maximum(w1.astype(np.float64) @ x + b1, 0) @ w2.T.astype(np.float64) + b2
+    _close(p.logits(x), lg, tol=1e-5)
+    sel = p.select(x)
+    np.testing.assert_array_equal(sel, np.flatnonzero(p.logits(x) >= np.float32(0.5)))
+    top = p.select(x, top_k=10)
+    np.testing.assert_array_equal(top, np.sort(np.argsort(-p.logits(x), kind="stable")[:10]))
+    assert p.select(x, top_k=0).size == 0
+    # exact threshold boundary: a logit equal to the threshold is selected
+    p0 = Predictor(np.zeros((1, D), np.float32), np.zeros((N, 1), np.float32), threshold=0.0)
+    assert p0.select(x).size == N
+
+
+def test_input_errors():
+    blob, lay, _ = _layer("f32", False)
+    with pytest.raises(ValueError, match="drelu"):
+        LayerKernels(blob, lay, activation="drelu")
+    with pytest.raises(ValueError, match="unsupported activation"):
+        LayerKernels(blob, lay, activation="swish")
+    k = LayerKernels(blob, lay)
+    with pytest.raises(ValueError, match="indices"):
+        k.forward(np.zeros(D, np.float32), np.array([N]))
+    with pytest.raises(ValueError, match="masks"):
+        k.prefill(np.zeros((2, D), np.float32), np.zeros((3, N), bool))
