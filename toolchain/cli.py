@@ -227,10 +227,14 @@ def list_passes() -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def inspect(path: Path, as_json: bool) -> None:
-    """Describe a model, IR directory or convert output directory."""
+    """Describe a model, IR directory, convert output directory or GGUF artifact
+    (validated in full first)."""
+    from .cli_artifact import inspect_artifact, is_artifact
     from .frontends import load_model
     from .summary import describe, format_summary
 
+    if is_artifact(path):
+        return inspect_artifact(path, as_json)
     if (path / "ir").is_dir() and (path / "report.json").is_file():
         path = path / "ir"
     d = describe(load_model(path))
@@ -286,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 from . import cli_predictors  # noqa: E402,F401  (registers `train-predictors` on the group)
+from . import cli_artifact  # noqa: E402,F401  (registers `quantize` and `pack` on the group)
 
 if __name__ == "__main__":
     main()

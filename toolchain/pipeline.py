@@ -6,9 +6,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from .artifact_format import ARTIFACT_KEY as ARTIFACT
 from .atomic import atomic_dir
 from .frontends import load_model
-from .ir import ModelIR
+from .ir import ModelIR, _link_or_copy
 from .pass_base import get_pass, make_options
 from .pass_manager import PassManager, PassRecord, PipelineResult
 from .recipe import PassSpec, Recipe, load_recipe
@@ -46,6 +47,8 @@ def convert_model(
     with atomic_dir(output) as tmp:
         _materialise(result, cache_dir)
         result.ir.save(tmp / "ir")
+        if ARTIFACT in result.ir.files:  # the pack pass's GGUF artifact: OUT/model.gguf
+            _link_or_copy(Path(result.ir.files[ARTIFACT]), tmp / "model.gguf")
         (tmp / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     return report
 

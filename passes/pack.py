@@ -1,0 +1,94 @@
+"""``pack``: write the conversion's output, one GGUF artifact (docs/artifact-format.md).
+
+Non-FFN weights in the formats the ``quantize`` pass chose (standard ggml types F32,
+F16, Q8_0, Q4_0; f32 for everything when quantize has not run), each FFN layer as one
+I8 blob of neuron bundles ``blk.{L}.ffn_bundle`` (``kernels.bundle``: gate row, up row,
+down column per neuron, padded to ``bundle_align`` bytes), predictors as F32 (or F16),
+and the ``sparseforge.*`` metadata: spec, FFN semantics, bundle layouts, formats, neuron
+order, sparsity, thresholds, predictor modes, the recipe and pass log (without wall
+times), source digest, target, tokenizer, per-tensor sha256 and a metadata digest.
+The same IR gives a byte-identical file.
+
+Changes nothing in the model: attaches the artifact as ``pack/model.gguf`` (``convert``
+and ``pack`` copy it to ``OUT/model.gguf``). Statistics: bytes, sha256, tensors, bytes
+of bundles / other weights / predictors, bits per FFN weight.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sparseforge.kernels import quant
+from sparseforge.toolchain.artifact_format import ARTIFACT_KEY as ARTIFACT
+from sparseforge.toolchain.artifact_build import build_metadata, layouts_for, tensor_stream
+from sparseforge.toolchain.artifact_reader import Artifact
+from sparseforge.toolchain.artifact_writer import write_artifact
+from sparseforge.toolchain.errors import PassError
+from sparseforge.toolchain.ir import ModelIR
+from sparseforge.toolchain.pass_base import Pass, PassContext, PassResult, register_pass
+
+from .quantize import formats_of
+
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """``target``: name of the CPU target recorded in the artifact; ``bundle_align``:
+    bytes each neuron bundle is padded to (power of two; 64 = a cache line);
+    ``predictor_format``: ``f32`` or ``f16``; ``tokenizer``: embed tokenizer.json;
+    ``verify``: read the artifact back through the validating reader."""
+
+    target: str = "generic"
+    bundle_align: int = 64
+    predictor_format: str = "f32"
+    tokenizer: bool = True
+    verify: bool = True
+
+
+@register_pass
+class Pack(Pass):
+    name = "pack"
+    summary = "write one GGUF artifact: quantized weights, hot-first FFN bundles, predictors, metadata"
+    Options = PackOptions
+
+    def check_options(self) -> None:
+        o = self.options
+        if o.bundle_align < 1 or o.bundle_align & (o.bundle_align - 1):
+            raise PassError(f"pack: bundle_align must be a power of two, got {o.bundle_align}")
+        if o.predictor_format not in ("f32", "f16"):
+            raise PassError(f"pack: predictor_format must be f32 or f16, got {o.predictor_format!r}")
+        if not o.target:
+            raise PassError("pack: target must not be empty")
+
+    def requires(self, ir: ModelIR) -> None:
+        for b in ir.blocks:
+            fmt = (b.annotations.get("quant") or {}).get("format", "f32")
+            if fmt in quant.QUANTIZED and ir.spec.hidden_size % quant.BLOCK:
+                raise PassError(f"pack: layer {b.layer}: {fmt} bundles need d_model to be a multiple of 32")
+
+    def run(self, ir: ModelIR, ctx: PassContext) -> PassResult:
+        o = self.options
+        out = ir.evolve()
+        layouts = layouts_for(ir, o.bundle_align)
+        formats = formats_of(ir)
+        meta = build_metadata(ir, layouts, formats, target=o.target, seed=ctx.seed,
+                              pack_options=self.options_dict(), tokenizer=o.tokenizer)
+        path = ctx.work_dir / "model.gguf"
+        written = write_artifact(path, meta, tensor_stream(ir, layouts, formats, o.predictor_format))
+        if o.verify:
+            Artifact.open(path).close()
+        out.files[ARTIFACT] = str(path)
+        return PassResult(out, _stats(written, layouts), modified=True)
+
+
+def _stats(written, layouts) -> dict[str, Any]:
+    table = written.tensors
+    bundles = sum(t["nbytes"] for t in table if t["name"].endswith(".ffn_bundle"))
+    preds = sum(t["nbytes"] for t in table if ".predictor." in t["name"])
+    ffn_weights = sum(len(lay.parts) * lay.d_model * lay.n_neurons for lay in layouts)
+    return {"bytes": written.nbytes, "sha256": written.sha256, "tensors": len(table),
+            "bundle_bytes": bundles, "predictor_bytes": preds,
+            "other_bytes": sum(t["nbytes"] for t in table) - bundles - preds,
+            "ffn_bits_per_weight": 8 * bundles / max(ffn_weights, 1),
+            "bundle_formats": sorted({lay.fmt for lay in layouts}),
+            "bundle_stride": sorted({lay.stride for lay in layouts})}

@@ -1,0 +1,203 @@
+"""``quantize``: choose a ggml format per weight and round the weights to it.
+
+Formats: ``f32``, ``f16``, ``q8_0``, ``q4_0`` (``sparseforge.kernels.quant``, byte-exact
+with ggml). Defaults: FFN matrices ``q4_0``, attention and embeddings (and other
+matrices: pooler, LM head) ``q8_0``, vectors (norms, biases) ``f32``. FFN matrices are
+quantized as the artifact stores them, in neuron bundles: gate/up rows and down
+*columns*, each a run of ``d_model`` values (``kernels.bundle``); one format per FFN
+layer (``ffn``, per layer ``ffn_layers = {"3" = "q8_0"}``). Other matrices are
+quantized along their rows; ``overrides`` maps ``fnmatch`` patterns of tensor names to
+formats. A matrix whose rows are not a multiple of 32 values falls back to
+``fallback`` (reported).
+
+The IR after the pass holds every weight as float32 *dequantized* values, exactly what
+the artifact will decode to, so the reference executors and every later pass compute
+with the quantized model; each block's ``annotations["quant"]`` records its FFN format
+and ``quantize/quantize.json`` (attached) every tensor's format. The ``pack`` pass
+encodes the weights again and checks that they decode to the IR's values bit for bit.
+Works one tensor at a time. Statistics: per tensor format, encoded bytes and SQNR (dB;
+None when exact), and per-format totals. The ONNX graph is cleared (weights changed).
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparseforge.kernels import quant
+from sparseforge.toolchain.errors import PassError
+from sparseforge.toolchain.ir import ANNOTATION_PREFIX, ModelIR
+from sparseforge.toolchain.pass_base import Pass, PassContext, PassResult, register_pass
+from sparseforge.toolchain.progress import progress
+
+REPORT = "quantize/quantize.json"
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Formats (``f32``, ``f16``, ``q8_0``, ``q4_0``) by tensor kind: ``ffn`` (per layer
+    ``ffn_layers``), ``attention``, ``embeddings``, ``other`` matrices, ``vectors``
+    (1-D: norms, biases); ``overrides`` {fnmatch pattern: format} for non-FFN tensors;
+    ``fallback`` for matrices whose rows are not a multiple of 32 values."""
+
+    ffn: str = "q4_0"
+    ffn_layers: dict[str, str] = field(default_factory=dict)
+    attention: str = "q8_0"
+    embeddings: str = "q8_0"
+    other: str = "q8_0"
+    vectors: str = "f32"
+    overrides: dict[str, str] = field(default_factory=dict)
+    fallback: str = "f16"
+
+
+def sqnr_db(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Signal-to-quantization-noise ratio of ``y`` against ``x`` in dB (None: exact)."""
+    x64 = np.asarray(x, dtype=np.float64)
+    noise = float(np.square(x64 - np.asarray(y, dtype=np.float64)).sum())
+    signal = float(np.square(x64).sum())
+    if noise == 0.0:
+        return None
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def tensor_kind(name: str, ndim: int) -> str:
+    """``vectors``, ``embeddings``, ``attention`` or ``other`` for a non-FFN weight."""
+    lower = name.lower()
+    if ndim == 1:
+        return "vectors"
+    if "embed" in lower:
+        return "embeddings"
+    if "attn" in lower or "attention" in lower:
+        return "attention"
+    return "other"
+
+
+def roundtrip_rows(x: np.ndarray, fmt: str) -> np.ndarray:
+    """``x`` as ``fmt`` stores it (rows along the last axis), float32."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.array(x) if fmt == "f32" else quant.roundtrip(x, fmt)
+
+
+@register_pass
+class Quantize(Pass):
+    name = "quantize"
+    summary = "ggml quantization (f32/f16/Q8_0/Q4_0) per tensor; IR keeps dequantized weights"
+    Options = QuantizeOptions
+
+    def check_options(self) -> None:
+        o = self.options
+        fmts = [o.ffn, o.attention, o.embeddings, o.other, o.vectors, o.fallback,
+                *o.ffn_layers.values(), *o.overrides.values()]
+        for fmt in fmts:
+            try:
+                quant.normalize_format(fmt)
+            except ValueError as exc:
+                raise PassError(f"quantize: {exc}") from None
+        if quant.normalize_format(o.fallback) in quant.QUANTIZED:
+            raise PassError(f"quantize: fallback must be f32 or f16, got {o.fallback!r}")
+        for key in o.ffn_layers:
+            if not str(key).isdigit():
+                raise PassError(f"quantize: ffn_layers keys are layer numbers, got {key!r}")
+
+    def requires(self, ir: ModelIR) -> None:
+        bad = [k for k in self.options.ffn_layers if int(k) >= len(ir.blocks)]
+        if bad:
+            raise PassError(f"quantize: ffn_layers names layer {bad[0]}, the model has {len(ir.blocks)}")
+
+    # -- choices ---------------------------------------------------------------------
+    def ffn_format(self, layer: int, d_model: int) -> tuple[str, bool]:
+        o = self.options
+        fmt = quant.normalize_format(o.ffn_layers.get(str(layer), o.ffn))
+        if fmt in quant.QUANTIZED and d_model % quant.BLOCK:
+            return quant.normalize_format(o.fallback), True
+        return fmt, False
+
+    def tensor_format(self, name: str, shape: tuple[int, ...]) -> tuple[str, bool]:
+        o = self.options
+        fmt = next((f for pat, f in o.overrides.items() if fnmatch.fnmatchcase(name, pat)), None)
+        fmt = quant.normalize_format(fmt or getattr(o, tensor_kind(name, len(shape))))
+        if fmt in quant.QUANTIZED and (len(shape) != 2 or shape[-1] % quant.BLOCK):
+            return quant.normalize_format(o.fallback), True
+        return fmt, False
+
+    # -- run -------------------------------------------------------------------------
+    def run(self, ir: ModelIR, ctx: PassContext) -> PassResult:
+        out = ir.evolve()
+        rows: dict[str, dict[str, Any]] = {}
+        fallbacks: list[str] = []
+        ffn_names = set()
+        for b in progress(out.blocks, desc="quantize", enabled=ctx.progress, unit="layer"):
+            fmt, fell_back = self.ffn_format(b.layer, ir.spec.hidden_size)
+            for name, transpose in ((b.gate, False), (b.up, False), (b.down, True)):
+                if name:
+                    rows[name] = self._quantize(out, name, fmt, transpose)
+                    ffn_names.add(name)
+                    if fell_back:
+                        fallbacks.append(name)
+            b.annotations["quant"] = {"format": fmt, "fallback": fell_back,
+                                      "tensors": {p: n for p, n in (("gate", b.gate), ("up", b.up), ("down", b.down))
+                                                  if n}}
+        for name in out.store.names():
+            if name in ffn_names or name.startswith(ANNOTATION_PREFIX):
+                continue
+            fmt, fell_back = self.tensor_format(name, out.store.shape(name))
+            rows[name] = self._quantize(out, name, fmt, False)
+            if fell_back:
+                fallbacks.append(name)
+        stats = _summary(rows, fallbacks)
+        self._attach(out, rows, ctx.work_dir)
+        out.graph = None
+        return PassResult(out, stats, modified=True)
+
+    def _quantize(self, ir: ModelIR, name: str, fmt: str, transpose: bool) -> dict[str, Any]:
+        x = ir.store.get_f32(name)
+        rows = x.T if transpose else x
+        if fmt == "f32" and ir.store.dtype(name) == np.float32:
+            y = x  # unchanged: keep the reference, no copy
+        else:
+            y = roundtrip_rows(rows, fmt)
+            y = np.ascontiguousarray(y.T if transpose else y)
+            ir.store.set(name, y)
+        k = rows.shape[-1]
+        n_rows = int(np.prod(rows.shape[:-1])) if rows.ndim > 1 else 1
+        return {"format": fmt, "bytes": n_rows * quant.row_bytes(fmt, k), "f32_bytes": 4 * int(x.size),
+                "sqnr_db": sqnr_db(x, y), "orientation": "columns" if transpose else "rows"}
+
+    def _attach(self, out: ModelIR, rows: dict[str, dict[str, Any]], work: Path) -> None:
+        path = work / "quantize.json"
+        doc = {"options": self.options_dict(), "tensors": rows}
+        path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        out.files[REPORT] = str(path)
+
+
+def _summary(rows: dict[str, dict[str, Any]], fallbacks: list[str]) -> dict[str, Any]:
+    by_format: dict[str, dict[str, Any]] = {}
+    for row in rows.values():
+        f = by_format.setdefault(row["format"], {"tensors": 0, "bytes": 0, "f32_bytes": 0, "sqnr": []})
+        f["tensors"] += 1
+        f["bytes"] += row["bytes"]
+        f["f32_bytes"] += row["f32_bytes"]
+        if row["sqnr_db"] is not None:
+            f["sqnr"].append(row["sqnr_db"])
+    for f in by_format.values():
+        s = f.pop("sqnr")
+        f["min_sqnr_db"] = min(s) if s else None
+        f["mean_sqnr_db"] = float(np.mean(s)) if s else None
+    total = sum(r["bytes"] for r in rows.values())
+    f32 = sum(r["f32_bytes"] for r in rows.values())
+    return {"tensors": len(rows), "bytes": total, "f32_bytes": f32, "compression": f32 / max(total, 1),
+            "formats": dict(sorted(by_format.items())), "fallbacks": fallbacks,
+            "per_tensor": {n: {k: r[k] for k in ("format", "bytes", "sqnr_db")} for n, r in sorted(rows.items())}}
+
+
+def formats_of(ir: ModelIR) -> dict[str, str]:
+    """The format the quantize pass chose for each weight (empty when it has not run)."""
+    path = ir.files.get(REPORT)
+    if path is None:
+        return {}
+    return {name: row["format"] for name, row in json.loads(Path(path).read_text())["tensors"].items()}

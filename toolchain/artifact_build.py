@@ -1,0 +1,155 @@
+"""What goes into an artifact, taken from an IR: the tensor stream (non-FFN weights in
+their quantize formats, one bundle blob per FFN layer, predictors) and the metadata.
+
+Every encoded weight is decoded again and compared with the IR's values: the IR after
+``quantize`` holds exactly what the artifact decodes to, and a weight that no longer
+round-trips (changed after quantize) is an error rather than a silent requantization.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from gguf import GGUFValueType as T
+
+from sparseforge.kernels import quant
+from sparseforge.kernels.bundle import BundleLayout, pack_bundles, unpack_bundles
+
+from . import artifact_format as F
+from .artifact_writer import TensorEntry
+from .errors import PassError
+from .fingerprint import file_digest
+from .ir import ANNOTATION_PREFIX, ModelIR
+
+#: statistics that differ between identical runs (wall time, throughput, memory)
+VOLATILE = re.compile(r"seconds|_per_s$|^wall_s$|rss")
+
+
+def ffn_matrices(ir: ModelIR) -> set[str]:
+    return {n for b in ir.blocks for n in (b.gate, b.up, b.down) if n}
+
+
+def weight_names(ir: ModelIR) -> list[str]:
+    """Model weights stored as ordinary tensors (everything but FFN matrices and annotations)."""
+    skip = ffn_matrices(ir)
+    return [n for n in ir.store.names() if n not in skip and not n.startswith(ANNOTATION_PREFIX)]
+
+
+def layouts_for(ir: ModelIR, align: int) -> list[BundleLayout]:
+    d, n = ir.spec.hidden_size, ir.spec.intermediate_size
+    return [BundleLayout(fmt=(b.annotations.get("quant") or {}).get("format", "f32"), d_model=d, n_neurons=n,
+                         gated=b.gate is not None, align=align) for b in ir.blocks]
+
+
+def _check_same(name: str, want: np.ndarray, got: np.ndarray) -> None:
+    if not np.array_equal(want, got, equal_nan=True):
+        raise PassError(f"pack: tensor {name} does not round-trip through its format: its values changed "
+                        "after the quantize pass (run quantize again after passes that change weights)")
+
+
+def tensor_stream(ir: ModelIR, layouts: list[BundleLayout], formats: dict[str, str],
+                  predictor_format: str = "f32") -> Iterator[TensorEntry]:
+    """The artifact's tensors in file order, produced one at a time."""
+    for name in weight_names(ir):
+        x = ir.store.get_f32(name)
+        fmt = formats.get(name, "f32")
+        if fmt == "f32":
+            data = x
+        elif fmt == "f16":
+            data = x.astype(np.float16)
+            _check_same(name, x, data.astype(np.float32))
+        else:
+            data = quant.encode(x, fmt)
+            _check_same(name, x, quant.decode(data, fmt))
+        yield TensorEntry(name, int(F.GGML_TYPES[fmt]), tuple(x.shape), data)
+    for b, layout in zip(ir.blocks, layouts):
+        mats = [ir.store.get_f32(b.gate) if b.gate else None, ir.store.get_f32(b.up), ir.store.get_f32(b.down)]
+        blob = pack_bundles(*mats, layout)
+        for part, want, got in zip(("gate", "up", "down"), mats, unpack_bundles(blob, layout)):
+            if want is not None:
+                _check_same(f"{getattr(b, part)} (layer {b.layer} bundles)", want, got)
+        yield TensorEntry(F.bundle_name(b.layer), int(F.BLOB_TYPE), (layout.n_neurons, layout.stride), blob)
+        for what, tensor in sorted(((b.annotations.get("predictor") or {}).get("tensors") or {}).items()):
+            x = ir.store.get_f32(tensor)
+            yield TensorEntry(F.predictor_name(b.layer, what), int(F.GGML_TYPES[predictor_format]), tuple(x.shape),
+                              x if predictor_format == "f32" else x.astype(np.float16))
+
+
+def strip_volatile(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: strip_volatile(v) for k, v in obj.items() if not VOLATILE.search(str(k))}
+    if isinstance(obj, list):
+        return [strip_volatile(v) for v in obj]
+    return obj
+
+
+def source_digest(ir: ModelIR) -> str:
+    """sha256 of the source model: the ONNX file's digest, or a digest of the checkpoint's
+    config and safetensors files (the config digest alone when they are gone)."""
+    src = ir.source
+    if src.get("sha256"):
+        return src["sha256"]
+    path = Path(src.get("path", ""))
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return src.get("config_sha256") or hashlib.sha256(F.to_json(src).encode()).hexdigest()
+    h = hashlib.sha256(f"config\0{src.get('config_sha256')}\0".encode())
+    for f in files:
+        h.update(f"{f.name}\0{file_digest(f)}\0".encode())
+    return h.hexdigest()
+
+
+def _sparsity(b) -> float:
+    for key in ("profile", "relufy"):
+        if key in b.annotations:
+            return float(b.annotations[key]["sparsity"])
+    return float("nan")
+
+
+def build_metadata(ir: ModelIR, layouts: list[BundleLayout], formats: dict[str, str], *, target: str,
+                   seed: int, pack_options: dict[str, Any], tokenizer: bool) -> list[F.KV]:
+    blocks = ir.blocks
+    preds = [b.annotations.get("predictor") or {} for b in blocks]
+    log = [{"pass": p["pass"], "options": p.get("options", {}), "stats": p.get("stats", {})} for p in ir.pass_log]
+    recipe = {"seed": seed, "passes": [{"name": p["pass"], "options": p["options"]} for p in log]
+              + [{"name": "pack", "options": pack_options}]}
+    source = {k: v for k, v in ir.source.items() if k != "path"}
+    source["name"] = Path(ir.source.get("path", "")).name
+    kv = [
+        F.KV("general.name", T.STRING, ir.spec.architecture),
+        F.KV(F.K_ARCH, T.STRING, F.to_json(ir.spec.to_dict())),
+        F.KV(F.K_BLOCKS, T.STRING, F.to_json([_block_doc(b) for b in blocks])),
+        F.KV(F.K_LAYOUTS, T.STRING, F.to_json([lay.to_dict() for lay in layouts])),
+        F.KV(F.K_QUANT, T.STRING, F.to_json({"ffn": [lay.fmt for lay in layouts],
+                                             "tensors": {n: formats.get(n, "f32") for n in weight_names(ir)}})),
+        F.KV(F.K_SOURCE, T.STRING, F.to_json(source)),
+        F.KV(F.K_SOURCE_SHA256, T.STRING, source_digest(ir)),
+        F.KV(F.K_RECIPE, T.STRING, F.to_json(recipe)),
+        F.KV(F.K_PASS_LOG, T.STRING, F.to_json(strip_volatile(log))),
+        F.KV(F.K_TARGET, T.STRING, target),
+        F.KV(F.K_SPARSITY, T.ARRAY, [_sparsity(b) for b in blocks], T.FLOAT64),
+        F.KV(F.K_OUTPUT_THRESHOLDS, T.ARRAY, [float(b.output_threshold) for b in blocks], T.FLOAT64),
+        F.KV(F.K_ACTIVATION_THRESHOLDS, T.ARRAY, [float(b.activation_threshold) for b in blocks], T.FLOAT64),
+        F.KV(F.K_PREDICTOR_MODES, T.ARRAY, [p.get("mode", "none") for p in preds], T.STRING),
+        F.KV(F.K_PREDICTOR_RANKS, T.ARRAY,
+             [int(p.get("rank", 0)) if p.get("mode") == "predictor" else 0 for p in preds], T.UINT32),
+        F.KV(F.K_PREDICTOR_THRESHOLDS, T.ARRAY,
+             [float(p["threshold"]) if p.get("threshold") is not None else float("nan") for p in preds], T.FLOAT64),
+    ]
+    for b, lay in zip(blocks, layouts):
+        order = ir.store.get(b.annotations["reorder"]["order"]) if "reorder" in b.annotations \
+            else np.arange(lay.n_neurons)
+        kv.append(F.KV(F.neuron_order_key(b.layer), T.ARRAY, [int(i) for i in order], T.INT32))
+    if tokenizer and ir.tokenizer:
+        kv.append(F.KV(F.K_TOKENIZER, T.STRING, Path(ir.tokenizer).read_text(encoding="utf-8")))
+    return kv
+
+
+def _block_doc(b) -> dict[str, Any]:
+    return {"layer": b.layer, "activation": b.activation, "activation_threshold": b.activation_threshold,
+            "up_activation": b.up_activation, "output_threshold": b.output_threshold,
+            "gate_bias": b.gate_bias, "up_bias": b.up_bias, "down_bias": b.down_bias,
+            "bundle": F.bundle_name(b.layer)}

@@ -1,0 +1,86 @@
+"""The validating reader of sparseforge GGUF artifacts.
+
+``Artifact.open(path)`` memory-maps the file and checks all of it before returning
+(``toolchain.artifact_validate``): any corruption, truncation, missing key, wrong
+version or inconsistency raises :class:`~sparseforge.toolchain.errors.InputError`.
+Tensors are then read-only views into the map (no copy).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparseforge.kernels import quant
+from sparseforge.kernels.bundle import BundleLayout
+
+from . import artifact_format as F
+from . import artifact_validate as V
+from .artifact_gguf import GGUFFile, TensorInfo, open_gguf
+from .ir import ArchSpec
+
+
+@dataclass
+class Artifact:
+    path: Path
+    gguf: GGUFFile
+    metadata: dict[str, Any]
+    spec: ArchSpec
+    layouts: list[BundleLayout]
+    table: list[dict[str, Any]]
+    data_start: int
+
+    @classmethod
+    def open(cls, path: str | Path, *, verify_checksums: bool = True) -> "Artifact":
+        g = open_gguf(path)
+        V.check_identity(g)
+        meta = V.safely(g, V.decode_metadata)
+        table = meta[F.K_TENSORS]
+        data_start = V.safely(g, V.check_table, table)
+        spec, layouts = V.safely(g, V.check_spec, meta)
+        if verify_checksums:
+            V.check_checksums(g, table, data_start)
+        return cls(Path(path), g, meta, spec, layouts, table, data_start)
+
+    # -- tensors -----------------------------------------------------------------------
+    @property
+    def tensor_names(self) -> list[str]:
+        return [t.name for t in self.gguf.tensors]
+
+    def info(self, name: str) -> TensorInfo:
+        for t in self.gguf.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(f"tensor {name!r} is not in {self.path}")
+
+    def tensor(self, name: str) -> np.ndarray:
+        """F32/F16 tensors as typed arrays; Q8_0/Q4_0 as their bytes ``uint8[rows, row
+        bytes]``; bundles as ``uint8[n, stride]``."""
+        t = self.info(name)
+        return V.as_array(self.gguf, self.data_start, name, t.ggml_type, t.shape,
+                          F.tensor_nbytes(t.ggml_type, t.shape), t.offset)
+
+    def format_of(self, name: str) -> str:
+        return F.FORMAT_OF_TYPE.get(self.info(name).ggml_type, "blob")
+
+    def weight(self, name: str) -> np.ndarray:
+        """A weight tensor decoded to float32 (what the runtime computes with)."""
+        fmt = self.format_of(name)
+        data = self.tensor(name)
+        return data.astype(np.float32) if fmt in ("f32", "f16") else quant.decode(data, fmt)
+
+    def bundles(self, layer: int) -> np.ndarray:
+        return self.tensor(F.bundle_name(layer))
+
+    def neuron_order(self, layer: int) -> np.ndarray:
+        """Original index of each stored neuron (position i holds neuron ``order[i]``)."""
+        return np.asarray(self.metadata[F.neuron_order_key(layer)], dtype=np.int64)
+
+    @property
+    def tokenizer_json(self) -> str | None:
+        return self.metadata.get(F.K_TOKENIZER)
+
+    def close(self) -> None:
+        self.gguf.close()
