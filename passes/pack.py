@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from sparseforge.kernels import quant
+from sparseforge.toolchain.artifact_build import build_metadata, layouts_for, tensor_stream, weight_names
 from sparseforge.toolchain.artifact_format import ARTIFACT_KEY as ARTIFACT
-from sparseforge.toolchain.artifact_build import build_metadata, layouts_for, tensor_stream
+from sparseforge.toolchain.artifact_format import MAX_NAME_BYTES
 from sparseforge.toolchain.artifact_reader import Artifact
 from sparseforge.toolchain.artifact_writer import write_artifact
-from sparseforge.toolchain.errors import PassError
+from sparseforge.toolchain.errors import InputError, PassError
 from sparseforge.toolchain.ir import ModelIR
 from sparseforge.toolchain.pass_base import Pass, PassContext, PassResult, register_pass
 
@@ -31,15 +32,19 @@ from .quantize import formats_of
 
 
 
+DEFAULT_ALIGN = 64
+
+
 @dataclass(frozen=True)
 class PackOptions:
-    """``target``: name of the CPU target recorded in the artifact; ``bundle_align``:
-    bytes each neuron bundle is padded to (power of two; 64 = a cache line);
+    """``target``: the CPU target (``sparseforge.targets``) recorded in the artifact;
+    ``bundle_align``: bytes each neuron bundle is padded to (a power of two; 0: the
+    target's bundle alignment, 64 = a cache line when targets are not available);
     ``predictor_format``: ``f32`` or ``f16``; ``tokenizer``: embed tokenizer.json;
     ``verify``: read the artifact back through the validating reader."""
 
     target: str = "generic"
-    bundle_align: int = 64
+    bundle_align: int = 0
     predictor_format: str = "f32"
     tokenizer: bool = True
     verify: bool = True
@@ -53,14 +58,18 @@ class Pack(Pass):
 
     def check_options(self) -> None:
         o = self.options
-        if o.bundle_align < 1 or o.bundle_align & (o.bundle_align - 1):
-            raise PassError(f"pack: bundle_align must be a power of two, got {o.bundle_align}")
+        if o.bundle_align < 0 or o.bundle_align & (o.bundle_align - 1):
+            raise PassError(f"pack: bundle_align must be a power of two (or 0: the target's), got {o.bundle_align}")
+        resolve_target(o.target)
         if o.predictor_format not in ("f32", "f16"):
             raise PassError(f"pack: predictor_format must be f32 or f16, got {o.predictor_format!r}")
         if not o.target:
             raise PassError("pack: target must not be empty")
 
     def requires(self, ir: ModelIR) -> None:
+        long = [n for n in weight_names(ir) if len(n.encode()) > MAX_NAME_BYTES]
+        if long:
+            raise PassError(f"pack: tensor name {long[0]!r} is longer than GGUF's {MAX_NAME_BYTES} bytes")
         for b in ir.blocks:
             fmt = (b.annotations.get("quant") or {}).get("format", "f32")
             if fmt in quant.QUANTIZED and ir.spec.hidden_size % quant.BLOCK:
@@ -69,9 +78,10 @@ class Pack(Pass):
     def run(self, ir: ModelIR, ctx: PassContext) -> PassResult:
         o = self.options
         out = ir.evolve()
-        layouts = layouts_for(ir, o.bundle_align)
+        target, align = resolve_target(o.target)
+        layouts = layouts_for(ir, o.bundle_align or align)
         formats = formats_of(ir)
-        meta = build_metadata(ir, layouts, formats, target=o.target, seed=ctx.seed,
+        meta = build_metadata(ir, layouts, formats, target=target, seed=ctx.seed,
                               pack_options=self.options_dict(), tokenizer=o.tokenizer)
         path = ctx.work_dir / "model.gguf"
         written = write_artifact(path, meta, tensor_stream(ir, layouts, formats, o.predictor_format))
@@ -79,6 +89,20 @@ class Pack(Pass):
             Artifact.open(path).close()
         out.files[ARTIFACT] = str(path)
         return PassResult(out, _stats(written, layouts), modified=True)
+
+
+def resolve_target(name: str) -> tuple[str, int]:
+    """(target name, bundle alignment) from ``sparseforge.targets`` when it describes
+    targets; otherwise the name as given and 64 bytes."""
+    try:
+        from sparseforge.targets import get_target
+    except ImportError:
+        return name, DEFAULT_ALIGN
+    try:
+        t = get_target(name)
+    except InputError as exc:
+        raise PassError(f"pack: {exc.problem}") from None
+    return t.name, int(t.bundle_align)
 
 
 def _stats(written, layouts) -> dict[str, Any]:

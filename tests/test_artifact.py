@@ -39,7 +39,7 @@ name = "reorder"
 [[pass]]
 name = "pack"
 [pass.options]
-target = "test-cpu"
+target = "x86-64-v3"
 """
 
 
@@ -68,7 +68,7 @@ def test_convert_writes_one_deterministic_artifact(converted, tiny_bert_tokenize
     art = Artifact.open(a)
     ir = ModelIR.load(converted[0] / "ir")
     m = art.metadata
-    assert art.spec.to_dict() == ir.spec.to_dict() and m[F.K_TARGET] == "test-cpu"
+    assert art.spec.to_dict() == ir.spec.to_dict() and m[F.K_TARGET] == "x86-64-v3"
     assert art.tokenizer_json == (tiny_bert_tokenized / "tokenizer.json").read_text()
     assert [p["name"] for p in m[F.K_RECIPE]["passes"]] == ["profile", "quantize", "reorder", "pack"]
     assert m[F.K_RECIPE]["seed"] == 3 and "tokens_per_s" not in json.dumps(m[F.K_PASS_LOG])
@@ -189,14 +189,40 @@ def test_quantize_pack_and_inspect_commands(converted, tiny_model, tmp_path, cap
     assert code == 0, err
     assert "q8_0" in out and "SQNR" in out and (tmp_path / "q" / "quantize.json").is_file()
     code, out, err = _main(capsys, "pack", str(tmp_path / "q" / "ir"), "-o", str(tmp_path / "p"), "--no-cache",
-                           "--target", "x86-avx2")
+                           "--target", "neoverse-n1")
     assert code == 0, err
     assert "quantize " not in out and "all checks passed" in out and "q8_0" in out
     code, out, _ = _main(capsys, "inspect", str(tmp_path / "p" / "model.gguf"), "--json")
     d = json.loads(out)
-    assert code == 0 and d["target"] == "x86-avx2" and d["passes"] == ["quantize", "pack"]
+    assert code == 0 and d["target"] == "neoverse-n1" and d["passes"] == ["quantize", "pack"]
     assert [row["format"] for row in d["layers"]] == ["q8_0", "q8_0"]
+    code, _, err = _main(capsys, "pack", str(tmp_path / "q" / "ir"), "-o", str(tmp_path / "p128"), "--no-cache",
+                         "--bundle-align", "128")
+    assert code == 0, err
+    assert all(lay.stride % 128 == 0 for lay in Artifact.open(tmp_path / "p128" / "model.gguf").layouts)
+    code, _, err = _main(capsys, "pack", str(tmp_path / "q" / "ir"), "-o", str(tmp_path / "p3"), "--bundle-align", "3")
+    assert code == 2 and "bundle_align must be a power of two" in err and not (tmp_path / "p3").exists()
     code, out, _ = _main(capsys, "inspect", str(converted[0] / "model.gguf"))
     assert code == 0 and "hot-first" in out and "tokenizer.json" in out
     code, _, err = _main(capsys, "inspect", str(tmp_path / "missing.gguf"))
     assert code == 2 and "file not found" in err
+
+
+def test_predictors_and_modes_in_the_artifact(converted, tmp_path):
+    from sparseforge.toolchain.ir import ANNOTATION_PREFIX
+
+    ir = ModelIR.load(converted[0] / "ir").evolve()
+    rng = np.random.default_rng(0)
+    names = {w: f"{ANNOTATION_PREFIX}predictor.1.{w}" for w in ("w1", "w2")}
+    ir.store.set(names["w1"], rng.standard_normal((4, 64)).astype(np.float32))
+    ir.store.set(names["w2"], rng.standard_normal((128, 4)).astype(np.float32))
+    ir.blocks[1].annotations["predictor"] = {"mode": "predictor", "rank": 4, "threshold": 0.25, "tensors": names}
+    ir.blocks[0].annotations["predictor"] = {"mode": "dense", "rank": 0, "threshold": None, "tensors": {}}
+    _rewrite(ir, tmp_path / "p.gguf")
+    art = Artifact.open(tmp_path / "p.gguf")
+    m = art.metadata
+    assert m[F.K_PREDICTOR_MODES] == ["dense", "predictor"] and m[F.K_PREDICTOR_RANKS] == [0, 4]
+    assert np.isnan(m[F.K_PREDICTOR_THRESHOLDS][0]) and m[F.K_PREDICTOR_THRESHOLDS][1] == 0.25
+    assert np.array_equal(art.tensor("blk.1.predictor.w2"), ir.store.get(names["w2"]))
+    assert "blk.0.predictor.w1" not in art.tensor_names
+    art.close()

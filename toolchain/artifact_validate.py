@@ -135,7 +135,9 @@ def safely(g: GGUFFile, fn, *args):
     """Run a check; a malformed metadata structure it trips over is an InputError too."""
     try:
         return fn(g, *args)
-    except InputError:
+    except InputError as exc:
+        if exc.path is None:  # e.g. an unknown model family: name the artifact
+            raise InputError(g.path, exc.problem) from None
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         raise InputError(g.path, f"malformed artifact metadata: {type(exc).__name__}: {exc}") from None

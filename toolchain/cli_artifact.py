@@ -79,8 +79,9 @@ def quantize(model: Path, output: Path, ffn: str, attention: str, embeddings: st
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Output directory: model.gguf, ir/, report.json.")
-@click.option("--target", default="generic", show_default=True, help="CPU target name recorded in the artifact.")
-@click.option("--bundle-align", type=int, default=64, show_default=True, help="Bytes each neuron bundle is padded to.")
+@click.option("--target", default="generic", show_default=True, help="CPU target (see `sparseforge targets`).")
+@click.option("--bundle-align", type=int, default=0, show_default=True,
+              help="Bytes each neuron bundle is padded to (0: the target's alignment).")
 @click.option("--quantize/--no-quantize", "run_quantize", default=True, show_default=True,
               help="Quantize first (default formats) when MODEL has not been quantized.")
 @click.option("--reorder/--no-reorder", "run_reorder", default=True, show_default=True,
