@@ -116,17 +116,37 @@ def count_vector(lines: list[str]) -> dict[str, int]:
     return {k: len(re.findall(p, text)) for k, p in _VECTOR_PATTERNS.items() if re.search(p, text)}
 
 
+def _is_kernel_symbol(name: str, symbol_part: str) -> bool:
+    """The compiled function itself, not Numba's CPython/cfunc wrappers."""
+    return symbol_part in name and not name.startswith(("_ZN7cpython", "cfunc.")) and "NRT_" not in name
+
+
 def analyse_loops(asm: str, symbol_part: str) -> list[dict[str, Any]]:
-    """The innermost loops of the functions whose symbol contains ``symbol_part``:
-    instruction count, vector instruction counts and the loop text."""
+    """The innermost loops of the kernel function whose symbol contains ``symbol_part``:
+    instruction count, vector instruction counts and the loop text. A function without
+    loops (fixed trip counts fully unrolled) is reported as one ``straight-line`` region."""
     out = []
     for name, lines in _functions(asm).items():
-        if symbol_part not in name:
+        if not _is_kernel_symbol(name, symbol_part):
             continue
-        for body in innermost_loops(lines):
-            out.append({"function": name, "instructions": len(body), "vector": count_vector(body),
+        bodies = innermost_loops(lines)
+        kind = "loop"
+        if not bodies:
+            kind = "straight-line"
+            bodies = [[ln for ln in lines if ln.strip() and not ln.strip().startswith((".", "//", "#", ";"))
+                       and not ln.strip().endswith(":")]]
+        for body in bodies:
+            out.append({"function": name, "kind": kind, "instructions": len(body), "vector": count_vector(body),
                         "asm": "\n".join(ln.strip() for ln in body)})
     return out
+
+
+def hot_loop(loops: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The loop doing the kernel's work: the one with the most vector instructions
+    (ties: the longest)."""
+    if not loops:
+        return None
+    return max(loops, key=lambda lp: (sum(lp["vector"].values()), lp["instructions"]))
 
 
 def llvm_mca(loop_asm: str, triple: str, cpu: str, features: str, iterations: int = 200) -> dict[str, Any]:
@@ -180,7 +200,8 @@ def run_subprocess(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
-        env = dict(os.environ, NUMBA_OPT="0", NUMBA_DISABLE_INTEL_SVML="1")
+        # a private cache: code cached by an optimised (host) run must not be reused
+        env = dict(os.environ, NUMBA_OPT="0", NUMBA_DISABLE_INTEL_SVML="1", NUMBA_CACHE_DIR=str(Path(tmp) / "cache"))
         env.pop("NUMBA_CPU_NAME", None)
         env.pop("NUMBA_CPU_FEATURES", None)
         res = subprocess.run([sys.executable, "-m", "sparseforge.kernels.crossasm", str(spec_path), str(out_path)],
@@ -198,6 +219,7 @@ def _main(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     mspec = importlib.util.spec_from_file_location("_sf_crossasm_kernels", spec["module"])
     module = importlib.util.module_from_spec(mspec)
+    sys.modules[mspec.name] = module
     mspec.loader.exec_module(module)
     probes = module.ARM_PROBES()
     irs = {}

@@ -25,8 +25,6 @@ Activations (``act``): 0 relu, 1 fatrelu (``z if z > act_t``), 2 silu, 3 gelu (e
 dReLU), others ``act(u)``; then ``|h| <= out_t`` is zeroed when ``out_t > 0``. With a
 ReLU-family gate a neuron whose gate is not positive skips its up and down rows.
 """
-from __future__ import annotations
-
 import math
 
 import numba
@@ -114,6 +112,7 @@ def _scale(w, p, lut):
 @njit(**_FLAGS)
 def dot_f32(w, off, x, d):
     """``sum_k w[off + k] * x[k]`` for a float32 row."""
+    d = SPEC_D if SPEC_D >= 0 else d
     seg = w[off:off + d]
     s = np.float32(0)
     for k in range(d):
@@ -124,6 +123,7 @@ def dot_f32(w, off, x, d):
 @njit(**_FLAGS)
 def dot_q8_0(w, off, xq, xd, lut, nb):
     """Dot of a Q8_0 row (int8 view, byte offset ``off``) with Q8_0 activations."""
+    nb = SPEC_D // QK if SPEC_D >= 0 else nb
     s = np.float32(0)
     for b in range(nb):
         p = off + b * Q8_BYTES
@@ -137,6 +137,7 @@ def dot_q8_0(w, off, xq, xd, lut, nb):
 @njit(**_FLAGS)
 def dot_q4_0(w, off, xq, xd, lut, nb):
     """Dot of a Q4_0 row with Q8_0 activations: nibbles minus 8 as int8, int32 sums."""
+    nb = SPEC_D // QK if SPEC_D >= 0 else nb
     s = np.float32(0)
     for b in range(nb):
         p = off + b * Q4_BYTES
@@ -152,6 +153,7 @@ def dot_q4_0(w, off, xq, xd, lut, nb):
 @njit(**_FLAGS)
 def axpy_f32(w, off, h, y, d):
     """``y[k] += h * w[off + k]``."""
+    d = SPEC_D if SPEC_D >= 0 else d
     seg = w[off:off + d]
     for k in range(d):
         y[k] += h * seg[k]
@@ -159,6 +161,7 @@ def axpy_f32(w, off, h, y, d):
 
 @njit(**_FLAGS)
 def axpy_q8_0(w, off, h, y, lut, nb):
+    nb = SPEC_D // QK if SPEC_D >= 0 else nb
     for b in range(nb):
         p = off + b * Q8_BYTES
         s = h * _scale(w, p, lut)
@@ -168,6 +171,7 @@ def axpy_q8_0(w, off, h, y, lut, nb):
 
 @njit(**_FLAGS)
 def axpy_q4_0(w, off, h, y, lut, nb):
+    nb = SPEC_D // QK if SPEC_D >= 0 else nb
     for b in range(nb):
         p = off + b * Q4_BYTES
         s = h * _scale(w, p, lut)

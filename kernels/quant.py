@@ -27,7 +27,8 @@ QUANTIZED = ("q8_0", "q4_0")
 GGML_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}
 
 #: float32 value of every fp16 bit pattern (ggml's table): kernels decode block scales by lookup
-F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+with np.errstate(invalid="ignore"):  # the NaN patterns (some platforms warn on the cast)
+    F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 def normalize_format(fmt: str) -> str:

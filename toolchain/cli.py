@@ -57,9 +57,11 @@ def cli(debug: bool) -> None:
 @click.option("--dump-dir", type=click.Path(path_type=Path), default=None,
               help="Where --dump-after writes IR directories (default: OUTPUT.dumps).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON instead of a table.")
+@click.option("--target", default=None, metavar="TARGET",
+              help="CPU target for passes that specialise (emit, pack); see `sparseforge targets`.")
 def convert(model: Path, recipe: str | None, output: Path, assignments: tuple[str, ...], seed: int | None,
             cache_dir: Path | None, no_cache: bool, dump_after: tuple[str, ...], dump_dir: Path | None,
-            as_json: bool) -> None:
+            as_json: bool, target: str | None) -> None:
     """Import MODEL and run the passes of RECIPE on it.
 
     MODEL is a Hugging Face checkpoint directory (config.json + safetensors), an .onnx
@@ -69,7 +71,8 @@ def convert(model: Path, recipe: str | None, output: Path, assignments: tuple[st
     from .pipeline import convert_model
 
     report = convert_model(
-        model, output, recipe=recipe, assignments=list(assignments), seed=seed,
+        model, output, recipe=recipe, assignments=list(assignments) + ([f"target={target}"] if target else []),
+        seed=seed,
         cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
         dump_after=list(dump_after), dump_dir=dump_dir,
         on_record=None if as_json else _print_record,
@@ -291,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
 
 from . import cli_predictors  # noqa: E402,F401  (registers `train-predictors` on the group)
 from . import cli_artifact  # noqa: E402,F401  (registers `quantize` and `pack` on the group)
+from . import cli_kernels  # noqa: E402,F401  (registers `targets` on the group)
 
 if __name__ == "__main__":
     main()

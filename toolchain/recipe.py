@@ -3,6 +3,7 @@
 ```toml
 name = "minilm"          # optional
 seed = 0                 # optional, default 0
+target = "neoverse-n1"   # optional: CPU target (``sparseforge targets``) for passes with a target option
 
 [[pass]]
 name = "weight-stats"
@@ -13,7 +14,8 @@ name = "profile"
 seq_len = 128
 ```
 
-``--set PASS.OPTION=VALUE`` on the CLI overrides an option (VALUE is read as TOML).
+``--set PASS.OPTION=VALUE`` on the CLI overrides an option (VALUE is read as TOML);
+``--set target=NAME`` (``convert --target``) overrides the recipe's target.
 """
 from __future__ import annotations
 
@@ -39,23 +41,30 @@ class Recipe:
     passes: list[PassSpec]
     seed: int = 0
     source: str = "<built-in>"
+    target: str | None = None
 
     def instantiate(self) -> list[Pass]:
         """Pass objects with validated options (unknown names/options raise InputError)."""
         out = []
         for spec in self.passes:
             cls = get_pass(spec.name, self.source)
-            out.append(cls(make_options(cls, spec.options, self.source)))
+            options = dict(spec.options)
+            if self.target and "target" not in options and _has_option(cls, "target"):
+                options["target"] = self.target
+            out.append(cls(make_options(cls, options, self.source)))
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "seed": self.seed,
+        return {"name": self.name, "seed": self.seed, **({"target": self.target} if self.target else {}),
                 "passes": [{"name": p.name, "options": p.options} for p in self.passes]}
 
     def override(self, assignments: list[str]) -> None:
         """Apply ``PASS.OPTION=VALUE`` strings to every pass of that name."""
         for text in assignments:
             lhs, sep, rhs = text.partition("=")
+            if sep and lhs.strip() == "target":
+                self.target = _check_target(rhs.strip().strip('"'), None)
+                continue
             pass_name, dot, option = lhs.strip().partition(".")
             if not sep or not dot or not option:
                 raise InputError(None, f"--set {text!r}: expected PASS.OPTION=VALUE")
@@ -93,7 +102,13 @@ def parse_recipe(text: str, source: str) -> Recipe:
     seed = doc.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise InputError(source, f"seed must be an integer, got {seed!r}")
-    recipe = Recipe(name=str(doc.get("name", Path(source).stem)), passes=specs, seed=seed, source=source)
+    target = doc.get("target")
+    if target is not None:
+        if not isinstance(target, str):
+            raise InputError(source, f"target must be a string, got {target!r}")
+        target = _check_target(target, source)
+    recipe = Recipe(name=str(doc.get("name", Path(source).stem)), passes=specs, seed=seed, source=source,
+                    target=target)
     recipe.instantiate()  # validate pass names and options now, not halfway through a run
     return recipe
 
@@ -121,3 +136,18 @@ def load_recipe(path: str | Path | None) -> Recipe:
 def builtin_recipes() -> list[str]:
     folder = resources.files("sparseforge.toolchain.recipes")
     return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".toml"))
+
+
+def _has_option(cls: type[Pass], name: str) -> bool:
+    import dataclasses
+
+    return any(f.name == name for f in dataclasses.fields(cls.Options))
+
+
+def _check_target(name: str, source: str | None) -> str:
+    from sparseforge.targets import get_target
+
+    try:
+        return get_target(name).name
+    except InputError as exc:
+        raise InputError(source, exc.problem) from None
