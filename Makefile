@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test clean
+.PHONY: demo test test-arm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: $(VENV)/.demo-installed
 
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q
+
+# kernel tests on emulated aarch64 (qemu-user; SVE 128/256/512 and NEON-only); sets itself
+# up under ~/.cache/sparseforge/arm (apt packages qemu-user and debootstrap, needs root or sudo)
+test-arm: $(VENV)/.test-installed
+	PYTHON=$(BIN)/python sh tests/arm/run.sh
 
 clean:
 	rm -rf $(VENV) sparseforge-demo sparseforge-demo.dumps build *.egg-info

@@ -238,74 +238,125 @@ def neuron(fmt, wf, wq, i, x, xq, xd, lut, d, gated, act, act_t, up_relu, out_t,
 
 
 # ---------------------------------------------------------------------- decode kernels
-@njit(parallel=True, **_FLAGS)
-def ffn_sparse(x, wf, wq, idx, fmt, d, gated, act, act_t, up_relu, out_t, po_g, po_u, po_d,
-               bg, bu, bd, lut, nchunks, gpre, h_out, y):
-    """One token through the FFN for the neurons ``idx``: ``y = bd + sum_i h_i down_i``.
-
-    ``gpre``: precomputed gate pre-activations per entry of ``idx`` (gate-first; empty
-    to compute them); ``h_out[len(idx)]`` receives the activations."""
+# Each decode kernel is a per-chunk body plus two drivers: ``*_par`` runs the chunks on
+# the thread pool (prange), ``*_ser`` in the calling thread (small work: a fork/join costs
+# more than it saves, and much more on a loaded machine).
+@njit(**_FLAGS)
+def _ffn_chunk(x, xq, xd, wf, wq, idx, lo, hi, fmt, d, gated, act, act_t, up_relu, out_t, po_g, po_u, po_d,
+               bg, bu, lut, gpre, h_out, acc):
     fmt = _spec(SPEC_FMT, fmt)
     d = _spec(SPEC_D, d)
     gated = _spec(SPEC_GATED, gated)
     act = _spec(SPEC_ACT, act)
     up_relu = _spec(SPEC_UP_RELU, up_relu)
-    nb = d // QK
-    xq = np.empty(d, np.int8)
-    xd = np.empty(max(nb, 1), np.float32)
-    prepare_input(fmt, x, xq, xd)
-    cnt = idx.shape[0]
     use_gpre = gpre.shape[0] > 0
-    part = np.zeros((nchunks, d), np.float32)
-    for c in prange(nchunks):
-        acc = part[c]
-        for p in range((c * cnt) // nchunks, ((c + 1) * cnt) // nchunks):
-            i = idx[p]
-            gp = gpre[p] if use_gpre else np.float32(0)
-            h = neuron(fmt, wf, wq, i, x, xq, xd, lut, d, gated, act, act_t, up_relu, out_t, po_g, po_u,
-                       bg, bu, gp, use_gpre)
-            h_out[p] = h
-            if h != np.float32(0):
-                row_axpy(fmt, wf, wq, i, po_d, h, acc, lut, d)
+    for p in range(lo, hi):
+        i = idx[p]
+        gp = gpre[p] if use_gpre else np.float32(0)
+        h = neuron(fmt, wf, wq, i, x, xq, xd, lut, d, gated, act, act_t, up_relu, out_t, po_g, po_u,
+                   bg, bu, gp, use_gpre)
+        h_out[p] = h
+        if h != np.float32(0):
+            row_axpy(fmt, wf, wq, i, po_d, h, acc, lut, d)
+
+
+@njit(**_FLAGS)
+def _input(x, fmt, d):
+    fmt = _spec(SPEC_FMT, fmt)
+    d = _spec(SPEC_D, d)
+    xq = np.empty(d, np.int8)
+    xd = np.empty(max(d // QK, 1), np.float32)
+    prepare_input(fmt, x, xq, xd)
+    return xq, xd
+
+
+@njit(**_FLAGS)
+def _reduce(part, bd, y):
+    d = y.shape[0]
     for k in range(d):
         y[k] = bd[k] if bd.shape[0] > 0 else np.float32(0)
-    for c in range(nchunks):
+    for c in range(part.shape[0]):
         for k in range(d):
             y[k] += part[c, k]
 
 
 @njit(parallel=True, **_FLAGS)
-def rows_sparse(x, wf, wq, idx, fmt, d, po, bias, lut, out):
-    """``out[p] = row(idx[p]) . x (+ bias)`` for one part (gate/up): the row-gather matvec."""
+def ffn_sparse_par(x, wf, wq, idx, fmt, d, gated, act, act_t, up_relu, out_t, po_g, po_u, po_d,
+                   bg, bu, bd, lut, nchunks, gpre, h_out, y):
+    """One token through the FFN for the neurons ``idx``: ``y = bd + sum_i h_i down_i``.
+
+    ``gpre``: precomputed gate pre-activations per entry of ``idx`` (gate-first; empty
+    to compute them); ``h_out[len(idx)]`` receives the activations."""
+    xq, xd = _input(x, fmt, d)
+    cnt = idx.shape[0]
+    part = np.zeros((nchunks, y.shape[0]), np.float32)
+    for c in prange(nchunks):
+        _ffn_chunk(x, xq, xd, wf, wq, idx, (c * cnt) // nchunks, ((c + 1) * cnt) // nchunks, fmt, d, gated, act,
+                   act_t, up_relu, out_t, po_g, po_u, po_d, bg, bu, lut, gpre, h_out, part[c])
+    _reduce(part, bd, y)
+
+
+@njit(**_FLAGS)
+def ffn_sparse_ser(x, wf, wq, idx, fmt, d, gated, act, act_t, up_relu, out_t, po_g, po_u, po_d,
+                   bg, bu, bd, lut, nchunks, gpre, h_out, y):
+    """:func:`ffn_sparse_par` in the calling thread."""
+    xq, xd = _input(x, fmt, d)
+    part = np.zeros((1, y.shape[0]), np.float32)
+    _ffn_chunk(x, xq, xd, wf, wq, idx, 0, idx.shape[0], fmt, d, gated, act, act_t, up_relu, out_t, po_g, po_u,
+               po_d, bg, bu, lut, gpre, h_out, part[0])
+    _reduce(part, bd, y)
+
+
+@njit(**_FLAGS)
+def _rows_chunk(x, xq, xd, wf, wq, idx, lo, hi, fmt, d, po, bias, lut, out):
     fmt = _spec(SPEC_FMT, fmt)
     d = _spec(SPEC_D, d)
-    nb = d // QK
-    xq = np.empty(d, np.int8)
-    xd = np.empty(max(nb, 1), np.float32)
-    prepare_input(fmt, x, xq, xd)
-    for p in prange(idx.shape[0]):
+    for p in range(lo, hi):
         i = idx[p]
         v = row_dot(fmt, wf, wq, i, po, x, xq, xd, lut, d)
         out[p] = v + bias[i] if bias.shape[0] > 0 else v
 
 
 @njit(parallel=True, **_FLAGS)
-def axpy_sparse(h, wf, wq, idx, fmt, d, po, lut, nchunks, y):
-    """``y = sum_p h[p] * column(idx[p])`` for the down part (the sparse axpy)."""
+def rows_sparse_par(x, wf, wq, idx, fmt, d, po, bias, lut, nchunks, out):
+    """``out[p] = row(idx[p]) . x (+ bias)`` for one part (gate/up): the row-gather matvec."""
+    xq, xd = _input(x, fmt, d)
+    cnt = idx.shape[0]
+    for c in prange(nchunks):
+        _rows_chunk(x, xq, xd, wf, wq, idx, (c * cnt) // nchunks, ((c + 1) * cnt) // nchunks, fmt, d, po, bias,
+                    lut, out)
+
+
+@njit(**_FLAGS)
+def rows_sparse_ser(x, wf, wq, idx, fmt, d, po, bias, lut, nchunks, out):
+    xq, xd = _input(x, fmt, d)
+    _rows_chunk(x, xq, xd, wf, wq, idx, 0, idx.shape[0], fmt, d, po, bias, lut, out)
+
+
+@njit(**_FLAGS)
+def _axpy_chunk(h, wf, wq, idx, lo, hi, fmt, d, po, lut, acc):
     fmt = _spec(SPEC_FMT, fmt)
     d = _spec(SPEC_D, d)
+    for p in range(lo, hi):
+        if h[p] != np.float32(0):
+            row_axpy(fmt, wf, wq, idx[p], po, h[p], acc, lut, d)
+
+
+@njit(parallel=True, **_FLAGS)
+def axpy_sparse_par(h, wf, wq, idx, fmt, d, po, lut, nchunks, y):
+    """``y = sum_p h[p] * column(idx[p])`` for the down part (the sparse axpy)."""
     cnt = idx.shape[0]
-    part = np.zeros((nchunks, d), np.float32)
+    part = np.zeros((nchunks, y.shape[0]), np.float32)
     for c in prange(nchunks):
-        acc = part[c]
-        for p in range((c * cnt) // nchunks, ((c + 1) * cnt) // nchunks):
-            if h[p] != np.float32(0):
-                row_axpy(fmt, wf, wq, idx[p], po, h[p], acc, lut, d)
-    for k in range(d):
-        y[k] = np.float32(0)
-    for c in range(nchunks):
-        for k in range(d):
-            y[k] += part[c, k]
+        _axpy_chunk(h, wf, wq, idx, (c * cnt) // nchunks, ((c + 1) * cnt) // nchunks, fmt, d, po, lut, part[c])
+    _reduce(part, np.zeros(0, np.float32), y)
+
+
+@njit(**_FLAGS)
+def axpy_sparse_ser(h, wf, wq, idx, fmt, d, po, lut, nchunks, y):
+    part = np.zeros((1, y.shape[0]), np.float32)
+    _axpy_chunk(h, wf, wq, idx, 0, idx.shape[0], fmt, d, po, lut, part[0])
+    _reduce(part, np.zeros(0, np.float32), y)
 
 
 @njit(cache=True, nogil=True)

@@ -66,7 +66,7 @@ class LayerKernels:
     def __init__(self, blob: np.ndarray, layout: BundleLayout, activation: str = "relu",
                  up_activation: str | None = None, activation_threshold: float = 0.0,
                  output_threshold: float = 0.0, gate_bias=None, up_bias=None, down_bias=None,
-                 nchunks: int | None = None, crossover: float = 0.35) -> None:
+                 nchunks: int | None = None, crossover: float = 0.35, serial_below: int = 1 << 18) -> None:
         blob = np.ascontiguousarray(blob, dtype=np.uint8).reshape(layout.n_neurons, layout.stride)
         if layout.fmt == "f16":
             g, u, dn = unpack_bundles(blob, layout)
@@ -92,7 +92,12 @@ class LayerKernels:
         self.bd = _bias(down_bias, self.d, "down bias")
         self.nchunks = nchunks or ffn.default_chunks()
         self.crossover = crossover
+        self.serial_below = serial_below
         self._all = np.arange(self.n, dtype=np.int64)
+
+    def _serial(self, idx: np.ndarray, parts: int) -> bool:
+        """Run in the calling thread when the weights touched are fewer than ``serial_below`` bytes."""
+        return idx.shape[0] * parts * self.layout.part_bytes < self.serial_below
 
     # -- one token -------------------------------------------------------------------
     def forward(self, x: np.ndarray, idx: np.ndarray | None = None, return_h: bool = False, _gpre=_EMPTY):
@@ -100,7 +105,8 @@ class LayerKernels:
         idx = self._all if idx is None else _idx(idx, self.n)
         h = np.empty(idx.shape[0], np.float32)
         y = np.empty(self.d, np.float32)
-        ffn.ffn_sparse(x, self.wf, self.wq, idx, self.fmt, self.d, int(self.gated), self.act,
+        kernel = ffn.ffn_sparse_ser if self._serial(idx, 3) else ffn.ffn_sparse_par
+        kernel(x, self.wf, self.wq, idx, self.fmt, self.d, int(self.gated), self.act,
                        np.float32(self.act_t), self.up_relu, np.float32(self.out_t), self.po_g, self.po["up"],
                        self.po["down"], self.bg, self.bu, self.bd, _LUT, self.nchunks, _gpre, h, y)
         return (y, h) if return_h else y
@@ -113,7 +119,8 @@ class LayerKernels:
         if bias is None or part not in self.po:
             raise ValueError(f"rows() takes a part of {self.layout.parts[:-1]}; got {part!r}")
         out = np.empty(idx.shape[0], np.float32)
-        ffn.rows_sparse(x, self.wf, self.wq, idx, self.fmt, self.d, self.po[part], bias, _LUT, out)
+        kernel = ffn.rows_sparse_ser if self._serial(idx, 1) else ffn.rows_sparse_par
+        kernel(x, self.wf, self.wq, idx, self.fmt, self.d, self.po[part], bias, _LUT, self.nchunks, out)
         return out
 
     def axpy(self, h: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
@@ -123,7 +130,8 @@ class LayerKernels:
         if h.shape != idx.shape:
             raise ValueError("h and idx must have the same length")
         y = np.empty(self.d, np.float32)
-        ffn.axpy_sparse(h, self.wf, self.wq, idx, self.fmt, self.d, self.po["down"], _LUT, self.nchunks, y)
+        kernel = ffn.axpy_sparse_ser if self._serial(idx, 1) else ffn.axpy_sparse_par
+        kernel(h, self.wf, self.wq, idx, self.fmt, self.d, self.po["down"], _LUT, self.nchunks, y)
         return y
 
     def gate_first(self, x: np.ndarray, return_idx: bool = False):

@@ -91,7 +91,7 @@ def test_rows_axpy_output_threshold_and_gate_first(fmt):
     g, u, dn = unpack_bundles(blob, lay)
     x = np.random.default_rng(4).standard_normal(D).astype(np.float32)
     xx = quant.roundtrip(x, "q8_0") if fmt != "f32" else x
-    k = LayerKernels(blob, lay, activation="drelu", output_threshold=0.002)
+    k = LayerKernels(blob, lay, activation="drelu", output_threshold=0.002, serial_below=0)  # thread-pool path
     idx = np.array([0, 5, 6, 40, 79])
     _close(k.rows(x, "gate", idx), (g @ xx)[idx])
     _close(k.rows(x, "up"), u @ xx)

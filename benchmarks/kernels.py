@@ -1,0 +1,293 @@
+"""Benchmark the sparse FFN kernels against dense baselines and the bandwidth roofline.
+
+For each FFN shape (Llama-2-7B d 4096 n 11008, Mistral-7B d 4096 n 14336; ``--smoke``: a
+small shape in seconds), each format (f32, Q8_0, Q4_0) and density (1.0 0.5 0.2 0.1
+0.05) it times, single-token decode, weights not cached (a different random neuron set
+every repetition and a 64 MB cache flush in between):
+
+* ``rows``: the up rows of the active neurons times x (the row-gather matvec; at density
+  1.0 the dense matvec in that format),
+* ``axpy``: the down columns of the active neurons (the down projection),
+* ``ffn``: the whole sparse FFN, gate + up + down fused (ReLU gate, so the up row is read
+  only for positive gates: the inputs are chosen so every selected gate is positive),
+* ``predictor``: predictor MLP (rank ``--rank``) + threshold selection, at 10% density.
+
+Baselines in the same run: numpy dense f32 GEMV of the ``[n, d]`` matrix (OpenBLAS),
+onnxruntime dense f32 FFN, onnxruntime MatMulNBits 4-bit (block 32) FFN, and a memory
+bandwidth probe (parallel read of 512 MB); roofline time = bytes touched / bandwidth.
+Writes ``results/kernels.json`` and ``results/kernels.png`` (beside this file, or
+``--out``). Ratios are reported against numpy's dense f32 GEMV of the same matrix (the
+targets of issue #7) and against the onnxruntime FFNs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from sparseforge.kernels import quant
+from sparseforge.kernels.bundle import BundleLayout
+from sparseforge.kernels.runtime import LayerKernels, Predictor
+
+SHAPES = {"llama-2-7b": (4096, 11008), "mistral-7b": (4096, 14336)}
+SMOKE_SHAPES = {"smoke": (256, 704)}
+DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05)
+FORMATS = ("f32", "q8_0", "q4_0")
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _read_sum(a):
+    n = a.shape[0]
+    chunks = 64
+    parts = np.zeros(chunks, np.float32)
+    for c in numba.prange(chunks):
+        s = np.float32(0)
+        for i in range(c * n // chunks, (c + 1) * n // chunks):
+            s += a[i]
+        parts[c] = s
+    return parts.sum()
+
+
+class Timer:
+    def __init__(self, reps: int, flush_mb: int) -> None:
+        self.reps = reps
+        self.flush = np.ones(flush_mb * (1 << 20) // 4, np.float32) if flush_mb else None
+
+    def __call__(self, fn, setup=None) -> float:
+        """Median seconds of ``fn(setup(r))`` over the repetitions (one warm-up call)."""
+        fn(setup(0) if setup else None)
+        times = []
+        for r in range(self.reps):
+            arg = setup(r + 1) if setup else None
+            if self.flush is not None:
+                _read_sum(self.flush)
+            t0 = time.perf_counter()
+            fn(arg)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+
+def bandwidth(timer: Timer, mb: int = 512) -> float:
+    a = np.ones(mb * (1 << 20) // 4, np.float32)
+    t = timer(lambda _: _read_sum(a))
+    return a.nbytes / t
+
+
+def _ort_session(model):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = numba.get_num_threads()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_ffn_models(gate, up, down):
+    """(f32 session, MatMulNBits 4-bit block-32 session) of ``y = (relu(x Wg^T) * x Wu^T) Wd^T``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    d = up.shape[1]
+    inits = [numpy_helper.from_array(np.ascontiguousarray(gate.T), "wg"),
+             numpy_helper.from_array(np.ascontiguousarray(up.T), "wu"),
+             numpy_helper.from_array(np.ascontiguousarray(down.T), "wd")]
+    nodes = [helper.make_node("MatMul", ["x", "wg"], ["g"]), helper.make_node("Relu", ["g"], ["a"]),
+             helper.make_node("MatMul", ["x", "wu"], ["u"]), helper.make_node("Mul", ["a", "u"], ["h"]),
+             helper.make_node("MatMul", ["h", "wd"], ["y"])]
+    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, d])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    f32 = _ort_session(model)
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(onnx.ModelProto.FromString(model.SerializeToString()), bits=4, block_size=32,
+                             is_symmetric=True)
+    q.process()
+    nbits = _ort_session(q.model.model)
+    return f32, nbits
+
+
+def bench_shape(name: str, d: int, n: int, timer: Timer, bw: float, args, rng) -> dict:
+    print(f"[{name}] d={d} n={n}: building weights", flush=True)
+    scale = np.float32(1 / np.sqrt(d))
+    gate = (rng.standard_normal((n, d), dtype=np.float32) * scale)
+    up = (rng.standard_normal((n, d), dtype=np.float32) * scale)
+    down = (rng.standard_normal((d, n), dtype=np.float32) * np.float32(1 / np.sqrt(n)))
+    x = rng.standard_normal(d, dtype=np.float32)
+    res: dict = {"d_model": d, "n_neurons": n, "baselines": {}, "formats": {}}
+    base = res["baselines"]
+    base["numpy_dense_f32_gemv_s"] = timer(lambda _: up @ x)
+    if not args.no_ort:
+        f32s, nbits = ort_ffn_models(gate, up, down)
+        feed = {"x": x[None]}
+        base["ort_dense_f32_ffn_s"] = timer(lambda _: f32s.run(None, feed))
+        base["ort_matmulnbits4_ffn_s"] = timer(lambda _: nbits.run(None, feed))
+        del f32s, nbits
+    np_gemv = base["numpy_dense_f32_gemv_s"]
+    print(f"  numpy dense f32 GEMV {np_gemv * 1e3:.2f} ms; ort {base.get('ort_dense_f32_ffn_s', 0) * 1e3:.2f} ms; "
+          f"ort 4-bit {base.get('ort_matmulnbits4_ffn_s', 0) * 1e3:.2f} ms", flush=True)
+    # gate rows of the inputs below are positive on the chosen neurons: flip the gate sign
+    # of the others so the fused FFN does all the work of the listed neurons
+    for fmt in args.formats:
+        lay = BundleLayout(fmt, d, n, True, align=64)
+        blob = _pack(gate, up, down, lay)
+        k = LayerKernels(blob, lay, activation="relu")
+        pb = lay.part_bytes
+        rows_out: dict = {}
+        for dens in args.densities:
+            m = max(1, int(round(n * dens)))
+            sets = [np.sort(rng.choice(n, m, replace=False)) for _ in range(8)]
+            hs = rng.standard_normal(m, dtype=np.float32)
+            t_rows = timer(lambda idx: k.rows(x, "up", idx), lambda r: sets[r % 8])
+            t_axpy = timer(lambda idx: k.axpy(hs, idx), lambda r: sets[r % 8])
+            t_ffn = timer(lambda idx: k.forward(x, idx), lambda r: sets[r % 8])
+            t_ffn_gate_skip = None
+            row = {"active": m,
+                   "rows_s": t_rows, "axpy_s": t_axpy, "ffn_s": t_ffn,
+                   "rows_bytes": m * pb, "ffn_bytes": m * 3 * pb,
+                   "rows_roofline_fraction": (m * pb / bw) / t_rows,
+                   "axpy_roofline_fraction": (m * pb / bw) / t_axpy,
+                   "ffn_roofline_fraction": (m * 3 * pb / bw) / t_ffn,
+                   "rows_speedup_vs_numpy_gemv": np_gemv / t_rows,
+                   "ffn_speedup_vs_numpy_gemv": np_gemv / t_ffn}
+            if "ort_dense_f32_ffn_s" in base:
+                row["ffn_speedup_vs_ort_f32_ffn"] = base["ort_dense_f32_ffn_s"] / t_ffn
+                row["ffn_speedup_vs_ort_nbits4_ffn"] = base["ort_matmulnbits4_ffn_s"] / t_ffn
+            del t_ffn_gate_skip
+            rows_out[str(dens)] = row
+            print(f"  {fmt:5s} density {dens:4.2f}: rows {t_rows * 1e3:7.3f} ms ({np_gemv / t_rows:5.2f}x numpy, "
+                  f"{row['rows_roofline_fraction']:.0%} roofline)  axpy {t_axpy * 1e3:7.3f} ms  "
+                  f"ffn {t_ffn * 1e3:7.3f} ms ({np_gemv / t_ffn:5.2f}x numpy"
+                  + (f", {row['ffn_speedup_vs_ort_f32_ffn']:5.2f}x ort f32, {row['ffn_speedup_vs_ort_nbits4_ffn']:5.2f}x "
+                     f"ort 4-bit" if "ffn_speedup_vs_ort_f32_ffn" in row else "") + ")", flush=True)
+        res["formats"][fmt] = {"bundle_stride": lay.stride, "part_bytes": pb, "densities": rows_out}
+        del k, blob
+    # predictor eval + selection at 10% density against the sparse FFN at 10%
+    r = args.rank
+    pred = Predictor(rng.standard_normal((r, d), dtype=np.float32) * scale,
+                     rng.standard_normal((n, r), dtype=np.float32) * np.float32(1 / np.sqrt(r)), threshold=0.0)
+    lg = pred.logits(x)
+    pred.threshold = float(np.quantile(lg, 0.9))
+    t_pred = timer(lambda _: pred.select(x))
+    res["predictor"] = {"rank": r, "seconds": t_pred, "bytes": pred.w1.nbytes + pred.w2.nbytes,
+                        "selected_fraction": float(pred.select(x).size / n),
+                        "fraction_of_sparse_ffn_10pct": {f: t_pred / res["formats"][f]["densities"]["0.1"]["ffn_s"]
+                                                         for f in args.formats if "0.1" in res["formats"][f]["densities"]}}
+    print(f"  predictor rank {r}: {t_pred * 1e3:.3f} ms {res['predictor']['fraction_of_sparse_ffn_10pct']}", flush=True)
+    return res
+
+
+def _pack(gate, up, down, lay: BundleLayout) -> np.ndarray:
+    """pack_bundles, written out here in row chunks to bound memory for 7B shapes."""
+    from sparseforge.kernels.bundle import pack_bundles
+
+    out = np.zeros((lay.n_neurons, lay.stride), np.uint8)
+    step = 2048
+    for lo in range(0, lay.n_neurons, step):
+        hi = min(lay.n_neurons, lo + step)
+        sub = BundleLayout(lay.fmt, lay.d_model, hi - lo, lay.gated, lay.align)
+        out[lo:hi] = pack_bundles(gate[lo:hi], up[lo:hi], down[:, lo:hi], sub)
+    return out
+
+
+def targets_summary(shape: dict) -> dict:
+    """The issue #7 targets (ratios vs numpy dense f32 GEMV, in the same run) and whether each is met."""
+    g = shape["baselines"]["numpy_dense_f32_gemv_s"]
+    f = shape["formats"]
+
+    def at(fmt, dens, key):
+        return f.get(fmt, {}).get("densities", {}).get(str(dens), {}).get(key)
+
+    checks = {}
+
+    def add(name, value, goal):
+        if value is not None:
+            checks[name] = {"value": value, "goal": goal, "met": value >= goal}
+
+    add("sparse f32 rows @10% vs numpy f32 GEMV (x)", g / at("f32", 0.1, "rows_s") if at("f32", 0.1, "rows_s") else None, 8.0)
+    add("sparse f32 rows @10% roofline fraction", at("f32", 0.1, "rows_roofline_fraction"), 0.8)
+    add("Q8_0 dense rows vs numpy f32 GEMV (x)", g / at("q8_0", 1.0, "rows_s") if at("q8_0", 1.0, "rows_s") else None, 2.3)
+    add("Q4_0 dense rows vs numpy f32 GEMV (x)", g / at("q4_0", 1.0, "rows_s") if at("q4_0", 1.0, "rows_s") else None, 2.5)
+    add("Q4_0 sparse rows @10% vs numpy f32 GEMV (x)", g / at("q4_0", 0.1, "rows_s") if at("q4_0", 0.1, "rows_s") else None, 14.0)
+    add("Q4_0 whole sparse FFN @10% vs numpy f32 GEMV (x)", g / at("q4_0", 0.1, "ffn_s") if at("q4_0", 0.1, "ffn_s") else None, 3.6)
+    add("f32 sparse FFN @10% vs ORT dense f32 FFN (x)", at("f32", 0.1, "ffn_speedup_vs_ort_f32_ffn"), 7.0)
+    add("Q4_0 sparse FFN @10% vs ORT MatMulNBits FFN (x)", at("q4_0", 0.1, "ffn_speedup_vs_ort_nbits4_ffn"), 5.0)
+    frac = shape.get("predictor", {}).get("fraction_of_sparse_ffn_10pct", {}).get("q4_0")
+    if frac is not None:
+        checks["predictor eval+selection / Q4_0 sparse FFN @10%"] = {"value": frac, "goal": 0.15, "met": frac <= 0.15}
+    return checks
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(results["shapes"])
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], shapes):
+        s = results["shapes"][name]
+        for fmt, fr in s["formats"].items():
+            dens = sorted(float(k) for k in fr["densities"])
+            ax.plot(dens, [fr["densities"][str(k)]["ffn_speedup_vs_numpy_gemv"] for k in dens], "o-",
+                    label=f"{fmt} whole FFN")
+            ax.plot(dens, [fr["densities"][str(k)]["rows_speedup_vs_numpy_gemv"] for k in dens], "s--",
+                    label=f"{fmt} rows")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("density (active neurons)")
+        ax.set_ylabel("speedup vs numpy dense f32 GEMV")
+        ax.set_title(f"{name} (d {s['d_model']}, n {s['n_neurons']})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="small shape, few repetitions (seconds)")
+    ap.add_argument("--shapes", nargs="*", default=None, choices=list(SHAPES) + list(SMOKE_SHAPES))
+    ap.add_argument("--formats", nargs="*", default=list(FORMATS), choices=FORMATS)
+    ap.add_argument("--densities", nargs="*", type=float, default=list(DENSITIES))
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (median)")
+    ap.add_argument("--rank", type=int, default=64, help="predictor rank")
+    ap.add_argument("--no-ort", action="store_true", help="skip the onnxruntime baselines")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    shapes = SMOKE_SHAPES if args.smoke else {k: SHAPES[k] for k in (args.shapes or SHAPES)}
+    if args.shapes and args.smoke:
+        shapes = {k: {**SHAPES, **SMOKE_SHAPES}[k] for k in args.shapes}
+    reps = args.reps or (3 if args.smoke else 9)
+    timer = Timer(reps, 0 if args.smoke else 64)
+    rng = np.random.default_rng(args.seed)
+    bw = bandwidth(timer, 32 if args.smoke else 512)
+    print(f"read bandwidth {bw / 1e9:.1f} GB/s, {numba.get_num_threads()} threads", flush=True)
+    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                           "cpus": os.cpu_count(), "threads": numba.get_num_threads(),
+                           "load_average": list(os.getloadavg()), "bandwidth_bytes_per_s": bw},
+               "reps": reps, "smoke": args.smoke, "shapes": {}}
+    for name, (d, n) in shapes.items():
+        results["shapes"][name] = s = bench_shape(name, d, n, timer, bw, args, rng)
+        s["targets"] = targets_summary(s)
+        for k, v in s["targets"].items():
+            print(f"  {'MET ' if v['met'] else 'MISS'} {k}: {v['value']:.3f} (goal {v['goal']})")
+    results["machine"]["load_average_after"] = list(os.getloadavg())
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / ("kernels_smoke.json" if args.smoke else "kernels.json")).write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, args.out / ("kernels_smoke.png" if args.smoke else "kernels.png"))
+    return results
+
+
+if __name__ == "__main__":
+    main()
