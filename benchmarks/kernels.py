@@ -3,7 +3,7 @@
 For each FFN shape (Llama-2-7B d 4096 n 11008, Mistral-7B d 4096 n 14336; ``--smoke``: a
 small shape in seconds), each format (f32, Q8_0, Q4_0) and density (1.0 0.5 0.2 0.1
 0.05) it times, single-token decode, weights not cached (a different random neuron set
-every repetition and a 64 MB cache flush in between):
+every repetition and a 64 MB cache flush in between; the best of ``--reps`` runs):
 
 * ``rows``: the up rows of the active neurons times x (the row-gather matvec; at density
   1.0 the dense matvec in that format),
@@ -25,11 +25,17 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
-import numba
-import numpy as np
+if "--threads" in sys.argv[:-1]:  # before numpy/numba start their thread pools
+    _n = sys.argv[sys.argv.index("--threads") + 1]
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[_var] = _n
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
 
 from sparseforge.kernels import quant
 from sparseforge.kernels.bundle import BundleLayout
@@ -57,10 +63,13 @@ def _read_sum(a):
 class Timer:
     def __init__(self, reps: int, flush_mb: int) -> None:
         self.reps = reps
+        self.medians: list[float] = []
         self.flush = np.ones(flush_mb * (1 << 20) // 4, np.float32) if flush_mb else None
 
     def __call__(self, fn, setup=None) -> float:
-        """Median seconds of ``fn(setup(r))`` over the repetitions (one warm-up call)."""
+        """Best (minimum) seconds of ``fn(setup(r))`` over the repetitions after one
+        warm-up call: on a shared machine the minimum is the run least disturbed by other
+        processes (medians are kept in ``self.medians``)."""
         fn(setup(0) if setup else None)
         times = []
         for r in range(self.reps):
@@ -70,13 +79,14 @@ class Timer:
             t0 = time.perf_counter()
             fn(arg)
             times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        self.medians.append(float(np.median(times)))
+        return float(np.min(times))
 
 
 def bandwidth(timer: Timer, mb: int = 512) -> float:
+    """Read bandwidth (bytes/s): the better of a parallel Numba sum and numpy's sum."""
     a = np.ones(mb * (1 << 20) // 4, np.float32)
-    t = timer(lambda _: _read_sum(a))
-    return a.nbytes / t
+    return a.nbytes / min(timer(lambda _: _read_sum(a)), timer(lambda _: a.sum()))
 
 
 def _ort_session(model):
@@ -264,6 +274,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-ort", action="store_true", help="skip the onnxruntime baselines")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for numba, OpenBLAS and onnxruntime (set before they start; default: all)")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
     args = ap.parse_args(argv)
     shapes = SMOKE_SHAPES if args.smoke else {k: SHAPES[k] for k in (args.shapes or SHAPES)}
     if args.shapes and args.smoke:
@@ -284,8 +297,9 @@ def main(argv=None) -> dict:
             print(f"  {'MET ' if v['met'] else 'MISS'} {k}: {v['value']:.3f} (goal {v['goal']})")
     results["machine"]["load_average_after"] = list(os.getloadavg())
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / ("kernels_smoke.json" if args.smoke else "kernels.json")).write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, args.out / ("kernels_smoke.png" if args.smoke else "kernels.png"))
+    stem = ("kernels_smoke" if args.smoke else "kernels") + args.tag
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, args.out / f"{stem}.png")
     return results
 
 

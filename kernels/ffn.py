@@ -379,23 +379,42 @@ def select_positive(vals, t, idx_out):
 
 
 # ---------------------------------------------------------------------------- predictor
-@njit(parallel=True, **_FLAGS)
-def predictor_logits(x, w1, b1, w2, b2, hidden, logits):
-    """``logits = relu(x W1^T + b1) W2^T + b2`` (W1 ``[r, d]``, W2 ``[n, r]``; empty biases = none)."""
+@njit(**_FLAGS)
+def _predictor_hidden(x, w1, b1, hidden):
     r, d = w1.shape
-    for j in prange(r):
+    for j in range(r):
         s = np.float32(0)
         for k in range(d):
             s += w1[j, k] * x[k]
         if b1.shape[0] > 0:
             s += b1[j]
         hidden[j] = s if s > np.float32(0) else np.float32(0)
-    n = w2.shape[0]
-    for i in prange(n):
+
+
+@njit(**_FLAGS)
+def _predictor_out(w2, b2, hidden, lo, hi, logits):
+    r = w2.shape[1]
+    for i in range(lo, hi):
         s = np.float32(0)
         for j in range(r):
             s += w2[i, j] * hidden[j]
         logits[i] = s + b2[i] if b2.shape[0] > 0 else s
+
+
+@njit(parallel=True, **_FLAGS)
+def predictor_logits_par(x, w1, b1, w2, b2, nchunks, hidden, logits):
+    """``logits = relu(x W1^T + b1) W2^T + b2`` (W1 ``[r, d]``, W2 ``[n, r]``; empty biases = none);
+    the first layer (r x d, small) in the calling thread, the second on the pool."""
+    _predictor_hidden(x, w1, b1, hidden)
+    n = w2.shape[0]
+    for c in prange(nchunks):
+        _predictor_out(w2, b2, hidden, (c * n) // nchunks, ((c + 1) * n) // nchunks, logits)
+
+
+@njit(**_FLAGS)
+def predictor_logits_ser(x, w1, b1, w2, b2, nchunks, hidden, logits):
+    _predictor_hidden(x, w1, b1, hidden)
+    _predictor_out(w2, b2, hidden, 0, w2.shape[0], logits)
 
 
 @njit(cache=True, nogil=True)

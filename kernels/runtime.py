@@ -235,6 +235,7 @@ class Predictor:
     threshold: float = 0.0
     b1: np.ndarray | None = None
     b2: np.ndarray | None = None
+    serial_below: int = 1 << 20  # bytes of W2 below which evaluation stays in the calling thread
 
     def __post_init__(self) -> None:
         self.w1 = np.ascontiguousarray(self.w1, np.float32)
@@ -249,8 +250,9 @@ class Predictor:
         self._idx = np.empty(n, np.int64)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        ffn.predictor_logits(np.ascontiguousarray(x, np.float32), self.w1, self.b1, self.w2, self.b2,
-                             self._hidden, self._logits)
+        kernel = ffn.predictor_logits_ser if self.w2.nbytes < self.serial_below else ffn.predictor_logits_par
+        kernel(np.ascontiguousarray(x, np.float32), self.w1, self.b1, self.w2, self.b2, ffn.default_chunks(),
+               self._hidden, self._logits)
         return self._logits
 
     def select(self, x: np.ndarray, top_k: int | None = None) -> np.ndarray:

@@ -145,6 +145,7 @@ def test_predictor_eval_and_selection():
     x = rng.standard_normal(D).astype(np.float32)
     lg = np.maximum(w1.astype(np.float64) @ x + b1, 0) @ w2.T.astype(np.float64) + b2
     _close(p.logits(x), lg, tol=1e-5)
+    _close(Predictor(w1, w2, 0.5, b1, b2, serial_below=0).logits(x), lg, tol=1e-5)  # thread-pool path
     sel = p.select(x)
     np.testing.assert_array_equal(sel, np.flatnonzero(p.logits(x) >= np.float32(0.5)))
     top = p.select(x, top_k=10)
