@@ -118,6 +118,11 @@ def check_spec(g: GGUFFile, meta: dict[str, Any]) -> tuple[ArchSpec, list[Bundle
             d, r, n = spec.hidden_size, ranks[layer], spec.intermediate_size
             required.update({F.predictor_name(layer, "w1"): (r, d), F.predictor_name(layer, "w2"): (n, r)})
             optional.update({F.predictor_name(layer, "b1"): (r,), F.predictor_name(layer, "b2"): (n,)})
+    for doc in meta[F.K_BLOCKS]:  # FFN biases a pass added (e.g. relufy's mean correction on a Llama)
+        for key, size in (("gate_bias", spec.intermediate_size), ("up_bias", spec.intermediate_size),
+                          ("down_bias", spec.hidden_size)):
+            if doc.get(key):
+                optional.setdefault(doc[key], (size,))
     present = {t.name: t for t in g.tensors}
     missing = sorted(set(required) - set(present))
     if missing:

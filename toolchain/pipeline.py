@@ -26,8 +26,10 @@ def convert_model(
     dump_after: list[str] | None = None,
     dump_dir: str | Path | None = None,
     on_record: Callable[[PassRecord], None] | None = None,
+    report_html: bool = False,
 ) -> dict[str, Any]:
-    """Convert ``model`` with ``recipe``; writes ``output/ir`` and ``output/report.json``.
+    """Convert ``model`` with ``recipe``; writes ``output/ir``, ``output/report.json`` and
+    (``report_html``) ``output/report.html`` (:mod:`.report`).
 
     Returns the report (recipe, per-pass records). ``output`` appears only when complete.
     """
@@ -50,7 +52,21 @@ def convert_model(
         if ARTIFACT in result.ir.files:  # the pack pass's GGUF artifact: OUT/model.gguf
             _link_or_copy(Path(result.ir.files[ARTIFACT]), tmp / "model.gguf")
         (tmp / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        if report_html:
+            _write_html_report(tmp)
     return report
+
+
+def _write_html_report(out: Path) -> None:
+    """``out/report.html``; a failure to draw it is reported but does not lose the conversion."""
+    import sys
+
+    from .report import write_report
+
+    try:
+        write_report(out)
+    except Exception as exc:  # noqa: BLE001 - the conversion itself succeeded
+        print(f"warning: report.html not written: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def run_single_pass(name: str, model: str | Path, output: str | Path, assignments: list[str],

@@ -1,0 +1,86 @@
+"""Tiny converted models shared by the runtime, verify, bench and report tests: the
+tiny Llama (no tokenizer; token-id calibration) and the tiny BERT with its word-level
+tokenizer, each through profile -> relufy -> profile -> predictors -> quantize ->
+reorder -> pack. Built once per session (module-level cache)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROFILE = """
+[[pass]]
+name = "profile"
+[pass.options]
+calib = "{calib}"
+seq_len = 16
+num_sequences = 32
+max_samples = 512
+heldout_fraction = 0.2
+"""
+
+RECIPE = """
+seed = 1
+{profile}[[pass]]
+name = "relufy"
+[pass.options]
+mode = "relu"
+mean_correction = true
+eval_sequences = 4
+sweep = [0.5, 0.7]
+{profile}[[pass]]
+name = "predictors"
+[pass.options]
+ranks = [16]
+max_epochs = 3
+density_factor = 4.0
+budget = 0.5
+gate_first = "never"
+workers = 1
+eval_sequences = -1
+[[pass]]
+name = "quantize"
+[pass.options]
+ffn = "q8_0"
+[[pass]]
+name = "reorder"
+[[pass]]
+name = "pack"
+"""
+
+_CACHE: dict[str, Path] = {}
+
+
+def converted(kind: str, tiny_model, tiny_bert_tokenized, tmp_path_factory) -> Path:
+    """The convert output directory (``model.gguf``, ``ir/``, ``report.json``) of the tiny
+    ``llama`` or ``bert``; the source checkpoint is ``converted(...).parent / "source"``."""
+    if kind in _CACHE:
+        return _CACHE[kind]
+    from conftest import TEXT
+    from sparseforge.toolchain.pipeline import convert_model
+
+    d = tmp_path_factory.mktemp(f"rt-{kind}")
+    if kind == "llama":
+        src, _ = tiny_model("llama")
+        calib = d / "ids.npy"
+        np.save(calib, np.random.default_rng(0).integers(0, 100, size=(60, 16)))
+    else:
+        src = tiny_bert_tokenized
+        calib = d / "calib.txt"
+        calib.write_text(TEXT * 3)
+    (d / "recipe.toml").write_text(RECIPE.format(profile=PROFILE.format(calib=calib)))
+    (d / "source").symlink_to(src, target_is_directory=True)
+    convert_model(src, d / "out", recipe=d / "recipe.toml", report_html=True)
+    _CACHE[kind] = d / "out"
+    return d / "out"
+
+
+@pytest.fixture(scope="module")
+def llama_out(tiny_model, tiny_bert_tokenized, tmp_path_factory) -> Path:
+    return converted("llama", tiny_model, tiny_bert_tokenized, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def bert_out(tiny_model, tiny_bert_tokenized, tmp_path_factory) -> Path:
+    return converted("bert", tiny_model, tiny_bert_tokenized, tmp_path_factory)

@@ -1,0 +1,59 @@
+"""``sparseforge bench`` and the synthetic large-model decode benchmark (``--smoke``)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _runtime_artifacts import bert_out, llama_out  # noqa: F401 (fixtures)
+
+from sparseforge.toolchain.bench import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_decoder(llama_out):
+    r = bench(llama_out / "model.gguf", modes=("dense", "predictor"), prompt_tokens=8, decode_tokens=3, repeats=1)
+    for m in ("dense", "predictor"):
+        row = r["runtime"][m]
+        assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0
+        assert 0 <= row["predictor_overhead"] < 1
+    assert r["runtime"]["dense"]["predictor_overhead"] == 0
+    assert r["onnxruntime"]["ort_f32"]["decode_tokens_per_s"] > 0
+    for k in ("decode_predictor_vs_dense", "decode_predictor_vs_ort_f32", "prefill_dense_vs_ort_f32"):
+        assert r["ratios"][k] > 0
+    assert r["peak_rss_mb"] >= r["rss_after_runtime_load_mb"] > 0
+
+
+def test_bench_encoder_cli(bert_out, tmp_path, capsys):
+    from sparseforge.toolchain.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", str(bert_out / "model.gguf"), "--seq-lens", "8,16", "--batch", "2", "--repeats", "1",
+              "--json", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert exc.value.code == 0 and "emb/s" in out and "peak RSS" in out
+    assert set(r["runtime"]) == {"dense", "sparse"} and set(r["runtime"]["sparse"]) == {"8", "16"}
+    assert r["ratios"]["embed16_sparse_vs_ort_f32"] > 0
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", str(bert_out / "model.gguf"), "--modes", "fast"])
+    assert exc.value.code == 2 and "--modes" in capsys.readouterr().err
+
+
+def test_synthetic_decode_smoke(tmp_path):
+    out = tmp_path / "smoke.json"
+    env = {**os.environ, "SPARSEFORGE_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "synthetic_decode.py"), "--smoke",
+                           "--output", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["shape"] == "smoke" and abs(r["mean_measured_density"] - 0.10) < 0.05
+    for fmt, ort in (("f32", "ort_f32"), ("q4_0", "ort_matmulnbits_q4")):
+        f = r["formats"][fmt]
+        assert f["ort_baseline"] == ort and f["sparse_vs_ort"] > 0
+        assert f["runtime"]["predictor"]["mean_ffn_density"] < 0.3  # the predictor selects ~10% of neurons
+        assert f["runtime"]["gate-first"]["mean_ffn_density"] < 0.3

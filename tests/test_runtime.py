@@ -1,0 +1,112 @@
+"""The artifact runtime: decoders (KV cache, prefill vs decode, modes, greedy / top-p
+generation) and encoders (embeddings, tokenization) against the numpy reference
+executors on the converted IR, which holds exactly the artifact's (dequantized) weights."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from _runtime_artifacts import bert_out, llama_out  # noqa: F401 (fixtures)
+
+from sparseforge.toolchain.ir import ModelIR
+from sparseforge.toolchain.reference import executor_for
+from sparseforge.toolchain.runtime import (DecoderRuntime, EncoderRuntime, LoadedModel, Sampler, load_runtime,
+                                           runtime_for, top_p_probs)
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_decoder_matches_reference_and_cache(llama_out):
+    ir = ModelIR.load(llama_out / "ir")
+    ids = np.random.default_rng(1).integers(0, 100, 12)
+    want = executor_for(ir).forward(ids[None])[0]
+    model = LoadedModel.open(llama_out / "model.gguf", linear="dequantize")
+    assert model.predictor_modes == ["predictor", "predictor"] or "predictor" in model.predictor_modes
+    for mode in ("dense", "gate-first"):  # exact modes: only the kernels' Q8_0 input rounding differs
+        rt = runtime_for(model, mode)
+        assert isinstance(rt, DecoderRuntime)
+        assert _rel(rt.forward(ids, all_logits=True), want) < 1e-2
+        cache = rt.new_cache()
+        steps = [rt.forward(ids[:7], cache, all_logits=True)] + [rt.forward([t], cache)[None] for t in ids[7:]]
+        assert cache.length == ids.size
+        assert _rel(np.concatenate(steps), want) < 1e-2
+    gf = runtime_for(model, "gate-first")
+    gf.forward(ids[:1])
+    assert all(m == "gate-first" for m in gf.ffn.modes) and max(gf.ffn.density()) < 1.0
+    # the quantized-matvec path (attention / LM head through the int8-dot kernels)
+    q = load_runtime(llama_out / "model.gguf", mode="dense", linear="quantized")
+    assert q.model.linear("lm_head.weight").quantized
+    assert _rel(q.forward(ids, all_logits=True), want) < 3e-2
+
+
+def test_decoder_predictor_mode(llama_out):
+    rt = load_runtime(llama_out / "model.gguf", mode="predictor")
+    assert "predictor" in rt.ffn.modes
+    ids = np.random.default_rng(2).integers(0, 100, 10)
+    dense = load_runtime(llama_out / "model.gguf", mode="dense").forward(ids, all_logits=True)
+    got = rt.forward(ids, all_logits=True)
+    assert got.shape == dense.shape and np.isfinite(got).all()
+    cache = rt.new_cache()
+    rt.forward(ids[:5], cache)
+    rt.ffn.reset_stats()
+    for t in ids[5:]:
+        rt.forward([t], cache)
+    dens = [d for d, m in zip(rt.ffn.density(), rt.ffn.modes) if m == "predictor"]
+    assert dens and all(0 < d < 1 for d in dens)
+
+
+def test_generation_greedy_and_top_p(llama_out):
+    ir = ModelIR.load(llama_out / "ir")
+    rt = load_runtime(llama_out / "model.gguf", mode="dense", linear="dequantize")
+    prompt = np.array([5, 17, 33, 2, 9])
+    out = rt.generate(prompt, 6, stop_at_eos=False)
+    assert out[:5].tolist() == prompt.tolist() and out.size == 11
+    ref = executor_for(ir).generate(prompt, 6, stop_at_eos=False)
+    assert (out[5:8] == ref[5:8]).all()  # the first steps agree with the reference
+    a = rt.generate(prompt, 6, Sampler(greedy=False, top_p=0.9, seed=7), stop_at_eos=False)
+    b = rt.generate(prompt, 6, Sampler(greedy=False, top_p=0.9, seed=7), stop_at_eos=False)
+    assert a.tolist() == b.tolist()
+    p = top_p_probs(np.log(np.array([0.5, 0.3, 0.15, 0.05])), top_p=0.75)
+    assert np.allclose(p, [0.625, 0.375, 0, 0])
+    with pytest.raises(ValueError):
+        Sampler(greedy=False, top_p=0.0)
+
+
+def test_encoder_matches_reference(bert_out):
+    ir = ModelIR.load(bert_out / "ir")
+    rt = load_runtime(bert_out / "model.gguf", mode="dense")
+    assert isinstance(rt, EncoderRuntime)
+    texts = ["The quick brown fox jumps over the lazy dog .", "The lazy dog ."]
+    ids, mask = rt.tokenize(texts)
+    assert ids[0, 0] == 2 and ids[1, int(mask[1].sum()) - 1] == 3  # [CLS] ... [SEP], right padding
+    want = executor_for(ir).embed(ids, mask)
+    got = rt.embed(texts)
+    assert got.shape == (2, 64)
+    assert float((want * got).sum(1).min()) > 0.9999
+    sparse = load_runtime(bert_out / "model.gguf")
+    emb = sparse.embed(texts)
+    assert float((want * emb).sum(1).min()) > 0.9
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+def test_run_command(llama_out, bert_out, tmp_path, capsys):
+    from sparseforge.toolchain.cli import main
+
+    def call(*args):
+        with pytest.raises(SystemExit) as exc:
+            main(list(args))
+        return exc.value.code, *capsys.readouterr()
+
+    code, out, _ = call("run", str(bert_out / "model.gguf"), "--embed", "The lazy dog .", "--json")
+    assert code == 0 and len(json.loads(out)["embeddings"][0]) == 64
+    code, out, _ = call("run", str(bert_out), "--embed", "The dog", "--embed", "The fox")
+    assert code == 0 and "cosine similarities" in out
+    code, _, err = call("run", str(llama_out / "model.gguf"), "--prompt", "hello")
+    assert code == 2 and "no tokenizer.json" in err
+    code, _, err = call("run", str(bert_out / "model.gguf"), "--prompt", "hello")
+    assert code == 2 and "encoder" in err
+    code, _, err = call("run", str(tmp_path / "nope.gguf"), "--embed", "x")
+    assert code == 2 and err.startswith("error:") and "not found" in err

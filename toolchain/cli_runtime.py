@@ -1,0 +1,176 @@
+"""``sparseforge run``, ``verify`` and ``bench``: the artifact at work.
+
+Registered onto the ``sparseforge`` click group when this module is imported
+(``toolchain/cli.py`` imports it at the bottom).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .cli import cli, main
+from .errors import InputError
+from .runtime_load import MODES
+
+_MODE = click.Choice(list(MODES))
+
+
+def _artifact_path(path: Path) -> Path:
+    if not path.exists():
+        raise InputError(path, "artifact not found")
+    return path
+
+
+def _write_json(path: Path | None, report: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1, sort_keys=True, default=float) + "\n")
+
+
+@cli.command("run")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", default=None, help="Decoders: generate a continuation of this text.")
+@click.option("--embed", "texts", multiple=True, help="Encoders: print the embedding of this text (repeatable).")
+@click.option("--mode", type=_MODE, default="sparse", show_default=True,
+              help="FFN mode: sparse (per layer as converted), predictor, gate-first or dense.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Tokens to generate.")
+@click.option("--top-p", type=float, default=None, help="Sample with this nucleus mass (default: greedy).")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (embeddings as lists, or the generated text and ids).")
+def run(artifact: Path, prompt: str | None, texts: tuple[str, ...], mode: str, max_new_tokens: int,
+        top_p: float | None, temperature: float, seed: int, as_json: bool) -> None:
+    """Run ARTIFACT: embed texts (encoders) or generate from a prompt (decoders)."""
+    from .runtime import Sampler, load_runtime
+
+    rt = load_runtime(_artifact_path(artifact), mode=mode)
+    if rt.spec.causal:
+        if prompt is None or texts:
+            raise InputError(artifact, "a decoder artifact: give --prompt TEXT (not --embed)")
+        if max_new_tokens < 1:
+            raise InputError(None, "--max-new-tokens must be >= 1")
+        try:
+            sampler = Sampler(greedy=top_p is None, temperature=temperature, top_p=top_p or 1.0, seed=seed)
+        except ValueError as exc:
+            raise InputError(None, str(exc)) from None
+        tok = rt.model.require_tokenizer()
+        tok.no_truncation()
+        ids = tok.encode(prompt, add_special_tokens=True).ids
+        new = []
+        for t in rt.stream(ids, max_new_tokens, sampler):
+            new.append(t)
+            if not as_json:
+                click.echo(tok.decode([t], skip_special_tokens=True), nl=False)
+                sys.stdout.flush()
+        if as_json:
+            click.echo(json.dumps({"prompt": prompt, "ids": new, "text": tok.decode(new, skip_special_tokens=True)}))
+        else:
+            click.echo()
+    else:
+        if not texts or prompt is not None:
+            raise InputError(artifact, "an encoder artifact: give --embed TEXT (not --prompt)")
+        emb = rt.embed(list(texts))
+        if as_json:
+            click.echo(json.dumps({"embeddings": emb.tolist()}))
+        else:
+            for t, e in zip(texts, emb):
+                click.echo(f"{t[:40]!r}: [{', '.join(f'{v:.4f}' for v in e[:6])}, ...] (d={e.size})")
+            if len(texts) > 1:
+                click.echo("cosine similarities:")
+                for i, row in enumerate(emb @ emb.T):
+                    click.echo("  " + " ".join(f"{v:6.3f}" for v in row))
+
+
+@cli.command("verify")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--reference", required=True, type=click.Path(path_type=Path),
+              help="The original model (checkpoint directory, .onnx or IR directory), run in onnxruntime.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Evaluation text/JSONL/directory/.npy (default: the conversion's held-out calibration split).")
+@click.option("--num-sequences", type=int, default=64, show_default=True, help="Sequences to evaluate (0: all).")
+@click.option("--seq-len", type=int, default=None, help="Tokens per sequence (default: the recipe's).")
+@click.option("--mode", type=_MODE, default="sparse", show_default=True, help="Runtime FFN mode.")
+@click.option("--min-cosine", type=float, default=None,
+              help="Encoders: lowest acceptable mean embedding cosine (default: recipe, else 0.98).")
+@click.option("--max-ppl-increase", type=float, default=None,
+              help="Decoders: largest acceptable relative perplexity increase (default: recipe, else 0.05).")
+@click.option("--recipe", type=click.Path(path_type=Path), default=None,
+              help="Recipe TOML whose [verify] table gives the gates.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report here.")
+def verify_cmd(artifact: Path, reference: Path, data: Path | None, num_sequences: int, seq_len: int | None,
+               mode: str, min_cosine: float | None, max_ppl_increase: float | None, recipe: Path | None,
+               json_path: Path | None) -> None:
+    """Check ARTIFACT against the original model on held-out inputs; exit 1 when a gate fails."""
+    from .verify import verify
+
+    if not reference.exists():
+        raise InputError(reference, "reference model not found")
+    report = verify(_artifact_path(artifact), reference, data=data, num_sequences=num_sequences, seq_len=seq_len,
+                    mode=mode, min_cosine=min_cosine, max_ppl_increase=max_ppl_increase, recipe=recipe)
+    _write_json(json_path, report)
+    click.echo(verify_summary(report))
+    if not report["passed"]:
+        sys.exit(1)
+
+
+def verify_summary(r: dict) -> str:
+    if r["family"] == "bert":
+        figures = f"mean cosine {r['mean_cosine']:.4f}, min {r['min_cosine']:.4f}"
+    else:
+        figures = (f"perplexity {r['perplexity']:.3f} vs {r['perplexity_reference']:.3f} "
+                   f"({100 * r['ppl_increase']:+.2f}%), top-1 agreement {r['top1_agreement']:.3f}, "
+                   f"mean KL {r['mean_kl']:.4f}")
+    gates = ", ".join(f"{k} {g['limit']} ({g['source']}): {'pass' if g['passed'] else 'FAIL'}"
+                      for k, g in r["gates"].items())
+    return (f"verify {'PASSED' if r['passed'] else 'FAILED'}: {figures} on {r['sequences']} sequences "
+            f"({r['tokens']} tokens, {r['data']}); FFN density {r['mean_ffn_density']:.3f}; gates: {gates}")
+
+
+@cli.command("bench")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--modes", default="dense,sparse", show_default=True, help="Runtime modes to time (comma-separated).")
+@click.option("--prompt-tokens", type=int, default=32, show_default=True, help="Decoders: prompt (prefill) length.")
+@click.option("--decode-tokens", type=int, default=32, show_default=True, help="Decoders: generated tokens timed.")
+@click.option("--seq-lens", default="16,64,128", show_default=True, help="Encoders: sequence lengths.")
+@click.option("--batch", type=int, default=8, show_default=True, help="Encoders: sequences per batch.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Best of this many timings.")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="Time the dense onnxruntime baseline of this model instead of the artifact's own weights.")
+@click.option("--ort-graph", "ort_graphs", multiple=True, metavar="NAME=PATH",
+              help="Time this ONNX file as the onnxruntime baseline NAME (repeatable).")
+@click.option("--no-ort", is_flag=True, help="Skip the onnxruntime baseline.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report here.")
+def bench_cmd(artifact: Path, modes: str, prompt_tokens: int, decode_tokens: int, seq_lens: str, batch: int,
+              repeats: int, reference: Path | None, ort_graphs: tuple[str, ...], no_ort: bool,
+              json_path: Path | None) -> None:
+    """Decode/prefill tokens/s (decoders) or embeddings/s (encoders) per mode, against onnxruntime."""
+    from .bench import bench, summary_lines
+
+    mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
+    bad = [m for m in mode_list if m not in MODES]
+    if bad or not mode_list:
+        raise InputError(None, f"--modes {modes!r}: expected a comma-separated subset of {', '.join(MODES)}")
+    try:
+        lens = tuple(int(v) for v in seq_lens.split(",") if v.strip())
+    except ValueError:
+        raise InputError(None, f"--seq-lens {seq_lens!r}: expected comma-separated integers") from None
+    if min(prompt_tokens, decode_tokens, batch, repeats, *(lens or (0,))) < 1:
+        raise InputError(None, "token counts, --seq-lens, --batch and --repeats must be >= 1")
+    graphs = {}
+    for g in ort_graphs:
+        name, sep, path = g.partition("=")
+        if not sep or not Path(path).is_file():
+            raise InputError(Path(path) if sep else None, f"--ort-graph {g!r}: expected NAME=PATH of an ONNX file")
+        graphs[name] = path
+    report = bench(_artifact_path(artifact), modes=mode_list, prompt_tokens=prompt_tokens,
+                   decode_tokens=decode_tokens, seq_lens=lens, batch=batch, repeats=repeats, ort=not no_ort,
+                   ort_graphs=graphs or None, reference=reference)
+    _write_json(json_path, report)
+    click.echo("\n".join(summary_lines(report)))
+
+
+if __name__ == "__main__":
+    main()

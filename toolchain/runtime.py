@@ -1,0 +1,45 @@
+"""The sparseforge runtime: run a GGUF artifact with the sparse FFN kernels.
+
+```python
+from sparseforge.toolchain.runtime import load_runtime, Sampler
+
+rt = load_runtime("out/model.gguf")                 # encoder: EncoderRuntime
+emb = rt.embed(["a sentence", "another one"])       # [2, d], L2-normalised
+rt = load_runtime("llama/model.gguf", mode="sparse")  # decoder: DecoderRuntime
+text = rt.generate_text("Once upon", 32, Sampler(greedy=False, top_p=0.9, seed=0))
+```
+
+Modules: :mod:`.runtime_load` (artifact, weights, kernels, predictors, FFN modes),
+:mod:`.runtime_encoder` (embeddings), :mod:`.runtime_decoder` (KV cache, prefill,
+decode, generation), :mod:`.runtime_sampling` (greedy / top-p).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+from .runtime_decoder import DecoderRuntime
+from .runtime_encoder import EncoderRuntime
+from .runtime_load import LINEAR_MODES, MODES, FFNRunner, LoadedModel, layer_modes
+from .runtime_sampling import Sampler, top_p_probs
+
+Runtime = Union[EncoderRuntime, DecoderRuntime]
+
+
+def runtime_for(model: LoadedModel, mode: str = "sparse", **kwargs) -> Runtime:
+    """The executor of an opened artifact: encoders embed, decoders generate."""
+    return DecoderRuntime(model, mode) if model.spec.causal else EncoderRuntime(model, mode, **kwargs)
+
+
+def load_runtime(path: str | Path, mode: str = "sparse", *, linear: str = "auto", verify_checksums: bool = True,
+                 **kwargs) -> Runtime:
+    """Open (memory-map and validate) the artifact at ``path`` and return its runtime.
+
+    ``mode``: ``sparse`` (each layer as the predictors pass chose), ``predictor``,
+    ``gate-first`` or ``dense``; ``linear``: ``auto``, ``dequantize`` or ``quantized``
+    (how attention/embedding/LM-head matrices are multiplied; see :mod:`.runtime_load`)."""
+    return runtime_for(LoadedModel.open(path, linear=linear, verify_checksums=verify_checksums), mode, **kwargs)
+
+
+__all__ = ["DecoderRuntime", "EncoderRuntime", "FFNRunner", "LINEAR_MODES", "LoadedModel", "MODES", "Runtime",
+           "Sampler", "layer_modes", "load_runtime", "runtime_for", "top_p_probs"]

@@ -1,0 +1,136 @@
+"""Decoder runtime (``llama`` family: Llama, Mistral, Qwen2): logits and generation.
+
+The forward pass mirrors :class:`~.reference.llama.LlamaDecoder` (pre-norm layers,
+RoPE, grouped-query attention, RMSNorm, LM head or tied embeddings) for one sequence
+with a :class:`~.reference.llama.KVCache`. Attention projections and the LM head are the
+artifact's weights (:class:`~.runtime_load.Linear`); FFNs go through
+:class:`~.runtime_load.FFNRunner`: several tokens at once (the prompt: prefill) use
+``LayerKernels.prefill``, one token (a decode step) ``forward(x, idx)`` /
+``gate_first(x)``.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from .errors import InputError
+from .reference.bert import softmax
+from .reference.llama import KVCache, apply_rope, rms_norm, rope_cos_sin
+from .runtime_load import FFNRunner, LoadedModel
+from .runtime_sampling import Sampler
+
+_NEG = np.float32(np.finfo(np.float32).min)
+
+
+class DecoderRuntime:
+    """Logits and generation of a decoder artifact in one FFN ``mode``."""
+
+    def __init__(self, model: LoadedModel, mode: str = "sparse") -> None:
+        if not model.spec.causal:
+            raise ValueError("DecoderRuntime needs a decoder (llama-family) artifact")
+        if model.spec.rope_theta is None:
+            raise InputError(model.artifact.path, "the artifact's spec has no rope_theta")
+        self.model = model
+        self.spec = model.spec
+        self.ffn = FFNRunner(model, mode)
+        if model.has("lm_head.weight"):
+            self.lm_head = "lm_head.weight"
+        elif self.spec.tie_word_embeddings:
+            self.lm_head = "model.embed_tokens.weight"
+        else:
+            raise InputError(model.artifact.path, "no lm_head.weight and the embeddings are not tied")
+
+    @property
+    def mode(self) -> str:
+        return self.ffn.mode
+
+    def new_cache(self, max_length: int | None = None) -> KVCache:
+        s = self.spec
+        return KVCache(s.num_layers, 1, s.num_kv_heads, s.head_dim, max_length)
+
+    def _proj(self, x: np.ndarray, prefix: str) -> np.ndarray:
+        lin = self.model.linear(prefix + ".weight")
+        y = lin.matvec(x[0])[None] if x.shape[0] == 1 else lin.matmul(x)
+        if self.model.has(prefix + ".bias"):
+            y += self.model.vector(prefix + ".bias")
+        return y
+
+    def forward(self, input_ids, cache: KVCache | None = None, all_logits: bool = False) -> np.ndarray:
+        """Logits of one sequence's new tokens ``input_ids [T]``: ``[T, vocab]`` with
+        ``all_logits``, else the last position's ``[vocab]``. With ``cache`` the tokens
+        continue at position ``cache.length`` and the cache is extended."""
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+        s = self.spec
+        T = ids.size
+        if T == 0:
+            raise ValueError("forward needs at least one token")
+        if ids.min() < 0 or ids.max() >= s.vocab_size:
+            raise ValueError(f"token ids must be in [0, {s.vocab_size})")
+        past = 0 if cache is None else cache.length
+        H, KV, hd, d = s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size
+        G = H // KV
+        positions = np.arange(past, past + T)
+        cos, sin = rope_cos_sin(positions, hd, s.rope_theta)
+        scale = np.float32(hd ** -0.5)
+        causal = (np.arange(past + T)[None, :] <= positions[:, None])[None, None]  # [1, 1, T, S]
+        m = self.model
+        x = m.linear("model.embed_tokens.weight").take(ids)
+        for i in range(s.num_layers):
+            p = f"model.layers.{i}."
+            h = rms_norm(x, m.vector(p + "input_layernorm.weight"), s.norm_eps)
+            q = self._proj(h, p + "self_attn.q_proj").reshape(T, H, hd).transpose(1, 0, 2)
+            k = self._proj(h, p + "self_attn.k_proj").reshape(T, KV, hd).transpose(1, 0, 2)
+            v = self._proj(h, p + "self_attn.v_proj").reshape(T, KV, hd).transpose(1, 0, 2)
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
+            if cache is not None:
+                k, v = cache.append(i, k[None], v[None])
+                k, v = k[0], v[0]
+            qg = q.reshape(KV, G, T, hd)
+            scores = (qg @ k[:, None].transpose(0, 1, 3, 2)) * scale  # [KV, G, T, S]
+            if T > 1:
+                scores = np.where(causal, scores, _NEG)
+            ctx = (softmax(scores) @ v[:, None]).reshape(H, T, hd).transpose(1, 0, 2).reshape(T, H * hd)
+            x = x + self._proj(ctx, p + "self_attn.o_proj")
+            h = rms_norm(x, m.vector(p + "post_attention_layernorm.weight"), s.norm_eps)
+            x = x + (self.ffn.many(i, h) if T > 1 else self.ffn.one(i, h[0])[None])
+        x = rms_norm(x if all_logits else x[-1:], m.vector("model.norm.weight"), s.norm_eps)
+        head = m.linear(self.lm_head)
+        logits = head.matvec(x[0])[None] if x.shape[0] == 1 else head.matmul(x)
+        return logits if all_logits else logits[-1]
+
+    def stream(self, prompt_ids, max_new_tokens: int, sampler: Sampler | None = None,
+               stop_at_eos: bool = True) -> Iterator[int]:
+        """Yield up to ``max_new_tokens`` generated token ids after the prompt (KV cache;
+        the prompt is one prefill call)."""
+        prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        if prompt.size == 0:
+            raise ValueError("generation needs a non-empty prompt")
+        sampler = sampler or Sampler()
+        eos = self.spec.eos_token_id
+        eos_ids = set() if eos is None or not stop_at_eos else set(eos if isinstance(eos, list) else [eos])
+        cache = self.new_cache(prompt.size + max_new_tokens)
+        logits = self.forward(prompt, cache)
+        for n in range(max_new_tokens):
+            tok = sampler(logits)
+            yield tok
+            if tok in eos_ids or n + 1 == max_new_tokens:
+                return
+            logits = self.forward(np.array([tok]), cache)
+
+    def generate(self, prompt_ids, max_new_tokens: int, sampler: Sampler | None = None,
+                 stop_at_eos: bool = True) -> np.ndarray:
+        """``prompt + generated`` token ids (int64)."""
+        prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        new = list(self.stream(prompt, max_new_tokens, sampler, stop_at_eos))
+        return np.concatenate([prompt, np.asarray(new, np.int64)])
+
+    def generate_text(self, prompt: str, max_new_tokens: int = 32, sampler: Sampler | None = None) -> str:
+        """The text generated after ``prompt`` (tokenized with the artifact's tokenizer)."""
+        tok = self.model.require_tokenizer()
+        tok.no_truncation()
+        tok.no_padding()
+        ids = tok.encode(prompt, add_special_tokens=True).ids
+        out = self.generate(ids, max_new_tokens, sampler)
+        return tok.decode(out[len(ids):].tolist(), skip_special_tokens=True)

@@ -1,0 +1,116 @@
+"""Encoder runtime (``bert`` family, e.g. all-MiniLM-L6-v2): sentence embeddings.
+
+The forward pass mirrors :class:`~.reference.bert.BertEncoder` (embeddings + LayerNorm,
+post-norm layers, bidirectional attention with padding keys masked) on the artifact's
+weights; each layer's FFN runs on the real (non-padding) tokens of the batch through
+:class:`~.runtime_load.FFNRunner` (``LayerKernels.prefill``). Embeddings are the mean
+of the last hidden states over real tokens, L2-normalised: the pooling of
+sentence-transformers' all-MiniLM-L6-v2. Text is tokenized with the ``tokenizer.json``
+carried in the artifact (special tokens added, truncated to ``max_length``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .reference.bert import layer_norm, softmax
+from .runtime_load import FFNRunner, LoadedModel
+
+_NEG = np.float32(np.finfo(np.float32).min)
+
+
+class EncoderRuntime:
+    """Embeddings of an encoder artifact in one FFN ``mode``."""
+
+    def __init__(self, model: LoadedModel, mode: str = "sparse", max_length: int | None = None) -> None:
+        if model.spec.causal:
+            raise ValueError("EncoderRuntime needs an encoder (bert-family) artifact")
+        self.model = model
+        self.spec = model.spec
+        self.ffn = FFNRunner(model, mode)
+        self.max_length = min(max_length or self.spec.max_positions, self.spec.max_positions)
+
+    @property
+    def mode(self) -> str:
+        return self.ffn.mode
+
+    def _lin(self, x: np.ndarray, prefix: str) -> np.ndarray:
+        y = self.model.linear(prefix + ".weight").matmul(x)
+        y += self.model.vector(prefix + ".bias")
+        return y
+
+    def _ln(self, x: np.ndarray, prefix: str) -> np.ndarray:
+        return layer_norm(x, self.model.vector(prefix + ".weight"), self.model.vector(prefix + ".bias"),
+                          self.spec.norm_eps)
+
+    def hidden_states(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Last hidden states ``[B, T, d]`` of ``input_ids [B, T]``."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+        B, T = ids.shape
+        s = self.spec
+        if T > s.max_positions:
+            raise ValueError(f"sequence length {T} exceeds max_positions {s.max_positions}")
+        if ids.size and (ids.min() < 0 or ids.max() >= s.vocab_size):
+            raise ValueError(f"token ids must be in [0, {s.vocab_size})")
+        mask = np.ones((B, T), bool) if attention_mask is None else np.asarray(attention_mask) != 0
+        valid = mask.reshape(-1)
+        H, hd, d = s.num_heads, s.head_dim, s.hidden_size
+        m = self.model
+        x = m.linear("embeddings.word_embeddings.weight").take(ids.reshape(-1)).reshape(B, T, d)
+        x += m.linear("embeddings.position_embeddings.weight").take(np.arange(T))[None]
+        x += m.linear("embeddings.token_type_embeddings.weight").take(np.zeros(1, np.int64))[None]
+        x = self._ln(x, "embeddings.LayerNorm").reshape(B * T, d)
+        key_ok = mask[:, None, None, :]
+        scale = np.float32(1.0 / np.sqrt(hd))
+        for i in range(s.num_layers):
+            p = f"encoder.layer.{i}."
+
+            def heads(t: np.ndarray) -> np.ndarray:
+                return t.reshape(B, T, H, hd).transpose(0, 2, 1, 3)
+
+            q = heads(self._lin(x, p + "attention.self.query"))
+            k = heads(self._lin(x, p + "attention.self.key"))
+            v = heads(self._lin(x, p + "attention.self.value"))
+            scores = np.where(key_ok, (q @ k.transpose(0, 1, 3, 2)) * scale, _NEG)
+            ctx = (softmax(scores) @ v).transpose(0, 2, 1, 3).reshape(B * T, H * hd)
+            x = self._ln(self._lin(ctx, p + "attention.output.dense") + x, p + "attention.output.LayerNorm")
+            y = np.zeros_like(x)
+            y[valid] = self.ffn.many(i, x[valid])
+            x = self._ln(y + x, p + "output.LayerNorm")
+        return x.reshape(B, T, d)
+
+    def embed_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                  normalize: bool = True) -> np.ndarray:
+        """Sentence embeddings ``[B, d]`` float32 of token ids (mean pooling over real tokens)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        mask = np.ones(ids.shape, np.float32) if attention_mask is None else \
+            (np.asarray(attention_mask) != 0).astype(np.float32)
+        h = self.hidden_states(ids, mask).astype(np.float64)
+        pooled = np.einsum("btd,bt->bd", h, mask) / np.maximum(mask.sum(1, keepdims=True), 1e-9)
+        if normalize:
+            pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        return pooled.astype(np.float32)
+
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, mask) [B, T]`` of ``texts`` (special tokens, truncation to ``max_length``, right padding)."""
+        tok = self.model.require_tokenizer()
+        tok.no_padding()
+        tok.enable_truncation(self.max_length)  # keeps the special tokens, as transformers does
+        rows = [list(e.ids) for e in tok.encode_batch(list(texts), add_special_tokens=True)]
+        T = max(1, max(len(r) for r in rows))
+        ids = np.full((len(rows), T), self.spec.pad_token_id or 0, np.int64)
+        mask = np.zeros((len(rows), T), np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        return ids, mask
+
+    def embed(self, texts: str | list[str], batch_size: int = 16, normalize: bool = True) -> np.ndarray:
+        """Sentence embeddings ``[N, d]`` of ``texts`` (a string gives ``[1, d]``)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = []
+        for i in range(0, len(texts), batch_size):
+            ids, mask = self.tokenize(texts[i: i + batch_size])
+            out.append(self.embed_ids(ids, mask, normalize))
+        return np.concatenate(out) if out else np.zeros((0, self.spec.hidden_size), np.float32)

@@ -1,0 +1,305 @@
+"""The runtime's view of an artifact: weights, FFN kernels, predictors, tokenizer.
+
+``LoadedModel.open(path)`` memory-maps and validates the GGUF artifact
+(:class:`~.artifact_reader.Artifact`) and prepares what the executors
+(:mod:`.runtime_encoder`, :mod:`.runtime_decoder`) compute with:
+
+* every non-FFN weight as a :class:`Linear`: F32 tensors stay zero-copy views into the
+  map, F16 are widened once; Q8_0/Q4_0 matrices are either dequantized once at load
+  (``linear="dequantize"``) or kept as their ggml bytes and multiplied by the Numba
+  int8-dot row kernel (``linear="quantized"``: ``kernels.ffn.rows_sparse`` over every
+  row, the input quantized to Q8_0 as ggml does). ``auto`` keeps decoders quantized
+  (decode steps are bound by the bytes read) and dequantizes encoders (batched);
+* each FFN layer as :class:`~sparseforge.kernels.runtime.LayerKernels` over its
+  bundles (a view into the map) with the block's activation fields and biases;
+* each ``predictor`` layer's :class:`~sparseforge.kernels.runtime.Predictor`.
+
+:class:`FFNRunner` runs a layer's FFN in one of the modes: ``dense`` (no neuron
+selection; the kernels still skip the down column of an exactly-zero activation),
+``predictor`` (the layer's predictor selects the neurons, then ``forward(x, idx)``),
+``gate-first`` (dReLU/ReLU-gated layers: ``gate_first(x)``, exact) and ``sparse``
+(each layer as the ``predictors`` pass decided: predictor, gate-first or dense).
+A layer the requested mode does not apply to runs dense.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparseforge.kernels import ffn as K
+from sparseforge.kernels import quant
+from sparseforge.kernels.runtime import LayerKernels, Predictor
+
+from . import artifact_format as F
+from .artifact_reader import Artifact
+from .errors import InputError
+from .ir import ArchSpec
+
+MODES = ("dense", "sparse", "predictor", "gate-first")
+LINEAR_MODES = ("auto", "dequantize", "quantized")
+_EMPTY = np.zeros(0, np.float32)
+_DUMMY_F = np.zeros((1, 1), np.float32)
+
+
+SERIAL_BELOW = 1 << 18
+"""Matrices smaller than this many bytes are multiplied in the calling thread (a
+fork/join of the thread pool costs more than it saves)."""
+
+
+def _rows_kernel(x, wf, wq, idx, fmt, d, po, bias, lut, out) -> None:
+    """``out[p] = W[idx[p]] . x`` with the kernels' row-gather matvec (its name and
+    signature changed between kernel versions: ``rows_sparse_par``/``_ser`` take ``nchunks``)."""
+    par = getattr(K, "rows_sparse_par", None)
+    if par is not None:
+        kernel = K.rows_sparse_ser if wq.nbytes < SERIAL_BELOW else par
+        kernel(x, wf, wq, idx, fmt, d, po, bias, lut, K.default_chunks(), out)
+    else:
+        K.rows_sparse(x, wf, wq, idx, fmt, d, po, bias, lut, out)
+
+
+class Linear:
+    """A weight matrix ``W [rows, cols]`` (``y = x W^T``) from the artifact."""
+
+    def __init__(self, data: np.ndarray, fmt: str, shape: tuple[int, ...], dequantize: bool) -> None:
+        self.fmt = fmt
+        self.shape = tuple(shape)
+        self.w: np.ndarray | None = None
+        self.q: np.ndarray | None = None
+        if fmt == "f32":
+            self.w = data
+        elif fmt == "f16" or dequantize:
+            self.w = np.ascontiguousarray(data.astype(np.float32) if fmt == "f16" else quant.decode(data, fmt))
+        else:
+            self.q = np.ascontiguousarray(data).view(np.int8).reshape(shape[0], -1)
+            self._code = K.FORMAT_CODES[fmt]
+            self._all = np.arange(shape[0], dtype=np.int64)
+
+    @property
+    def quantized(self) -> bool:
+        return self.q is not None
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """``W x`` for ``x [cols]``."""
+        if self.w is not None:
+            return self.w @ x
+        out = np.empty(self.shape[0], np.float32)
+        _rows_kernel(np.ascontiguousarray(x, np.float32), _DUMMY_F, self.q, self._all, self._code, self.shape[1],
+                     0, _EMPTY, quant.F16_TO_F32, out)
+        return out
+
+    def matmul(self, X: np.ndarray) -> np.ndarray:
+        """``X W^T`` for ``X [T, cols]``; quantized weights: per-token kernels for a few
+        tokens, else the matrix dequantized for this call."""
+        if self.w is not None:
+            return X @ self.w.T
+        if X.shape[0] <= 4:
+            return np.stack([self.matvec(x) for x in X]) if X.shape[0] else np.zeros((0, self.shape[0]), np.float32)
+        return X @ quant.decode(self.q.view(np.uint8), self.fmt).T
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``W[rows]`` as float32 (embedding lookup)."""
+        if self.w is not None:
+            return np.asarray(self.w[rows], np.float32)
+        return quant.decode(self.q[rows].view(np.uint8), self.fmt)
+
+    @property
+    def nbytes(self) -> int:
+        return int((self.w if self.w is not None else self.q).nbytes)
+
+
+@dataclass
+class LoadedModel:
+    """An opened artifact, ready for the executors."""
+
+    artifact: Artifact
+    spec: ArchSpec
+    linear_mode: str
+    blocks: list[dict[str, Any]]
+    kernels: list[LayerKernels]
+    predictors: list[Predictor | None]
+    predictor_modes: list[str]
+    _linears: dict[str, Linear] = field(default_factory=dict)
+    _vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    _tokenizer: Any = None
+
+    @classmethod
+    def open(cls, path: str | Path, *, linear: str = "auto", verify_checksums: bool = True,
+             nchunks: int | None = None) -> "LoadedModel":
+        path = Path(path)
+        if linear not in LINEAR_MODES:
+            raise InputError(None, f"linear mode {linear!r}: expected one of {', '.join(LINEAR_MODES)}")
+        if not path.exists():
+            raise InputError(path, "artifact not found")
+        if path.is_dir():
+            if (path / "model.gguf").is_file():
+                path = path / "model.gguf"
+            else:
+                raise InputError(path, "a directory without model.gguf (give the artifact file)")
+        art = Artifact.open(path, verify_checksums=verify_checksums)
+        spec = art.spec
+        if linear == "auto":
+            linear = "quantized" if spec.causal else "dequantize"
+        blocks = art.metadata[F.K_BLOCKS]
+        modes = list(art.metadata[F.K_PREDICTOR_MODES])
+        thresholds = list(art.metadata[F.K_PREDICTOR_THRESHOLDS])
+        kernels, predictors = [], []
+        for layer, (doc, layout) in enumerate(zip(blocks, art.layouts)):
+            bias = {p: (art.weight(doc[f"{p}_bias"]) if doc.get(f"{p}_bias") else None) for p in ("gate", "up", "down")}
+            kernels.append(LayerKernels(
+                art.bundles(layer), layout, activation=doc["activation"], up_activation=doc.get("up_activation"),
+                activation_threshold=float(doc.get("activation_threshold") or 0.0),
+                output_threshold=float(doc.get("output_threshold") or 0.0), gate_bias=bias["gate"],
+                up_bias=bias["up"], down_bias=bias["down"], nchunks=nchunks))
+            if modes[layer] == "predictor":
+                w = {k: art.weight(F.predictor_name(layer, k)) for k in ("w1", "w2", "b1", "b2")
+                     if F.predictor_name(layer, k) in art.tensor_names}
+                predictors.append(Predictor(w["w1"], w["w2"], float(thresholds[layer]), w.get("b1"), w.get("b2")))
+            else:
+                predictors.append(None)
+        return cls(art, spec, linear, blocks, kernels, predictors, modes)
+
+    # -- weights ---------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self.artifact.tensor_names
+
+    def linear(self, name: str) -> Linear:
+        lin = self._linears.get(name)
+        if lin is None:
+            info = self.artifact.info(name)
+            lin = Linear(self.artifact.tensor(name), self.artifact.format_of(name), info.shape,
+                         dequantize=self.linear_mode == "dequantize")
+            self._linears[name] = lin
+        return lin
+
+    def vector(self, name: str) -> np.ndarray:
+        v = self._vectors.get(name)
+        if v is None:
+            v = np.ascontiguousarray(self.artifact.weight(name), np.float32)
+            self._vectors[name] = v
+        return v
+
+    def warm(self) -> None:
+        """Load every weight now (dequantizing where the mode says) rather than on first use."""
+        for name in self.artifact.tensor_names:
+            if name.startswith("blk."):
+                continue
+            if len(self.artifact.info(name).shape) == 2:
+                self.linear(name)
+            else:
+                self.vector(name)
+
+    # -- tokenizer -------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The ``tokenizers.Tokenizer`` carried in the artifact (None when it has none)."""
+        if self._tokenizer is None and self.artifact.tokenizer_json:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_str(self.artifact.tokenizer_json)
+        return self._tokenizer
+
+    def require_tokenizer(self):
+        if self.tokenizer is None:
+            raise InputError(self.artifact.path, "the artifact carries no tokenizer.json; pass token ids instead")
+        return self.tokenizer
+
+    def close(self) -> None:
+        self.artifact.close()
+
+
+def layer_modes(model: LoadedModel, mode: str) -> list[str]:
+    """The mode each layer runs in for the requested ``mode`` (see the module docstring)."""
+    if mode not in MODES:
+        raise InputError(None, f"mode {mode!r}: expected one of {', '.join(MODES)}")
+    out = []
+    for kern, pred, chosen in zip(model.kernels, model.predictors, model.predictor_modes):
+        can_gate = kern.gated and kern.act in (K.RELU, K.FATRELU)
+        if mode == "dense":
+            out.append("dense")
+        elif mode == "predictor":
+            out.append("predictor" if pred is not None else "dense")
+        elif mode == "gate-first":
+            out.append("gate-first" if can_gate else "dense")
+        else:  # sparse: the predictors pass's choice
+            if chosen == "predictor" and pred is not None:
+                out.append("predictor")
+            elif chosen == "gate-first" and can_gate:
+                out.append("gate-first")
+            else:
+                out.append("dense")
+    return out
+
+
+class FFNRunner:
+    """Runs the FFN layers of a :class:`LoadedModel` in one mode and counts the neurons
+    it computes (``density()``) and the seconds spent in predictors."""
+
+    def __init__(self, model: LoadedModel, mode: str = "sparse") -> None:
+        self.model = model
+        self.mode = mode
+        self.modes = layer_modes(model, mode)
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        n = len(self.modes)
+        self.tokens = np.zeros(n, np.int64)
+        self.neurons = np.zeros(n, np.int64)
+        self.predictor_s = 0.0
+
+    def density(self) -> list[float]:
+        """Per layer: neurons computed / (tokens x n_ff) since the last reset."""
+        n = self.model.spec.intermediate_size
+        return [float(c / (t * n)) if t else float("nan") for c, t in zip(self.neurons, self.tokens)]
+
+    def one(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """One token ``x [d]`` -> ``y [d]``."""
+        kern, mode = self.model.kernels[layer], self.modes[layer]
+        self.tokens[layer] += 1
+        if mode == "predictor":
+            t0 = time.perf_counter()
+            idx = self.model.predictors[layer].select(x)
+            self.predictor_s += time.perf_counter() - t0
+            self.neurons[layer] += idx.size
+            return kern.forward(x, idx)
+        if mode == "gate-first":
+            y, idx = kern.gate_first(x, return_idx=True)
+            self.neurons[layer] += idx.size
+            return y
+        self.neurons[layer] += kern.n
+        return kern.forward(x)
+
+    def many(self, layer: int, X: np.ndarray) -> np.ndarray:
+        """Tokens ``X [T, d]`` -> ``Y [T, d]`` (``LayerKernels.prefill``; predictor layers
+        pass the per-token predicted masks)."""
+        X = np.ascontiguousarray(X, np.float32)
+        T = X.shape[0]
+        if T == 0:
+            return np.zeros_like(X)
+        if T == 1:
+            return self.one(layer, X[0])[None]
+        kern, mode = self.model.kernels[layer], self.modes[layer]
+        self.tokens[layer] += T
+        if mode == "predictor":
+            t0 = time.perf_counter()
+            masks = predict_masks(self.model.predictors[layer], X)
+            self.predictor_s += time.perf_counter() - t0
+            self.neurons[layer] += int(masks.sum())
+            return kern.prefill(X, masks)
+        self.neurons[layer] += T * kern.n
+        return kern.prefill(X, None)
+
+
+def predict_masks(pred: Predictor, X: np.ndarray) -> np.ndarray:
+    """``[T, n]`` bool: the predictor's selection (``logit >= threshold``) for each token."""
+    hidden = X @ pred.w1.T
+    if pred.b1.size:
+        hidden += pred.b1
+    np.maximum(hidden, np.float32(0), out=hidden)
+    logits = hidden @ pred.w2.T
+    if pred.b2.size:
+        logits += pred.b2
+    return logits >= np.float32(pred.threshold)
