@@ -61,8 +61,13 @@ def converted(kind: str, tiny_model, tiny_bert_tokenized, tmp_path_factory) -> P
     from sparseforge.toolchain.pipeline import convert_model
 
     d = tmp_path_factory.mktemp(f"rt-{kind}")
-    if kind == "llama":
-        src, _ = tiny_model("llama")
+    if kind == "llama":  # the tiny Llama with the tiny BERT's word-level tokenizer (ids < 128 fit its vocab)
+        llama, _ = tiny_model("llama")
+        src = d / "llama-src"
+        src.mkdir()
+        for f in llama.iterdir():
+            (src / f.name).symlink_to(f)
+        (src / "tokenizer.json").symlink_to(tiny_bert_tokenized / "tokenizer.json")
         calib = d / "ids.npy"
         np.save(calib, np.random.default_rng(0).integers(0, 100, size=(60, 16)))
     else:

@@ -104,8 +104,14 @@ def test_run_command(llama_out, bert_out, tmp_path, capsys):
     assert code == 0 and len(json.loads(out)["embeddings"][0]) == 64
     code, out, _ = call("run", str(bert_out), "--embed", "The dog", "--embed", "The fox")
     assert code == 0 and "cosine similarities" in out
-    code, _, err = call("run", str(llama_out / "model.gguf"), "--prompt", "hello")
-    assert code == 2 and "no tokenizer.json" in err
+    code, out, _ = call("run", str(llama_out / "model.gguf"), "--prompt", "The quick brown", "--max-new-tokens", "4",
+                        "--top-p", "0.9", "--json")
+    r = json.loads(out)
+    assert code == 0 and len(r["ids"]) == 4 and isinstance(r["text"], str)
+    code, out, _ = call("run", str(llama_out / "model.gguf"), "--prompt", "The quick brown", "--max-new-tokens", "3")
+    assert code == 0 and out.endswith("\n")
+    code, _, err = call("run", str(llama_out / "model.gguf"), "--embed", "hello")
+    assert code == 2 and "decoder" in err
     code, _, err = call("run", str(bert_out / "model.gguf"), "--prompt", "hello")
     assert code == 2 and "encoder" in err
     code, _, err = call("run", str(tmp_path / "nope.gguf"), "--embed", "x")

@@ -59,12 +59,14 @@ def run(artifact: Path, prompt: str | None, texts: tuple[str, ...], mode: str, m
         tok = rt.model.require_tokenizer()
         tok.no_truncation()
         ids = tok.encode(prompt, add_special_tokens=True).ids
-        new = []
+        new, shown = [], ""
         for t in rt.stream(ids, max_new_tokens, sampler):
             new.append(t)
-            if not as_json:
-                click.echo(tok.decode([t], skip_special_tokens=True), nl=False)
+            if not as_json:  # decode the whole continuation: single tokens lose their leading spaces
+                text = tok.decode(new, skip_special_tokens=True)
+                click.echo(text[len(shown):], nl=False)
                 sys.stdout.flush()
+                shown = text
         if as_json:
             click.echo(json.dumps({"prompt": prompt, "ids": new, "text": tok.decode(new, skip_special_tokens=True)}))
         else:
