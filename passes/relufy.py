@@ -51,7 +51,9 @@ class RelufyOptions:
     """``mode`` for every layer, ``layer_modes`` overrides ({"3": "threshold"});
     ``target_sparsity`` for ``threshold`` and ``fatrelu`` layers; ``mean_correction``;
     ``local_steps`` / ``local_lr``: layer-local fitting of each new FFN to the original
-    FFN's outputs on the profile samples (``toolchain.local_distill``); end-to-end
+    FFN's outputs (``toolchain.local_distill``), ``local_sequential``: layer after layer on
+    the student's own FFN inputs over ``local_sequences`` calibration sequences (each
+    layer also repairs the error reaching it), else on the profile samples; end-to-end
     fine-tuning: ``steps`` (0: none), ``lr``, ``batch_size``, ``warmup_steps``,
     ``weight_decay``, ``l1`` (max weight of the L1 penalty on activations), ``l1_warmup``
     (fraction of steps over which it rises), ``lm_weight`` (decoders), ``hidden_weight``
@@ -65,6 +67,8 @@ class RelufyOptions:
     mean_correction: bool = False
     local_steps: int = 0
     local_lr: float = 1e-3
+    local_sequential: bool = True
+    local_sequences: int = 128
     steps: int = 0
     lr: float = 2e-4
     batch_size: int = 16
@@ -138,7 +142,8 @@ class Relufy(Pass):
         trainable = [b.layer for b in student.blocks if modes[b.layer] in TRAINABLE]
         if o.mean_correction:
             _mean_correction(ir, student, trainable)
-        local = _local_fit(ir, student, trainable, o, ctx.seed) if o.local_steps > 0 else []
+        local = _local_fit(ir, student, trainable, modes, o, ctx, _head(train, o.local_sequences)) \
+            if o.local_steps > 0 else []
         threads = o.threads or None
         reference = run_model(ir, evalset, threads=threads)
         untrained = compare(reference, run_model(student, evalset, threads=threads))
@@ -146,8 +151,12 @@ class Relufy(Pass):
         if o.steps > 0 and any(m in TRAINABLE for m in modes.values()):
             student, training = self._finetune(student, ir, train, ctx)
         fat = [b for b in student.blocks if modes[b.layer] == "fatrelu"]
-        if fat:
-            calib_run = run_model(student, _head(train, o.eval_sequences), threads=threads)
+        if fat:  # calibrated on the activations before any threshold
+            unthresholded = student.evolve()
+            for b in unthresholded.blocks:
+                if modes[b.layer] == "fatrelu":
+                    b.output_threshold = 0.0
+            calib_run = run_model(unthresholded, _head(train, o.eval_sequences), threads=threads)
             for b in fat:
                 b.output_threshold = threshold_for_sparsity(calib_run.stats[b.layer].hist, o.target_sparsity)
         final_run = run_model(student, evalset, threads=threads)
@@ -256,17 +265,22 @@ def _mean_correction(original: ModelIR, student: ModelIR, layers: list[int], chu
             student.store.set(new.down_bias, student.store.get_f32(new.down_bias) + shift)
 
 
-def _local_fit(original: ModelIR, student: ModelIR, layers: list[int], o: RelufyOptions,
-               seed: int) -> list[dict[str, Any]]:
-    """Fit each listed layer's new FFN to the original FFN on the profile samples."""
-    from sparseforge.toolchain.local_distill import fit_ffn
+def _local_fit(original: ModelIR, student: ModelIR, layers: list[int], modes: dict[int, str],
+               o: RelufyOptions, ctx: PassContext, seqs: Sequences) -> list[dict[str, Any]]:
+    """Fit each listed layer's new FFN to the original FFN, sequentially on ``seqs`` or on
+    the profile samples (``fatrelu`` layers with their threshold in the loop)."""
+    from sparseforge.toolchain.local_distill import fit_ffn, fit_sequential
 
+    targets = {layer: o.target_sparsity if modes[layer] == "fatrelu" else None for layer in layers}
+    if o.local_sequential:
+        return fit_sequential(original, student, layers, seqs, steps=o.local_steps, lr=o.local_lr, batch_size=256,
+                              l1=o.l1, seed=ctx.seed, target_sparsity=targets, show_progress=ctx.progress)
     stats = []
     for layer in layers:
         shards = [original.files[k] for k in original.blocks[layer].annotations["profile"]["sample_shards"]]
         x, _, _ = read_shards(shards, original.spec.intermediate_size)
         stats.append(fit_ffn(original, student, layer, x, steps=o.local_steps, lr=o.local_lr,
-                             batch_size=256, l1=o.l1, seed=seed))
+                             batch_size=256, l1=o.l1, seed=ctx.seed, target_sparsity=targets[layer]))
     return stats
 
 

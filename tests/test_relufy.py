@@ -182,3 +182,20 @@ def test_local_fit_reduces_the_ffn_error(profiled):
     for block in a.ir.blocks:  # deterministic, and the FFN weights changed
         np.testing.assert_array_equal(a.ir.store.get(block.up), b.ir.store.get(block.up))
         assert not np.array_equal(a.ir.store.get(block.up), bert.store.get(block.up))
+
+
+def test_local_fit_with_the_threshold_in_the_loop_hits_the_target(profiled):
+    from sparseforge.passes.relufy import _apply_mode
+    from sparseforge.toolchain.local_distill import ffn_inputs, fit_ffn
+    from sparseforge.toolchain.reference.ffn import ffn_forward
+
+    bert = profiled("bert")
+    student = bert.evolve()
+    _apply_mode(student.blocks[1], "fatrelu", 0.0)
+    x = ffn_inputs(bert, _split(bert, "train"), only=1)[1]
+    stats = fit_ffn(bert, student, 1, x, steps=30, lr=1e-3, batch_size=64, l1=0.0, seed=0, target_sparsity=0.9)
+    t = student.blocks[1].output_threshold
+    assert t > 0 and stats["threshold"] == t
+    seen = []
+    ffn_forward(student.store, student.blocks[1], x, capture=lambda _l, _x, h: seen.append(h))
+    assert abs(float((seen[0] == 0).mean()) - 0.9) < 0.03  # threshold set on a subset of these rows

@@ -14,18 +14,29 @@ from typing import Any
 import numpy as np
 import torch
 
+from .calibration import Sequences
 from .ir import FFNBlock, ModelIR
+from .progress import progress as progress_iter
+from .reference import executor_for
 from .reference.ffn import ffn_forward
 from .torch_model import FFN
 
 
 def fit_ffn(teacher: ModelIR, student: ModelIR, layer: int, x: np.ndarray, *, steps: int, lr: float,
-            batch_size: int, l1: float, seed: int) -> dict[str, Any]:
+            batch_size: int, l1: float, seed: int, target_sparsity: float | None = None,
+            targets: np.ndarray | None = None) -> dict[str, Any]:
     """Train ``student``'s FFN ``layer`` towards ``teacher``'s on inputs ``x`` [S, d]
-    (float32); writes the trained tensors into ``student.store``; returns statistics
-    (relative error and sparsity of ``h`` on ``x`` before and after)."""
+    (float32; the targets are ``teacher``'s FFN outputs on ``x`` unless ``targets``
+    [S, d] are given); writes the trained tensors into ``student.store``; returns statistics
+    (relative error and sparsity of ``h`` on ``x`` before and after).
+
+    With ``target_sparsity`` the block is trained with its output threshold in the loop
+    (FATReLU): every ``RECALIBRATE_EVERY`` steps the threshold is reset so that
+    ``target_sparsity`` of the pre-threshold activations on ``x`` fall at or below it, and
+    the final threshold is stored in ``student.blocks[layer].output_threshold``."""
     old, new = teacher.blocks[layer], student.blocks[layer]
-    y = torch.from_numpy(ffn_forward(teacher.store, old, x))
+    y = torch.from_numpy(np.ascontiguousarray(ffn_forward(teacher.store, old, x) if targets is None else targets,
+                                              dtype=np.float32))
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     module = _module(student, new)
     scale = float((y ** 2).mean()) or 1.0
@@ -33,17 +44,37 @@ def fit_ffn(teacher: ModelIR, student: ModelIR, layer: int, x: np.ndarray, *, st
     gen = torch.Generator().manual_seed(seed * 1_000_003 + layer)
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
     for step in range(steps):
+        if target_sparsity is not None and step % RECALIBRATE_EVERY == 0:
+            _recalibrate(module, xt, target_sparsity)
         idx = torch.randint(0, len(xt), (min(batch_size, len(xt)),), generator=gen)
         out, h = module(xt[idx])
         loss = ((out - y[idx]) ** 2).mean() / scale + l1 * h.abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    if target_sparsity is not None:
+        _recalibrate(module, xt, target_sparsity)
+        new.output_threshold = module.block.output_threshold
     after = _measure(module, xt, y, scale)
     for local, ir_name in module.ir_names().items():
         student.store.set(ir_name, module.get_parameter(local).detach().numpy().astype(np.float32))
     return {"layer": layer, "steps": steps, "rel_error_before": before[0], "rel_error_after": after[0],
-            "sparsity_before": before[1], "sparsity_after": after[1]}
+            "sparsity_before": before[1], "sparsity_after": after[1], "threshold": new.output_threshold}
+
+
+#: steps between threshold recalibrations when training with the threshold in the loop
+RECALIBRATE_EVERY = 25
+
+
+@torch.no_grad()
+def _recalibrate(module: FFN, x: torch.Tensor, target: float, rows: int = 2048) -> None:
+    """Set ``module``'s output threshold to the ``target`` quantile of |h| before
+    thresholding, measured on (up to) ``rows`` evenly spaced rows of ``x``."""
+    module.block.output_threshold = 0.0
+    _, h = module(x[:: max(1, len(x) // rows)])
+    flat = h.abs().flatten()
+    k = min(len(flat), max(1, int(round(target * len(flat)))))
+    module.block.output_threshold = float(flat.kthvalue(k).values)
 
 
 def _module(ir: ModelIR, block: FFNBlock) -> FFN:
@@ -59,3 +90,49 @@ def _module(ir: ModelIR, block: FFNBlock) -> FFN:
 def _measure(module: FFN, x: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[float, float]:
     out, h = module(x)
     return float(((out - y) ** 2).mean()) / scale, float((h == 0).float().mean())
+
+
+def fit_sequential(teacher: ModelIR, student: ModelIR, layers: list[int], seqs: Sequences, *, steps: int,
+                   lr: float, batch_size: int, l1: float, seed: int,
+                   target_sparsity: dict[int, float | None], show_progress: bool | None = None) -> list[dict[str, Any]]:
+    """Fit ``layers`` in order, each on the inputs the *student* produces with the layers
+    before it already fitted, so every layer also repairs the error that reaches it.
+
+    Targets: the teacher's FFN output on the teacher's input ``y_t = FFN_t(x_t)``; for
+    post-norm families (the residual is the FFN input) the residual gap is added,
+    ``y_t + x_t - x_s``, so that ``x_s + FFN_s(x_s)`` matches the teacher's residual
+    stream. Inputs are the real tokens of ``seqs`` (numpy reference executor).
+    """
+    from .families import family_named
+
+    post_norm = family_named(teacher.spec.family).residual_is_ffn_input
+    x_teacher = ffn_inputs(teacher, seqs)
+    stats = []
+    for layer in progress_iter(layers, desc="local fit", enabled=show_progress, unit="layer"):
+        x_t = x_teacher[layer]
+        x_s = ffn_inputs(student, seqs, only=layer)[layer]
+        y = ffn_forward(teacher.store, teacher.blocks[layer], x_t)
+        if post_norm:
+            y = y + (x_t - x_s)
+        stats.append(fit_ffn(teacher, student, layer, x_s, steps=steps, lr=lr, batch_size=batch_size, l1=l1,
+                             seed=seed, target_sparsity=target_sparsity.get(layer), targets=y))
+    return stats
+
+
+def ffn_inputs(ir: ModelIR, seqs: Sequences, *, only: int | None = None,
+               batch_size: int = 8) -> dict[int, np.ndarray]:
+    """FFN inputs ``[tokens, d]`` float32 per layer (or only layer ``only``) over the real
+    tokens of ``seqs``, from the numpy reference executor."""
+    ex = executor_for(ir)
+    seen: dict[int, list[np.ndarray]] = {}
+
+    def capture(layer: int, x: np.ndarray, _h: np.ndarray) -> None:
+        if only is None or layer == only:
+            seen.setdefault(layer, []).append(np.array(x, dtype=np.float32))
+
+    for ids, mask in seqs.batches(batch_size):
+        if ir.spec.causal:
+            ex.forward(ids, attention_mask=mask, capture=capture)
+        else:
+            ex.hidden_states(ids, mask, capture=capture)
+    return {layer: np.concatenate(parts) for layer, parts in seen.items()}

@@ -24,6 +24,9 @@ class ModelFamily:
     strip_prefixes: ClassVar[tuple[str, ...]] = ()
     #: checkpoint tensors that are not weights and are dropped on import.
     ignored_tensors: ClassVar[tuple[str, ...]] = ()
+    #: post-norm blocks (BERT): the residual stream adds the FFN output to the FFN input
+    #: itself, then normalises; pre-norm blocks (Llama) add it to the un-normalised stream.
+    residual_is_ffn_input: ClassVar[bool] = False
 
     @classmethod
     def spec_from_config(cls, config: dict[str, Any], path: Path) -> ArchSpec:

@@ -17,6 +17,7 @@ class Bert(ModelFamily):
     architectures = ("BertModel",)
     strip_prefixes = ("bert.",)
     ignored_tensors = ("embeddings.position_ids",)
+    residual_is_ffn_input = True
 
     @classmethod
     def spec_from_config(cls, config: dict[str, Any], path: Path) -> ArchSpec:
