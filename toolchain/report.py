@@ -292,7 +292,7 @@ def _bench(b: dict | None, pl: _Plotter) -> str:
     if b.get("family") == "bert":
         groups = {f"seq {L}": {**{m: r[L]["embeddings_per_s"] for m, r in rt.items()},
                                **{n: o[L]["embeddings_per_s"] for n, o in ort.items() if L in o}}
-                  for L in next(iter(rt.values()), {})}
+                  for L in sorted(next(iter(rt.values()), {}), key=int)}
         img = pl.img(lambda p: report_plots.plot_throughput(p, groups, "embeddings / s", "Embedding throughput"),
                      "bench")
         rows = [[g, *[v.get(s) for s in sorted(v)]] for g, v in groups.items()]
