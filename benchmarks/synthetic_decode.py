@@ -267,7 +267,7 @@ def ort_matmulnbits(ckpt: Path, f32_graph: Path, work: Path) -> Path:
 
 # -- main ---------------------------------------------------------------------------------------------
 def run(shape: str, formats: list[str], density: float, seed: int, prompt_tokens: int, decode_tokens: int,
-        repeats: int, output: Path, modes: tuple[str, ...]) -> dict:
+        repeats: int, output: Path, modes: tuple[str, ...], threads: tuple[int, ...]) -> dict:
     from sparseforge.toolchain.bench import bench, machine
 
     root = cache_root()
@@ -296,15 +296,19 @@ def run(shape: str, formats: list[str], density: float, seed: int, prompt_tokens
         graph = make()
         gc.collect()
         log(f"bench {fmt} ({', '.join(modes)} vs {name}) ...")
-        r = bench(art, modes=modes, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats,
-                  ort_graphs={name: graph})
-        r["ort_baseline"] = name
-        r["target_sparse_vs_ort"] = 2.5
-        r["sparse_vs_ort"] = r["ratios"].get(f"decode_predictor_vs_{name}")
-        report["formats"][fmt] = r
-        log(f"{fmt}: " + ", ".join(f"{m} {v['decode_tokens_per_s']:.2f} tok/s" for m, v in r["runtime"].items())
-            + f", {name} {r['onnxruntime'][name]['decode_tokens_per_s']:.2f} tok/s -> sparse {r['sparse_vs_ort']:.2f}x")
-        gc.collect()
+        report["formats"][fmt] = {}
+        for th in threads:
+            r = bench(art, modes=modes, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats,
+                      ort_graphs={name: graph}, threads=th)
+            r["ort_baseline"] = name
+            r["target_sparse_vs_ort"] = 2.5
+            r["sparse_vs_ort"] = r["ratios"].get(f"decode_predictor_vs_{name}")
+            report["formats"][fmt][f"threads_{th}"] = r
+            log(f"{fmt}, {th} thread(s), load {r['machine']['load_average_1m']:.1f}: "
+                + ", ".join(f"{m} {v['decode_tokens_per_s']:.2f} tok/s" for m, v in r["runtime"].items())
+                + f", {name} {r['onnxruntime'][name]['decode_tokens_per_s']:.2f} tok/s -> sparse "
+                  f"{r['sparse_vs_ort']:.2f}x")
+            gc.collect()
     report["seconds"] = time.perf_counter() - t0
     report["machine_after"] = machine()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -324,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--modes", default="predictor,gate-first,dense")
+    ap.add_argument("--threads", default=str(os.cpu_count() or 1),
+                    help="comma-separated thread counts to measure (runtime and onnxruntime alike)")
     ap.add_argument("--output", type=Path, default=None)
     a = ap.parse_args(argv)
     shape = "smoke" if a.smoke else a.shape
@@ -336,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     output = a.output or RESULTS / f"synthetic_decode{'_smoke' if a.smoke else ('' if shape == 'tinyllama' else '_' + shape)}.json"
     run(shape, formats, a.density, a.seed, a.prompt_tokens, a.decode_tokens, a.repeats, output,
-        tuple(m.strip() for m in a.modes.split(",") if m.strip()))
+        tuple(m.strip() for m in a.modes.split(",") if m.strip()), tuple(int(t) for t in a.threads.split(",")))
     return 0
 
 

@@ -81,7 +81,47 @@ def bench(artifact: str | Path, *, modes: tuple[str, ...] = DEFAULT_MODES, promp
 
     ``ort_graphs``: name -> ONNX file to time instead of the float32 graph built from the
     artifact (e.g. a MatMulNBits model); ``reference``: build the baseline from this
-    model (checkpoint / ONNX / IR) instead of the artifact; ``ort=False`` skips it."""
+    model (checkpoint / ONNX / IR) instead of the artifact; ``ort=False`` skips it.
+    ``threads``: threads for the runtime (Numba, BLAS) and onnxruntime alike (None: all
+    cores)."""
+    with thread_limit(threads):
+        return _bench(artifact, modes, prompt_tokens, decode_tokens, seq_lens, batch, repeats, ort, ort_graphs,
+                      reference, threads, seed, linear)
+
+
+class thread_limit:
+    """Context: at most ``threads`` threads for the Numba kernels and BLAS (None: unchanged).
+    On a loaded machine fewer threads can be much faster: every parallel region waits for
+    all its threads to be scheduled."""
+
+    def __init__(self, threads: int | None) -> None:
+        self.threads, self._saved, self._blas = threads, None, None
+
+    def __enter__(self) -> "thread_limit":
+        if self.threads:
+            import numba
+
+            self._saved = numba.get_num_threads()
+            numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
+            try:
+                from threadpoolctl import threadpool_limits
+
+                self._blas = threadpool_limits(self.threads)
+            except ImportError:  # BLAS keeps its own thread count
+                self._blas = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._saved is not None:
+            import numba
+
+            numba.set_num_threads(self._saved)
+        if self._blas is not None:
+            self._blas.restore_original_limits()
+
+
+def _bench(artifact, modes, prompt_tokens, decode_tokens, seq_lens, batch, repeats, ort, ort_graphs, reference,
+           threads, seed, linear) -> dict[str, Any]:
     from .runtime import LoadedModel, runtime_for
 
     model = LoadedModel.open(artifact, linear=linear)
@@ -90,7 +130,7 @@ def bench(artifact: str | Path, *, modes: tuple[str, ...] = DEFAULT_MODES, promp
     report: dict[str, Any] = {"artifact": str(model.artifact.path), "family": model.spec.family,
                               "architecture": model.spec.architecture, "linear": model.linear_mode,
                               "ffn_formats": sorted({lay.fmt for lay in model.artifact.layouts}),
-                              "machine": machine(), "repeats": repeats}
+                              "machine": machine(), "repeats": repeats, "threads": threads}
     runtimes = {m: runtime_for(model, m) for m in modes}
     report["layer_modes"] = {m: rt.ffn.modes for m, rt in runtimes.items()}
     if model.spec.causal:

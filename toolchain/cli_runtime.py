@@ -144,9 +144,10 @@ def verify_summary(r: dict) -> str:
 @click.option("--ort-graph", "ort_graphs", multiple=True, metavar="NAME=PATH",
               help="Time this ONNX file as the onnxruntime baseline NAME (repeatable).")
 @click.option("--no-ort", is_flag=True, help="Skip the onnxruntime baseline.")
+@click.option("--threads", type=int, default=None, help="Threads for the runtime and onnxruntime (default: all cores).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report here.")
 def bench_cmd(artifact: Path, modes: str, prompt_tokens: int, decode_tokens: int, seq_lens: str, batch: int,
-              repeats: int, reference: Path | None, ort_graphs: tuple[str, ...], no_ort: bool,
+              repeats: int, reference: Path | None, ort_graphs: tuple[str, ...], no_ort: bool, threads: int | None,
               json_path: Path | None) -> None:
     """Decode/prefill tokens/s (decoders) or embeddings/s (encoders) per mode, against onnxruntime."""
     from .bench import bench, summary_lines
@@ -159,8 +160,8 @@ def bench_cmd(artifact: Path, modes: str, prompt_tokens: int, decode_tokens: int
         lens = tuple(int(v) for v in seq_lens.split(",") if v.strip())
     except ValueError:
         raise InputError(None, f"--seq-lens {seq_lens!r}: expected comma-separated integers") from None
-    if min(prompt_tokens, decode_tokens, batch, repeats, *(lens or (0,))) < 1:
-        raise InputError(None, "token counts, --seq-lens, --batch and --repeats must be >= 1")
+    if min(prompt_tokens, decode_tokens, batch, repeats, threads or 1, *(lens or (0,))) < 1:
+        raise InputError(None, "token counts, --seq-lens, --batch, --repeats and --threads must be >= 1")
     graphs = {}
     for g in ort_graphs:
         name, sep, path = g.partition("=")
@@ -169,7 +170,7 @@ def bench_cmd(artifact: Path, modes: str, prompt_tokens: int, decode_tokens: int
         graphs[name] = path
     report = bench(_artifact_path(artifact), modes=mode_list, prompt_tokens=prompt_tokens,
                    decode_tokens=decode_tokens, seq_lens=lens, batch=batch, repeats=repeats, ort=not no_ort,
-                   ort_graphs=graphs or None, reference=reference)
+                   ort_graphs=graphs or None, reference=reference, threads=threads)
     _write_json(json_path, report)
     click.echo("\n".join(summary_lines(report)))
 
