@@ -40,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 
 from sparseforge.toolchain.errors import PassError
-from sparseforge.toolchain.executors import executor_names, make_executor, map_in_order
+from sparseforge.toolchain.executors import executor_names, make_executor, map_in_order, result_options
 from sparseforge.toolchain.ir import ANNOTATION_PREFIX, FFNBlock, ModelIR
 from sparseforge.toolchain.pass_base import Pass, PassContext, PassResult, register_pass
 from sparseforge.toolchain.predictor import (LayerSearch, LayerTask, TrainConfig, mask_metrics, predictor_flops,
@@ -215,8 +215,8 @@ class Predictors(Pass):
         masked = self._masked_eval(out, ir)
         summary = _summary(layers, total_ffn, sum(ffn_flops(ir, b) for b in ir.blocks), masked,
                            time.perf_counter() - t0, d, n)
-        report = {"model": ir.spec.architecture, "options": self.options_dict(), "summary": summary,
-                  "layers": layers, "masked": masked}
+        report = {"model": ir.spec.architecture, "options": result_options(self.options_dict()),
+                  "summary": summary, "layers": layers, "masked": masked}
         self._attach(out, report, ctx.work_dir)
         return PassResult(out, summary, modified=True)
 

@@ -15,8 +15,10 @@ the artifact will decode to, so the reference executors and every later pass com
 with the quantized model; each block's ``annotations["quant"]`` records its FFN format
 and ``quantize/quantize.json`` (attached) every tensor's format. The ``pack`` pass
 encodes the weights again and checks that they decode to the IR's values bit for bit.
-Works one tensor at a time. Statistics: per tensor format, encoded bytes and SQNR (dB;
-None when exact), and per-format totals. The ONNX graph is cleared (weights changed).
+Works one tensor at a time; one task per FFN layer (and per other tensor) goes to an
+executor (``toolchain.executors``: ``executor``, ``workers``; the result does not depend
+on them). Statistics: per tensor format, encoded bytes and SQNR (dB; None when exact),
+and per-format totals. The ONNX graph is cleared (weights changed).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import numpy as np
 
 from sparseforge.kernels import quant
 from sparseforge.toolchain.errors import PassError
+from sparseforge.toolchain.executors import executor_names, make_executor, map_in_order, result_options
 from sparseforge.toolchain.ir import ANNOTATION_PREFIX, ModelIR
 from sparseforge.toolchain.pass_base import Pass, PassContext, PassResult, register_pass
 from sparseforge.toolchain.progress import progress
@@ -43,7 +46,8 @@ class QuantizeOptions:
     """Formats (``f32``, ``f16``, ``q8_0``, ``q4_0``) by tensor kind: ``ffn`` (per layer
     ``ffn_layers``), ``attention``, ``embeddings``, ``other`` matrices, ``vectors``
     (1-D: norms, biases); ``overrides`` {fnmatch pattern: format} for non-FFN tensors;
-    ``fallback`` for matrices whose rows are not a multiple of 32 values."""
+    ``fallback`` for matrices whose rows are not a multiple of 32 values; ``executor`` and
+    ``workers`` (0: one per core; 1: in this process) run the per-layer tasks."""
 
     ffn: str = "q4_0"
     ffn_layers: dict[str, str] = field(default_factory=dict)
@@ -53,6 +57,8 @@ class QuantizeOptions:
     vectors: str = "f32"
     overrides: dict[str, str] = field(default_factory=dict)
     fallback: str = "f16"
+    executor: str = "local"
+    workers: int = 1
 
 
 def sqnr_db(x: np.ndarray, y: np.ndarray) -> float | None:
@@ -103,6 +109,10 @@ class Quantize(Pass):
         for key in o.ffn_layers:
             if not str(key).isdigit():
                 raise PassError(f"quantize: ffn_layers keys are layer numbers, got {key!r}")
+        if o.workers < 0:
+            raise PassError(f"quantize: workers must be >= 0 (0: one per core), got {o.workers}")
+        if o.executor not in executor_names():
+            raise PassError(f"quantize: unknown executor {o.executor!r} (known: {', '.join(executor_names())})")
 
     def requires(self, ir: ModelIR) -> None:
         bad = [k for k in self.options.ffn_layers if int(k) >= len(ir.blocks)]
@@ -128,17 +138,19 @@ class Quantize(Pass):
     # -- run -------------------------------------------------------------------------
     def run(self, ir: ModelIR, ctx: PassContext) -> PassResult:
         out = ir.evolve()
-        rows: dict[str, dict[str, Any]] = {}
         fallbacks: list[str] = []
         ffn_names = set()
-        for b in progress(out.blocks, desc="quantize", enabled=ctx.progress, unit="layer"):
+        tasks = []
+        for b in out.blocks:
             fmt, fell_back = self.ffn_format(b.layer, ir.spec.hidden_size)
+            items = []
             for name, transpose in ((b.gate, False), (b.up, False), (b.down, True)):
                 if name:
-                    rows[name] = self._quantize(out, name, fmt, transpose)
+                    items.append(_item(out, name, fmt, transpose))
                     ffn_names.add(name)
                     if fell_back:
                         fallbacks.append(name)
+            tasks.append(tuple(items))
             b.annotations["quant"] = {"format": fmt, "fallback": fell_back,
                                       "tensors": {p: n for p, n in (("gate", b.gate), ("up", b.up), ("down", b.down))
                                                   if n}}
@@ -146,33 +158,63 @@ class Quantize(Pass):
             if name in ffn_names or name.startswith(ANNOTATION_PREFIX):
                 continue
             fmt, fell_back = self.tensor_format(name, out.store.shape(name))
-            rows[name] = self._quantize(out, name, fmt, False)
+            tasks.append((_item(out, name, fmt, False),))
             if fell_back:
                 fallbacks.append(name)
+        rows: dict[str, dict[str, Any]] = {}
+        executor = make_executor(self.options.executor, self.options.workers)
+        results = map_in_order(executor, quantize_tensors, tasks)
+        for items, done in progress(zip(tasks, results), desc="quantize", enabled=ctx.progress,
+                                    total=len(tasks), unit="task"):
+            for (name, *_), (y, row) in zip(items, done):
+                if y is not None:
+                    out.store.set(name, y)
+                rows[name] = row
         stats = _summary(rows, fallbacks)
         self._attach(out, rows, ctx.work_dir)
         out.graph = None
         return PassResult(out, stats, modified=True)
 
-    def _quantize(self, ir: ModelIR, name: str, fmt: str, transpose: bool) -> dict[str, Any]:
-        x = ir.store.get_f32(name)
-        rows = x.T if transpose else x
-        if fmt == "f32" and ir.store.dtype(name) == np.float32:
-            y = x  # unchanged: keep the reference, no copy
-        else:
-            y = roundtrip_rows(rows, fmt)
-            y = np.ascontiguousarray(y.T if transpose else y)
-            ir.store.set(name, y)
-        k = rows.shape[-1]
-        n_rows = int(np.prod(rows.shape[:-1])) if rows.ndim > 1 else 1
-        return {"format": fmt, "bytes": n_rows * quant.row_bytes(fmt, k), "f32_bytes": 4 * int(x.size),
-                "sqnr_db": sqnr_db(x, y), "orientation": "columns" if transpose else "rows"}
-
     def _attach(self, out: ModelIR, rows: dict[str, dict[str, Any]], work: Path) -> None:
         path = work / "quantize.json"
-        doc = {"options": self.options_dict(), "tensors": rows}
+        doc = {"options": result_options(self.options_dict()), "tensors": rows}
         path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         out.files[REPORT] = str(path)
+
+
+QuantItem = tuple  # (name, TensorRef or array, format, transpose)
+
+
+def _item(ir: ModelIR, name: str, fmt: str, transpose: bool) -> QuantItem:
+    """One tensor to quantize: a file reference (a worker reads it, memory-mapped) or,
+    for a tensor only in memory, the array itself."""
+    ref = ir.store.ref(name)
+    return (name, ref if ref is not None else ir.store.get(name), fmt, transpose)
+
+
+def quantize_tensors(items: tuple[QuantItem, ...]) -> list[tuple[np.ndarray | None, dict[str, Any]]]:
+    """An executor task: quantize ``items``; per item the dequantized float32 array (None:
+    unchanged, an f32 tensor kept as it is) and its row of ``quantize.json``."""
+    from sparseforge.toolchain.tensors import TensorRef, TensorStore
+
+    out = []
+    for name, source, fmt, transpose in items:
+        store = TensorStore({name: source}) if isinstance(source, TensorRef) else None
+        x = store.get_f32(name) if store is not None else np.asarray(source)
+        dtype = x.dtype if store is None else store.dtype(name)
+        x = x if x.dtype == np.float32 else x.astype(np.float32)
+        rows = x.T if transpose else x
+        if fmt == "f32" and dtype == np.float32:
+            y, changed = x, False  # unchanged: keep the reference, no copy
+        else:
+            y = roundtrip_rows(rows, fmt)
+            y, changed = np.ascontiguousarray(y.T if transpose else y), True
+        k = rows.shape[-1]
+        n_rows = int(np.prod(rows.shape[:-1])) if rows.ndim > 1 else 1
+        row = {"format": fmt, "bytes": n_rows * quant.row_bytes(fmt, k), "f32_bytes": 4 * int(x.size),
+               "sqnr_db": sqnr_db(x, y), "orientation": "columns" if transpose else "rows"}
+        out.append((y if changed else None, row))
+    return out
 
 
 def _summary(rows: dict[str, dict[str, Any]], fallbacks: list[str]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import click
 
 from . import __version__
 from .errors import InputError, SparseforgeError
+from .interrupt import exit_code, install_handlers
 
 _STATE = {"debug": False}
 
@@ -59,9 +60,18 @@ def cli(debug: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON instead of a table.")
 @click.option("--target", default=None, metavar="TARGET",
               help="CPU target for passes that specialise (emit, pack); see `sparseforge targets`.")
+@click.option("--executor", type=click.Choice(["local", "ray", "serial"]), default=None,
+              help="Where per-layer work (predictor training, quantization) runs: 'local' processes "
+                   "(default), 'ray' tasks, or 'serial'. Results are identical.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Workers of the executor (0: one per core / as many as Ray schedules).")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="Ray cluster for --executor ray (e.g. ray://head:10001; default $SPARSEFORGE_RAY_ADDRESS "
+                   "or $RAY_ADDRESS; none: a local Ray instance).")
 def convert(model: Path, recipe: str | None, output: Path, assignments: tuple[str, ...], seed: int | None,
             cache_dir: Path | None, no_cache: bool, dump_after: tuple[str, ...], dump_dir: Path | None,
-            as_json: bool, target: str | None) -> None:
+            as_json: bool, target: str | None, executor: str | None, workers: int | None,
+            ray_address: str | None) -> None:
     """Import MODEL and run the passes of RECIPE on it.
 
     MODEL is a Hugging Face checkpoint directory (config.json + safetensors), an .onnx
@@ -76,6 +86,7 @@ def convert(model: Path, recipe: str | None, output: Path, assignments: tuple[st
         cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
         dump_after=list(dump_after), dump_dir=dump_dir,
         on_record=None if as_json else _print_record, report_html=True,
+        executor=executor, workers=workers, ray_address=ray_address,
     )
     if as_json:
         click.echo(json.dumps(report, indent=1))
@@ -298,6 +309,7 @@ def demo(output: Path, cache_dir: Path | None, no_bench: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps errors to exit codes and one-line messages."""
+    install_handlers()  # SIGTERM / SIGHUP end a run as Ctrl-C does
     try:
         cli.main(args=argv, prog_name="sparseforge", standalone_mode=False)
     except click.exceptions.ClickException as exc:
@@ -305,9 +317,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        if _STATE["debug"]:
+            import traceback
+
+            traceback.print_exc()
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        sys.exit(exit_code(exc.__cause__ or exc))  # click turns the KeyboardInterrupt into Abort
     except SparseforgeError as exc:
         if _STATE["debug"]:
             raise

@@ -4,7 +4,13 @@ Cache key of a pass = sha256(input IR content hash, pass name, options, versions
 sparseforge and the numerical packages). A pipeline re-run with the same model and
 recipe loads every pass result from the cache; changing one pass's options changes
 its key, and therefore the IR it produces and every key after it, so the pipeline
-re-runs from that pass on.
+re-runs from that pass on. Options that only choose where work runs (executor,
+workers: ``toolchain.executors.EXECUTION_OPTIONS``) are not part of the key.
+
+Interruption: every finished pass is in the cache before the next starts, and an
+entry (IR directory + ``record.json``) is written under a temporary name and renamed
+into place, so a run stopped at any point (Ctrl-C, SIGTERM, a crash) leaves either a
+complete entry or none; the same command then resumes at the first unfinished pass.
 """
 from __future__ import annotations
 
@@ -18,8 +24,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Sequence
 
-from .atomic import write_text_atomic
+from .atomic import atomic_dir
+from .executors import result_options
 from .instruments import MemoryTimer
+from .interrupt import hold
 from .ir import ModelIR
 from .pass_base import Pass, PassContext
 
@@ -96,7 +104,7 @@ class PassManager:
         self.versions = package_versions()
 
     def cache_key(self, ir: ModelIR, p: Pass) -> str:
-        doc = {"ir": ir.content_hash(), "pass": p.name, "options": p.options_dict(),
+        doc = {"ir": ir.content_hash(), "pass": p.name, "options": result_options(p.options_dict()),
                "inputs": p.fingerprint(), "seed": self.seed,
                "versions": self.versions}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
@@ -127,6 +135,7 @@ class PassManager:
             ctx = PassContext(work_dir=Path(work), seed=self.seed, progress=self.progress, state_dir=state)
             with MemoryTimer() as timer:
                 result = p(ir, ctx)
+            hold(f"pass:{p.name}")  # tests interrupt a pass here: result computed, not yet cached
             out = result.ir
             record = PassRecord(
                 name=p.name, options=p.options_dict(), status="ran", cache_key=key,
@@ -134,9 +143,10 @@ class PassManager:
                 rss_start_mb=timer.result.rss_start_mb, modified=result.modified,
                 stats=json.loads(json.dumps(result.stats, default=_jsonable)),
             )
-            out.pass_log.append({"pass": p.name, "options": record.options, "stats": record.stats})
+            out.pass_log.append({"pass": p.name, "options": result_options(record.options),
+                                 "stats": record.stats})
             if self.cache_dir is not None:
-                self._store(key, out, record)  # moves overlays and attached files into the cache
+                out = self._store(key, out, record)  # moves overlays and attached files into the cache
         if state is not None:
             shutil.rmtree(state, ignore_errors=True)
         return out, record
@@ -170,10 +180,14 @@ class PassManager:
         record.status = "cached"
         return ir, record
 
-    def _store(self, key: str, ir: ModelIR, record: PassRecord) -> None:
+    def _store(self, key: str, ir: ModelIR, record: PassRecord) -> ModelIR:
+        """Write the entry under a temporary name, rename it into place (all or nothing)
+        and return the IR as read back from it (what a cached run of the pass returns)."""
         entry = self._entry(key)
-        ir.save(entry / "ir")
-        write_text_atomic(entry / "record.json", json.dumps(asdict(record)))
+        with atomic_dir(entry) as tmp:
+            ir.save(tmp / "ir")
+            (tmp / "record.json").write_text(json.dumps(asdict(record)))
+        return ModelIR.load(entry / "ir")
 
 
 def _jsonable(obj: Any) -> Any:

@@ -27,16 +27,32 @@ def convert_model(
     dump_dir: str | Path | None = None,
     on_record: Callable[[PassRecord], None] | None = None,
     report_html: bool = False,
+    executor: str | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Convert ``model`` with ``recipe``; writes ``output/ir``, ``output/report.json`` and
     (``report_html``) ``output/report.html`` (:mod:`.report`).
 
-    Returns the report (recipe, per-pass records). ``output`` appears only when complete.
+    ``executor`` / ``workers`` override the recipe's (where passes run per-layer work;
+    never what they compute); ``ray_address``: the Ray cluster of the ``ray`` executor.
+    Returns the report (recipe, per-pass records). ``output`` appears only when complete;
+    an interrupted run leaves the passes it finished in the cache.
     """
     r = load_recipe(recipe)
     r.override(assignments or [])
     if seed is not None:
         r.seed = seed
+    if executor is not None:
+        r.override([f"executor={executor}"])
+    if workers is None and r.workers is None and r.executor == "ray":
+        workers = 0  # as many tasks in flight as Ray schedules
+    if workers is not None:
+        r.override([f"workers={workers}"])
+    if ray_address:
+        from .executors import configure_executor
+
+        configure_executor("ray", address=ray_address)
     passes = r.instantiate()
     output = Path(output)
     ir = load_model(model)

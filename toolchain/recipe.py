@@ -4,6 +4,8 @@
 name = "minilm"          # optional
 seed = 0                 # optional, default 0
 target = "neoverse-n1"   # optional: CPU target (``sparseforge targets``) for passes with a target option
+executor = "local"       # optional: where passes with an executor option run per-layer work (local, ray, serial)
+workers = 0              # optional: workers of that executor (0: one per core)
 
 [[pass]]
 name = "weight-stats"
@@ -15,7 +17,10 @@ seq_len = 128
 ```
 
 ``--set PASS.OPTION=VALUE`` on the CLI overrides an option (VALUE is read as TOML);
-``--set target=NAME`` (``convert --target``) overrides the recipe's target.
+``--set target=NAME`` (``convert --target``) overrides the recipe's target, and
+``--set executor=NAME`` / ``--set workers=N`` (``convert --executor`` / ``--workers``)
+its executor. A pass's own ``executor`` / ``workers`` options win over the recipe's.
+Neither changes a result (``toolchain.executors``).
 """
 from __future__ import annotations
 
@@ -42,6 +47,8 @@ class Recipe:
     seed: int = 0
     source: str = "<built-in>"
     target: str | None = None
+    executor: str | None = None
+    workers: int | None = None
 
     def instantiate(self) -> list[Pass]:
         """Pass objects with validated options (unknown names/options raise InputError)."""
@@ -51,11 +58,16 @@ class Recipe:
             options = dict(spec.options)
             if self.target and "target" not in options and _has_option(cls, "target"):
                 options["target"] = self.target
+            for key, value in (("executor", self.executor), ("workers", self.workers)):
+                if value is not None and key not in options and _has_option(cls, key):
+                    options[key] = value
             out.append(cls(make_options(cls, options, self.source)))
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "seed": self.seed, **({"target": self.target} if self.target else {}),
+        run = {k: v for k, v in (("target", self.target), ("executor", self.executor), ("workers", self.workers))
+               if v is not None}
+        return {"name": self.name, "seed": self.seed, **run,
                 "passes": [{"name": p.name, "options": p.options} for p in self.passes]}
 
     def override(self, assignments: list[str]) -> None:
@@ -64,6 +76,12 @@ class Recipe:
             lhs, sep, rhs = text.partition("=")
             if sep and lhs.strip() == "target":
                 self.target = _check_target(rhs.strip().strip('"'), None)
+                continue
+            if sep and lhs.strip() == "executor":
+                self.executor = _check_executor(rhs.strip().strip('"'), None)
+                continue
+            if sep and lhs.strip() == "workers":
+                self.workers = _check_workers(rhs.strip(), None)
                 continue
             pass_name, dot, option = lhs.strip().partition(".")
             if not sep or not dot or not option:
@@ -107,8 +125,14 @@ def parse_recipe(text: str, source: str) -> Recipe:
         if not isinstance(target, str):
             raise InputError(source, f"target must be a string, got {target!r}")
         target = _check_target(target, source)
+    executor = doc.get("executor")
+    if executor is not None:
+        executor = _check_executor(executor, source)
+    workers = doc.get("workers")
+    if workers is not None:
+        workers = _check_workers(workers, source)
     recipe = Recipe(name=str(doc.get("name", Path(source).stem)), passes=specs, seed=seed, source=source,
-                    target=target)
+                    target=target, executor=executor, workers=workers)
     recipe.instantiate()  # validate pass names and options now, not halfway through a run
     return recipe
 
@@ -151,3 +175,22 @@ def _check_target(name: str, source: str | None) -> str:
         return get_target(name).name
     except InputError as exc:
         raise InputError(source, exc.problem) from None
+
+
+def _check_executor(name: object, source: str | None) -> str:
+    from .executors import executor_names
+
+    if not isinstance(name, str) or name not in executor_names():
+        raise InputError(source, f"executor must be one of {', '.join(executor_names())}, got {name!r}")
+    return name
+
+
+def _check_workers(value: object, source: str | None) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            pass
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InputError(source, f"workers must be an integer >= 0 (0: one per core), got {value!r}")
+    return value
