@@ -63,9 +63,18 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+_REFERENCE: dict[str, tuple[Path, str]] = {}  # shared with test_executors, which imports this fixture
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_model, tmp_path_factory):
     """(checkpoint, sha256 of the artifact of an uninterrupted run without cache)."""
+    if "llama" not in _REFERENCE:
+        _REFERENCE["llama"] = _reference_artifact(tiny_model, tmp_path_factory)
+    return _REFERENCE["llama"]
+
+
+def _reference_artifact(tiny_model, tmp_path_factory) -> tuple[Path, str]:
     from sparseforge.toolchain.pipeline import convert_model
 
     ckpt, _ = tiny_model("llama")

@@ -182,6 +182,10 @@ def _check_executor(name: object, source: str | None) -> str:
 
     if not isinstance(name, str) or name not in executor_names():
         raise InputError(source, f"executor must be one of {', '.join(executor_names())}, got {name!r}")
+    if name == "ray":  # fail before any pass runs, not when the first task is handed out
+        from .executors import _import_ray
+
+        _import_ray()
     return name
 
 
