@@ -144,7 +144,7 @@ def verify(artifact: str | Path, reference: str | Path, *, data: str | Path | No
     from .runtime import load_runtime
 
     t0 = time.perf_counter()
-    rt = load_runtime(artifact, mode=mode)
+    rt = load_runtime(artifact, mode=mode, linear="dequantize")  # whole sequences: batched matmuls
     art = rt.model.artifact
     gates, gate_source = resolve_gates({"min_cosine": min_cosine, "max_ppl_increase": max_ppl_increase},
                                        recipe, art.metadata.get(F.K_RECIPE))
