@@ -53,3 +53,18 @@ def test_report_renders_in_chromium(bert_out, tmp_path):
     blue = (img[..., 2] > 0.6) & (img[..., 0] < 0.3)  # the plots' bars / lines (matplotlib C0 blue)
     assert blue.sum() > 1000
     assert np.abs(img[:200] - 1).max() > 0.5  # the title and summary render at the top
+
+
+def test_report_decoder_bench_and_verify(llama_out, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(llama_out, out)
+    row = {"decode_tokens_per_s": 5.0, "prefill_tokens_per_s": 50.0}
+    bench = {"family": "llama", "runtime": {"dense": row, "sparse": {**row, "decode_tokens_per_s": 9.0}},
+             "onnxruntime": {"ort_f32": row}, "ratios": {"decode_sparse_vs_ort_f32": 1.8},
+             "peak_rss_mb": 10.0, "machine": {}}
+    verify = {"passed": False, "perplexity": 11.0, "perplexity_reference": 10.0, "ppl_increase": 0.1,
+              "top1_agreement": 0.9, "mean_kl": 0.01, "reference": "m",
+              "gates": {"max_ppl_increase": {"value": 0.1, "limit": 0.05, "source": "option", "passed": False}}}
+    text = write_report(out, verify=verify, bench=bench).read_text()
+    assert "FAILED" in text and "+10.00%" in text and "1.80x" in text
+    assert len(re.findall(r"src='data:image/png;base64,", text)) == 6
