@@ -27,10 +27,14 @@ ReLU-family gate a neuron whose gate is not positive skips its up and down rows.
 """
 import math
 import os
+import platform
 
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.core import cgutils
+from numba.core import types as nbtypes
+from numba.extending import intrinsic
 
 # Numba turns LLVM's SLP vectoriser off by default. The per-block int8 dot products have
 # a fixed trip count of 32, which LLVM unrolls fully before the loop vectoriser sees them;
@@ -56,6 +60,13 @@ Q8_BYTES = 34
 Q4_BYTES = 18
 
 _FLAGS = dict(fastmath=True, cache=True, nogil=True)
+
+# Which quantized row primitives the kernels call (a compile-time constant). ARM: the
+# per-block int8 reductions LLVM turns into ``sdot`` (NEON/SVE), the forms ``emit``
+# cross-compiles and checks. x86 (AVX2, AVX-512 without relying on VNNI): ``*_x86``, with
+# float32 lane accumulators on the stack across blocks and one horizontal sum per row.
+# (Numba freezes it into cached code: it must not change between runs on one machine.)
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -116,6 +127,24 @@ def _scale(w, p, lut):
     return lut[(np.int32(w[p]) & 255) | ((np.int32(w[p + 1]) & 255) << 8)]
 
 
+@intrinsic
+def _stack_f32(typingctx, size):
+    """A pointer to ``size`` float32 on the stack (an ``alloca`` in the entry block):
+    unlike an ``np.empty`` buffer, LLVM knows it aliases nothing else and promotes it to
+    vector registers when the size is a constant. Wrap with ``numba.carray(ptr, size)``."""
+    def codegen(context, builder, signature, args):
+        return cgutils.alloca_once(builder, context.get_value_type(nbtypes.float32), size=args[0])
+    return nbtypes.CPointer(nbtypes.float32)(nbtypes.intp), codegen
+
+
+@njit(**_FLAGS)
+def _lanes_sum16(acc):
+    s = np.float32(0)
+    for l in range(16):
+        s += acc[l]
+    return s
+
+
 # ----------------------------------------------------------------- per-row primitives
 @njit(**_FLAGS)
 def dot_f32(w, off, x, d):
@@ -130,7 +159,8 @@ def dot_f32(w, off, x, d):
 
 @njit(**_FLAGS)
 def dot_q8_0(w, off, xq, xd, lut, nb):
-    """Dot of a Q8_0 row (int8 view, byte offset ``off``) with Q8_0 activations."""
+    """Dot of a Q8_0 row (int8 view, byte offset ``off``) with Q8_0 activations (the ARM
+    form: a per-block int8 reduction LLVM turns into two ``sdot`` + ``addv``)."""
     nb = SPEC_D // QK if SPEC_D >= 0 else nb
     s = np.float32(0)
     for b in range(nb):
@@ -144,7 +174,7 @@ def dot_q8_0(w, off, xq, xd, lut, nb):
 
 @njit(**_FLAGS)
 def dot_q4_0(w, off, xq, xd, lut, nb):
-    """Dot of a Q4_0 row with Q8_0 activations: nibbles minus 8 as int8, int32 sums."""
+    """Dot of a Q4_0 row with Q8_0 activations: nibbles minus 8 as int8, int32 sums (ARM form)."""
     nb = SPEC_D // QK if SPEC_D >= 0 else nb
     s = np.float32(0)
     for b in range(nb):
@@ -156,6 +186,49 @@ def dot_q4_0(w, off, xq, xd, lut, nb):
                            + np.int32(np.int8(((q >> 4) & 15) - 8)) * np.int32(xq[b * QK + QK // 2 + j]))
         s += _scale(w, p, lut) * xd[b] * np.float32(acc)
     return s
+
+
+@njit(**_FLAGS)
+def dot_q8_0_x86(w, off, xq, xd, lut, nb):
+    """:func:`dot_q8_0` for x86 (AVX2/AVX-512 without a 4-way int8 dot): sixteen lanes,
+    lane ``l`` = ``w[l] x[l] + w[l+16] x[l+16]`` in int16 (exact: |w| <= 128 and
+    |x| <= 127 from the activation quantizer, so |sum| <= 32512), i.e. ``vpmovsxbw`` +
+    ``vpmullw`` + ``vpaddw`` on whole halves of the block, no shuffles, then widened,
+    converted and multiply-added into sixteen float32 lane accumulators."""
+    nb = SPEC_D // QK if SPEC_D >= 0 else nb
+    acc = numba.carray(_stack_f32(16), 16)
+    for l in range(16):
+        acc[l] = np.float32(0)
+    for b in range(nb):
+        p = off + b * Q8_BYTES
+        s = _scale(w, p, lut) * xd[b]
+        wb = w[p + 2:p + Q8_BYTES]
+        xb = xq[b * QK:b * QK + QK]
+        for l in range(16):
+            acc[l] += s * np.float32(np.int16(np.int16(wb[l]) * np.int16(xb[l])
+                                              + np.int16(wb[16 + l]) * np.int16(xb[16 + l])))
+    return _lanes_sum16(acc)
+
+
+@njit(**_FLAGS)
+def dot_q4_0_x86(w, off, xq, xd, lut, nb):
+    """:func:`dot_q4_0` for x86: lane ``l`` = ``lo(q[l]) x[l] + hi(q[l]) x[l+16]`` in int16
+    (low nibbles are elements 0-15 and high nibbles 16-31, so both halves line up with
+    the activation halves without shuffles)."""
+    nb = SPEC_D // QK if SPEC_D >= 0 else nb
+    acc = numba.carray(_stack_f32(16), 16)
+    for l in range(16):
+        acc[l] = np.float32(0)
+    for b in range(nb):
+        p = off + b * Q4_BYTES
+        s = _scale(w, p, lut) * xd[b]
+        wb = w[p + 2:p + Q4_BYTES]
+        xb = xq[b * QK:b * QK + QK]
+        for l in range(16):
+            q = np.int16(wb[l])
+            acc[l] += s * np.float32(np.int16(np.int16((q & 15) - 8) * np.int16(xb[l])
+                                              + np.int16(((q >> 4) & 15) - 8) * np.int16(xb[16 + l])))
+    return _lanes_sum16(acc)
 
 
 @njit(**_FLAGS)
@@ -190,11 +263,51 @@ def axpy_q4_0(w, off, h, y, lut, nb):
 
 
 @njit(**_FLAGS)
+def axpy_q8_0_x86(w, off, h, y, lut, nb):
+    """:func:`axpy_q8_0` for x86: each block is dequantized into a stack buffer first, so
+    LLVM need not check per block whether ``y`` overlaps the weights, then one vector
+    multiply-add over the block (about 4x the plain loop here; on SVE the plain loop is
+    the one LLVM vectorises)."""
+    nb = SPEC_D // QK if SPEC_D >= 0 else nb
+    t = numba.carray(_stack_f32(QK), QK)
+    for b in range(nb):
+        p = off + b * Q8_BYTES
+        s = h * _scale(w, p, lut)
+        wb = w[p + 2:p + Q8_BYTES]
+        for k in range(QK):
+            t[k] = np.float32(wb[k])
+        yb = y[b * QK:b * QK + QK]
+        for k in range(QK):
+            yb[k] += s * t[k]
+
+
+@njit(**_FLAGS)
+def axpy_q4_0_x86(w, off, h, y, lut, nb):
+    nb = SPEC_D // QK if SPEC_D >= 0 else nb
+    t = numba.carray(_stack_f32(QK), QK)
+    for b in range(nb):
+        p = off + b * Q4_BYTES
+        s = h * _scale(w, p, lut)
+        wb = w[p + 2:p + Q4_BYTES]
+        for j in range(QK // 2):
+            q = np.int32(wb[j])
+            t[j] = np.float32((q & 15) - 8)
+            t[QK // 2 + j] = np.float32(((q >> 4) & 15) - 8)
+        yb = y[b * QK:b * QK + QK]
+        for k in range(QK):
+            yb[k] += s * t[k]
+
+
+@njit(**_FLAGS)
 def row_dot(fmt, wf, wq, i, off, x, xq, xd, lut, d):
     if fmt == F32:
         return dot_f32(wf[i], off, x, d)
     if fmt == Q8_0:
+        if X86:
+            return dot_q8_0_x86(wq[i], off, xq, xd, lut, d // QK)
         return dot_q8_0(wq[i], off, xq, xd, lut, d // QK)
+    if X86:
+        return dot_q4_0_x86(wq[i], off, xq, xd, lut, d // QK)
     return dot_q4_0(wq[i], off, xq, xd, lut, d // QK)
 
 
@@ -203,7 +316,12 @@ def row_axpy(fmt, wf, wq, i, off, h, y, lut, d):
     if fmt == F32:
         axpy_f32(wf[i], off, h, y, d)
     elif fmt == Q8_0:
-        axpy_q8_0(wq[i], off, h, y, lut, d // QK)
+        if X86:
+            axpy_q8_0_x86(wq[i], off, h, y, lut, d // QK)
+        else:
+            axpy_q8_0(wq[i], off, h, y, lut, d // QK)
+    elif X86:
+        axpy_q4_0_x86(wq[i], off, h, y, lut, d // QK)
     else:
         axpy_q4_0(wq[i], off, h, y, lut, d // QK)
 
