@@ -10,7 +10,8 @@ the recovery never trained on):
   sequential layer-local fitting with the threshold in the loop (``--local-steps``),
   then ``--minilm-steps`` of end-to-end distillation;
 * ``llama-drelu``: the project's small Llama-family model (``train_tiny_llama.py``),
-  dReLU with mean correction, local fitting and ``--llama-steps`` of KL distillation,
+  dReLU plus a FATReLU threshold at ``--llama-target`` (mode ``fatrelu`` on a gated
+  FFN), mean correction, local fitting and ``--llama-steps`` of KL distillation,
   calibrated and evaluated on its held-out standard-library files.
 
 Writes ``results/relufy_quality.json``: per case the options, per-layer sparsity before
@@ -54,7 +55,8 @@ def cases(args: argparse.Namespace) -> dict[str, tuple[Path, ProfileOptions, dic
         lprof = ProfileOptions(calib=str(llama / "heldout.jsonl"), seq_len=256, num_sequences=args.num_sequences * 2,
                                heldout_fraction=0.1, max_samples=args.max_samples * 2)
         out["llama-drelu"] = (llama, lprof, {
-            **common, "mode": "drelu", "mean_correction": True, "local_steps": args.local_steps,
+            **common, "mode": "fatrelu", "target_sparsity": args.llama_target, "mean_correction": True,
+            "local_steps": args.local_steps,
             "steps": args.llama_steps, "lr": args.llama_lr, "batch_size": 8, "eval_sequences": 0})
     return out
 
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--local-steps", type=int, default=300)
     ap.add_argument("--minilm-steps", type=int, default=0)
     ap.add_argument("--minilm-lr", type=float, default=5e-5)
-    ap.add_argument("--llama-steps", type=int, default=400)
+    ap.add_argument("--llama-target", type=float, default=0.87)
+    ap.add_argument("--llama-steps", type=int, default=300)
     ap.add_argument("--llama-lr", type=float, default=3e-4)
     ap.add_argument("--eval-sequences", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0)
