@@ -171,7 +171,7 @@ class Predictors(Pass):
         o = self.options
         t0 = time.perf_counter()
         out = ir.evolve()
-        _drop_predictors(out)
+        out.drop_outputs(tensors="predictor", files="predictors", annotation="predictor")
         d, n = ir.spec.hidden_size, ir.spec.intermediate_size
         config = self.train_config()
         total_ffn = sum(ffn_params(ir, b) for b in ir.blocks)
@@ -313,13 +313,6 @@ def _fit_budget(chosen: dict[int, Any], budget: float, dense_flops: dict[int, in
     return dropped
 
 
-def _drop_predictors(ir: ModelIR) -> None:
-    for name in [n for n in ir.store.names() if n.startswith(f"{ANNOTATION_PREFIX}predictor.")]:
-        ir.store.delete(name)
-    for key in [k for k in ir.files if k.startswith("predictors/")]:
-        del ir.files[key]
-    for b in ir.blocks:
-        b.annotations.pop("predictor", None)
 
 
 def _summary(layers: list[dict[str, Any]], ffn_params_total: int, ffn_flops_total: int,

@@ -31,14 +31,13 @@ from typing import Any, Literal
 import numpy as np
 
 from sparseforge.toolchain.activation_stats import threshold_for_sparsity
-from sparseforge.toolchain.calibration import Sequences
+from sparseforge.toolchain.calibration import Sequences, calibration_split
 from sparseforge.toolchain.errors import PassError
-from sparseforge.toolchain.ir import ANNOTATION_PREFIX, FFNBlock, ModelIR
+from sparseforge.toolchain.ir import FFNBlock, ModelIR
 from sparseforge.toolchain.pass_base import Pass, PassContext, PassResult, register_pass
 from sparseforge.toolchain.plots import plot_before_after, plot_tradeoff
 from sparseforge.toolchain.quality import ModelRun, compare, run_model
 from sparseforge.toolchain.reference.ffn import ffn_forward
-from sparseforge.toolchain.safetensors_io import SafetensorsFile
 from sparseforge.toolchain.samples import read_shards
 
 Mode = Literal["auto", "relu", "drelu", "fatrelu", "threshold"]
@@ -131,18 +130,18 @@ class Relufy(Pass):
     def run(self, ir: ModelIR, ctx: PassContext) -> PassResult:
         o = self.options
         modes = self.layer_modes(ir)
-        train, heldout = _split(ir, "train"), _split(ir, "heldout")
-        evalset = _head(heldout if len(heldout) else train, o.eval_sequences)
+        train, heldout = calibration_split(ir, "train"), calibration_split(ir, "heldout")
+        evalset = (heldout if len(heldout) else train).head(o.eval_sequences)
         student = ir.evolve()
         hists = {b.layer: ir.store.get(b.annotations["profile"]["tensors"]["hist"]) for b in ir.blocks}
-        _drop_profile(student)
+        student.drop_outputs(tensors="profile", files="profile", annotation="profile")  # describe the old activations
         student.graph = None
         for b in student.blocks:
             _apply_mode(b, modes[b.layer], threshold_for_sparsity(hists[b.layer], o.target_sparsity))
         trainable = [b.layer for b in student.blocks if modes[b.layer] in TRAINABLE]
         if o.mean_correction:
             _mean_correction(ir, student, trainable)
-        local = _local_fit(ir, student, trainable, modes, o, ctx, _head(train, o.local_sequences)) \
+        local = _local_fit(ir, student, trainable, modes, o, ctx, train.head(o.local_sequences)) \
             if o.local_steps > 0 else []
         threads = o.threads or None
         reference = run_model(ir, evalset, threads=threads)
@@ -156,7 +155,7 @@ class Relufy(Pass):
             for b in unthresholded.blocks:
                 if modes[b.layer] == "fatrelu":
                     b.output_threshold = 0.0
-            calib_run = run_model(unthresholded, _head(train, o.eval_sequences), threads=threads)
+            calib_run = run_model(unthresholded, train.head(o.eval_sequences), threads=threads)
             for b in fat:
                 b.output_threshold = threshold_for_sparsity(calib_run.stats[b.layer].hist, o.target_sparsity)
         final_run = run_model(student, evalset, threads=threads)
@@ -191,7 +190,7 @@ class Relufy(Pass):
                threads: int | None) -> list[dict[str, Any]]:
         """Quality at each ``sweep`` sparsity: per-layer magnitude thresholds calibrated on
         the calibration split, measured on the evaluation split."""
-        calib = run_model(student, _head(train, self.options.eval_sequences), threads=threads)
+        calib = run_model(student, train.head(self.options.eval_sequences), threads=threads)
         points = []
         for target in self.options.sweep:
             variant = student.evolve()
@@ -225,25 +224,6 @@ def _apply_mode(block: FFNBlock, mode: str, threshold: float) -> None:
             block.up_activation = "relu"
     elif mode == "threshold":
         block.output_threshold = threshold
-
-
-def _split(ir: ModelIR, name: str) -> Sequences:
-    f = SafetensorsFile(ir.files[f"calibration/{name}.safetensors"])
-    return Sequences(np.asarray(f.get("ids")), np.asarray(f.get("lengths")))
-
-
-def _head(seqs: Sequences, n: int) -> Sequences:
-    return seqs if n <= 0 or n >= len(seqs) else Sequences(seqs.ids[:n], seqs.lengths[:n])
-
-
-def _drop_profile(ir: ModelIR) -> None:
-    """Remove profile statistics and samples (they describe the old activations)."""
-    for name in [n for n in ir.store.names() if n.startswith(f"{ANNOTATION_PREFIX}profile.")]:
-        ir.store.delete(name)
-    for key in [k for k in ir.files if k.startswith("profile/")]:
-        del ir.files[key]
-    for b in ir.blocks:
-        b.annotations.pop("profile", None)
 
 
 def _mean_correction(original: ModelIR, student: ModelIR, layers: list[int], chunk: int = 1024) -> None:

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import TEXT
 from sparseforge.passes.profile import Profile, ProfileOptions
-from sparseforge.passes.relufy import Relufy, RelufyOptions, _split
+from sparseforge.passes.relufy import Relufy, RelufyOptions
+from sparseforge.toolchain.calibration import calibration_split as _split
 from sparseforge.toolchain.errors import PassError
 from sparseforge.toolchain.frontends import load_model
 from sparseforge.toolchain.onnx_builder import build_onnx

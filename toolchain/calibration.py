@@ -19,11 +19,15 @@ import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from .errors import InputError
+from .safetensors_io import SafetensorsFile
+
+if TYPE_CHECKING:
+    from .ir import ModelIR
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 
@@ -46,6 +50,10 @@ class Sequences:
     @property
     def num_tokens(self) -> int:
         return int(self.lengths.sum())
+
+    def head(self, n: int) -> "Sequences":
+        """The first ``n`` sequences (``n <= 0``: all)."""
+        return self if n <= 0 or n >= len(self) else Sequences(self.ids[:n], self.lengths[:n])
 
     def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, mask) batches in order, each trimmed to its longest sequence."""
@@ -220,3 +228,9 @@ def build_calibration(
     held = [windows[i] for i in order[:n_held]]
     train = [windows[i] for i in order[n_held : n_held + num_sequences]]
     return CalibrationSet(_pad(train, seq_len, pad_id), _pad(held, seq_len, pad_id))
+
+
+def calibration_split(ir: "ModelIR", name: str) -> Sequences:
+    """The ``train`` or ``heldout`` calibration sequences the profile pass attached to ``ir``."""
+    f = SafetensorsFile(ir.files[f"calibration/{name}.safetensors"])
+    return Sequences(np.asarray(f.get("ids")), np.asarray(f.get("lengths")))

@@ -142,6 +142,16 @@ class ModelIR:
     pass_log: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
 
+    def drop_outputs(self, *, tensors: str, files: str, annotation: str) -> None:
+        """Remove what a pass attached: tensors ``sparseforge.<tensors>.*``, files under
+        ``<files>/`` and every block's ``annotations[annotation]``."""
+        for name in [n for n in self.store.names() if n.startswith(f"{ANNOTATION_PREFIX}{tensors}.")]:
+            self.store.delete(name)
+        for key in [k for k in self.files if k.startswith(f"{files}/")]:
+            del self.files[key]
+        for b in self.blocks:
+            b.annotations.pop(annotation, None)
+
     def evolve(self) -> "ModelIR":
         """A copy a pass may change freely (tensor bytes are shared, not copied)."""
         return ModelIR(

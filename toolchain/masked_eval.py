@@ -20,12 +20,11 @@ from typing import Any, Callable
 import numpy as np
 
 from .activation_stats import LayerStats
-from .calibration import Sequences
+from .calibration import Sequences, calibration_split
 from .ir import FFNBlock, ModelIR
 from .predictor import MaskMetrics, as_weights, mask_metrics, predict_mask
 from .quality import ModelRun, _next_token_nll, _pooled, compare
 from .reference import executor_for, ffn_forward
-from .safetensors_io import SafetensorsFile
 from .tensors import TensorStore
 
 MaskFn = Callable[[np.ndarray], np.ndarray]
@@ -85,19 +84,13 @@ class MaskedFFN:
         return y.reshape(*lead, y.shape[-1])
 
 
-def calibration_split(ir: ModelIR, name: str) -> Sequences:
-    """The ``train`` or ``heldout`` calibration sequences the profile pass attached."""
-    f = SafetensorsFile(ir.files[f"calibration/{name}.safetensors"])
-    return Sequences(np.asarray(f.get("ids")), np.asarray(f.get("lengths")))
-
-
 def evaluation_sequences(ir: ModelIR, n: int) -> Sequences:
     """The first ``n`` held-out calibration sequences (0: all; the calibration split when
     nothing was held out)."""
     seqs = calibration_split(ir, "heldout")
     if len(seqs) == 0:
         seqs = calibration_split(ir, "train")
-    return seqs if n <= 0 or n >= len(seqs) else Sequences(seqs.ids[:n], seqs.lengths[:n])
+    return seqs.head(n)
 
 
 def _run(ir: ModelIR, seqs: Sequences, ffn: Any, batch_size: int) -> ModelRun:
