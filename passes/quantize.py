@@ -10,14 +10,19 @@ quantized along their rows; ``overrides`` maps ``fnmatch`` patterns of tensor na
 formats. A matrix whose rows are not a multiple of 32 values falls back to
 ``fallback`` (reported).
 
-The IR after the pass holds every weight as float32 *dequantized* values, exactly what
+The IR after the pass reads every weight as float32 *dequantized* values, exactly what
 the artifact will decode to, so the reference executors and every later pass compute
-with the quantized model; each block's ``annotations["quant"]`` records its FFN format
-and ``quantize/quantize.json`` (attached) every tensor's format. The ``pack`` pass
-encodes the weights again and checks that they decode to the IR's values bit for bit.
-Works one tensor at a time; one task per FFN layer (and per other tensor) goes to an
-executor (``toolchain.executors``: ``executor``, ``workers``; the result does not depend
-on them). Statistics: per tensor format, encoded bytes and SQNR (dB; None when exact),
+with the quantized model; but it does not hold them: Q8_0/Q4_0 weights are stored
+encoded (``uint8`` rows; FFN down matrices as rows of their transpose, the bundle
+orientation) in files the pass writes, one per task, and the tensor store decodes them
+on each read (``TensorRef.encoding``); f16 weights are stored as f16. Each block's
+``annotations["quant"]`` records its FFN format and ``quantize/quantize.json``
+(attached) every tensor's format. The ``pack`` pass encodes the weights again and checks
+that they decode to the IR's values bit for bit. Works one tensor at a time, a chunk of
+rows at a time; one task per FFN layer (and per other tensor) goes to an executor
+(``toolchain.executors``: ``executor``, ``workers``; the result does not depend on them;
+tasks write their file themselves, so a Ray cluster needs the work directory on a
+shared filesystem, as it needs the model's files). Statistics: per tensor format, encoded bytes and SQNR (dB; None when exact),
 and per-format totals. The ONNX graph is cleared (weights changed).
 """
 from __future__ import annotations
@@ -163,13 +168,18 @@ class Quantize(Pass):
                 fallbacks.append(name)
         rows: dict[str, dict[str, Any]] = {}
         executor = make_executor(self.options.executor, self.options.workers)
-        results = map_in_order(executor, quantize_tensors, tasks)
-        for items, done in progress(zip(tasks, results), desc="quantize", enabled=ctx.progress,
-                                    total=len(tasks), unit="task"):
-            for (name, *_), (y, row) in zip(items, done):
-                if y is not None:
-                    out.store.set(name, y)
+        folder = (ctx.work_dir / "quantize-tensors").resolve()
+        jobs = [(items, str(folder / f"task-{i:05d}.safetensors")) for i, items in enumerate(tasks)]
+        results = map_in_order(executor, quantize_tensors, jobs)
+        for (items, path), done in progress(zip(jobs, results), desc="quantize", enabled=ctx.progress,
+                                            total=len(jobs), unit="task"):
+            written = {}
+            for (name, *_), (stored, row) in zip(items, done):
+                if stored is not None:
+                    written[name] = stored
                 rows[name] = row
+            if written:
+                out.store.register_file(path, written)
         stats = _summary(rows, fallbacks)
         self._attach(out, rows, ctx.work_dir)
         out.graph = None
@@ -192,29 +202,120 @@ def _item(ir: ModelIR, name: str, fmt: str, transpose: bool) -> QuantItem:
     return (name, ref if ref is not None else ir.store.get(name), fmt, transpose)
 
 
-def quantize_tensors(items: tuple[QuantItem, ...]) -> list[tuple[np.ndarray | None, dict[str, Any]]]:
-    """An executor task: quantize ``items``; per item the dequantized float32 array (None:
-    unchanged, an f32 tensor kept as it is) and its row of ``quantize.json``."""
+def quantize_tensors(job: tuple[tuple[QuantItem, ...], str]) -> list[tuple[tuple[str | None, bool] | None,
+                                                                        dict[str, Any]]]:
+    """An executor task: quantize ``items`` and write what changed to the safetensors file
+    ``path``; per item how it is stored there (``(encoding, transpose)``; None: unchanged,
+    an f32 tensor kept as it is) and its row of ``quantize.json``."""
+    from sparseforge.toolchain.safetensors_io import write_safetensors
     from sparseforge.toolchain.tensors import TensorRef, TensorStore
 
-    out = []
+    items, path = job
+    out, arrays = [], {}
     for name, source, fmt, transpose in items:
         store = TensorStore({name: source}) if isinstance(source, TensorRef) else None
-        x = store.get_f32(name) if store is not None else np.asarray(source)
-        dtype = x.dtype if store is None else store.dtype(name)
-        x = x if x.dtype == np.float32 else x.astype(np.float32)
+        x = store.get(name) if store is not None else np.asarray(source)
         rows = x.T if transpose else x
-        if fmt == "f32" and dtype == np.float32:
-            y, changed = x, False  # unchanged: keep the reference, no copy
-        else:
-            y = roundtrip_rows(rows, fmt)
-            y, changed = np.ascontiguousarray(y.T if transpose else y), True
         k = rows.shape[-1]
         n_rows = int(np.prod(rows.shape[:-1])) if rows.ndim > 1 else 1
         row = {"format": fmt, "bytes": n_rows * quant.row_bytes(fmt, k), "f32_bytes": 4 * int(x.size),
-               "sqnr_db": sqnr_db(x, y), "orientation": "columns" if transpose else "rows"}
-        out.append((y if changed else None, row))
+               "orientation": "columns" if transpose else "rows"}
+        if fmt == "f32" and x.dtype == np.float32:
+            out.append((None, {**row, "sqnr_db": None}))  # unchanged: keep the reference, no copy
+            continue
+        if fmt in quant.QUANTIZED:
+            enc = _encode_rows(rows, fmt)
+            arrays[name], stored = enc, (fmt, transpose)
+            y = (lambda lo, hi, enc=enc: _decoded_rows(enc, fmt, lo, hi)) if not transpose else None
+            full = None if y is not None else _decoded_full(enc, fmt, True)
+        else:
+            arrays[name] = _convert(x, np.float16 if fmt == "f16" else np.float32)
+            stored, y, full = (None, False), None, arrays[name]
+        out.append((stored, {**row, "sqnr_db": _sqnr(x, y, full)}))
+    if arrays:
+        write_safetensors(path, arrays)
     return out
+
+
+ROWS_BYTES = 32 * 1024 * 1024  # float32 bytes of the row chunks quantize works on
+
+
+def _step(n_cols: int) -> int:
+    return max(1, ROWS_BYTES // max(1, 4 * n_cols))
+
+
+def _encode_rows(rows: np.ndarray, fmt: str) -> np.ndarray:
+    """``quant.encode(rows, fmt)`` a chunk of rows at a time (the same bytes: rows are
+    encoded independently)."""
+    if rows.ndim != 2:
+        return quant.encode(np.asarray(rows, dtype=np.float32), fmt)
+    step = _step(rows.shape[1])
+    out = np.empty((rows.shape[0], quant.row_bytes(fmt, rows.shape[1])), np.uint8)
+    for lo in range(0, rows.shape[0], step):
+        out[lo: lo + step] = quant.encode(np.asarray(rows[lo: lo + step], dtype=np.float32), fmt)
+    return out
+
+
+def _decoded_rows(enc: np.ndarray, fmt: str, lo: int, hi: int) -> np.ndarray:
+    """Flat float32 values ``lo:hi`` of the decoded rows of ``enc``."""
+    width = enc.shape[-1] // quant.BLOCK_BYTES[fmt] * quant.BLOCK
+    r0, r1 = lo // width, -(-hi // width)
+    y = quant.decode(enc[r0:r1], fmt).reshape(-1)
+    return y[lo - r0 * width: hi - r0 * width]
+
+
+def _decoded_full(enc: np.ndarray, fmt: str, transpose: bool) -> np.ndarray:
+    from sparseforge.toolchain.tensors import decode_rows
+
+    return decode_rows(enc, fmt, transpose)
+
+
+def _convert(x: np.ndarray, dtype: type) -> np.ndarray:
+    """``x`` as a C-contiguous array of ``dtype``, converted a chunk of rows at a time."""
+    if x.ndim < 2:
+        return np.ascontiguousarray(x, dtype=dtype)
+    out = np.empty(x.shape, dtype)
+    step = _step(int(np.prod(x.shape[1:])))
+    for lo in range(0, x.shape[0], step):
+        out[lo: lo + step] = x[lo: lo + step]
+    return out
+
+
+LEAF = 1 << 20  # values per float64 chunk of the SQNR sums
+
+
+def _pairwise(values, lo: int, hi: int) -> float:
+    """``np.sum`` of the float64 values ``lo:hi`` (``values(lo, hi)``), split where numpy's
+    pairwise summation splits, so the result is bit-identical to summing the whole
+    C-contiguous array at once while only a chunk is in memory."""
+    n = hi - lo
+    if n <= LEAF:
+        return np.sum(values(lo, hi))
+    n2 = n // 2
+    n2 -= n2 % 8
+    return _pairwise(values, lo, lo + n2) + _pairwise(values, lo + n2, hi)
+
+
+def _sqnr(x: np.ndarray, y, full: np.ndarray | None) -> float | None:
+    """:func:`sqnr_db` of ``x`` and its stored values (``y(lo, hi)``: flat float32 values,
+    or the whole array ``full``), in float64 chunks when ``x`` is C-contiguous (the same
+    result), else at once."""
+    if not x.flags.c_contiguous or x.size <= LEAF:
+        return sqnr_db(np.asarray(x, dtype=np.float32), full if full is not None else y(0, x.size).reshape(x.shape))
+    xf = x.reshape(-1)
+    yf = full.reshape(-1) if full is not None else None
+
+    def x64(lo: int, hi: int) -> np.ndarray:
+        return xf[lo:hi].astype(np.float32).astype(np.float64)
+
+    def y64(lo: int, hi: int) -> np.ndarray:
+        return (yf[lo:hi] if yf is not None else y(lo, hi)).astype(np.float64)
+
+    noise = float(_pairwise(lambda lo, hi: np.square(x64(lo, hi) - y64(lo, hi)), 0, xf.size))
+    signal = float(_pairwise(lambda lo, hi: np.square(x64(lo, hi)), 0, xf.size))
+    if noise == 0.0:
+        return None
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 def _summary(rows: dict[str, dict[str, Any]], fallbacks: list[str]) -> dict[str, Any]:

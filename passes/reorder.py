@@ -9,7 +9,9 @@ statistics and the activation masks of its sample shards (rewritten). The model
 computes the same function (the down projection sums over neurons). Each block's
 ``annotations["reorder"]`` names the tensor ``sparseforge.reorder.{L}.order`` [n_ff]
 int64: the *original* index of the neuron now at each position (composed across
-repeated runs). Needs a profiled IR. Statistics per layer: the share of all
+repeated runs). Works one layer at a time: the permuted weights of a layer go to a file of
+the pass's own (``TensorStore.spill``), not to memory; quantized weights (encoded rows
+after ``quantize``) are permuted as bytes, since each neuron is its own encoded row. Needs a profiled IR. Statistics per layer: the share of all
 activations that falls on the hottest 10% / 25% of the neurons, and how many neurons
 moved. The ONNX graph is cleared.
 """
@@ -52,7 +54,7 @@ class Reorder(Pass):
             n = out.store.shape(b.up)[0]
             if sorted(perm.tolist()) != list(range(n)):
                 raise PassError(f"reorder: layer {b.layer}: the profile's rank is not a permutation of {n} neurons")
-            permuted = permute_block(out, b, perm)
+            permuted = permute_block(out, b, perm, spill=ctx.work_dir / "reorder-tensors" / f"layer-{b.layer:05d}.safetensors")
             self._reorder_samples(out, b, perm, ctx.work_dir)
             old = b.annotations.get("reorder")
             base = out.store.get(old["order"]) if old else np.arange(n)
@@ -80,19 +82,41 @@ class Reorder(Pass):
             out.files[key] = str(path)
 
 
-def permute_block(ir: ModelIR, b: FFNBlock, perm: np.ndarray) -> list[str]:
+def permute_block(ir: ModelIR, b: FFNBlock, perm: np.ndarray, spill: Path | None = None) -> list[str]:
     """Apply ``perm`` (new position -> old neuron) to every per-neuron tensor of block
-    ``b`` in place in ``ir``'s store; returns the names of the tensors it permuted."""
+    ``b`` in place in ``ir``'s store; returns the names of the tensors it permuted. With
+    ``spill``, the FFN weights go to that file instead of memory (encoded rows stay encoded)."""
     done = []
+    weights: dict[str, np.ndarray] = {}
+    encodings: dict[str, tuple[str, bool]] = {}
 
     def apply(name: str | None, axis: int) -> None:
         if name and name in ir.store:
             ir.store.set(name, np.take(ir.store.get(name), perm, axis=axis))
             done.append(name)
 
-    for name in (b.gate, b.up, b.gate_bias, b.up_bias):
+    def apply_weight(name: str | None, axis: int) -> None:
+        if not name or name not in ir.store:
+            return
+        if spill is None:
+            return apply(name, axis)
+        enc = ir.store.encoded(name)
+        if enc is not None and (axis == 1) == enc[2]:  # neurons are the encoded rows
+            weights[name] = np.asarray(enc[0])[perm]
+            encodings[name] = (enc[1], enc[2])
+        else:
+            weights[name] = np.ascontiguousarray(np.take(ir.store.get(name), perm, axis=axis))
+        done.append(name)
+
+    apply_weight(b.gate, 0)
+    apply_weight(b.up, 0)
+    for name in (b.gate_bias, b.up_bias):
         apply(name, 0)
-    apply(b.down, 1)
+    apply_weight(b.down, 1)
+    if weights:
+        assert spill is not None
+        ir.store.spill(spill, weights, encodings)
+        weights.clear()
     pred = (b.annotations.get("predictor") or {}).get("tensors") or {}
     apply(pred.get("w2"), 0)
     apply(pred.get("b2"), 0)

@@ -4,6 +4,10 @@ their quantize formats, one bundle blob per FFN layer, predictors) and the metad
 Every encoded weight is decoded again and compared with the IR's values: the IR after
 ``quantize`` holds exactly what the artifact decodes to, and a weight that no longer
 round-trips (changed after quantize) is an error rather than a silent requantization.
+Weights the IR keeps encoded in their artifact format (``TensorStore.encoded``) are
+decoded and encoded again a chunk of rows at a time, so the stream holds one tensor's
+(or one FFN layer's) encoded bytes, never a float32 copy; the bytes are the ones
+encoding the whole float32 tensor gives (rows are encoded independently).
 """
 from __future__ import annotations
 
@@ -50,12 +54,51 @@ def _check_same(name: str, want: np.ndarray, got: np.ndarray) -> None:
                         "after the quantize pass (run quantize again after passes that change weights)")
 
 
+def _encoded_rows(ir: ModelIR, name: str, fmt: str, transpose: bool) -> np.ndarray | None:
+    """The encoded rows of ``name`` as the artifact stores them, re-encoded from their
+    decoded values a chunk at a time and checked (None: not stored encoded in ``fmt``)."""
+    enc = ir.store.encoded(name)
+    if enc is None or enc[1] != fmt or enc[2] != transpose:
+        return None
+    raw = enc[0]
+    out = np.empty(raw.shape, np.uint8)
+    step = max(1, (1 << 22) // max(1, raw.shape[1]))
+    for lo in range(0, raw.shape[0], step):
+        y = quant.decode(np.asarray(raw[lo: lo + step]), fmt)
+        again = quant.encode(y, fmt)
+        _check_same(name, y, quant.decode(again, fmt))
+        out[lo: lo + step] = again
+    return out
+
+
+def _ffn_blob(ir: ModelIR, b, layout: BundleLayout) -> np.ndarray | None:
+    """Block ``b``'s bundles assembled from its encoded rows (None unless every part is
+    stored encoded in the layout's format, gate/up by rows and down by columns)."""
+    if layout.fmt not in quant.QUANTIZED:
+        return None
+    parts = {}
+    for part in layout.parts:
+        rows = _encoded_rows(ir, getattr(b, part), layout.fmt, part == "down")
+        if rows is None or rows.shape != (layout.n_neurons, layout.part_bytes):
+            return None
+        parts[part] = rows
+    blob = np.zeros((layout.n_neurons, layout.stride), np.uint8)
+    for part, rows in parts.items():
+        off = layout.part_offset(part)
+        blob[:, off: off + layout.part_bytes] = rows
+    return blob
+
+
 def tensor_stream(ir: ModelIR, layouts: list[BundleLayout], formats: dict[str, str],
                   predictor_format: str = "f32") -> Iterator[TensorEntry]:
     """The artifact's tensors in file order, produced one at a time."""
     for name in weight_names(ir):
-        x = ir.store.get_f32(name)
         fmt = formats.get(name, "f32")
+        rows = _encoded_rows(ir, name, fmt, False) if fmt in quant.QUANTIZED else None
+        if rows is not None:
+            yield TensorEntry(name, int(F.GGML_TYPES[fmt]), tuple(ir.store.shape(name)), rows)
+            continue
+        x = ir.store.get_f32(name)
         if fmt == "f32":
             data = x
         elif fmt == "f16":
@@ -66,11 +109,14 @@ def tensor_stream(ir: ModelIR, layouts: list[BundleLayout], formats: dict[str, s
             _check_same(name, x, quant.decode(data, fmt))
         yield TensorEntry(name, int(F.GGML_TYPES[fmt]), tuple(x.shape), data)
     for b, layout in zip(ir.blocks, layouts):
-        mats = [ir.store.get_f32(b.gate) if b.gate else None, ir.store.get_f32(b.up), ir.store.get_f32(b.down)]
-        blob = pack_bundles(*mats, layout)
-        for part, want, got in zip(("gate", "up", "down"), mats, unpack_bundles(blob, layout)):
-            if want is not None:
-                _check_same(f"{getattr(b, part)} (layer {b.layer} bundles)", want, got)
+        blob = _ffn_blob(ir, b, layout)
+        if blob is None:
+            mats = [ir.store.get_f32(b.gate) if b.gate else None, ir.store.get_f32(b.up), ir.store.get_f32(b.down)]
+            blob = pack_bundles(*mats, layout)
+            for part, want, got in zip(("gate", "up", "down"), mats, unpack_bundles(blob, layout)):
+                if want is not None:
+                    _check_same(f"{getattr(b, part)} (layer {b.layer} bundles)", want, got)
+            del mats
         yield TensorEntry(F.bundle_name(b.layer), int(F.BLOB_TYPE), (layout.n_neurons, layout.stride), blob)
         for what, tensor in sorted(((b.annotations.get("predictor") or {}).get("tensors") or {}).items()):
             x = ir.store.get_f32(tensor)

@@ -58,6 +58,14 @@ class GGUFFile:
     def bytes_at(self, start: int, length: int) -> np.ndarray:
         return np.frombuffer(self.buf, dtype=np.uint8, count=length, offset=start)
 
+    def release(self, start: int, length: int) -> None:
+        """Let the pages of ``start:start+length`` leave this process's resident set (they
+        stay in the page cache and are read again on the next access), so reading a
+        whole multi-GB artifact once does not keep it all resident."""
+        if isinstance(self.buf, mmap.mmap) and length > 0 and hasattr(mmap, "MADV_DONTNEED"):
+            lo = start - start % mmap.PAGESIZE
+            self.buf.madvise(mmap.MADV_DONTNEED, lo, start + length - lo)
+
     def close(self) -> None:
         if isinstance(self.buf, mmap.mmap):
             try:

@@ -88,9 +88,11 @@ def _check_zero(g: GGUFFile, start: int, end: int, what: str) -> None:
 
 def check_checksums(g: GGUFFile, table: list[dict[str, Any]], data_start: int) -> None:
     for info, row in zip(g.tensors, table):
-        view = g.bytes_at(data_start + info.offset, row["nbytes"])
+        start = data_start + info.offset
+        view = g.bytes_at(start, row["nbytes"])
         if hashlib.sha256(view).hexdigest() != row["sha256"]:
             raise InputError(g.path, f"checksum mismatch in tensor {info.name} (its data was changed or damaged)")
+        g.release(start, row["nbytes"])
 
 
 def check_spec(g: GGUFFile, meta: dict[str, Any]) -> tuple[ArchSpec, list[BundleLayout]]:

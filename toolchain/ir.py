@@ -9,9 +9,10 @@ Canonical layouts: FFN ``gate``/``up`` weights are ``[n_ff, d_model]`` (rows are
 neurons), ``down`` is ``[d_model, n_ff]`` (columns are neurons), as in ``nn.Linear``.
 
 On disk an IR is a directory: ``manifest.json`` (everything but tensor bytes),
-``tensors.safetensors`` (tensors passes created; unchanged tensors stay references to
-the source files), ``tokenizer.json`` when the model has one, and ``files/`` for
-attachments (reports, sample shards).
+``tensors.safetensors`` (tensors passes created and held in memory; unchanged tensors stay
+references to the source files), ``tensor-files/`` (files of tensors passes wrote
+themselves, layer by layer: hard links), ``tokenizer.json`` when the model has one, and
+``files/`` for attachments (reports, sample shards).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ IR_FORMAT_VERSION = 1
 ANNOTATION_PREFIX = "sparseforge."
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
+TENSOR_FILES = "tensor-files"
 
 
 @dataclass
@@ -199,11 +201,19 @@ class ModelIR:
             overlay = {name: self.store.get(name) for name in self.store.overlay_names()}
             if overlay:
                 write_safetensors(tmp / TENSORS, overlay)
+            owned: dict[str, str] = {}  # owned tensor file -> its path relative to the directory
+            for i, src in enumerate(self.store.owned_files()):
+                rel = f"{TENSOR_FILES}/{i:05d}-{Path(src).name}"
+                (tmp / TENSOR_FILES).mkdir(exist_ok=True)
+                _link_or_copy(Path(src), tmp / rel)
+                owned[src] = rel
             refs: dict[str, Any] = {}
             for name in self.store.names():
                 ref = self.store.ref(name)
                 if ref is None:
                     refs[name] = {"file": TENSORS, "key": name, "format": "safetensors"}
+                elif ref.file in owned:
+                    refs[name] = {**ref.to_dict(), "file": owned[ref.file]}
                 else:
                     refs[name] = ref.to_dict()
             tokenizer = None
@@ -233,6 +243,7 @@ class ModelIR:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         for name in list(overlay):
             self.store.set_ref(name, TensorRef(str(directory / TENSORS), name))
+        self.store.relocate({src: str(directory / rel) for src, rel in owned.items()})
         if tokenizer:
             self.tokenizer = str(directory / tokenizer)
         self.files = {k: str(directory / v) for k, v in files.items()}

@@ -174,7 +174,8 @@ class _WeightFiles:
     def initializer(self, name: str) -> TensorProto:
         ref, dtype, shape = self.store.ref(name), self.store.dtype(name), self.store.shape(name)
         count = int(np.prod(shape, dtype=np.int64))
-        if ref and ref.format == "safetensors" and not ref.transpose and dtype in _DIRECT and count:
+        if ref and ref.format == "safetensors" and not ref.transpose and not ref.encoding and dtype in _DIRECT \
+                and count:
             offset = open_tensor_file(ref.file, "safetensors").offset(ref.key)
             return _external(name, shape, _DIRECT[dtype], self._file(Path(ref.file)), offset, count * dtype.itemsize)
         self._sidecar[name] = _external(name, shape, TensorProto.FLOAT, SIDECAR, 0, count * 4)

@@ -122,8 +122,10 @@ def run_pass_to_dir(name: str, model: str | Path, output: str | Path, options: d
 
 
 def _materialise(result: PipelineResult, cache_dir: str | Path | None) -> None:
-    """Pull tensors that live in the pass cache into memory, so the output IR does not
-    depend on the cache (references to the source model files are kept)."""
+    """Make the output IR independent of the cache: tensor files that live in the pass
+    cache become owned by the IR, so saving it links (or copies) them into the output
+    directory (references to the source model files are kept). Nothing is loaded into
+    memory."""
     if cache_dir is None:
         return
     root = Path(cache_dir).resolve()
@@ -131,4 +133,4 @@ def _materialise(result: PipelineResult, cache_dir: str | Path | None) -> None:
     for name in store.names():
         ref = store.ref(name)
         if ref is not None and Path(ref.file).resolve().is_relative_to(root):
-            store.set(name, store.get(name))
+            store.adopt(ref.file)

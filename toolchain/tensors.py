@@ -2,9 +2,19 @@
 
 A tensor is either a *reference* into a file on disk (a safetensors shard or an ONNX
 model, opened as a memory map on first use) or an *overlay* array a pass produced and
-holds in memory until the IR is saved. ``get`` never copies a referenced tensor; a
+holds in memory until the IR is saved. ``get`` never copies a plain referenced tensor; a
 reference may carry a transpose, so an ONNX ``MatMul`` weight ``[in, out]`` reads as
 the canonical Hugging Face ``Linear`` layout ``[out, in]`` without a copy.
+
+A reference may also carry an ``encoding`` (``q8_0``, ``q4_0``): the file holds the
+ggml-encoded rows (``uint8[rows, row_bytes]``, rows of the canonical tensor, or of its
+transpose when ``transpose`` is set) and ``get`` / ``get_f32`` decode them to float32 on
+every call (the IR after ``quantize`` keeps its weights this way, so nothing holds a
+float32 copy of the model); ``encoded`` gives the bytes themselves.
+
+Passes that produce large tensors write them to files of their own (:meth:`TensorStore.spill`,
+one file per layer or task) instead of holding overlays; the store remembers those files
+as *owned*, and saving the IR links them into the IR directory (``tensor-files/``).
 """
 from __future__ import annotations
 
@@ -28,16 +38,20 @@ class TensorRef:
     key: str
     format: str = "safetensors"
     transpose: bool = False
+    encoding: str | None = None
 
     def to_dict(self) -> dict:
         d = {"file": self.file, "key": self.key, "format": self.format}
         if self.transpose:
             d["transpose"] = True
+        if self.encoding:
+            d["encoding"] = self.encoding
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorRef":
-        return cls(d["file"], d["key"], d.get("format", "safetensors"), bool(d.get("transpose", False)))
+        return cls(d["file"], d["key"], d.get("format", "safetensors"), bool(d.get("transpose", False)),
+                   d.get("encoding"))
 
 
 class TensorFile(Protocol):
@@ -85,6 +99,7 @@ class TensorStore:
     def __init__(self, refs: dict[str, TensorRef] | None = None) -> None:
         self._refs: dict[str, TensorRef] = dict(refs or {})
         self._overlay: dict[str, np.ndarray] = {}
+        self._owned: set[str] = set()  # files passes wrote (moved into the IR directory on save)
 
     # -- reading ---------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -107,22 +122,37 @@ class TensorStore:
         if name in self._overlay:
             return tuple(self._overlay[name].shape)
         ref = self._lookup(name)
-        shape = open_tensor_file(ref.file, ref.format).shape(ref.key)
+        shape = tuple(open_tensor_file(ref.file, ref.format).shape(ref.key))
+        if ref.encoding:
+            shape = (*shape[:-1], decoded_row_length(ref.encoding, shape[-1]))
         return tuple(reversed(shape)) if ref.transpose else tuple(shape)
 
     def dtype(self, name: str) -> np.dtype:
         if name in self._overlay:
             return self._overlay[name].dtype
         ref = self._lookup(name)
+        if ref.encoding:
+            return np.dtype(np.float32)
         return open_tensor_file(ref.file, ref.format).dtype(ref.key)
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor ``name``: a read-only memory-mapped view, or the overlay array."""
+        """The tensor ``name``: a read-only memory-mapped view, or the overlay array, or
+        (encoded references) a new float32 array of the decoded values."""
         if name in self._overlay:
             return self._overlay[name]
         ref = self._lookup(name)
         arr = open_tensor_file(ref.file, ref.format).get(ref.key)
+        if ref.encoding:
+            return decode_rows(arr, ref.encoding, ref.transpose)
         return arr.T if ref.transpose else arr
+
+    def encoded(self, name: str) -> tuple[np.ndarray, str, bool] | None:
+        """``(bytes uint8[rows, row_bytes] memory map, format, transpose)`` of an encoded
+        reference (rows are the tensor's columns when ``transpose``); None otherwise."""
+        ref = self.ref(name)
+        if ref is None or not ref.encoding:
+            return None
+        return open_tensor_file(ref.file, ref.format).get(ref.key), ref.encoding, ref.transpose
 
     def get_f32(self, name: str) -> np.ndarray:
         """The tensor as a float32 array (copies only when the stored dtype differs)."""
@@ -145,6 +175,42 @@ class TensorStore:
         self._refs[name] = ref
         self._overlay.pop(name, None)
 
+    def spill(self, path: str | Path, tensors: dict[str, np.ndarray],
+              encodings: dict[str, tuple[str, bool]] | None = None) -> None:
+        """Write ``tensors`` to the safetensors file ``path`` (a pass's own file) and make
+        each a reference into it; ``encodings`` {name: (format, transpose)} marks arrays
+        that are encoded rows (see :class:`TensorRef`). The file is owned: saving the IR
+        moves it into the IR directory."""
+        from .safetensors_io import write_safetensors
+
+        write_safetensors(path, tensors)
+        encodings = encodings or {}
+        self.register_file(path, {name: encodings.get(name, (None, False)) for name in tensors})
+
+    def register_file(self, path: str | Path, tensors: dict[str, tuple[str | None, bool]]) -> None:
+        """Reference tensors of a safetensors file a pass (or its task) wrote: {name:
+        (encoding or None, transpose)}, keys = names; the file becomes owned."""
+        path = str(Path(path).resolve())
+        for name, (fmt, transpose) in tensors.items():
+            self.set_ref(name, TensorRef(path, name, transpose=transpose, encoding=fmt))
+        self._owned.add(path)
+
+    def owned_files(self) -> list[str]:
+        """Files passes wrote that some tensor still references (sorted)."""
+        used = {r.file for r in self._refs.values()}
+        return sorted(f for f in self._owned if f in used)
+
+    def adopt(self, path: str | Path) -> None:
+        """Treat ``path`` as owned (saving the IR moves it into the IR directory)."""
+        self._owned.add(str(path))
+
+    def relocate(self, moves: dict[str, str]) -> None:
+        """Point references at ``moves[old file]`` instead; the new files are not owned."""
+        for name, ref in list(self._refs.items()):
+            if ref.file in moves:
+                self._refs[name] = TensorRef(moves[ref.file], ref.key, ref.format, ref.transpose, ref.encoding)
+        self._owned -= set(moves)
+
     def delete(self, name: str) -> None:
         self._overlay.pop(name, None)
         self._refs.pop(name, None)
@@ -155,6 +221,8 @@ class TensorStore:
         ref = self._lookup(name)
         files = open_tensor_file(ref.file, ref.format).data_files()
         doc = "|".join(file_digest(f) for f in files) + f"|{ref.key}|{ref.transpose}"
+        if ref.encoding:
+            doc += f"|{ref.encoding}"
         return hashlib.sha256(doc.encode()).hexdigest()
 
     def check(self) -> None:
@@ -170,6 +238,7 @@ class TensorStore:
         """A shallow copy: references are shared, overlay arrays are shared (not copied)."""
         new = TensorStore(self._refs)
         new._overlay = dict(self._overlay)
+        new._owned = set(self._owned)
         return new
 
     def overlay_digest(self, name: str) -> str:
@@ -178,3 +247,26 @@ class TensorStore:
         h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
         h.update(np.ascontiguousarray(arr).data)
         return h.hexdigest()
+
+
+def decoded_row_length(fmt: str, row_bytes: int) -> int:
+    """Values in an encoded row of ``row_bytes`` bytes."""
+    from sparseforge.kernels import quant
+
+    return row_bytes // quant.BLOCK_BYTES[fmt] * quant.BLOCK
+
+
+def decode_rows(data: np.ndarray, fmt: str, transpose: bool = False, rows_per_chunk: int = 4096) -> np.ndarray:
+    """float32 values of encoded rows ``data [rows, row_bytes]``, transposed when
+    ``transpose`` (C-contiguous either way); decodes a chunk of rows at a time."""
+    from sparseforge.kernels import quant
+
+    rows, width = data.shape[0], decoded_row_length(fmt, data.shape[-1])
+    out = np.empty((width, rows) if transpose else (rows, width), np.float32)
+    for lo in range(0, rows, rows_per_chunk):
+        y = quant.decode(np.asarray(data[lo: lo + rows_per_chunk]), fmt)
+        if transpose:
+            out[:, lo: lo + len(y)] = y.T
+        else:
+            out[lo: lo + len(y)] = y
+    return out
