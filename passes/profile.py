@@ -16,6 +16,13 @@ samples of (FFN input, activation mask) in ``profile/samples/`` (see
 
 The graph is the IR's own ONNX graph when it has one (ONNX frontend), otherwise one
 built from the IR (``toolchain.onnx_builder``). Padding tokens never count.
+
+Models whose float32 weights exceed ``memory_budget_mb`` (``streaming = "auto"``; or
+always with ``"always"``, never with ``"never"``) are profiled layer-streamed instead
+(``toolchain.layer_stream``): the numpy reference executor carries a batch of sequences
+through the model one layer at a time, each layer's weights read from the memory-mapped
+checkpoint and released after use, batches as large as a quarter of the budget holds
+(the weights are read once per batch). Same statistics to float32 rounding.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ from sparseforge.toolchain.errors import PassError
 from sparseforge.toolchain.ffn_tap import FFNTap
 from sparseforge.toolchain.fingerprint import path_digest
 from sparseforge.toolchain.ir import ANNOTATION_PREFIX, FFNBlock, ModelIR
+from sparseforge.toolchain.layer_stream import STREAMING, StreamTap, make_tap, stream_batch, visit
 from sparseforge.toolchain.pass_base import Pass, PassContext, PassResult, register_pass
 from sparseforge.toolchain.plots import plot_frequency_distribution, plot_layer_sparsity
 from sparseforge.toolchain.progress import progress
@@ -47,7 +55,9 @@ class ProfileOptions:
     ``heldout_fraction`` of all windows kept apart for quality checks, ``batch_size``
     sequences per onnxruntime call, ``eps``: a neuron is active when |a| > eps,
     ``max_samples``: (FFN input, mask) pairs kept per layer, ``shard_size``: pairs per
-    shard file, ``threads``: onnxruntime threads (0: all cores)."""
+    shard file, ``threads``: onnxruntime threads (0: all cores); ``streaming``: ``auto``
+    (layer-streamed when the float32 weights exceed ``memory_budget_mb`` MiB, else one
+    onnxruntime session), ``always`` or ``never``."""
 
     calib: str | None = None
     seq_len: int = 128
@@ -58,6 +68,8 @@ class ProfileOptions:
     max_samples: int = 8192
     shard_size: int = 4096
     threads: int = 0
+    streaming: str = "auto"
+    memory_budget_mb: float = 2048.0
 
 
 def _tensor(layer: int, what: str) -> str:
@@ -69,6 +81,7 @@ class Profile(Pass):
     name = "profile"
     summary = "per-neuron activation statistics and predictor samples on calibration text (onnxruntime)"
     Options = ProfileOptions
+    quiet_defaults = ("streaming", "memory_budget_mb")
 
     def fingerprint(self) -> dict[str, Any]:
         return {"calib": path_digest(self.options.calib) if self.options.calib else "default"}
@@ -77,6 +90,8 @@ class Profile(Pass):
         o = self.options
         if o.batch_size < 1 or o.max_samples < 0 or o.shard_size < 1 or o.eps < 0:
             raise PassError("profile: batch_size and shard_size must be >= 1, max_samples and eps >= 0")
+        if o.streaming not in STREAMING or o.memory_budget_mb <= 0:
+            raise PassError(f"profile: streaming must be one of {', '.join(STREAMING)} and memory_budget_mb > 0")
 
     def requires(self, ir: ModelIR) -> None:
         if self.options.seq_len > ir.spec.max_positions:
@@ -91,10 +106,13 @@ class Profile(Pass):
             num_sequences=o.num_sequences, heldout_fraction=o.heldout_fraction, seed=ctx.seed,
             pad_id=ir.spec.pad_token_id or 0,
         )
-        graph, blocks = graph_with_taps(ir, ctx.work_dir / "graph")
-        tap = FFNTap(graph, blocks, threads=o.threads or None)
+        tap = make_tap(ir, ctx.work_dir / "graph", streaming=o.streaming, memory_budget_mb=o.memory_budget_mb,
+                       threads=o.threads or None)
+        batch = o.batch_size
+        if isinstance(tap, StreamTap):
+            batch = max(batch, stream_batch(ir, o.seq_len, o.memory_budget_mb))
         stats, shards, elapsed = stream_statistics(
-            tap, calib.train, n_ff=ir.spec.intermediate_size, eps=o.eps, batch_size=o.batch_size,
+            tap, calib.train, n_ff=ir.spec.intermediate_size, eps=o.eps, batch_size=batch,
             max_samples=o.max_samples, shard_size=o.shard_size, seed=ctx.seed,
             sample_dir=ctx.work_dir / "samples", progress_enabled=ctx.progress)
         self._record(out, stats, shards)
@@ -177,7 +195,7 @@ class Profile(Pass):
             out.files[f"profile/{name}"] = str(folder / name)
 
 
-def stream_statistics(tap: FFNTap, train: Sequences, *, n_ff: int, eps: float, batch_size: int,
+def stream_statistics(tap: FFNTap | StreamTap, train: Sequences, *, n_ff: int, eps: float, batch_size: int,
                       max_samples: int, shard_size: int, seed: int, sample_dir: Path,
                       progress_enabled: bool | None = None
                       ) -> tuple[dict[int, LayerStats], dict[int, list[Path]], float]:
@@ -195,11 +213,14 @@ def stream_statistics(tap: FFNTap, train: Sequences, *, n_ff: int, eps: float, b
         real = np.flatnonzero(mask.ravel())  # positions of real tokens, row-major
         lo, hi = np.searchsorted(chosen, [offset, offset + len(real)])
         picked = real[chosen[lo:hi] - offset]
-        for layer, x, a in tap.run(ids, mask):
+
+        def consume(layer: int, x: np.ndarray, a: np.ndarray) -> None:
             a2, x2 = a.reshape(-1, a.shape[-1]), x.reshape(-1, x.shape[-1])
             stats[layer].update(a2 if len(real) == len(a2) else a2[real])
             if len(picked):
                 writer.add(layer, x2[picked], np.abs(a2[picked]) > eps, chosen[lo:hi])
+
+        visit(tap, ids, mask, consume)
         offset += len(real)
         bar.set_postfix(tok_s=f"{offset / (time.perf_counter() - t0):.0f}", refresh=False)
     return stats, writer.close(), time.perf_counter() - t0

@@ -53,6 +53,10 @@ class Pass:
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    #: options added after artifacts were published: recorded (cache key, pass log,
+    #: artifact) only when set away from their defaults, so a recipe that does not use
+    #: them produces the same bytes as before they existed
+    quiet_defaults: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -82,7 +86,12 @@ class Pass:
         return {}
 
     def options_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.options)
+        d = dataclasses.asdict(self.options)
+        defaults = {f.name: f.default for f in dataclasses.fields(self.Options)}
+        for name in self.quiet_defaults:
+            if name in d and d[name] == defaults.get(name, dataclasses.MISSING):
+                del d[name]
+        return d
 
 
 _PASSES: dict[str, type[Pass]] = {}

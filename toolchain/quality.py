@@ -1,6 +1,8 @@
 """Model quality and FFN sparsity on held-out sequences, through onnxruntime.
 
-``run_model`` runs an IR (its own ONNX graph, or one built from it) over sequences and
+``run_model`` runs an IR (its own ONNX graph, or one built from it; layer-streamed
+through the numpy reference executor when its float32 weights exceed the memory budget,
+see ``toolchain.layer_stream``) over sequences and
 collects, per layer, streaming activation statistics (exact-zero sparsity and the |h|
 histogram), and either sentence embeddings (encoders: mean over real tokens,
 L2-normalised) or the summed next-token negative log-likelihood (decoders).
@@ -17,8 +19,8 @@ import numpy as np
 
 from .activation_stats import LayerStats
 from .calibration import Sequences
-from .ffn_tap import FFNTap
 from .ir import ModelIR
+from .layer_stream import StreamTap, make_tap, stream_batch, visit
 
 
 @dataclass
@@ -58,20 +60,19 @@ def _next_token_nll(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> tu
 
 
 def run_model(ir: ModelIR, seqs: Sequences, *, batch_size: int = 16, threads: int | None = None,
-              work_dir: Path | None = None) -> ModelRun:
-    """Run ``ir`` over ``seqs`` in onnxruntime (graph built in ``work_dir`` or a temp dir)."""
-    from sparseforge.passes.profile import graph_with_taps
-
+              work_dir: Path | None = None, streaming: str = "auto", memory_budget_mb: float = 2048.0) -> ModelRun:
+    """Run ``ir`` over ``seqs`` in onnxruntime (graph built in ``work_dir`` or a temp dir),
+    or layer-streamed (``streaming``, ``memory_budget_mb``: as the profile pass's options)."""
     with tempfile.TemporaryDirectory(prefix="sparseforge-eval-") as tmp:
-        graph, blocks = graph_with_taps(ir, Path(work_dir or tmp) / "graph")
-        tap = FFNTap(graph, blocks, threads=threads)
-        run = ModelRun(stats={b.layer: LayerStats(n_ff=ir.spec.intermediate_size) for b in blocks})
+        tap = make_tap(ir, Path(work_dir or tmp) / "graph", streaming=streaming,
+                       memory_budget_mb=memory_budget_mb, threads=threads)
+        if isinstance(tap, StreamTap):
+            batch_size = max(batch_size, stream_batch(ir, seqs.ids.shape[1], memory_budget_mb))
+        run = ModelRun(stats={layer: LayerStats(n_ff=ir.spec.intermediate_size) for layer, _, _ in tap.taps})
         pooled = []
         for ids, mask in seqs.batches(batch_size):
-            out, taps = tap.run_with_output(ids, mask)
             real = mask.astype(bool)
-            for layer, _, a in taps:
-                run.stats[layer].update(a[real])
+            out = visit(tap, ids, mask, lambda layer, _x, a: run.stats[layer].update(a[real]), output=True)
             if ir.spec.causal:
                 nll, n = _next_token_nll(out, ids, mask)
                 run.nll += nll

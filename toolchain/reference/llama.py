@@ -147,6 +147,11 @@ class LlamaDecoder:
     def _w(self, name: str) -> np.ndarray:
         return self.store.get_f32(name)
 
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        """Embedding rows of ``ids`` as float32 (only those rows are read and converted)."""
+        table = self.store.get("model.embed_tokens.weight")
+        return np.asarray(table[ids], dtype=np.float32)
+
     def _proj(self, x: np.ndarray, prefix: str) -> np.ndarray:
         y = x @ self._w(prefix + ".weight").T
         bias = prefix + ".bias"
@@ -160,8 +165,10 @@ class LlamaDecoder:
         return KVCache(s.num_layers, batch, s.num_kv_heads, s.head_dim, max_length)
 
     def forward(self, input_ids: np.ndarray, cache: KVCache | None = None,
-                attention_mask: np.ndarray | None = None, *, capture: Capture | None = None) -> np.ndarray:
-        """Logits ``[B, T, vocab]`` float32 of ``input_ids [B, T]`` (int).
+                attention_mask: np.ndarray | None = None, *, capture: Capture | None = None,
+                head: bool = True) -> np.ndarray:
+        """Logits ``[B, T, vocab]`` float32 of ``input_ids [B, T]`` (int); without ``head``,
+        the final normalised hidden states ``[B, T, d]`` (the LM head's input).
 
         With ``cache``, the tokens are at positions ``cache.length ...`` and attend to the
         cached keys too; the cache is extended with their keys and values.
@@ -209,7 +216,7 @@ class LlamaDecoder:
         allowed = (causal[None] & key_mask[:, None, :])[:, None, None]  # [B, 1, 1, T, S]
         scale = np.float32(hd ** -0.5)
 
-        x = self._w("model.embed_tokens.weight")[ids].reshape(B * T, d)
+        x = self._embed(ids).reshape(B * T, d)
         for i in range(s.num_layers):
             p = f"model.layers.{i}."
             h = rms_norm(x, self._w(p + "input_layernorm.weight"), s.norm_eps)
@@ -232,6 +239,8 @@ class LlamaDecoder:
             x = x + self.ffn(self.store, self.blocks[i], h, capture=cap)
             assert S == past + T
         x = rms_norm(x, self._w("model.norm.weight"), s.norm_eps)
+        if not head:
+            return x.reshape(B, T, -1)
         logits = x @ self._w(self.lm_head).T
         return logits.reshape(B, T, -1)
 
