@@ -5,11 +5,16 @@ one shard per layer, ~13.5 GB; written tensor by tensor, never the whole model i
 memory), converts it with ``sparseforge convert`` in a child process — profile on a few
 sequences, training-free thresholds (relufy ``threshold``), profile again, quantize
 (Q4_0), reorder, pack — and records the wall time and peak RSS of every pass (the pass
-manager's figures) and the peak RSS of the whole process (``wait4``). Target: peak RSS
-<= 3 GB. Writes ``benchmarks/results/scale_7b-<shape>.json``.
+manager's figures, sampled every 10 ms) and the peak RSS of the whole process
+(``wait4``). Target: peak RSS <= 3 GB. Writes ``benchmarks/results/scale_7b-<shape>.json``.
+
+The checkpoint is written by a separate process: Linux counts the RSS of the process
+that forks the converter (up to its ``exec``) in the child's peak, so this process must
+stay small.
 
 The checkpoint and the pass cache are deleted afterwards unless ``--keep``.
-``--shape smoke`` / ``small`` run the same pipeline on small shapes (seconds / a minute).
+``--shape smoke`` / ``small`` / ``1b`` run the same pipeline on smaller shapes (seconds /
+half a minute / a few minutes).
 The 7B shape needs ~14 GB free for the checkpoint plus the cache (see the disk check) and
 refuses to start on a loaded machine (``--max-load``) unless ``--force``.
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -32,6 +38,7 @@ import numpy as np
 # (hidden, intermediate, layers, heads, kv heads, vocab)
 SHAPES = {
     "llama2-7b": (4096, 11008, 32, 32, 32, 32000),
+    "1b": (2048, 5504, 16, 16, 16, 32000),  # ~0.94 B parameters: how memory and time scale
     "small": (512, 1408, 4, 8, 8, 32000),
     "smoke": (64, 160, 2, 4, 2, 128),
 }
@@ -45,7 +52,7 @@ num_sequences = {sequences}
 heldout_fraction = 0.25
 batch_size = 1
 max_samples = 256
-"""
+{streaming}"""
 RECIPE = """
 name = "scale-7b"
 {profile}
@@ -124,13 +131,15 @@ def build_checkpoint(shape: str, directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def convert(ckpt: Path, work: Path, seq_len: int, sequences: int, vocab: int) -> dict:
+def convert(ckpt: Path, work: Path, seq_len: int, sequences: int, vocab: int, streaming: str = "auto") -> dict:
     """``sparseforge convert`` in a child process (no pass cache: it would hold another
     copy of the model on disk); its report plus the child's peak RSS."""
     calib = work / "ids.npy"  # random token ids (the checkpoint has no tokenizer)
     np.save(calib, np.random.default_rng(0).integers(3, vocab, size=(sequences + 2, seq_len)))
     recipe = work / "recipe.toml"
-    recipe.write_text(RECIPE.format(profile=PROFILE.format(seq_len=seq_len, sequences=sequences, calib=calib)))
+    mode = "" if streaming == "auto" else f'streaming = "{streaming}"\n'
+    recipe.write_text(RECIPE.format(profile=PROFILE.format(seq_len=seq_len, sequences=sequences, calib=calib,
+                                                           streaming=mode)))
     out = work / "out"
     cmd = [str(Path(sys.executable).with_name("sparseforge")), "convert", str(ckpt), "-r", str(recipe),
            "-o", str(out), "--no-cache", "--json", "--workers", "1"]
@@ -160,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--sequences", type=int, default=4)
     ap.add_argument("--keep", action="store_true", help="Keep the checkpoint and the cache.")
+    ap.add_argument("--streaming", choices=("auto", "always", "never"), default="auto",
+                    help="The profile passes' streaming option (auto: layer-streamed above its memory budget).")
     ap.add_argument("--max-load", type=float, default=3.0, help="Refuse to start above this 1-minute load.")
     ap.add_argument("--force", action="store_true", help="Start whatever the load.")
     args = ap.parse_args(argv)
@@ -175,14 +186,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "scale_7b", "shape": args.shape, "params": params, "checkpoint_dtype": "f16",
-              "seq_len": args.seq_len, "sequences": args.sequences, "load_at_start": load, "target_peak_rss_mb": 3072}
+              "seq_len": args.seq_len, "sequences": args.sequences, "streaming": args.streaming, "load_at_start": load,
+              "benchmark_rss_mb_at_convert": None, "target_peak_rss_mb": 3072}
     try:
         t0 = time.perf_counter()
-        ckpt = build_checkpoint(args.shape, work / "checkpoint")
+        ckpt = work / "checkpoint"
+        writer = multiprocessing.get_context("spawn").Process(target=build_checkpoint, args=(args.shape, ckpt))
+        writer.start()
+        writer.join()
+        if writer.exitcode != 0:
+            raise RuntimeError(f"writing the checkpoint failed (exit {writer.exitcode})")
         report["checkpoint_bytes"] = sum(f.stat().st_size for f in ckpt.iterdir())
         report["checkpoint_write_s"] = time.perf_counter() - t0
         log(f"checkpoint: {report['checkpoint_bytes'] / 1e9:.2f} GB in {report['checkpoint_write_s']:.0f} s")
-        report["convert"] = convert(ckpt, work, args.seq_len, args.sequences, vocab)
+        from sparseforge.toolchain.instruments import rss_bytes
+
+        report["benchmark_rss_mb_at_convert"] = rss_bytes() / 2**20  # bounds what fork/exec adds to the peak
+        report["convert"] = convert(ckpt, work, args.seq_len, args.sequences, vocab, args.streaming)
         c = report["convert"]
         for p in c.get("passes", []):
             log(f"  {p['name']:<10} {p['wall_s']:8.1f} s  peak RSS {p['peak_rss_mb']:8.0f} MiB")
