@@ -47,7 +47,10 @@ DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05)
 FORMATS = ("f32", "q8_0", "q4_0")
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+# not cache=True: a parallel function cached from a module loaded by path (the kernels
+# benchmark test loads this file as a module without a package) records its module as
+# "<dynamic>", and the next process fails to load the cache (ModuleNotFoundError)
+@numba.njit(parallel=True, fastmath=True)
 def _read_sum(a):
     n = a.shape[0]
     chunks = 64
