@@ -1,18 +1,21 @@
 """Layer-local recovery: fit each ReLU-ified FFN to the original FFN's outputs.
 
-For a layer, the original block's outputs ``y = FFN_old(x)`` on the profile samples' FFN
-inputs ``x`` [S, d] are the targets; the new block (same weights, new activation) is
-trained with AdamW to minimise ``MSE(FFN_new(x), y) / mean(y^2) + l1 * mean|h|``. Each
-layer is a small regression problem (no attention, no other layers), so this is cheap
-next to end-to-end distillation and repairs most of what the activation swap broke;
-end-to-end distillation can polish the rest.
+For a layer, the original block's outputs ``y = FFN_old(x)`` on FFN inputs ``x`` [S, d]
+are the targets; the new block (same weights, new activation) is trained with AdamW to
+minimise ``MSE(post(FFN_new(x)), y) / mean(y^2) + l1 * mean|h|``, where ``post`` is the
+identity, or for post-norm families (BERT) the block's output LayerNorm applied to
+``x + FFN(x)``, so the fit is measured on what the next layer (or the pooled embedding)
+sees. Each layer is a small regression problem (no attention, no other layers), so this
+is cheap next to end-to-end distillation and repairs most of what the activation swap
+broke; end-to-end distillation can polish the rest.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .calibration import Sequences
 from .ir import FFNBlock, ModelIR
@@ -22,13 +25,18 @@ from .reference.ffn import ffn_forward
 from .torch_model import FFN
 
 
+Post = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def fit_ffn(teacher: ModelIR, student: ModelIR, layer: int, x: np.ndarray, *, steps: int, lr: float,
             batch_size: int, l1: float, seed: int, target_sparsity: float | None = None,
-            targets: np.ndarray | None = None) -> dict[str, Any]:
+            targets: np.ndarray | None = None, post: Post | None = None) -> dict[str, Any]:
     """Train ``student``'s FFN ``layer`` towards ``teacher``'s on inputs ``x`` [S, d]
     (float32; the targets are ``teacher``'s FFN outputs on ``x`` unless ``targets``
     [S, d] are given); writes the trained tensors into ``student.store``; returns statistics
-    (relative error and sparsity of ``h`` on ``x`` before and after).
+    (relative error and sparsity of ``h`` on ``x`` before and after). ``post(x, y)``
+    maps a batch of inputs and FFN outputs to what is compared with ``targets`` (default:
+    the FFN output itself).
 
     With ``target_sparsity`` the block is trained with its output threshold in the loop
     (FATReLU): every ``RECALIBRATE_EVERY`` steps the threshold is reset so that
@@ -39,8 +47,9 @@ def fit_ffn(teacher: ModelIR, student: ModelIR, layer: int, x: np.ndarray, *, st
                                               dtype=np.float32))
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     module = _module(student, new)
+    post = post or (lambda _x, out: out)
     scale = float((y ** 2).mean()) or 1.0
-    before = _measure(module, xt, y, scale)
+    before = _measure(module, xt, y, scale, post)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + layer)
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
     for step in range(steps):
@@ -48,14 +57,14 @@ def fit_ffn(teacher: ModelIR, student: ModelIR, layer: int, x: np.ndarray, *, st
             _recalibrate(module, xt, target_sparsity)
         idx = torch.randint(0, len(xt), (min(batch_size, len(xt)),), generator=gen)
         out, h = module(xt[idx])
-        loss = ((out - y[idx]) ** 2).mean() / scale + l1 * h.abs().mean()
+        loss = ((post(xt[idx], out) - y[idx]) ** 2).mean() / scale + l1 * h.abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     if target_sparsity is not None:
         _recalibrate(module, xt, target_sparsity)
         new.output_threshold = module.block.output_threshold
-    after = _measure(module, xt, y, scale)
+    after = _measure(module, xt, y, scale, post)
     for local, ir_name in module.ir_names().items():
         student.store.set(ir_name, module.get_parameter(local).detach().numpy().astype(np.float32))
     return {"layer": layer, "steps": steps, "rel_error_before": before[0], "rel_error_after": after[0],
@@ -87,9 +96,26 @@ def _module(ir: ModelIR, block: FFNBlock) -> FFN:
 
 
 @torch.no_grad()
-def _measure(module: FFN, x: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[float, float]:
+def _measure(module: FFN, x: torch.Tensor, y: torch.Tensor, scale: float, post: Post) -> tuple[float, float]:
     out, h = module(x)
-    return float(((out - y) ** 2).mean()) / scale, float((h == 0).float().mean())
+    return float(((post(x, out) - y) ** 2).mean()) / scale, float((h == 0).float().mean())
+
+
+def _post_norm(ir: ModelIR, prefix: str) -> tuple[Post, Callable[[np.ndarray, np.ndarray], np.ndarray]]:
+    """``LayerNorm(x + y)`` with ``ir``'s ``prefix`` weights, for torch batches and numpy arrays."""
+    w = torch.from_numpy(np.array(ir.store.get_f32(prefix + ".weight")))
+    b = torch.from_numpy(np.array(ir.store.get_f32(prefix + ".bias")))
+    eps = ir.spec.norm_eps
+
+    def post(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x + y, (x.shape[-1],), w, b, eps)
+
+    def post_np(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return post(torch.from_numpy(np.ascontiguousarray(x, np.float32)),
+                        torch.from_numpy(np.ascontiguousarray(y, np.float32))).numpy()
+
+    return post, post_np
 
 
 def fit_sequential(teacher: ModelIR, student: ModelIR, layers: list[int], seqs: Sequences, *, steps: int,
@@ -99,23 +125,26 @@ def fit_sequential(teacher: ModelIR, student: ModelIR, layers: list[int], seqs: 
     before it already fitted, so every layer also repairs the error that reaches it.
 
     Targets: the teacher's FFN output on the teacher's input ``y_t = FFN_t(x_t)``; for
-    post-norm families (the residual is the FFN input) the residual gap is added,
-    ``y_t + x_t - x_s``, so that ``x_s + FFN_s(x_s)`` matches the teacher's residual
-    stream. Inputs are the real tokens of ``seqs`` (numpy reference executor).
+    post-norm families the teacher's block output ``LN(x_t + y_t)``, compared with the
+    student's ``LN(x_s + FFN_s(x_s))``, so each layer matches what the next layer sees.
+    Inputs are the real tokens of ``seqs`` (numpy reference executor).
     """
     from .families import family_named
 
-    post_norm = family_named(teacher.spec.family).residual_is_ffn_input
+    family = family_named(teacher.spec.family)
     x_teacher = ffn_inputs(teacher, seqs)
     stats = []
     for layer in progress_iter(layers, desc="local fit", enabled=show_progress, unit="layer"):
         x_t = x_teacher[layer]
         x_s = ffn_inputs(student, seqs, only=layer)[layer]
         y = ffn_forward(teacher.store, teacher.blocks[layer], x_t)
-        if post_norm:
-            y = y + (x_t - x_s)
+        post = None
+        norm = family.post_ffn_norm(layer)
+        if norm is not None:
+            post, post_np = _post_norm(teacher, norm)
+            y = post_np(x_t, y)
         stats.append(fit_ffn(teacher, student, layer, x_s, steps=steps, lr=lr, batch_size=batch_size, l1=l1,
-                             seed=seed, target_sparsity=target_sparsity.get(layer), targets=y))
+                             seed=seed, target_sparsity=target_sparsity.get(layer), targets=y, post=post))
     return stats
 
 
@@ -126,13 +155,21 @@ def ffn_inputs(ir: ModelIR, seqs: Sequences, *, only: int | None = None,
     ex = executor_for(ir)
     seen: dict[int, list[np.ndarray]] = {}
 
+    class _Captured(Exception):
+        """Layer ``only`` is captured: the layers after it need not run."""
+
     def capture(layer: int, x: np.ndarray, _h: np.ndarray) -> None:
         if only is None or layer == only:
             seen.setdefault(layer, []).append(np.array(x, dtype=np.float32))
+            if layer == only:
+                raise _Captured
 
     for ids, mask in seqs.batches(batch_size):
-        if ir.spec.causal:
-            ex.forward(ids, attention_mask=mask, capture=capture)
-        else:
-            ex.hidden_states(ids, mask, capture=capture)
+        try:
+            if ir.spec.causal:
+                ex.forward(ids, attention_mask=mask, capture=capture)
+            else:
+                ex.hidden_states(ids, mask, capture=capture)
+        except _Captured:
+            pass
     return {layer: np.concatenate(parts) for layer, parts in seen.items()}
