@@ -72,7 +72,7 @@ class DecoderRuntime:
         if ids.min() < 0 or ids.max() >= s.vocab_size:
             raise ValueError(f"token ids must be in [0, {s.vocab_size})")
         past = 0 if cache is None else cache.length
-        H, KV, hd, d = s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size
+        H, KV, hd = s.num_heads, s.num_kv_heads, s.head_dim
         G = H // KV
         positions = np.arange(past, past + T)
         cos, sin = rope_cos_sin(positions, hd, s.rope_theta)
