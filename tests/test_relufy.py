@@ -215,16 +215,27 @@ def test_local_fit_with_the_threshold_in_the_loop_hits_the_target(profiled):
     assert abs(float((seen[0] == 0).mean()) - 0.9) < 0.03  # threshold set on a subset of these rows
 
 
-def test_ffn_inputs_of_one_layer_match_the_full_run(profiled):
+def test_ffn_inputs_match_the_numpy_reference(profiled):
+    """The torch twin's FFN inputs (real tokens, batch-major) against the numpy executor's."""
     from sparseforge.toolchain.local_distill import ffn_inputs
 
     for kind in ("bert", "llama"):
         ir = profiled(kind)
         seqs = _split(ir, "train").head(6)
-        every = ffn_inputs(ir, seqs)
-        assert sorted(every) == [b.layer for b in ir.blocks]
+        ref: dict[int, list[np.ndarray]] = {}
+        ex = executor_for(ir)
+        for ids, mask in seqs.batches(4):
+            def capture(layer, x, _h):
+                ref.setdefault(layer, []).append(np.array(x))
+            if ir.spec.causal:
+                ex.forward(ids, attention_mask=mask, capture=capture)
+            else:
+                ex.hidden_states(ids, mask, capture=capture)
+        every = ffn_inputs(ir, seqs, batch_size=4)
+        assert sorted(every) == sorted(ref) == [b.layer for b in ir.blocks]
         for layer in every:
-            np.testing.assert_array_equal(ffn_inputs(ir, seqs, only=layer)[layer], every[layer])
+            np.testing.assert_allclose(every[layer], np.concatenate(ref[layer]), atol=1e-4)
+            np.testing.assert_array_equal(ffn_inputs(ir, seqs, only=layer, batch_size=4)[layer], every[layer])
 
 
 def test_post_norm_local_fit_measures_the_block_output(profiled):

@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from .calibration import Sequences
 from .ir import FFNBlock, ModelIR
 from .progress import progress as progress_iter
-from .reference import executor_for
 from .reference.ffn import ffn_forward
-from .torch_model import FFN
+from .torch_model import FFN, build_torch_model
 
 
 Post = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,7 +42,7 @@ def fit_ffn(teacher: ModelIR, student: ModelIR, layer: int, x: np.ndarray, *, st
     ``target_sparsity`` of the pre-threshold activations on ``x`` fall at or below it, and
     the final threshold is stored in ``student.blocks[layer].output_threshold``."""
     old, new = teacher.blocks[layer], student.blocks[layer]
-    y = torch.from_numpy(np.ascontiguousarray(ffn_forward(teacher.store, old, x) if targets is None else targets,
+    y = torch.from_numpy(np.ascontiguousarray(_ffn_outputs(teacher, old, x) if targets is None else targets,
                                               dtype=np.float32))
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     module = _module(student, new)
@@ -95,10 +94,25 @@ def _module(ir: ModelIR, block: FFNBlock) -> FFN:
     return module
 
 
+#: rows per chunk when a whole input set goes through an FFN (bounds the [rows, n_ff] activations)
+CHUNK = 16384
+
+
+def _ffn_outputs(ir: ModelIR, block: FFNBlock, x: np.ndarray) -> np.ndarray:
+    """``block``'s output [S, d] on ``x`` [S, d] (numpy reference), in chunks of rows."""
+    return np.concatenate([ffn_forward(ir.store, block, x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)]) \
+        if len(x) else np.zeros_like(x)
+
+
 @torch.no_grad()
 def _measure(module: FFN, x: torch.Tensor, y: torch.Tensor, scale: float, post: Post) -> tuple[float, float]:
-    out, h = module(x)
-    return float(((post(x, out) - y) ** 2).mean()) / scale, float((h == 0).float().mean())
+    """Relative squared error of ``post(x, FFN(x))`` against ``y`` and the fraction of zero activations."""
+    err, zeros = 0.0, 0
+    for i in range(0, len(x), CHUNK):
+        out, h = module(x[i:i + CHUNK])
+        err += float(((post(x[i:i + CHUNK], out) - y[i:i + CHUNK]) ** 2).sum())
+        zeros += int((h == 0).sum())
+    return err / (y.numel() or 1) / scale, zeros / max(1, len(x) * module.up.out_features)
 
 
 def _post_norm(ir: ModelIR, prefix: str) -> tuple[Post, Callable[[np.ndarray, np.ndarray], np.ndarray]]:
@@ -137,7 +151,7 @@ def fit_sequential(teacher: ModelIR, student: ModelIR, layers: list[int], seqs: 
     for layer in progress_iter(layers, desc="local fit", enabled=show_progress, unit="layer"):
         x_t = x_teacher[layer]
         x_s = ffn_inputs(student, seqs, only=layer)[layer]
-        y = ffn_forward(teacher.store, teacher.blocks[layer], x_t)
+        y = _ffn_outputs(teacher, teacher.blocks[layer], x_t)
         post = None
         norm = family.post_ffn_norm(layer)
         if norm is not None:
@@ -151,25 +165,34 @@ def fit_sequential(teacher: ModelIR, student: ModelIR, layers: list[int], seqs: 
 def ffn_inputs(ir: ModelIR, seqs: Sequences, *, only: int | None = None,
                batch_size: int = 8) -> dict[int, np.ndarray]:
     """FFN inputs ``[tokens, d]`` float32 per layer (or only layer ``only``) over the real
-    tokens of ``seqs``, from the numpy reference executor."""
-    ex = executor_for(ir)
+    tokens of ``seqs`` (batch-major order), from the model's torch twin (no gradients;
+    layers after ``only`` are not run)."""
+    model = build_torch_model(ir).eval()
     seen: dict[int, list[np.ndarray]] = {}
+    real: list[torch.Tensor] = []
 
     class _Captured(Exception):
         """Layer ``only`` is captured: the layers after it need not run."""
 
-    def capture(layer: int, x: np.ndarray, _h: np.ndarray) -> None:
-        if only is None or layer == only:
-            seen.setdefault(layer, []).append(np.array(x, dtype=np.float32))
+    def hook(layer: int) -> Callable[[torch.nn.Module, tuple], None]:
+        def capture(_module: torch.nn.Module, args: tuple) -> None:
+            seen.setdefault(layer, []).append(args[0][real[-1]].numpy().astype(np.float32, copy=True))
             if layer == only:
                 raise _Captured
+        return capture
 
-    for ids, mask in seqs.batches(batch_size):
-        try:
-            if ir.spec.causal:
-                ex.forward(ids, attention_mask=mask, capture=capture)
-            else:
-                ex.hidden_states(ids, mask, capture=capture)
-        except _Captured:
-            pass
+    handles = [block.ffn.register_forward_pre_hook(hook(i)) for i, block in enumerate(model.layers)
+               if only is None or i == only]
+    try:
+        with torch.no_grad():
+            for ids, mask in seqs.batches(batch_size):
+                mask_t = torch.from_numpy(np.ascontiguousarray(mask))
+                real.append(mask_t != 0)
+                try:
+                    model(torch.from_numpy(np.array(ids, dtype=np.int64)), mask_t)
+                except _Captured:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
     return {layer: np.concatenate(parts) for layer, parts in seen.items()}
