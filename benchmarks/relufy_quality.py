@@ -39,15 +39,21 @@ from sparseforge.toolchain.pass_manager import PassManager
 def cases(args: argparse.Namespace) -> dict[str, tuple[Path, ProfileOptions, dict[str, Any]]]:
     """Case name -> (model, profile options, relufy options)."""
     minilm = args.minilm or default_model()
-    mprof = ProfileOptions(seq_len=128, num_sequences=args.num_sequences, heldout_fraction=0.1,
-                           max_samples=args.max_samples)
+    calib = None if args.minilm_calib == "default" else args.minilm_calib
+    if calib == "prose":
+        from prose_corpus import build
+
+        calib = str(build(args.cache_dir / "corpora"))
+    mprof = ProfileOptions(calib=calib, seq_len=128, num_sequences=args.minilm_sequences or args.num_sequences,
+                           heldout_fraction=0.1, max_samples=args.max_samples)
     common = {"eval_sequences": args.eval_sequences, "threads": args.threads, "sweep": (0.8, 0.85, 0.9)}
     out: dict[str, tuple[Path, ProfileOptions, dict[str, Any]]] = {
         "minilm-threshold": (minilm, mprof, {**common, "mode": "threshold", "target_sparsity": 0.5}),
         "minilm-relu": (minilm, mprof, {**common, "mode": "relu", "mean_correction": True}),
         "minilm-fatrelu": (minilm, mprof, {
             **common, "mode": "fatrelu", "target_sparsity": args.minilm_target, "mean_correction": True,
-            "local_steps": args.local_steps, "steps": args.minilm_steps, "lr": args.minilm_lr,
+            "layer_sparsity": _layer_values(args.minilm_layer_sparsity),
+            "local_steps": args.local_steps, "local_sequences": args.local_sequences, "steps": args.minilm_steps, "lr": args.minilm_lr,
             "batch_size": 8, "hidden_weight": 0.0, "train_ffn_only": True}),
     }
     llama = args.llama or _tiny_llama()
@@ -56,9 +62,15 @@ def cases(args: argparse.Namespace) -> dict[str, tuple[Path, ProfileOptions, dic
                                heldout_fraction=0.1, max_samples=args.max_samples * 2)
         out["llama-drelu"] = (llama, lprof, {
             **common, "mode": "fatrelu", "target_sparsity": args.llama_target, "mean_correction": True,
-            "local_steps": args.local_steps,
+            "local_steps": args.local_steps, "local_sequences": args.local_sequences,
             "steps": args.llama_steps, "lr": args.llama_lr, "batch_size": 8, "eval_sequences": 0})
     return out
+
+
+def _layer_values(text: str) -> dict[str, float]:
+    """``"4=0.8,5=0.78"`` -> {"4": 0.8, "5": 0.78}."""
+    pairs = [item.split("=") for item in text.split(",") if item.strip()]
+    return {k.strip(): float(v) for k, v in pairs}
 
 
 def _tiny_llama() -> Path | None:
@@ -103,9 +115,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--minilm", type=Path, default=None, help="all-MiniLM-L6-v2 checkpoint (default: the package)")
     ap.add_argument("--llama", type=Path, default=None, help="small Llama checkpoint (default: the cached one)")
     ap.add_argument("--num-sequences", type=int, default=256)
+    ap.add_argument("--minilm-calib", default="prose",
+                    help="MiniLM calibration text: 'prose' (prose_corpus.py, ~2.3 MB of stdlib docstrings), "
+                         "'default' (the package's ~360 KB) or a path")
+    ap.add_argument("--minilm-sequences", type=int, default=0, help="MiniLM calibration sequences (0: --num-sequences)")
     ap.add_argument("--max-samples", type=int, default=8192)
     ap.add_argument("--minilm-target", type=float, default=0.87)
+    ap.add_argument("--minilm-layer-sparsity", default="", metavar="L=S,...",
+                    help="per-layer target sparsity overrides for MiniLM, e.g. '4=0.82,5=0.8'")
     ap.add_argument("--local-steps", type=int, default=300)
+    ap.add_argument("--local-sequences", type=int, default=128)
     ap.add_argument("--minilm-steps", type=int, default=0)
     ap.add_argument("--minilm-lr", type=float, default=5e-5)
     ap.add_argument("--llama-target", type=float, default=0.87)
@@ -121,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.num_sequences, args.max_samples, args.eval_sequences = 16, 1024, 4
         args.local_steps, args.minilm_steps, args.llama_steps = 2, min(args.minilm_steps, 2), 2
+        args.minilm_sequences, args.local_sequences = 0, 8
     args.cache_dir = args.cache_dir or default_cache()
     table = cases(args)
     names = args.cases.split(",") if args.cases else list(table)

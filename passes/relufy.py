@@ -48,7 +48,8 @@ TRAINABLE = ("relu", "drelu", "fatrelu")
 @dataclass(frozen=True)
 class RelufyOptions:
     """``mode`` for every layer, ``layer_modes`` overrides ({"3": "threshold"});
-    ``target_sparsity`` for ``threshold`` and ``fatrelu`` layers; ``mean_correction``;
+    ``target_sparsity`` for ``threshold`` and ``fatrelu`` layers, ``layer_sparsity``
+    overrides ({"5": 0.8}: spend sparsity where it costs least); ``mean_correction``;
     ``local_steps`` / ``local_lr``: layer-local fitting of each new FFN to the original
     FFN's outputs (``toolchain.local_distill``), ``local_sequential``: layer after layer on
     the student's own FFN inputs over ``local_sequences`` calibration sequences (each
@@ -63,6 +64,7 @@ class RelufyOptions:
     mode: Mode = "auto"
     layer_modes: dict[str, str] = field(default_factory=dict)
     target_sparsity: float = 0.9
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
     mean_correction: bool = False
     local_steps: int = 0
     local_lr: float = 1e-3
@@ -113,15 +115,26 @@ class Relufy(Pass):
             raise PassError(f"relufy: unknown mode {bad[0]!r} in layer_modes (modes: auto, {', '.join(MODES)})")
         if not 0.0 < o.target_sparsity < 1.0:
             raise PassError(f"relufy: target_sparsity must be in (0, 1), got {o.target_sparsity}")
+        bad_sparsity = sorted(k for k, v in o.layer_sparsity.items() if not 0.0 < v < 1.0)
+        if bad_sparsity:
+            raise PassError(f"relufy: layer_sparsity for layer {bad_sparsity[0]} must be in (0, 1), "
+                            f"got {o.layer_sparsity[bad_sparsity[0]]}")
         if any(not 0.0 < s < 1.0 for s in o.sweep):
             raise PassError("relufy: sweep sparsities must be in (0, 1)")
         if o.steps < 0 or o.lr <= 0 or o.batch_size < 1:
             raise PassError("relufy: steps must be >= 0, lr > 0, batch_size >= 1")
 
+    def layer_targets(self, ir: ModelIR) -> dict[int, float]:
+        """Target sparsity per layer: ``layer_sparsity`` overrides, else ``target_sparsity``."""
+        o = self.options
+        return {b.layer: float(o.layer_sparsity.get(str(b.layer), o.target_sparsity)) for b in ir.blocks}
+
     def requires(self, ir: ModelIR) -> None:
-        unknown = sorted(set(self.options.layer_modes) - {str(b.layer) for b in ir.blocks})
-        if unknown:
-            raise PassError(f"relufy: layer_modes names layers {unknown} the model does not have")
+        layers = {str(b.layer) for b in ir.blocks}
+        for key in ("layer_modes", "layer_sparsity"):
+            unknown = sorted(set(getattr(self.options, key)) - layers)
+            if unknown:
+                raise PassError(f"relufy: {key} names layers {unknown} the model does not have")
         self.layer_modes(ir)
         if not all("profile" in b.annotations for b in ir.blocks) or "calibration/train.safetensors" not in ir.files:
             raise PassError("relufy needs a profiled model: run the 'profile' pass first")
@@ -129,7 +142,7 @@ class Relufy(Pass):
     # -- the pass ----------------------------------------------------------------------
     def run(self, ir: ModelIR, ctx: PassContext) -> PassResult:
         o = self.options
-        modes = self.layer_modes(ir)
+        modes, targets = self.layer_modes(ir), self.layer_targets(ir)
         train, heldout = calibration_split(ir, "train"), calibration_split(ir, "heldout")
         evalset = (heldout if len(heldout) else train).head(o.eval_sequences)
         student = ir.evolve()
@@ -137,11 +150,11 @@ class Relufy(Pass):
         student.drop_outputs(tensors="profile", files="profile", annotation="profile")  # describe the old activations
         student.graph = None
         for b in student.blocks:
-            _apply_mode(b, modes[b.layer], threshold_for_sparsity(hists[b.layer], o.target_sparsity))
+            _apply_mode(b, modes[b.layer], threshold_for_sparsity(hists[b.layer], targets[b.layer]))
         trainable = [b.layer for b in student.blocks if modes[b.layer] in TRAINABLE]
         if o.mean_correction:
             _mean_correction(ir, student, trainable)
-        local = _local_fit(ir, student, trainable, modes, o, ctx, train.head(o.local_sequences)) \
+        local = _local_fit(ir, student, trainable, modes, targets, o, ctx, train.head(o.local_sequences)) \
             if o.local_steps > 0 else []
         threads = o.threads or None
         reference = run_model(ir, evalset, threads=threads)
@@ -157,7 +170,7 @@ class Relufy(Pass):
                     b.output_threshold = 0.0
             calib_run = run_model(unthresholded, train.head(o.eval_sequences), threads=threads)
             for b in fat:
-                b.output_threshold = threshold_for_sparsity(calib_run.stats[b.layer].hist, o.target_sparsity)
+                b.output_threshold = threshold_for_sparsity(calib_run.stats[b.layer].hist, targets[b.layer])
         final_run = run_model(student, evalset, threads=threads)
         result = compare(reference, final_run)
         sweep = self._sweep(student, train, evalset, reference, threads)
@@ -246,12 +259,13 @@ def _mean_correction(original: ModelIR, student: ModelIR, layers: list[int], chu
 
 
 def _local_fit(original: ModelIR, student: ModelIR, layers: list[int], modes: dict[int, str],
-               o: RelufyOptions, ctx: PassContext, seqs: Sequences) -> list[dict[str, Any]]:
+               sparsity: dict[int, float], o: RelufyOptions, ctx: PassContext,
+               seqs: Sequences) -> list[dict[str, Any]]:
     """Fit each listed layer's new FFN to the original FFN, sequentially on ``seqs`` or on
     the profile samples (``fatrelu`` layers with their threshold in the loop)."""
     from sparseforge.toolchain.local_distill import fit_ffn, fit_sequential
 
-    targets = {layer: o.target_sparsity if modes[layer] == "fatrelu" else None for layer in layers}
+    targets = {layer: sparsity[layer] if modes[layer] == "fatrelu" else None for layer in layers}
     if o.local_sequential:
         return fit_sequential(original, student, layers, seqs, steps=o.local_steps, lr=o.local_lr, batch_size=256,
                               l1=o.l1, seed=ctx.seed, target_sparsity=targets, show_progress=ctx.progress)

@@ -145,6 +145,17 @@ def test_requirements(profiled, tiny_model):
         _relufy(profiled("llama"), mode="threshold", target_sparsity=1.5)
     with pytest.raises(PassError, match="layers"):
         _relufy(profiled("llama"), layer_modes={"7": "relu"})
+    with pytest.raises(PassError, match="layer_sparsity names layers"):
+        _relufy(profiled("llama"), layer_sparsity={"7": 0.5})
+    with pytest.raises(PassError, match="layer_sparsity for layer 0 must be in"):
+        _relufy(profiled("llama"), layer_sparsity={"0": 1.0})
+
+
+def test_layer_sparsity_overrides_the_target_of_one_layer(profiled):
+    res = _relufy(profiled("llama"), mode="threshold", target_sparsity=0.6, layer_sparsity={"0": 0.3})
+    per_layer = res.records[0].stats["per_layer_sparsity"]
+    assert per_layer[0] == pytest.approx(0.3, abs=0.06)
+    assert all(s == pytest.approx(0.6, abs=0.06) for s in per_layer[1:])
 
 
 def _run(*args, cwd):
@@ -159,7 +170,9 @@ def test_cli_bad_options_exit_2(tiny_bert_tokenized, tmp_path):
              (["--target-sparsity", "1.2"], "target_sparsity must be in (0, 1)"),
              (["--mode", "drelu"], "needs a gated FFN"),
              (["--layer-mode", "0"], "LAYER=MODE"),
-             (["--layer-mode", "0=sigmoid"], "unknown mode 'sigmoid'")]
+             (["--layer-mode", "0=sigmoid"], "unknown mode 'sigmoid'"),
+             (["--layer-sparsity", "0=lots"], "'lots' is not a number"),
+             (["--mode", "threshold", "--layer-sparsity", "0=1.5"], "layer_sparsity for layer 0 must be in")]
     for extra, message in cases:
         res = _run(*base, *extra, cwd=tmp_path)
         assert res.returncode == 2, (extra, res.stderr)
@@ -200,3 +213,56 @@ def test_local_fit_with_the_threshold_in_the_loop_hits_the_target(profiled):
     seen = []
     ffn_forward(student.store, student.blocks[1], x, capture=lambda _l, _x, h: seen.append(h))
     assert abs(float((seen[0] == 0).mean()) - 0.9) < 0.03  # threshold set on a subset of these rows
+
+
+def test_ffn_inputs_match_the_numpy_reference(profiled):
+    """The torch twin's FFN inputs (real tokens, batch-major) against the numpy executor's."""
+    from sparseforge.toolchain.local_distill import ffn_inputs
+
+    for kind in ("bert", "llama"):
+        ir = profiled(kind)
+        seqs = _split(ir, "train").head(6)
+        ref: dict[int, list[np.ndarray]] = {}
+        ex = executor_for(ir)
+        for ids, mask in seqs.batches(4):
+            def capture(layer, x, _h):
+                ref.setdefault(layer, []).append(np.array(x))
+            if ir.spec.causal:
+                ex.forward(ids, attention_mask=mask, capture=capture)
+            else:
+                ex.hidden_states(ids, mask, capture=capture)
+        every = ffn_inputs(ir, seqs, batch_size=4)
+        assert sorted(every) == sorted(ref) == [b.layer for b in ir.blocks]
+        for layer in every:
+            np.testing.assert_allclose(every[layer], np.concatenate(ref[layer]), atol=1e-4)
+            np.testing.assert_array_equal(ffn_inputs(ir, seqs, only=layer, batch_size=4)[layer], every[layer])
+
+
+def test_post_norm_local_fit_measures_the_block_output(profiled):
+    """BERT's local fit compares LayerNorm(x + FFN(x)), checked against a numpy LayerNorm."""
+    from sparseforge.passes.relufy import _apply_mode
+    from sparseforge.toolchain.families import family_named
+    from sparseforge.toolchain.local_distill import _post_norm, ffn_inputs, fit_ffn
+    from sparseforge.toolchain.reference.ffn import ffn_forward
+
+    bert = profiled("bert")
+    norm = family_named("bert").post_ffn_norm(1)
+    assert norm == "encoder.layer.1.output.LayerNorm" and family_named("llama").post_ffn_norm(1) is None
+    x = ffn_inputs(bert, _split(bert, "train"), only=1)[1]
+    y = ffn_forward(bert.store, bert.blocks[1], x) + x
+    mu, var = y.mean(-1, keepdims=True), y.var(-1, keepdims=True)
+    target = (y - mu) / np.sqrt(var + bert.spec.norm_eps) * bert.store.get(norm + ".weight") \
+        + bert.store.get(norm + ".bias")
+    post, post_np = _post_norm(bert, norm)
+    np.testing.assert_allclose(post_np(x, y - x), target, atol=1e-5)
+    student = bert.evolve()
+    _apply_mode(student.blocks[1], "relu", 0.0)
+    stats = fit_ffn(bert, student, 1, x, steps=30, lr=1e-3, batch_size=64, l1=0.0, seed=0, targets=target,
+                    post=post)
+    out = ffn_forward(student.store, student.blocks[1], x) + x
+    mu, var = out.mean(-1, keepdims=True), out.var(-1, keepdims=True)
+    got = (out - mu) / np.sqrt(var + bert.spec.norm_eps) * bert.store.get(norm + ".weight") \
+        + bert.store.get(norm + ".bias")
+    rel = float(((got - target) ** 2).mean() / (target ** 2).mean())
+    assert stats["rel_error_after"] == pytest.approx(rel, rel=1e-3)
+    assert stats["rel_error_after"] < stats["rel_error_before"]

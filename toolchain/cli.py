@@ -181,7 +181,11 @@ def profile(model: Path, output: Path, calib: Path | None, seq_len: int, num_seq
               help="Override the mode of one layer (repeatable).")
 @click.option("--target-sparsity", type=float, default=0.9, show_default=True,
               help="Sparsity the threshold / fatrelu modes calibrate their thresholds for.")
+@click.option("--layer-sparsity", "layer_sparsity", multiple=True, metavar="LAYER=S",
+              help="Override the target sparsity of one layer (repeatable).")
 @click.option("--mean-correction", is_flag=True, help="Fold W_down . E[h_old - h_new] into the down bias.")
+@click.option("--local-steps", type=int, default=0, show_default=True,
+              help="Layer-local fitting steps per layer before distillation (0: none).")
 @click.option("--steps", type=int, default=0, show_default=True, help="Distillation steps (0: training-free).")
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="Learning rate (AdamW).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per training step.")
@@ -195,8 +199,9 @@ def profile(model: Path, output: Path, calib: Path | None, seq_len: int, num_seq
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Pass cache directory.")
 @click.option("--no-cache", is_flag=True, help="Ignore cached results.")
 def relufy(model: Path, output: Path, mode: str, layer_modes: tuple[str, ...], target_sparsity: float,
-           mean_correction: bool, steps: int, lr: float, batch_size: int, l1: float, calib: Path | None,
-           seq_len: int, seed: int, cache_dir: Path | None, no_cache: bool) -> None:
+           layer_sparsity: tuple[str, ...], mean_correction: bool, local_steps: int, steps: int, lr: float,
+           batch_size: int, l1: float, calib: Path | None, seq_len: int, seed: int, cache_dir: Path | None,
+           no_cache: bool) -> None:
     """ReLU-ify MODEL's FFNs and report sparsity and quality against the original.
 
     MODEL is profiled first (onnxruntime, --calib data) unless it is an IR directory
@@ -204,14 +209,12 @@ def relufy(model: Path, output: Path, mode: str, layer_modes: tuple[str, ...], t
     from .frontends import load_model
     from .pipeline import run_pass_to_dir
 
-    overrides = {}
-    for text in layer_modes:
-        layer, sep, value = text.partition("=")
-        if not sep:
-            raise InputError(None, f"--layer-mode {text!r}: expected LAYER=MODE")
-        overrides[layer.strip()] = value.strip()
-    options = {"mode": mode, "layer_modes": overrides, "target_sparsity": target_sparsity,
-               "mean_correction": mean_correction, "steps": steps, "lr": lr, "batch_size": batch_size, "l1": l1}
+    sparsities = {k: _parse_float(f"--layer-sparsity {k}={v}", v)
+                  for k, v in _layer_overrides("--layer-sparsity", "S", layer_sparsity).items()}
+    options = {"mode": mode, "layer_modes": _layer_overrides("--layer-mode", "MODE", layer_modes),
+               "target_sparsity": target_sparsity, "layer_sparsity": sparsities,
+               "mean_correction": mean_correction, "local_steps": local_steps, "steps": steps, "lr": lr,
+               "batch_size": batch_size, "l1": l1}
     ir = load_model(model)
     profiled = all("profile" in b.annotations for b in ir.blocks)
     before = [] if profiled else [("profile", {"calib": str(calib) if calib else None, "seq_len": seq_len})]
@@ -220,6 +223,24 @@ def relufy(model: Path, output: Path, mode: str, layer_modes: tuple[str, ...], t
     for record in records:
         _print_record(record)
     click.echo(f"wrote {output}/ (ir/, relufy.json, sparsity.png, sweep.png)")
+
+
+def _layer_overrides(option: str, what: str, items: tuple[str, ...]) -> dict[str, str]:
+    """``LAYER=VALUE`` option values as {layer: value}."""
+    out = {}
+    for text in items:
+        layer, sep, value = text.partition("=")
+        if not sep:
+            raise InputError(None, f"{option} {text!r}: expected LAYER={what}")
+        out[layer.strip()] = value.strip()
+    return out
+
+
+def _parse_float(option: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(None, f"{option}: {text!r} is not a number") from None
 
 
 @cli.command("passes")

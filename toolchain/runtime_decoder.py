@@ -17,7 +17,7 @@ import numpy as np
 from .errors import InputError
 from .reference.bert import softmax
 from .reference.llama import KVCache, apply_rope, rms_norm, rope_cos_sin
-from .runtime_load import FFNRunner, LoadedModel
+from .runtime_load import FFNRunner, LoadedModel, blas_one_thread
 from .runtime_sampling import Sampler
 
 _NEG = np.float32(np.finfo(np.float32).min)
@@ -60,6 +60,10 @@ class DecoderRuntime:
         """Logits of one sequence's new tokens ``input_ids [T]``: ``[T, vocab]`` with
         ``all_logits``, else the last position's ``[vocab]``. With ``cache`` the tokens
         continue at position ``cache.length`` and the cache is extended."""
+        with blas_one_thread():
+            return self._forward(input_ids, cache, all_logits)
+
+    def _forward(self, input_ids, cache: KVCache | None, all_logits: bool) -> np.ndarray:
         ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
         s = self.spec
         T = ids.size
@@ -68,7 +72,7 @@ class DecoderRuntime:
         if ids.min() < 0 or ids.max() >= s.vocab_size:
             raise ValueError(f"token ids must be in [0, {s.vocab_size})")
         past = 0 if cache is None else cache.length
-        H, KV, hd, d = s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size
+        H, KV, hd = s.num_heads, s.num_kv_heads, s.head_dim
         G = H // KV
         positions = np.arange(past, past + T)
         cos, sin = rope_cos_sin(positions, hd, s.rope_theta)

@@ -5,7 +5,7 @@
 (:mod:`.runtime_encoder`, :mod:`.runtime_decoder`) compute with:
 
 * every non-FFN weight as a :class:`Linear`: F32 tensors stay zero-copy views into the
-  map, F16 are widened once; Q8_0/Q4_0 matrices are either dequantized once at load
+  map (one token: the Numba row kernel, several: BLAS), F16 are widened once; Q8_0/Q4_0 matrices are either dequantized once at load
   (``linear="dequantize"``) or kept as their ggml bytes and multiplied by the Numba
   int8-dot row kernel (``linear="quantized"``: ``kernels.ffn.rows_sparse`` over every
   row, the input quantized to Q8_0 as ggml does). ``auto`` keeps decoders quantized
@@ -20,15 +20,22 @@ selection; the kernels still skip the down column of an exactly-zero activation)
 ``gate-first`` (dReLU/ReLU-gated layers: ``gate_first(x)``, exact) and ``sparse``
 (each layer as the ``predictors`` pass decided: predictor, gate-first or dense).
 A layer the requested mode does not apply to runs dense.
+
+Threads: the Numba kernels own the cores. While the executors run
+(:func:`blas_one_thread`) BLAS is held to one thread: OpenBLAS's and Numba's OpenMP
+workers both spin after a parallel call, and two spinning pools on the same cores slowed
+decoding 2-5x at two threads.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from sparseforge.kernels import ffn as K
 from sparseforge.kernels import quant
@@ -43,6 +50,18 @@ MODES = ("dense", "sparse", "predictor", "gate-first")
 LINEAR_MODES = ("auto", "dequantize", "quantized")
 _EMPTY = np.zeros(0, np.float32)
 _DUMMY_F = np.zeros((1, 1), np.float32)
+_DUMMY_Q = np.zeros((1, 1), np.int8)
+_THREADPOOLS: ThreadpoolController | None = None
+
+
+@contextlib.contextmanager
+def blas_one_thread() -> Iterator[None]:
+    """Context: BLAS libraries on one thread (restored afterwards; nesting is fine)."""
+    global _THREADPOOLS
+    if _THREADPOOLS is None:
+        _THREADPOOLS = ThreadpoolController()
+    with _THREADPOOLS.limit(limits=1, user_api="blas"):
+        yield
 
 
 SERIAL_BELOW = 1 << 18
@@ -55,7 +74,7 @@ def _rows_kernel(x, wf, wq, idx, fmt, d, po, bias, lut, out) -> None:
     signature changed between kernel versions: ``rows_sparse_par``/``_ser`` take ``nchunks``)."""
     par = getattr(K, "rows_sparse_par", None)
     if par is not None:
-        kernel = K.rows_sparse_ser if wq.nbytes < SERIAL_BELOW else par
+        kernel = K.rows_sparse_ser if max(wf.nbytes, wq.nbytes) < SERIAL_BELOW else par
         kernel(x, wf, wq, idx, fmt, d, po, bias, lut, K.default_chunks(), out)
     else:
         K.rows_sparse(x, wf, wq, idx, fmt, d, po, bias, lut, out)
@@ -69,26 +88,28 @@ class Linear:
         self.shape = tuple(shape)
         self.w: np.ndarray | None = None
         self.q: np.ndarray | None = None
+        self._all = np.arange(shape[0], dtype=np.int64)
         if fmt == "f32":
-            self.w = data
+            self.w = np.ascontiguousarray(data).reshape(shape[0], -1)
         elif fmt == "f16" or dequantize:
             self.w = np.ascontiguousarray(data.astype(np.float32) if fmt == "f16" else quant.decode(data, fmt))
         else:
             self.q = np.ascontiguousarray(data).view(np.int8).reshape(shape[0], -1)
             self._code = K.FORMAT_CODES[fmt]
-            self._all = np.arange(shape[0], dtype=np.int64)
 
     @property
     def quantized(self) -> bool:
         return self.q is not None
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
-        """``W x`` for ``x [cols]``."""
-        if self.w is not None:
-            return self.w @ x
+        """``W x`` for ``x [cols]`` (the Numba row kernel, on the kernels' threads)."""
         out = np.empty(self.shape[0], np.float32)
-        _rows_kernel(np.ascontiguousarray(x, np.float32), _DUMMY_F, self.q, self._all, self._code, self.shape[1],
-                     0, _EMPTY, quant.F16_TO_F32, out)
+        x = np.ascontiguousarray(x, np.float32)
+        if self.w is not None:
+            _rows_kernel(x, self.w, _DUMMY_Q, self._all, K.F32, self.shape[1], 0, _EMPTY, quant.F16_TO_F32, out)
+        else:
+            _rows_kernel(x, _DUMMY_F, self.q, self._all, self._code, self.shape[1], 0, _EMPTY, quant.F16_TO_F32,
+                         out)
         return out
 
     def matmul(self, X: np.ndarray) -> np.ndarray:

@@ -24,9 +24,6 @@ class ModelFamily:
     strip_prefixes: ClassVar[tuple[str, ...]] = ()
     #: checkpoint tensors that are not weights and are dropped on import.
     ignored_tensors: ClassVar[tuple[str, ...]] = ()
-    #: post-norm blocks (BERT): the residual stream adds the FFN output to the FFN input
-    #: itself, then normalises; pre-norm blocks (Llama) add it to the un-normalised stream.
-    residual_is_ffn_input: ClassVar[bool] = False
 
     @classmethod
     def spec_from_config(cls, config: dict[str, Any], path: Path) -> ArchSpec:
@@ -47,6 +44,14 @@ class ModelFamily:
     def optional_shapes(cls, spec: ArchSpec) -> dict[str, tuple[int, ...]]:
         """Weights that may be absent (e.g. a pooler)."""
         return {}
+
+    @classmethod
+    def post_ffn_norm(cls, layer: int) -> str | None:
+        """Post-norm blocks (BERT): the prefix of the LayerNorm (``<prefix>.weight`` /
+        ``.bias``) that normalises ``FFN input + FFN output`` of ``layer`` into the block's
+        output. None for pre-norm blocks (Llama), whose FFN output joins the
+        un-normalised residual stream."""
+        return None
 
     @classmethod
     def canonical_name(cls, name: str) -> str | None:

@@ -17,7 +17,6 @@ class Bert(ModelFamily):
     architectures = ("BertModel",)
     strip_prefixes = ("bert.",)
     ignored_tensors = ("embeddings.position_ids",)
-    residual_is_ffn_input = True
 
     @classmethod
     def spec_from_config(cls, config: dict[str, Any], path: Path) -> ArchSpec:
@@ -52,6 +51,10 @@ class Bert(ModelFamily):
             type_vocab_size=config_value(config, "type_vocab_size", path, int, 2),
             pad_token_id=config_value(config, "pad_token_id", path, int, 0),
         )
+
+    @classmethod
+    def post_ffn_norm(cls, layer: int) -> str | None:
+        return f"encoder.layer.{layer}.output.LayerNorm"
 
     @classmethod
     def blocks(cls, spec: ArchSpec) -> list[FFNBlock]:

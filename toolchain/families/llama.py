@@ -125,7 +125,7 @@ class Llama(ModelFamily):
 
     @classmethod
     def optional_shapes(cls, spec: ArchSpec) -> dict[str, tuple[int, ...]]:
-        d, hd = spec.hidden_size, spec.head_dim
+        d = spec.hidden_size
         out: dict[str, tuple[int, ...]] = {}
         if spec.tie_word_embeddings:
             out["lm_head.weight"] = (spec.vocab_size, d)
