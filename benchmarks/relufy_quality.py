@@ -7,8 +7,12 @@ the recovery never trained on):
 * ``minilm-threshold``: all-MiniLM-L6-v2, training-free ``threshold`` mode at 50%;
 * ``minilm-relu``: ReLU with mean correction only (no training);
 * ``minilm-fatrelu``: FATReLU at ``--minilm-target`` with mean correction and
-  sequential layer-local fitting with the threshold in the loop (``--local-steps``),
-  then ``--minilm-steps`` of end-to-end distillation;
+  sequential layer-local fitting with the threshold in the loop
+  (``--minilm-local-steps`` on ``--minilm-local-sequences``), then ``--minilm-steps``
+  of end-to-end distillation;
+
+MiniLM cases calibrate on ``--minilm-calib`` (default ``prose``: ``prose_corpus.py``'s
+2.3 MB of standard-library docstrings; the package's ~360 KB is too little to train on).
 * ``llama-drelu``: the project's small Llama-family model (``train_tiny_llama.py``),
   dReLU plus a FATReLU threshold at ``--llama-target`` (mode ``fatrelu`` on a gated
   FFN), mean correction, local fitting and ``--llama-steps`` of KL distillation,
@@ -53,7 +57,8 @@ def cases(args: argparse.Namespace) -> dict[str, tuple[Path, ProfileOptions, dic
         "minilm-fatrelu": (minilm, mprof, {
             **common, "mode": "fatrelu", "target_sparsity": args.minilm_target, "mean_correction": True,
             "layer_sparsity": _layer_values(args.minilm_layer_sparsity),
-            "local_steps": args.local_steps, "local_sequences": args.local_sequences, "steps": args.minilm_steps, "lr": args.minilm_lr,
+            "local_steps": args.minilm_local_steps, "local_sequences": args.minilm_local_sequences,
+            "steps": args.minilm_steps, "lr": args.minilm_lr,
             "batch_size": 8, "hidden_weight": 0.0, "train_ffn_only": True}),
     }
     llama = args.llama or _tiny_llama()
@@ -118,15 +123,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--minilm-calib", default="prose",
                     help="MiniLM calibration text: 'prose' (prose_corpus.py, ~2.3 MB of stdlib docstrings), "
                          "'default' (the package's ~360 KB) or a path")
-    ap.add_argument("--minilm-sequences", type=int, default=0, help="MiniLM calibration sequences (0: --num-sequences)")
+    ap.add_argument("--minilm-sequences", type=int, default=2560,
+                    help="MiniLM calibration sequences (0: --num-sequences)")
+    ap.add_argument("--minilm-local-steps", type=int, default=1500)
+    ap.add_argument("--minilm-local-sequences", type=int, default=1024)
     ap.add_argument("--max-samples", type=int, default=8192)
-    ap.add_argument("--minilm-target", type=float, default=0.87)
+    ap.add_argument("--minilm-target", type=float, default=0.865)
     ap.add_argument("--minilm-layer-sparsity", default="", metavar="L=S,...",
                     help="per-layer target sparsity overrides for MiniLM, e.g. '4=0.82,5=0.8'")
     ap.add_argument("--local-steps", type=int, default=300)
     ap.add_argument("--local-sequences", type=int, default=128)
-    ap.add_argument("--minilm-steps", type=int, default=0)
-    ap.add_argument("--minilm-lr", type=float, default=5e-5)
+    ap.add_argument("--minilm-steps", type=int, default=600)
+    ap.add_argument("--minilm-lr", type=float, default=3e-5)
     ap.add_argument("--llama-target", type=float, default=0.87)
     ap.add_argument("--llama-steps", type=int, default=300)
     ap.add_argument("--llama-lr", type=float, default=3e-4)
@@ -140,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.num_sequences, args.max_samples, args.eval_sequences = 16, 1024, 4
         args.local_steps, args.minilm_steps, args.llama_steps = 2, min(args.minilm_steps, 2), 2
-        args.minilm_sequences, args.local_sequences = 0, 8
+        args.minilm_sequences, args.local_sequences, args.minilm_local_sequences = 0, 8, 8
+        args.minilm_local_steps = 2
     args.cache_dir = args.cache_dir or default_cache()
     table = cases(args)
     names = args.cases.split(",") if args.cases else list(table)
