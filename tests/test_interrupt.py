@@ -97,12 +97,20 @@ def _env(cwd: Path, hold: str | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, as in a terminal. A shell that
+    runs the test suite in the background (``pytest &``) starts it with SIGINT ignored,
+    the child would inherit that, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_and_signal(args: list[str], cwd: Path, hold: str, sig: int, *, group: bool = False,
                      **extra: str) -> subprocess.CompletedProcess:
     """Run ``sparseforge ARGS`` until it reaches ``hold``, send ``sig`` (to the whole process
     group with ``group``, as a terminal's Ctrl-C does), and wait for it to end."""
     proc = subprocess.Popen([SPARSEFORGE, *args], cwd=cwd, env=_env(cwd, hold, **extra), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=_default_sigint)
     deadline = time.monotonic() + 180
     while not (cwd / "held").exists():
         if proc.poll() is not None or time.monotonic() > deadline:
