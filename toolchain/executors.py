@@ -80,18 +80,17 @@ class LocalExecutor:
         if n <= 1:
             return [_run_task(fn, t) for t in tasks]
         ctx = multiprocessing.get_context("spawn")
-        others = set(multiprocessing.active_children())
         pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx)
         try:
             results = list(pool.map(functools.partial(_run_task, fn), tasks))
         except BrokenProcessPool as exc:
-            _stop_pool(pool, others)
+            _stop_pool(pool)
             raise RuntimeError(
                 "a worker process of the local executor died. Workers start with the 'spawn' method, "
                 "which re-imports the main script: guard its entry point with "
                 "`if __name__ == '__main__':`, or use one worker") from exc
         except BaseException:  # an interrupt or a failed task: do not wait for the other tasks
-            _stop_pool(pool, others)
+            _stop_pool(pool)
             raise
         pool.shutdown(wait=True)
         return results
@@ -103,13 +102,9 @@ def _run_task(fn: Callable[[T], R], task: T) -> R:
     return fn(task)
 
 
-def _stop_pool(pool: ProcessPoolExecutor, others: set[Any]) -> None:
-    """Terminate the pool's worker processes now; pending tasks are cancelled. Workers are
-    the pool's registered processes plus every child started since the pool was made (not
-    in ``others``): an interrupt that lands while the pool spawns a worker can leave it
-    unregistered, and the interpreter would wait for it at exit."""
-    registered = list((getattr(pool, "_processes", None) or {}).values())
-    procs = registered + [p for p in multiprocessing.active_children() if p not in others and p not in registered]
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's worker processes now; pending tasks are cancelled."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
     for p in procs:
         if p.is_alive():
             p.terminate()
