@@ -208,7 +208,7 @@ def quantize_tensors(job: tuple[tuple[QuantItem, ...], str]) -> list[tuple[tuple
     ``path``; per item how it is stored there (``(encoding, transpose)``; None: unchanged,
     an f32 tensor kept as it is) and its row of ``quantize.json``."""
     from sparseforge.toolchain.safetensors_io import write_safetensors
-    from sparseforge.toolchain.tensors import TensorRef, TensorStore
+    from sparseforge.toolchain.tensors import TensorRef, TensorStore, decode_rows
 
     items, path = job
     out, arrays = [], {}
@@ -227,7 +227,7 @@ def quantize_tensors(job: tuple[tuple[QuantItem, ...], str]) -> list[tuple[tuple
             enc = _encode_rows(rows, fmt)
             arrays[name], stored = enc, (fmt, transpose)
             y = (lambda lo, hi, enc=enc: _decoded_rows(enc, fmt, lo, hi)) if not transpose else None
-            full = None if y is not None else _decoded_full(enc, fmt, True)
+            full = None if y is not None else decode_rows(enc, fmt, True)
         else:
             arrays[name] = _convert(x, np.float16 if fmt == "f16" else np.float32)
             stored, y, full = (None, False), None, arrays[name]
@@ -262,12 +262,6 @@ def _decoded_rows(enc: np.ndarray, fmt: str, lo: int, hi: int) -> np.ndarray:
     r0, r1 = lo // width, -(-hi // width)
     y = quant.decode(enc[r0:r1], fmt).reshape(-1)
     return y[lo - r0 * width: hi - r0 * width]
-
-
-def _decoded_full(enc: np.ndarray, fmt: str, transpose: bool) -> np.ndarray:
-    from sparseforge.toolchain.tensors import decode_rows
-
-    return decode_rows(enc, fmt, transpose)
 
 
 def _convert(x: np.ndarray, dtype: type) -> np.ndarray:

@@ -91,6 +91,7 @@ class Relufy(Pass):
     name = "relufy"
     summary = "ReLU-ify FFNs (relu / drelu / fatrelu / threshold), optional distillation; quality report"
     Options = RelufyOptions
+    quiet_defaults = ("layer_sparsity",)
 
     # -- checks ----------------------------------------------------------------------
     def layer_modes(self, ir: ModelIR) -> dict[int, str]:

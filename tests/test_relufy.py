@@ -156,6 +156,9 @@ def test_layer_sparsity_overrides_the_target_of_one_layer(profiled):
     per_layer = res.records[0].stats["per_layer_sparsity"]
     assert per_layer[0] == pytest.approx(0.3, abs=0.06)
     assert all(s == pytest.approx(0.6, abs=0.06) for s in per_layer[1:])
+    # recorded (cache key, pass log) only when set: recipes without it keep their bytes
+    assert Relufy(RelufyOptions(layer_sparsity={"0": 0.3})).options_dict()["layer_sparsity"] == {"0": 0.3}
+    assert "layer_sparsity" not in Relufy(RelufyOptions()).options_dict()
 
 
 def _run(*args, cwd):

@@ -59,7 +59,8 @@ def stream_batch(ir: ModelIR, seq_len: int, memory_budget_mb: float) -> int:
 
 
 class StreamTap:
-    """The reference executor of ``ir`` with FFN taps (interface of :class:`~.ffn_tap.FFNTap`)."""
+    """The reference executor of ``ir`` with FFN taps (``taps`` lists the layers as
+    :class:`~.ffn_tap.FFNTap`'s does; run it through :func:`visit`)."""
 
     def __init__(self, ir: ModelIR) -> None:
         from .reference import BertEncoder, LlamaDecoder
@@ -101,15 +102,6 @@ class StreamTap:
         for lo in range(0, table.shape[0], _VOCAB_CHUNK):
             out[:, lo: lo + _VOCAB_CHUNK] = x @ np.asarray(table[lo: lo + _VOCAB_CHUNK], dtype=np.float32).T
         return out.reshape(*hidden.shape[:-1], -1)
-
-    def run_with_output(self, ids: np.ndarray, mask: np.ndarray
-                        ) -> tuple[np.ndarray, list[tuple[int, np.ndarray, np.ndarray]]]:
-        taps: list[tuple[int, np.ndarray, np.ndarray]] = []
-        out = self.visit(ids, mask, lambda layer, x, a: taps.append((layer, x, a)), output=True)
-        return out, taps
-
-    def run(self, ids: np.ndarray, mask: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        return self.run_with_output(ids, mask)[1]
 
 
 def visit(tap, ids: np.ndarray, mask: np.ndarray, fn: LayerFn, *, output: bool = False) -> np.ndarray | None:

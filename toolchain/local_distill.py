@@ -169,14 +169,14 @@ def ffn_inputs(ir: ModelIR, seqs: Sequences, *, only: int | None = None,
     layers after ``only`` are not run)."""
     model = build_torch_model(ir).eval()
     seen: dict[int, list[np.ndarray]] = {}
-    real: list[torch.Tensor] = []
+    real = torch.zeros(0, dtype=torch.bool)  # the current batch's real tokens [B, T]
 
     class _Captured(Exception):
         """Layer ``only`` is captured: the layers after it need not run."""
 
     def hook(layer: int) -> Callable[[torch.nn.Module, tuple], None]:
         def capture(_module: torch.nn.Module, args: tuple) -> None:
-            seen.setdefault(layer, []).append(args[0][real[-1]].numpy().astype(np.float32, copy=True))
+            seen.setdefault(layer, []).append(args[0][real].numpy().astype(np.float32, copy=True))
             if layer == only:
                 raise _Captured
         return capture
@@ -187,7 +187,7 @@ def ffn_inputs(ir: ModelIR, seqs: Sequences, *, only: int | None = None,
         with torch.no_grad():
             for ids, mask in seqs.batches(batch_size):
                 mask_t = torch.from_numpy(np.ascontiguousarray(mask))
-                real.append(mask_t != 0)
+                real = mask_t != 0
                 try:
                     model(torch.from_numpy(np.array(ids, dtype=np.int64)), mask_t)
                 except _Captured:

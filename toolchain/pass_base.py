@@ -87,7 +87,8 @@ class Pass:
 
     def options_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self.options)
-        defaults = {f.name: f.default for f in dataclasses.fields(self.Options)}
+        defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                    for f in dataclasses.fields(self.Options)}
         for name in self.quiet_defaults:
             if name in d and d[name] == defaults.get(name, dataclasses.MISSING):
                 del d[name]
