@@ -16,9 +16,15 @@ them once at load).
 Quantized paths quantize the input vector to Q8_0 once per token (ggml's rounding; the
 fp16-rounded scale) and form per-block int8 x int8 dot products with int32 accumulation
 (``acc = int32(acc + int32(w) * int32(x))``: LLVM narrows the arithmetic and emits
-``sdot`` on AArch64 +dotprod, SVE ``sdot z`` on SVE, ``vpmaddwd`` on x86 AVX2), then
-scale by ``d_w * d_x`` in float32. Down projections dequantize on the fly
-(``y += h * d_w * q``).
+``sdot`` on AArch64 +dotprod, SVE ``sdot z`` on SVE), then scale by ``d_w * d_x`` in
+float32. On x86 with AVX2 the block dot products are written in LLVM vector IR
+(:data:`SIMD`): ``vpdpbusd`` with AVX-512 VNNI / AVX-VNNI, ``vpmaddubsw`` + ``vpmaddwd``
+otherwise, eight float32 lane accumulators in a register across the row. Down
+projections dequantize on the fly (``y += h * d_w * q``).
+
+The quantized input is ``xq: int8[2d]`` (Q8_0 values, then their magnitudes) and
+``xd: float32[2 * d/32]`` (block scales, then minus each block's sum of values), filled
+once per token by :func:`prepare_input`; the x86 paths use the second halves.
 
 Activations (``act``): 0 relu, 1 fatrelu (``z if z > act_t``), 2 silu, 3 gelu (erf),
 4 gelu_tanh; gated FFNs compute ``act(g) * u`` (``up_relu``: ``act(g) * relu(u)``,
@@ -35,6 +41,7 @@ from numba import njit, prange
 from numba.core import cgutils
 from numba.core import types as nbtypes
 from numba.extending import intrinsic
+from llvmlite import ir
 
 # Numba turns LLVM's SLP vectoriser off by default. The per-block int8 dot products have
 # a fixed trip count of 32, which LLVM unrolls fully before the loop vectoriser sees them;
@@ -61,12 +68,31 @@ Q4_BYTES = 18
 
 _FLAGS = dict(fastmath=True, cache=True, nogil=True)
 
-# Which quantized row primitives the kernels call (a compile-time constant). ARM: the
-# per-block int8 reductions LLVM turns into ``sdot`` (NEON/SVE), the forms ``emit``
-# cross-compiles and checks. x86 (AVX2, AVX-512 without relying on VNNI): ``*_x86``, with
-# float32 lane accumulators on the stack across blocks and one horizontal sum per row.
-# (Numba freezes it into cached code: it must not change between runs on one machine.)
+# Which quantized row primitives the kernels call (compile-time constants; Numba freezes
+# them into cached code, and its cache is keyed by CPU name and features). ARM and x86
+# without AVX2: the per-block int8 reductions LLVM turns into ``sdot`` (NEON/SVE), the
+# forms ``emit`` cross-compiles and checks. x86 with AVX2: ``*_simd``, explicit vector IR.
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def _x86_simd() -> int:
+    """0: no x86 vector path (other CPUs; x86 without AVX2/FMA/F16C), 1: AVX2, 2: VNNI
+    (AVX-512 VNNI with VL, or AVX-VNNI): what the CPU Numba compiles for has (its
+    ``NUMBA_CPU_FEATURES`` if set, else the host's)."""
+    if not X86:
+        return 0
+    from numba.core import codegen
+
+    feats = numba.config.CPU_FEATURES if numba.config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
+    have = {f[1:] for f in str(feats).split(",") if f.startswith("+")}
+    if not {"avx2", "fma", "f16c"} <= have:
+        return 0
+    return 2 if "avxvnni" in have or {"avx512vnni", "avx512vl"} <= have else 1
+
+
+SIMD_AVX2, SIMD_VNNI = 1, 2
+#: the x86 vector path of the quantized kernels (a compile-time constant, see _x86_simd)
+SIMD = _x86_simd()
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -97,9 +123,25 @@ def _f16_round(v):
         return np.float32(np.round(np.float64(v) * 16777216.0) / 16777216.0)
     if v >= np.float32(65520.0):
         return np.float32(np.inf)
-    bits = np.array([v], np.float32).view(np.uint32)[0]
+    bits = _f32_bits(v)
     bits = (bits + np.uint32(0xFFF) + ((bits >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
-    return np.array([bits], np.uint32).view(np.float32)[0]
+    return _bits_f32(bits)
+
+
+@intrinsic
+def _f32_bits(typingctx, v):
+    """The IEEE bits of a float32 as uint32."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return nbtypes.uint32(nbtypes.float32), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, b):
+    """The float32 with IEEE bits ``b`` (uint32)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return nbtypes.float32(nbtypes.uint32), codegen
 
 
 @njit(cache=True, nogil=True)
@@ -137,10 +179,143 @@ def _stack_f32(typingctx, size):
     return nbtypes.CPointer(nbtypes.float32)(nbtypes.intp), codegen
 
 
+# ----------------------------------------------------- x86 vector IR (AVX2 / VNNI)
+# Intrinsics emitting LLVM vector IR for one 32-value block; Numba inlines them into the
+# calling row loop, so the <8 x float> accumulator (an alloca) lives in a register. Only
+# reached through ``if SIMD ...`` branches, which Numba prunes on other CPUs.
+_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+_V16I8, _V32I8 = ir.VectorType(_I8, 16), ir.VectorType(_I8, 32)
+_V16I16, _V8I32, _V8F32, _V32F32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8), ir.VectorType(_F32, 8), \
+    ir.VectorType(_F32, 32)
+
+
+def _ir_fn(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _ir_elem(context, builder, arrty, arr, idx):
+    """Pointer to ``arr[idx]`` (1-d array)."""
+    return builder.gep(context.make_array(arrty)(context, builder, arr).data, [idx])
+
+
+def _ir_load(builder, ptr, vty):
+    return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=1)
+
+
+def _ir_splat(builder, val, vty):
+    el = vty.element
+    if isinstance(el, ir.IntType) and val.type.width != el.width:
+        val = builder.trunc(val, el) if val.type.width > el.width else builder.sext(val, el)
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), val, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined),
+                                  ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count))
+
+
+def _ir_nibbles(builder, ptr):
+    """16 bytes of Q4_0 nibbles -> ``<32 x i8>`` values 0..15 in element order (low
+    nibbles are elements 0-15, high nibbles 16-31)."""
+    nib = _ir_load(builder, ptr, _V16I8)
+    lo = builder.and_(nib, ir.Constant(_V16I8, [15] * 16))
+    hi = builder.lshr(nib, ir.Constant(_V16I8, [4] * 16))
+    return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+
+
+def _ir_dot4(builder, u8, s8, init):
+    """``init + sum of 4 adjacent u8 x s8 products`` per int32 lane (``<8 x i32>``)."""
+    if SIMD == SIMD_VNNI:
+        f = _ir_fn(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [_V8I32, _V8I32, _V8I32])
+        return builder.call(f, [init, builder.bitcast(u8, _V8I32), builder.bitcast(s8, _V8I32)])
+    # AVX2: pairwise int16 sums (no saturation: |u8 x s8 pair| <= 2 * 127 * 127 here)
+    t = builder.call(_ir_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8]), [u8, s8])
+    t = builder.call(_ir_fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16]),
+                     [t, ir.Constant(_V16I16, [1] * 16)])
+    return builder.add(t, init)
+
+
+def _ir_acc_fma(builder, accp, lanes_i32, scale):
+    """``acc[0:8] += float(lanes) * scale``."""
+    accp = builder.bitcast(accp, _V8F32.as_pointer())
+    fma = _ir_fn(builder, "llvm.fma.v8f32", _V8F32, [_V8F32, _V8F32, _V8F32])
+    acc = builder.load(accp, align=4)
+    builder.store(builder.call(fma, [builder.sitofp(lanes_i32, _V8F32), _ir_splat(builder, scale, _V8F32), acc]),
+                  accp, align=4)
+
+
+@intrinsic
+def _simd_q4_0_block(typingctx, acc, w, p, xq, xo, neg_sum, scale):
+    """``acc[0:8] += scale * lanes(sum_k (q_k - 8) x_k)`` for the Q4_0 nibbles at
+    ``w[p:p+16]`` and the activations ``xq[xo:xo+32]``; ``neg_sum = -sum_k x_k`` seeds
+    every lane, so the eight lanes add up to the -8 offset (``q`` stays unsigned: u8 x s8)."""
+    def codegen(context, builder, signature, args):
+        accp, w_, p_, xq_, xo_, neg, sc = args
+        q = _ir_nibbles(builder, _ir_elem(context, builder, signature.args[1], w_, p_))
+        x = _ir_load(builder, _ir_elem(context, builder, signature.args[3], xq_, xo_), _V32I8)
+        _ir_acc_fma(builder, accp, _ir_dot4(builder, q, x, _ir_splat(builder, neg, _V8I32)), sc)
+        return context.get_dummy_value()
+    return nbtypes.void(acc, w, p, xq, xo, neg_sum, scale), codegen
+
+
+@intrinsic
+def _simd_q8_0_block(typingctx, acc, w, p, xq, xo, xa_o, neg_sum, scale):
+    """``acc[0:8] += scale * lanes(sum_k w_k x_k)`` for the int8 weights ``w[p:p+32]`` and
+    activations ``xq[xo:xo+32]`` (magnitudes at ``xq[xa_o:xa_o+32]``). VNNI: ``(w + 128)``
+    as u8 times ``x``, lanes seeded with ``16 * neg_sum`` (eight lanes: ``-128 sum x``);
+    AVX2: ``|x|`` times ``w`` with the sign of ``x`` (ggml's Q8_0 keeps |w| <= 127)."""
+    def codegen(context, builder, signature, args):
+        accp, w_, p_, xq_, xo_, xao, neg, sc = args
+        wv = _ir_load(builder, _ir_elem(context, builder, signature.args[1], w_, p_), _V32I8)
+        x = _ir_load(builder, _ir_elem(context, builder, signature.args[3], xq_, xo_), _V32I8)
+        if SIMD == SIMD_VNNI:
+            seed = builder.mul(_ir_splat(builder, neg, _V8I32), ir.Constant(_V8I32, [16] * 8))
+            lanes = _ir_dot4(builder, builder.xor(wv, ir.Constant(_V32I8, [0x80] * 32)), x, seed)
+        else:
+            xa = _ir_load(builder, _ir_elem(context, builder, signature.args[3], xq_, xao), _V32I8)
+            signed = builder.call(_ir_fn(builder, "llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8]), [wv, x])
+            lanes = _ir_dot4(builder, xa, signed, ir.Constant(_V8I32, [0] * 8))
+        _ir_acc_fma(builder, accp, lanes, sc)
+        return context.get_dummy_value()
+    return nbtypes.void(acc, w, p, xq, xo, xa_o, neg_sum, scale), codegen
+
+
+def _simd_axpy_block(q4: bool):
+    """Intrinsic ``(y, yo, w, p, scale)``: ``y[yo:yo+32] += scale * q`` for one block's
+    values ``q``: Q4_0 nibbles at ``w[p:p+16]`` minus 8 (``q4``) or int8 at ``w[p:p+32]``."""
+    def typer(typingctx, y, yo, w, p, scale):
+        def codegen(context, builder, signature, args):
+            y_, yo_, w_, p_, sc = args
+            src = _ir_elem(context, builder, signature.args[2], w_, p_)
+            q = builder.sub(_ir_nibbles(builder, src), ir.Constant(_V32I8, [8] * 32)) if q4 \
+                else _ir_load(builder, src, _V32I8)
+            yp = builder.bitcast(_ir_elem(context, builder, signature.args[0], y_, yo_), _V32F32.as_pointer())
+            fma = _ir_fn(builder, "llvm.fma.v32f32", _V32F32, [_V32F32, _V32F32, _V32F32])
+            out = builder.call(fma, [builder.sitofp(q, _V32F32), _ir_splat(builder, sc, _V32F32),
+                                     builder.load(yp, align=4)])
+            builder.store(out, yp, align=4)
+            return context.get_dummy_value()
+        return nbtypes.void(y, yo, w, p, scale), codegen
+    typer.__name__ = f"_simd_axpy_{'q4_0' if q4 else 'q8_0'}_block"
+    return intrinsic(typer)
+
+
+_simd_axpy_q8_0_block = _simd_axpy_block(False)
+_simd_axpy_q4_0_block = _simd_axpy_block(True)
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Prefetch the cache line of ``arr[idx]`` (1-d) for reading (``prefetcht0`` / ``prfm``)."""
+    def codegen(context, builder, signature, args):
+        ptr = builder.bitcast(_ir_elem(context, builder, signature.args[0], *args), _I8.as_pointer())
+        f = _ir_fn(builder, "llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+        builder.call(f, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+    return nbtypes.void(arr, idx), codegen
+
+
 @njit(**_FLAGS)
-def _lanes_sum16(acc):
+def _lanes_sum8(acc):
     s = np.float32(0)
-    for l in range(16):
+    for l in range(8):
         s += acc[l]
     return s
 
@@ -189,46 +364,31 @@ def dot_q4_0(w, off, xq, xd, lut, nb):
 
 
 @njit(**_FLAGS)
-def dot_q8_0_x86(w, off, xq, xd, lut, nb):
-    """:func:`dot_q8_0` for x86 (AVX2/AVX-512 without a 4-way int8 dot): sixteen lanes,
-    lane ``l`` = ``w[l] x[l] + w[l+16] x[l+16]`` in int16 (exact: |w| <= 128 and
-    |x| <= 127 from the activation quantizer, so |sum| <= 32512), i.e. ``vpmovsxbw`` +
-    ``vpmullw`` + ``vpaddw`` on whole halves of the block, no shuffles, then widened,
-    converted and multiply-added into sixteen float32 lane accumulators."""
+def dot_q8_0_simd(w, off, xq, xd, lut, nb):
+    """:func:`dot_q8_0` on x86 AVX2 / VNNI (:func:`_simd_q8_0_block`)."""
     nb = SPEC_D // QK if SPEC_D >= 0 else nb
-    acc = numba.carray(_stack_f32(16), 16)
-    for l in range(16):
+    ap = _stack_f32(8)
+    acc = numba.carray(ap, 8)
+    for l in range(8):
         acc[l] = np.float32(0)
     for b in range(nb):
         p = off + b * Q8_BYTES
-        s = _scale(w, p, lut) * xd[b]
-        wb = w[p + 2:p + Q8_BYTES]
-        xb = xq[b * QK:b * QK + QK]
-        for l in range(16):
-            acc[l] += s * np.float32(np.int16(np.int16(wb[l]) * np.int16(xb[l])
-                                              + np.int16(wb[16 + l]) * np.int16(xb[16 + l])))
-    return _lanes_sum16(acc)
+        _simd_q8_0_block(ap, w, p + 2, xq, b * QK, nb * QK + b * QK, np.int32(xd[nb + b]), _scale(w, p, lut) * xd[b])
+    return _lanes_sum8(acc)
 
 
 @njit(**_FLAGS)
-def dot_q4_0_x86(w, off, xq, xd, lut, nb):
-    """:func:`dot_q4_0` for x86: lane ``l`` = ``lo(q[l]) x[l] + hi(q[l]) x[l+16]`` in int16
-    (low nibbles are elements 0-15 and high nibbles 16-31, so both halves line up with
-    the activation halves without shuffles)."""
+def dot_q4_0_simd(w, off, xq, xd, lut, nb):
+    """:func:`dot_q4_0` on x86 AVX2 / VNNI (:func:`_simd_q4_0_block`)."""
     nb = SPEC_D // QK if SPEC_D >= 0 else nb
-    acc = numba.carray(_stack_f32(16), 16)
-    for l in range(16):
+    ap = _stack_f32(8)
+    acc = numba.carray(ap, 8)
+    for l in range(8):
         acc[l] = np.float32(0)
     for b in range(nb):
         p = off + b * Q4_BYTES
-        s = _scale(w, p, lut) * xd[b]
-        wb = w[p + 2:p + Q4_BYTES]
-        xb = xq[b * QK:b * QK + QK]
-        for l in range(16):
-            q = np.int16(wb[l])
-            acc[l] += s * np.float32(np.int16(np.int16((q & 15) - 8) * np.int16(xb[l])
-                                              + np.int16(((q >> 4) & 15) - 8) * np.int16(xb[16 + l])))
-    return _lanes_sum16(acc)
+        _simd_q4_0_block(ap, w, p + 2, xq, b * QK, np.int32(xd[nb + b]), _scale(w, p, lut) * xd[b])
+    return _lanes_sum8(acc)
 
 
 @njit(**_FLAGS)
@@ -263,39 +423,20 @@ def axpy_q4_0(w, off, h, y, lut, nb):
 
 
 @njit(**_FLAGS)
-def axpy_q8_0_x86(w, off, h, y, lut, nb):
-    """:func:`axpy_q8_0` for x86: each block is dequantized into a stack buffer first, so
-    LLVM need not check per block whether ``y`` overlaps the weights, then one vector
-    multiply-add over the block (about 4x the plain loop here; on SVE the plain loop is
-    the one LLVM vectorises)."""
+def axpy_q8_0_simd(w, off, h, y, lut, nb):
+    """:func:`axpy_q8_0` on x86 AVX2: one 32-wide int8 -> float multiply-add per block."""
     nb = SPEC_D // QK if SPEC_D >= 0 else nb
-    t = numba.carray(_stack_f32(QK), QK)
     for b in range(nb):
         p = off + b * Q8_BYTES
-        s = h * _scale(w, p, lut)
-        wb = w[p + 2:p + Q8_BYTES]
-        for k in range(QK):
-            t[k] = np.float32(wb[k])
-        yb = y[b * QK:b * QK + QK]
-        for k in range(QK):
-            yb[k] += s * t[k]
+        _simd_axpy_q8_0_block(y, b * QK, w, p + 2, h * _scale(w, p, lut))
 
 
 @njit(**_FLAGS)
-def axpy_q4_0_x86(w, off, h, y, lut, nb):
+def axpy_q4_0_simd(w, off, h, y, lut, nb):
     nb = SPEC_D // QK if SPEC_D >= 0 else nb
-    t = numba.carray(_stack_f32(QK), QK)
     for b in range(nb):
         p = off + b * Q4_BYTES
-        s = h * _scale(w, p, lut)
-        wb = w[p + 2:p + Q4_BYTES]
-        for j in range(QK // 2):
-            q = np.int32(wb[j])
-            t[j] = np.float32((q & 15) - 8)
-            t[QK // 2 + j] = np.float32(((q >> 4) & 15) - 8)
-        yb = y[b * QK:b * QK + QK]
-        for k in range(QK):
-            yb[k] += s * t[k]
+        _simd_axpy_q4_0_block(y, b * QK, w, p + 2, h * _scale(w, p, lut))
 
 
 @njit(**_FLAGS)
@@ -303,11 +444,11 @@ def row_dot(fmt, wf, wq, i, off, x, xq, xd, lut, d):
     if fmt == F32:
         return dot_f32(wf[i], off, x, d)
     if fmt == Q8_0:
-        if X86:
-            return dot_q8_0_x86(wq[i], off, xq, xd, lut, d // QK)
+        if SIMD > 0:
+            return dot_q8_0_simd(wq[i], off, xq, xd, lut, d // QK)
         return dot_q8_0(wq[i], off, xq, xd, lut, d // QK)
-    if X86:
-        return dot_q4_0_x86(wq[i], off, xq, xd, lut, d // QK)
+    if SIMD > 0:
+        return dot_q4_0_simd(wq[i], off, xq, xd, lut, d // QK)
     return dot_q4_0(wq[i], off, xq, xd, lut, d // QK)
 
 
@@ -316,14 +457,43 @@ def row_axpy(fmt, wf, wq, i, off, h, y, lut, d):
     if fmt == F32:
         axpy_f32(wf[i], off, h, y, d)
     elif fmt == Q8_0:
-        if X86:
-            axpy_q8_0_x86(wq[i], off, h, y, lut, d // QK)
+        if SIMD > 0:
+            axpy_q8_0_simd(wq[i], off, h, y, lut, d // QK)
         else:
             axpy_q8_0(wq[i], off, h, y, lut, d // QK)
-    elif X86:
-        axpy_q4_0_x86(wq[i], off, h, y, lut, d // QK)
+    elif SIMD > 0:
+        axpy_q4_0_simd(wq[i], off, h, y, lut, d // QK)
     else:
         axpy_q4_0(wq[i], off, h, y, lut, d // QK)
+
+
+@njit(**_FLAGS)
+def part_size(fmt, d):
+    """Elements of one part in its array view (float32 for f32, bytes otherwise)."""
+    if fmt == F32:
+        return d
+    return (d // QK) * (Q8_BYTES if fmt == Q8_0 else Q4_BYTES)
+
+
+@njit(**_FLAGS)
+def row_stride(fmt, wf, wq):
+    return wf.shape[1] if fmt == F32 else wq.shape[1]
+
+
+@njit(**_FLAGS)
+def prefetch_part(fmt, wf, wq, i, off, d):
+    """Prefetch one part (gate, up or down row) of bundle ``i``, every cache line of it:
+    the next row of a quantized row loop, where the hardware prefetcher does not follow
+    (rows that are not adjacent: sparse indices, or one part of each bundle). float32
+    rows (16 KB at d 4096) are long enough for the hardware prefetcher."""
+    if fmt == F32:
+        row = wf[i]
+        for k in range(off, off + d, 16):
+            _prefetch(row, k)
+    else:
+        row = wq[i]
+        for k in range(off, off + part_size(fmt, d), 64):
+            _prefetch(row, k)
 
 
 @njit(**_FLAGS)
@@ -333,8 +503,21 @@ def _spec(spec, value):
 
 @njit(cache=True, nogil=True)
 def prepare_input(fmt, x, xq, xd):
-    if fmt != F32:
-        quantize_q8_0_into(x, xq, xd)
+    """The quantized input operand of one token (see the module docstring): Q8_0 of
+    ``x[d]`` into ``xq[:d]`` / ``xd[:d/32]``, magnitudes into ``xq[d:]``, minus the block
+    sums into ``xd[d/32:]``. Nothing for f32."""
+    if fmt == F32:
+        return
+    d = x.shape[0]
+    nb = d // QK
+    quantize_q8_0_into(x, xq[:d], xd[:nb])
+    for b in range(nb):
+        t = np.int32(0)
+        for k in range(QK):
+            v = np.int32(xq[b * QK + k])
+            t += v
+            xq[d + b * QK + k] = np.int8(v if v >= 0 else -v)
+        xd[nb + b] = np.float32(-t)
 
 
 @njit(**_FLAGS)
@@ -390,8 +573,8 @@ def _ffn_chunk(x, xq, xd, wf, wq, idx, lo, hi, fmt, d, gated, act, act_t, up_rel
 def _input(x, fmt, d):
     fmt = _spec(SPEC_FMT, fmt)
     d = _spec(SPEC_D, d)
-    xq = np.empty(d, np.int8)
-    xd = np.empty(max(d // QK, 1), np.float32)
+    xq = np.empty(2 * d, np.int8)
+    xd = np.empty(2 * max(d // QK, 1), np.float32)
     prepare_input(fmt, x, xq, xd)
     return xq, xd
 
@@ -437,8 +620,11 @@ def ffn_sparse_ser(x, wf, wq, idx, fmt, d, gated, act, act_t, up_relu, out_t, po
 def _rows_chunk(x, xq, xd, wf, wq, idx, lo, hi, fmt, d, po, bias, lut, out):
     fmt = _spec(SPEC_FMT, fmt)
     d = _spec(SPEC_D, d)
+    gap = row_stride(fmt, wf, wq) > part_size(fmt, d)
     for p in range(lo, hi):
         i = idx[p]
+        if fmt != F32 and p + 1 < hi and (gap or idx[p + 1] != i + 1):
+            prefetch_part(fmt, wf, wq, idx[p + 1], po, d)
         v = row_dot(fmt, wf, wq, i, po, x, xq, xd, lut, d)
         out[p] = v + bias[i] if bias.shape[0] > 0 else v
 
@@ -560,8 +746,8 @@ def ffn_prefill_sparse(X, wf, wq, union, mask, fmt, d, gated, act, act_t, up_rel
     up_relu = _spec(SPEC_UP_RELU, up_relu)
     T = X.shape[0]
     nb = d // QK
-    XQ = np.empty((T, d), np.int8)
-    XD = np.empty((T, max(nb, 1)), np.float32)
+    XQ = np.empty((T, 2 * d), np.int8)
+    XD = np.empty((T, 2 * max(nb, 1)), np.float32)
     for t in range(T):
         prepare_input(fmt, X[t], XQ[t], XD[t])
     has_mask = mask.shape[0] > 0

@@ -13,19 +13,26 @@ to ``f32`` once) and runs:
   ``crossover`` (:func:`measure_crossover` measures it).
 
 ``Predictor(w1, b1, w2, b2, threshold)`` evaluates the low-rank MLP and selects the
-neurons whose logit is ``>= threshold`` (or the top k).
+neurons whose logit is ``>= threshold`` (or the top k). It runs in Q8_0 when ``d`` is a
+multiple of 32 (:func:`predictor_format`), reading a quarter of the float32 bytes: the
+first layer as the FFN kernels' row matvec (``W1`` rows and ``x`` quantized), the second
+as axpys of quantized ``W2^T`` rows for the positive hidden units;
+:func:`predictor_logits_numpy` is the same arithmetic in numpy, which the predictors
+pass calibrates thresholds with.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from . import ffn, quant
 from .bundle import BundleLayout, pack_bundles, unpack_bundles
 
 _EMPTY = np.zeros(0, np.float32)
+_DUMMY_F = np.zeros((1, 1), np.float32)
 _LUT = quant.F16_TO_F32
 
 
@@ -225,6 +232,44 @@ def measure_crossover(kernels: LayerKernels, tokens: int = 32, densities=(0.05, 
     return found
 
 
+def predictor_format(d: int) -> str:
+    """``q8_0`` when a predictor's input width ``d`` is a multiple of 32, else ``f32``."""
+    return "q8_0" if d % quant.BLOCK == 0 else "f32"
+
+
+def _padded(k: int) -> int:
+    return -(-k // quant.BLOCK) * quant.BLOCK
+
+
+def predictor_w2t_q8_0(w2: np.ndarray) -> np.ndarray:
+    """``W2 [n, r]`` as Q8_0 rows of ``W2^T`` (``[r, n]``, ``n`` zero-padded to a multiple
+    of 32), the int8 view: the second layer runs as ``r`` axpys over the neurons."""
+    w2t = np.asarray(w2, np.float32).T
+    return quant.quantize_q8_0(np.pad(w2t, ((0, 0), (0, _padded(w2t.shape[1]) - w2t.shape[1])))).view(np.int8)
+
+
+def predictor_logits_numpy(w1: np.ndarray, w2: np.ndarray, b1: np.ndarray | None, b2: np.ndarray | None,
+                           X: np.ndarray) -> np.ndarray:
+    """Logits ``[T, n]`` of inputs ``X [T, d]`` with :class:`Predictor`'s arithmetic, in
+    numpy: with Q8_0 (:func:`predictor_format`), ``X`` and ``W1`` rows quantized for the
+    first layer, ``W2^T`` rows quantized for the second (the hidden vector stays float32)."""
+    X = np.asarray(X, dtype=np.float32)
+    w1 = np.asarray(w1, np.float32)
+    w2 = np.asarray(w2, np.float32)
+    q8 = predictor_format(w1.shape[1]) == "q8_0"
+    if q8:
+        X, w1 = quant.roundtrip(X, "q8_0"), quant.roundtrip(w1, "q8_0")
+        w2 = quant.dequantize_q8_0(predictor_w2t_q8_0(w2).view(np.uint8))[:, :w2.shape[0]].T
+    h = X @ w1.T
+    if b1 is not None and np.size(b1):
+        h += b1
+    np.maximum(h, np.float32(0), out=h)
+    z = h @ w2.T
+    if b2 is not None and np.size(b2):
+        z += b2
+    return z
+
+
 @dataclass
 class Predictor:
     """A layer's neuron predictor: ``logits = relu(x W1^T + b1) W2^T + b2``; a neuron is
@@ -235,7 +280,7 @@ class Predictor:
     threshold: float = 0.0
     b1: np.ndarray | None = None
     b2: np.ndarray | None = None
-    serial_below: int = 1 << 20  # bytes of W2 below which evaluation stays in the calling thread
+    serial_below: int = 1 << 18  # bytes of W2 below which evaluation stays in the calling thread
 
     def __post_init__(self) -> None:
         self.w1 = np.ascontiguousarray(self.w1, np.float32)
@@ -248,11 +293,44 @@ class Predictor:
         self._hidden = np.empty(r, np.float32)
         self._logits = np.empty(n, np.float32)
         self._idx = np.empty(n, np.int64)
+        self.fmt = predictor_format(self.w1.shape[1])
+        if self.fmt == "q8_0":
+            self._q1 = quant.quantize_q8_0(self.w1).view(np.int8)
+            self._q2t = predictor_w2t_q8_0(self.w2)
+            self._rows1 = np.arange(r, dtype=np.int64)
+            self._acc = np.empty(_padded(n), np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights read per token."""
+        if self.fmt == "q8_0":
+            return int(self._q1.nbytes + self._q2t.nbytes)
+        return int(self.w1.nbytes + self.w2.nbytes)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, np.float32)
+        if self.fmt == "q8_0":
+            return self._logits_q8_0(x)
         kernel = ffn.predictor_logits_ser if self.w2.nbytes < self.serial_below else ffn.predictor_logits_par
-        kernel(np.ascontiguousarray(x, np.float32), self.w1, self.b1, self.w2, self.b2, ffn.default_chunks(),
-               self._hidden, self._logits)
+        kernel(x, self.w1, self.b1, self.w2, self.b2, ffn.default_chunks(), self._hidden, self._logits)
+        return self._logits
+
+    def _logits_q8_0(self, x: np.ndarray) -> np.ndarray:
+        """First layer: the row kernel (x quantized); second: one axpy of a ``W2^T`` row per
+        positive hidden unit (ReLU zeros are skipped)."""
+        small = self._q2t.nbytes < self.serial_below
+        rows = ffn.rows_sparse_ser if small else ffn.rows_sparse_par
+        rows(x, _DUMMY_F, self._q1, self._rows1, ffn.Q8_0, x.shape[0], 0, self.b1, _LUT, ffn.default_chunks(),
+             self._hidden)
+        np.maximum(self._hidden, np.float32(0), out=self._hidden)
+        axpy = ffn.axpy_sparse_ser if small else ffn.axpy_sparse_par
+        axpy(self._hidden, _DUMMY_F, self._q2t, self._rows1, ffn.Q8_0, self._acc.shape[0], 0, _LUT,
+             numba.get_num_threads(), self._acc)
+        n = self._logits.shape[0]
+        if self.b2.shape[0]:
+            np.add(self._acc[:n], self.b2, out=self._logits)
+        else:
+            self._logits[:] = self._acc[:n]
         return self._logits
 
     def select(self, x: np.ndarray, top_k: int | None = None) -> np.ndarray:

@@ -7,10 +7,13 @@ import math
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gg_dequantize
+from gguf.quants import quantize as gg_quantize
 
 from sparseforge.kernels import ffn, quant
 from sparseforge.kernels.bundle import BundleLayout, pack_bundles, unpack_bundles
-from sparseforge.kernels.runtime import LayerKernels, Predictor, measure_crossover
+from sparseforge.kernels.runtime import LayerKernels, Predictor, measure_crossover, predictor_logits_numpy
 
 D, N = 96, 80
 
@@ -143,9 +146,22 @@ def test_predictor_eval_and_selection():
     b1, b2 = rng.standard_normal(16).astype(np.float32), rng.standard_normal(N).astype(np.float32)
     p = Predictor(w1, w2, threshold=0.5, b1=b1, b2=b2)
     x = rng.standard_normal(D).astype(np.float32)
-    lg = np.maximum(w1.astype(np.float64) @ x + b1, 0) @ w2.T.astype(np.float64) + b2
+    # D is a multiple of 32: Q8_0 x and W1 rows, Q8_0 rows of W2^T (N padded to 96), by gguf-py
+    assert p.fmt == "q8_0" and p.nbytes < (w1.nbytes + w2.nbytes) / 3
+
+    def gg_q8(a):
+        return gg_dequantize(gg_quantize(np.ascontiguousarray(a), GGMLQuantizationType.Q8_0),
+                             GGMLQuantizationType.Q8_0).astype(np.float64)
+
+    hid = np.maximum(gg_q8(w1) @ gg_q8(x) + b1, 0)
+    lg = hid @ gg_q8(np.pad(w2.T, ((0, 0), (0, 16))))[:, :N] + b2
     _close(p.logits(x), lg, tol=1e-5)
     _close(Predictor(w1, w2, 0.5, b1, b2, serial_below=0).logits(x), lg, tol=1e-5)  # thread-pool path
+    _close(predictor_logits_numpy(w1, w2, b1, b2, x[None])[0], lg, tol=1e-5)
+    # a width that is not a multiple of 32 runs in float32
+    pf = Predictor(w1[:, :40], w2, 0.5, b1, b2)
+    assert pf.fmt == "f32"
+    _close(pf.logits(x[:40]), np.maximum(w1[:, :40].astype(np.float64) @ x[:40] + b1, 0) @ w2.T + b2, tol=1e-5)
     sel = p.select(x)
     np.testing.assert_array_equal(sel, np.flatnonzero(p.logits(x) >= np.float32(0.5)))
     top = p.select(x, top_k=10)

@@ -10,8 +10,10 @@ layer). It is trained in torch (class-weighted BCE, AdamW, minibatches, early st
 on the held-out loss) on the (FFN input, activation mask) samples the profile pass
 wrote; then the threshold is calibrated on the held-out split for a target recall.
 
-Inference (:func:`predictor_logits`, :func:`predict_mask`) is pure numpy so runtimes
-need no torch. :func:`search_rank` (one layer: try ranks in ascending order, keep the
+Inference (:func:`predictor_logits`, :func:`predict_mask`) is numpy (no torch) and
+computes what the runtime's kernels compute: in Q8_0 (weights and inputs quantized)
+when ``d`` is a multiple of 32, so the threshold is calibrated for the arithmetic that
+deploys. :func:`search_rank` (one layer: try ranks in ascending order, keep the
 smallest that meets the recall target at a bounded predicted density) is the unit of
 work the ``predictors`` pass hands to an executor (``toolchain.executors``); it takes
 and returns plain picklable values.
@@ -31,6 +33,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from sparseforge.kernels.runtime import predictor_logits_numpy
 
 #: threshold of a layer with no active neuron on the held-out split: predicts nothing
 NEVER = float(np.finfo(np.float32).max)
@@ -143,16 +147,9 @@ def predictor_flops(d: int, rank: int, n: int) -> int:
 
 
 def predictor_logits(weights: PredictorWeights, x: np.ndarray) -> np.ndarray:
-    """Logits ``[tokens, n]`` float32 for FFN inputs ``x [tokens, d]`` (numpy only)."""
-    x = np.asarray(x, dtype=np.float32)
-    h = x @ weights.w1.T
-    if weights.b1 is not None:
-        h += weights.b1
-    np.maximum(h, np.float32(0), out=h)
-    z = h @ weights.w2.T
-    if weights.b2 is not None:
-        z += weights.b2
-    return z
+    """Logits ``[tokens, n]`` float32 for FFN inputs ``x [tokens, d]``: the runtime
+    predictor's arithmetic (Q8_0 when ``d`` is a multiple of 32), in numpy."""
+    return predictor_logits_numpy(weights.w1, weights.w2, weights.b1, weights.b2, x)
 
 
 def predict_mask(weights: PredictorWeights, x: np.ndarray, threshold: float) -> np.ndarray:

@@ -39,7 +39,7 @@ from threadpoolctl import ThreadpoolController
 
 from sparseforge.kernels import ffn as K
 from sparseforge.kernels import quant
-from sparseforge.kernels.runtime import LayerKernels, Predictor
+from sparseforge.kernels.runtime import LayerKernels, Predictor, predictor_logits_numpy
 
 from . import artifact_format as F
 from .artifact_reader import Artifact
@@ -316,11 +316,4 @@ class FFNRunner:
 
 def predict_masks(pred: Predictor, X: np.ndarray) -> np.ndarray:
     """``[T, n]`` bool: the predictor's selection (``logit >= threshold``) for each token."""
-    hidden = X @ pred.w1.T
-    if pred.b1.size:
-        hidden += pred.b1
-    np.maximum(hidden, np.float32(0), out=hidden)
-    logits = hidden @ pred.w2.T
-    if pred.b2.size:
-        logits += pred.b2
-    return logits >= np.float32(pred.threshold)
+    return predictor_logits_numpy(pred.w1, pred.w2, pred.b1, pred.b2, X) >= np.float32(pred.threshold)
