@@ -24,7 +24,8 @@ projections dequantize on the fly (``y += h * d_w * q``).
 
 The quantized input is ``xq: int8[2d]`` (Q8_0 values, then their magnitudes) and
 ``xd: float32[2 * d/32]`` (block scales, then minus each block's sum of values), filled
-once per token by :func:`prepare_input`; the x86 paths use the second halves.
+once per token by :func:`prepare_input`; only the x86 vector paths fill and use the
+second halves.
 
 Activations (``act``): 0 relu, 1 fatrelu (``z if z > act_t``), 2 silu, 3 gelu (erf),
 4 gelu_tanh; gated FFNs compute ``act(g) * u`` (``up_relu``: ``act(g) * relu(u)``,
@@ -72,14 +73,11 @@ _FLAGS = dict(fastmath=True, cache=True, nogil=True)
 # them into cached code, and its cache is keyed by CPU name and features). ARM and x86
 # without AVX2: the per-block int8 reductions LLVM turns into ``sdot`` (NEON/SVE), the
 # forms ``emit`` cross-compiles and checks. x86 with AVX2: ``*_simd``, explicit vector IR.
-X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-
-
 def _x86_simd() -> int:
     """0: no x86 vector path (other CPUs; x86 without AVX2/FMA/F16C), 1: AVX2, 2: VNNI
     (AVX-512 VNNI with VL, or AVX-VNNI): what the CPU Numba compiles for has (its
     ``NUMBA_CPU_FEATURES`` if set, else the host's)."""
-    if not X86:
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return 0
     from numba.core import codegen
 
@@ -504,13 +502,15 @@ def _spec(spec, value):
 @njit(cache=True, nogil=True)
 def prepare_input(fmt, x, xq, xd):
     """The quantized input operand of one token (see the module docstring): Q8_0 of
-    ``x[d]`` into ``xq[:d]`` / ``xd[:d/32]``, magnitudes into ``xq[d:]``, minus the block
-    sums into ``xd[d/32:]``. Nothing for f32."""
+    ``x[d]`` into ``xq[:d]`` / ``xd[:d/32]``; for the x86 vector paths also magnitudes
+    into ``xq[d:]`` and minus the block sums into ``xd[d/32:]``. Nothing for f32."""
     if fmt == F32:
         return
     d = x.shape[0]
     nb = d // QK
     quantize_q8_0_into(x, xq[:d], xd[:nb])
+    if SIMD == 0:
+        return
     for b in range(nb):
         t = np.int32(0)
         for k in range(QK):

@@ -248,18 +248,27 @@ def predictor_w2t_q8_0(w2: np.ndarray) -> np.ndarray:
     return quant.quantize_q8_0(np.pad(w2t, ((0, 0), (0, _padded(w2t.shape[1]) - w2t.shape[1])))).view(np.int8)
 
 
-def predictor_logits_numpy(w1: np.ndarray, w2: np.ndarray, b1: np.ndarray | None, b2: np.ndarray | None,
-                           X: np.ndarray) -> np.ndarray:
-    """Logits ``[T, n]`` of inputs ``X [T, d]`` with :class:`Predictor`'s arithmetic, in
-    numpy: with Q8_0 (:func:`predictor_format`), ``X`` and ``W1`` rows quantized for the
-    first layer, ``W2^T`` rows quantized for the second (the hidden vector stays float32)."""
-    X = np.asarray(X, dtype=np.float32)
+def predictor_effective_weights(w1: np.ndarray, w2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(W1 [r, d], W2 [n, r])`` as :class:`Predictor`'s arithmetic sees them, float32:
+    with Q8_0 (:func:`predictor_format`), ``W1`` rows and ``W2^T`` rows decoded from Q8_0."""
     w1 = np.asarray(w1, np.float32)
     w2 = np.asarray(w2, np.float32)
-    q8 = predictor_format(w1.shape[1]) == "q8_0"
-    if q8:
-        X, w1 = quant.roundtrip(X, "q8_0"), quant.roundtrip(w1, "q8_0")
-        w2 = quant.dequantize_q8_0(predictor_w2t_q8_0(w2).view(np.uint8))[:, :w2.shape[0]].T
+    if predictor_format(w1.shape[1]) != "q8_0":
+        return w1, w2
+    return quant.roundtrip(w1, "q8_0"), quant.dequantize_q8_0(predictor_w2t_q8_0(w2).view(np.uint8))[:, :w2.shape[0]].T
+
+
+def predictor_logits_numpy(w1: np.ndarray, w2: np.ndarray, b1: np.ndarray | None, b2: np.ndarray | None,
+                           X: np.ndarray, effective: bool = False) -> np.ndarray:
+    """Logits ``[T, n]`` of inputs ``X [T, d]`` with :class:`Predictor`'s arithmetic, in
+    numpy: with Q8_0 (:func:`predictor_format`), ``X`` and ``W1`` rows quantized for the
+    first layer, ``W2^T`` rows quantized for the second (the hidden vector stays float32).
+    ``effective``: ``w1``/``w2`` are already :func:`predictor_effective_weights`."""
+    if not effective:
+        w1, w2 = predictor_effective_weights(w1, w2)
+    X = np.asarray(X, dtype=np.float32)
+    if predictor_format(w1.shape[1]) == "q8_0":
+        X = quant.roundtrip(X, "q8_0")
     h = X @ w1.T
     if b1 is not None and np.size(b1):
         h += b1
@@ -297,8 +306,9 @@ class Predictor:
         if self.fmt == "q8_0":
             self._q1 = quant.quantize_q8_0(self.w1).view(np.int8)
             self._q2t = predictor_w2t_q8_0(self.w2)
-            self._rows1 = np.arange(r, dtype=np.int64)
+            self._ranks = np.arange(r, dtype=np.int64)
             self._acc = np.empty(_padded(n), np.float32)
+        self._effective: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -320,11 +330,11 @@ class Predictor:
         positive hidden unit (ReLU zeros are skipped)."""
         small = self._q2t.nbytes < self.serial_below
         rows = ffn.rows_sparse_ser if small else ffn.rows_sparse_par
-        rows(x, _DUMMY_F, self._q1, self._rows1, ffn.Q8_0, x.shape[0], 0, self.b1, _LUT, ffn.default_chunks(),
+        rows(x, _DUMMY_F, self._q1, self._ranks, ffn.Q8_0, x.shape[0], 0, self.b1, _LUT, ffn.default_chunks(),
              self._hidden)
         np.maximum(self._hidden, np.float32(0), out=self._hidden)
         axpy = ffn.axpy_sparse_ser if small else ffn.axpy_sparse_par
-        axpy(self._hidden, _DUMMY_F, self._q2t, self._rows1, ffn.Q8_0, self._acc.shape[0], 0, _LUT,
+        axpy(self._hidden, _DUMMY_F, self._q2t, self._ranks, ffn.Q8_0, self._acc.shape[0], 0, _LUT,
              numba.get_num_threads(), self._acc)
         n = self._logits.shape[0]
         if self.b2.shape[0]:
@@ -332,6 +342,13 @@ class Predictor:
         else:
             self._logits[:] = self._acc[:n]
         return self._logits
+
+    def logits_batch(self, X: np.ndarray) -> np.ndarray:
+        """Logits ``[T, n]`` of ``X [T, d]`` in numpy (prefill), the arithmetic of
+        :meth:`logits`; the decoded weights are made once and kept."""
+        if self._effective is None:
+            self._effective = predictor_effective_weights(self.w1, self.w2)
+        return predictor_logits_numpy(*self._effective, self.b1, self.b2, X, effective=True)
 
     def select(self, x: np.ndarray, top_k: int | None = None) -> np.ndarray:
         """Active neuron indices (ascending): logits >= threshold, or the ``top_k`` largest."""

@@ -158,6 +158,7 @@ def test_predictor_eval_and_selection():
     _close(p.logits(x), lg, tol=1e-5)
     _close(Predictor(w1, w2, 0.5, b1, b2, serial_below=0).logits(x), lg, tol=1e-5)  # thread-pool path
     _close(predictor_logits_numpy(w1, w2, b1, b2, x[None])[0], lg, tol=1e-5)
+    _close(p.logits_batch(np.stack([x, x]))[1], lg, tol=1e-5)  # prefill (numpy) path
     # a width that is not a multiple of 32 runs in float32
     pf = Predictor(w1[:, :40], w2, 0.5, b1, b2)
     assert pf.fmt == "f32"

@@ -39,7 +39,7 @@ from threadpoolctl import ThreadpoolController
 
 from sparseforge.kernels import ffn as K
 from sparseforge.kernels import quant
-from sparseforge.kernels.runtime import LayerKernels, Predictor, predictor_logits_numpy
+from sparseforge.kernels.runtime import LayerKernels, Predictor
 
 from . import artifact_format as F
 from .artifact_reader import Artifact
@@ -316,4 +316,4 @@ class FFNRunner:
 
 def predict_masks(pred: Predictor, X: np.ndarray) -> np.ndarray:
     """``[T, n]`` bool: the predictor's selection (``logit >= threshold``) for each token."""
-    return predictor_logits_numpy(pred.w1, pred.w2, pred.b1, pred.b2, X) >= np.float32(pred.threshold)
+    return pred.logits_batch(X) >= np.float32(pred.threshold)
