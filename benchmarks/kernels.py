@@ -13,7 +13,10 @@ every repetition and a 64 MB cache flush in between; the best of ``--reps`` runs
 * ``axpy``: the down columns of the active neurons (the down projection),
 * ``ffn``: the whole sparse FFN, gate + up + down fused (ReLU gate, so the up row is read
   only for positive gates: the inputs are chosen so every selected gate is positive),
-* ``predictor``: predictor MLP (rank ``--rank``) + threshold selection, at 10% density.
+* ``predictor``: predictor MLP (rank ``--rank``) + threshold selection, at 10% density;
+  its share of the Q4_0 FFN time at 10% compares both timed as in a decode loop, weights
+  cold and code warm (after the flush, a tiny call through the same code: the flush also
+  evicts the interpreter's and the kernels' code; the flush-only share is kept too).
 
 Baselines in the same run: numpy dense f32 GEMV of the ``[n, d]`` matrix (OpenBLAS),
 onnxruntime dense f32 FFN, onnxruntime MatMulNBits 4-bit (block 32) FFN, and a memory
@@ -54,16 +57,25 @@ FORMATS = ("f32", "q8_0", "q4_0")
 # not cache=True: a parallel function cached from a module loaded by path (the kernels
 # benchmark test loads this file as a module without a package) records its module as
 # "<dynamic>", and the next process fails to load the cache (ModuleNotFoundError)
+@numba.njit(fastmath=True)
+def _sum(a):
+    s = np.float32(0)
+    for i in range(a.shape[0]):
+        s += a[i]
+    return s
+
+
 @numba.njit(parallel=True, fastmath=True)
 def _read_sum(a):
+    """Sum of ``a`` on all threads (the bandwidth probe and the cache flush). Each chunk
+    is summed by its own function over a slice: a loop over ``range(lo, hi)`` of the
+    whole array (inline in the ``prange`` body or not) is not vectorised and read at a
+    fifth to two thirds of the bandwidth, so the probe underestimated it."""
     n = a.shape[0]
     chunks = 64
     parts = np.zeros(chunks, np.float32)
     for c in numba.prange(chunks):
-        s = np.float32(0)
-        for i in range(c * n // chunks, (c + 1) * n // chunks):
-            s += a[i]
-        parts[c] = s
+        parts[c] = _sum(a[c * n // chunks:(c + 1) * n // chunks])
     return parts.sum()
 
 
@@ -73,16 +85,21 @@ class Timer:
         self.medians: list[float] = []
         self.flush = np.ones(flush_mb * (1 << 20) // 4, np.float32) if flush_mb else None
 
-    def __call__(self, fn, setup=None) -> float:
+    def __call__(self, fn, setup=None, rewarm=None) -> float:
         """Best (minimum) seconds of ``fn(setup(r))`` over the repetitions after one
         warm-up call: on a shared machine the minimum is the run least disturbed by other
-        processes (medians are kept in ``self.medians``)."""
+        processes (medians are kept in ``self.medians``). ``rewarm``: called after each
+        flush, a small call through the same code on other (tiny) data, so that only the
+        weights are cold, as in a decode step (the flush also evicts the interpreter's and
+        the kernels' code, which a decode loop keeps hot)."""
         fn(setup(0) if setup else None)
         times = []
         for r in range(self.reps):
             arg = setup(r + 1) if setup else None
             if self.flush is not None:
                 _read_sum(self.flush)
+                if rewarm is not None:
+                    rewarm()
             t0 = time.perf_counter()
             fn(arg)
             times.append(time.perf_counter() - t0)
@@ -169,7 +186,6 @@ def bench_shape(name: str, d: int, n: int, timer: Timer, bw: float, args, rng) -
             t_rows = timer(lambda idx: k.rows(x, "up", idx), lambda r: sets[r % 8])
             t_axpy = timer(lambda idx: k.axpy(hs, idx), lambda r: sets[r % 8])
             t_ffn = timer(lambda idx: k.forward(x, idx), lambda r: sets[r % 8])
-            t_ffn_gate_skip = None
             row = {"active": m,
                    "rows_s": t_rows, "axpy_s": t_axpy, "ffn_s": t_ffn,
                    "rows_bytes": m * pb, "ffn_bytes": m * 3 * pb,
@@ -178,10 +194,13 @@ def bench_shape(name: str, d: int, n: int, timer: Timer, bw: float, args, rng) -
                    "ffn_roofline_fraction": (m * 3 * pb / bw) / t_ffn,
                    "rows_speedup_vs_numpy_gemv": np_gemv / t_rows,
                    "ffn_speedup_vs_numpy_gemv": np_gemv / t_ffn}
+            if dens == 0.1:  # for the predictor's share: weights cold, code warm
+                tw, xt = _twin_layer(fmt, rng)
+                row["ffn_s_code_warm"] = timer(lambda idx: k.forward(x, idx), lambda r: sets[r % 8],
+                                               rewarm=lambda: tw.forward(xt))
             if "ort_dense_f32_ffn_s" in base:
                 row["ffn_speedup_vs_ort_f32_ffn"] = base["ort_dense_f32_ffn_s"] / t_ffn
                 row["ffn_speedup_vs_ort_nbits4_ffn"] = base["ort_matmulnbits4_ffn_s"] / t_ffn
-            del t_ffn_gate_skip
             rows_out[str(dens)] = row
             print(f"  {fmt:5s} density {dens:4.2f}: rows {t_rows * 1e3:7.3f} ms ({np_gemv / t_rows:5.2f}x numpy, "
                   f"{row['rows_roofline_fraction']:.0%} roofline)  axpy {t_axpy * 1e3:7.3f} ms  "
@@ -198,12 +217,29 @@ def bench_shape(name: str, d: int, n: int, timer: Timer, bw: float, args, rng) -
     lg = pred.logits(x)
     pred.threshold = float(np.quantile(lg, 0.9))
     t_pred = timer(lambda _: pred.select(x))
-    res["predictor"] = {"rank": r, "format": pred.fmt, "seconds": t_pred, "bytes": pred.nbytes,
-                        "selected_fraction": float(pred.select(x).size / n),
-                        "fraction_of_sparse_ffn_10pct": {f: t_pred / res["formats"][f]["densities"]["0.1"]["ffn_s"]
-                                                         for f in args.formats if "0.1" in res["formats"][f]["densities"]}}
-    print(f"  predictor rank {r}: {t_pred * 1e3:.3f} ms {res['predictor']['fraction_of_sparse_ffn_10pct']}", flush=True)
+    twin = Predictor(rng.standard_normal((4, 64), dtype=np.float32), rng.standard_normal((64, 4), dtype=np.float32),
+                     serial_below=pred.serial_below if pred.nbytes < pred.serial_below else 0)
+    xt = rng.standard_normal(64, dtype=np.float32)
+    t_pred_warm = timer(lambda _: pred.select(x), rewarm=lambda: twin.select(xt))
+    at10 = {f: res["formats"][f]["densities"]["0.1"] for f in args.formats if "0.1" in res["formats"][f]["densities"]}
+    res["predictor"] = {"rank": r, "format": pred.fmt, "seconds": t_pred, "seconds_code_warm": t_pred_warm,
+                        "bytes": pred.nbytes, "selected_fraction": float(pred.select(x).size / n),
+                        "fraction_of_sparse_ffn_10pct": {f: t_pred_warm / row["ffn_s_code_warm"]
+                                                         for f, row in at10.items()},
+                        "fraction_of_sparse_ffn_10pct_code_cold": {f: t_pred / row["ffn_s"] for f, row in at10.items()}}
+    print(f"  predictor rank {r}: {t_pred * 1e3:.3f} ms, code warm {t_pred_warm * 1e3:.3f} ms; share of the FFN "
+          f"{res['predictor']['fraction_of_sparse_ffn_10pct']}", flush=True)
     return res
+
+
+def _twin_layer(fmt: str, rng) -> tuple[LayerKernels, np.ndarray]:
+    """A tiny gated layer of format ``fmt`` whose dense forward runs the same kernel as a
+    large layer's (the thread-pool one), and an input for it: the ``rewarm`` call."""
+    d, n = 64, 64
+    lay = BundleLayout(fmt, d, n, True, align=64)
+    g, u, dn = (rng.standard_normal(s, dtype=np.float32) for s in ((n, d), (n, d), (d, n)))
+    return LayerKernels(_pack(g, u, dn, lay), lay, activation="relu", serial_below=0), \
+        rng.standard_normal(d, dtype=np.float32)
 
 
 def _pack(gate, up, down, lay: BundleLayout) -> np.ndarray:

@@ -319,10 +319,11 @@ def _lanes_sum8(acc):
 
 
 # ----------------------------------------------------------------- per-row primitives
+# Lengths come from the callers: the chunk loops below fold ``SPEC_D`` into ``d``, the
+# predictor kernels pass their own (rank, neuron count).
 @njit(**_FLAGS)
 def dot_f32(w, off, x, d):
     """``sum_k w[off + k] * x[k]`` for a float32 row."""
-    d = SPEC_D if SPEC_D >= 0 else d
     seg = w[off:off + d]
     s = np.float32(0)
     for k in range(d):
@@ -334,7 +335,6 @@ def dot_f32(w, off, x, d):
 def dot_q8_0(w, off, xq, xd, lut, nb):
     """Dot of a Q8_0 row (int8 view, byte offset ``off``) with Q8_0 activations (the ARM
     form: a per-block int8 reduction LLVM turns into two ``sdot`` + ``addv``)."""
-    nb = SPEC_D // QK if SPEC_D >= 0 else nb
     s = np.float32(0)
     for b in range(nb):
         p = off + b * Q8_BYTES
@@ -348,7 +348,6 @@ def dot_q8_0(w, off, xq, xd, lut, nb):
 @njit(**_FLAGS)
 def dot_q4_0(w, off, xq, xd, lut, nb):
     """Dot of a Q4_0 row with Q8_0 activations: nibbles minus 8 as int8, int32 sums (ARM form)."""
-    nb = SPEC_D // QK if SPEC_D >= 0 else nb
     s = np.float32(0)
     for b in range(nb):
         p = off + b * Q4_BYTES
@@ -364,7 +363,6 @@ def dot_q4_0(w, off, xq, xd, lut, nb):
 @njit(**_FLAGS)
 def dot_q8_0_simd(w, off, xq, xd, lut, nb):
     """:func:`dot_q8_0` on x86 AVX2 / VNNI (:func:`_simd_q8_0_block`)."""
-    nb = SPEC_D // QK if SPEC_D >= 0 else nb
     ap = _stack_f32(8)
     acc = numba.carray(ap, 8)
     for l in range(8):
@@ -378,7 +376,6 @@ def dot_q8_0_simd(w, off, xq, xd, lut, nb):
 @njit(**_FLAGS)
 def dot_q4_0_simd(w, off, xq, xd, lut, nb):
     """:func:`dot_q4_0` on x86 AVX2 / VNNI (:func:`_simd_q4_0_block`)."""
-    nb = SPEC_D // QK if SPEC_D >= 0 else nb
     ap = _stack_f32(8)
     acc = numba.carray(ap, 8)
     for l in range(8):
@@ -392,7 +389,6 @@ def dot_q4_0_simd(w, off, xq, xd, lut, nb):
 @njit(**_FLAGS)
 def axpy_f32(w, off, h, y, d):
     """``y[k] += h * w[off + k]``."""
-    d = SPEC_D if SPEC_D >= 0 else d
     seg = w[off:off + d]
     for k in range(d):
         y[k] += h * seg[k]
@@ -400,7 +396,6 @@ def axpy_f32(w, off, h, y, d):
 
 @njit(**_FLAGS)
 def axpy_q8_0(w, off, h, y, lut, nb):
-    nb = SPEC_D // QK if SPEC_D >= 0 else nb
     for b in range(nb):
         p = off + b * Q8_BYTES
         s = h * _scale(w, p, lut)
@@ -410,7 +405,6 @@ def axpy_q8_0(w, off, h, y, lut, nb):
 
 @njit(**_FLAGS)
 def axpy_q4_0(w, off, h, y, lut, nb):
-    nb = SPEC_D // QK if SPEC_D >= 0 else nb
     for b in range(nb):
         p = off + b * Q4_BYTES
         s = h * _scale(w, p, lut)
@@ -423,7 +417,6 @@ def axpy_q4_0(w, off, h, y, lut, nb):
 @njit(**_FLAGS)
 def axpy_q8_0_simd(w, off, h, y, lut, nb):
     """:func:`axpy_q8_0` on x86 AVX2: one 32-wide int8 -> float multiply-add per block."""
-    nb = SPEC_D // QK if SPEC_D >= 0 else nb
     for b in range(nb):
         p = off + b * Q8_BYTES
         _simd_axpy_q8_0_block(y, b * QK, w, p + 2, h * _scale(w, p, lut))
@@ -431,7 +424,6 @@ def axpy_q8_0_simd(w, off, h, y, lut, nb):
 
 @njit(**_FLAGS)
 def axpy_q4_0_simd(w, off, h, y, lut, nb):
-    nb = SPEC_D // QK if SPEC_D >= 0 else nb
     for b in range(nb):
         p = off + b * Q4_BYTES
         _simd_axpy_q4_0_block(y, b * QK, w, p + 2, h * _scale(w, p, lut))
@@ -561,12 +553,29 @@ def _ffn_chunk(x, xq, xd, wf, wq, idx, lo, hi, fmt, d, gated, act, act_t, up_rel
     use_gpre = gpre.shape[0] > 0
     for p in range(lo, hi):
         i = idx[p]
+        if fmt != F32 and p + 1 < hi:
+            j = idx[p + 1]
+            if gated and not use_gpre:
+                prefetch_part(fmt, wf, wq, j, po_g, d)
+            prefetch_part(fmt, wf, wq, j, po_u, d)
+            prefetch_part(fmt, wf, wq, j, po_d, d)
         gp = gpre[p] if use_gpre else np.float32(0)
         h = neuron(fmt, wf, wq, i, x, xq, xd, lut, d, gated, act, act_t, up_relu, out_t, po_g, po_u,
                    bg, bu, gp, use_gpre)
         h_out[p] = h
         if h != np.float32(0):
             row_axpy(fmt, wf, wq, i, po_d, h, acc, lut, d)
+
+
+@njit(**_FLAGS)
+def _operand(x, fmt):
+    """The input operand ``xq, xd`` of ``x`` for ``fmt`` (:func:`prepare_input`), not
+    specialised: for matrices other than the FFN's (projections, predictors)."""
+    d = x.shape[0]
+    xq = np.empty(2 * d, np.int8)
+    xd = np.empty(2 * max(d // QK, 1), np.float32)
+    prepare_input(fmt, x, xq, xd)
+    return xq, xd
 
 
 @njit(**_FLAGS)
@@ -646,6 +655,39 @@ def rows_sparse_ser(x, wf, wq, idx, fmt, d, po, bias, lut, nchunks, out):
 
 
 @njit(**_FLAGS)
+def _matvec_chunk(x, xq, xd, wfs, wqs, fmt, d, lo, hi, lut, out):
+    """Rows ``lo..hi`` of the stacked matrices (``out`` indexes them one after another)."""
+    base = 0
+    for m in range(len(wqs) if fmt != F32 else len(wfs)):
+        rows = wqs[m].shape[0] if fmt != F32 else wfs[m].shape[0]
+        a, b = max(lo, base), min(hi, base + rows)
+        for r in range(a, b):
+            out[r] = row_dot(fmt, wfs[m], wqs[m], r - base, 0, x, xq, xd, lut, d)
+        base += rows
+
+
+@njit(parallel=True, **_FLAGS)
+def matvec_par(x, wfs, wqs, fmt, lut, nchunks, out):
+    """Dense matvecs of one input ``x [d]`` by several whole matrices in one call (e.g.
+    the q, k and v projections): ``wfs`` (f32) or ``wqs`` (Q8_0/Q4_0, int8 views) a tuple
+    of ``[rows_m, d]`` matrices (the other tuple holds dummies); ``out [sum rows_m]``
+    receives ``W_0 x``, then ``W_1 x``, ... The rows are split evenly over the chunks."""
+    d = x.shape[0]
+    xq, xd = _operand(x, fmt)
+    total = out.shape[0]
+    for c in prange(nchunks):
+        _matvec_chunk(x, xq, xd, wfs, wqs, fmt, d, (c * total) // nchunks, ((c + 1) * total) // nchunks, lut, out)
+
+
+@njit(**_FLAGS)
+def matvec_ser(x, wfs, wqs, fmt, lut, nchunks, out):
+    """:func:`matvec_par` in the calling thread."""
+    d = x.shape[0]
+    xq, xd = _operand(x, fmt)
+    _matvec_chunk(x, xq, xd, wfs, wqs, fmt, d, 0, out.shape[0], lut, out)
+
+
+@njit(**_FLAGS)
 def _axpy_chunk(h, wf, wq, idx, lo, hi, fmt, d, po, lut, acc):
     fmt = _spec(SPEC_FMT, fmt)
     d = _spec(SPEC_D, d)
@@ -719,6 +761,94 @@ def predictor_logits_par(x, w1, b1, w2, b2, nchunks, hidden, logits):
 def predictor_logits_ser(x, w1, b1, w2, b2, nchunks, hidden, logits):
     _predictor_hidden(x, w1, b1, hidden)
     _predictor_out(w2, b2, hidden, 0, w2.shape[0], logits)
+
+
+@njit(**_FLAGS)
+def _q8_0_hidden(x, xq, xd, q1, b1, lut, lo, hi, hidden):
+    """``hidden[j] = relu(W1[j] . x + b1[j])`` for rows ``lo..hi`` of the Q8_0 ``q1``."""
+    wf = np.empty((1, 1), np.float32)
+    for j in range(lo, hi):
+        v = row_dot(Q8_0, wf, q1, j, 0, x, xq, xd, lut, x.shape[0])
+        if b1.shape[0] > 0:
+            v += b1[j]
+        hidden[j] = v if v > np.float32(0) else np.float32(0)
+
+
+@njit(**_FLAGS)
+def _q8_0_select_slice(hidden, q2t, b2, n, t, lut, blo, bhi, acc, idx_out):
+    """Neurons ``32 blo .. 32 bhi`` (blocks of the Q8_0 ``W2^T`` rows): logits ``acc[i] =
+    b2[i] + sum over positive hidden[j] of hidden[j] W2^T[j, i]``; the neurons ``i < n``
+    with ``acc[i] >= t`` go to ``idx_out`` from position ``32 blo`` on; returns their count."""
+    lo, hi = blo * QK, bhi * QK
+    seg = acc[lo:hi]
+    for i in range(hi - lo):
+        seg[i] = np.float32(0)
+    wf = np.empty((1, 1), np.float32)
+    off, nbytes = blo * Q8_BYTES, (bhi - blo) * Q8_BYTES
+    r = hidden.shape[0]
+    for j in range(r):
+        h = hidden[j]
+        if h == np.float32(0):
+            continue
+        for jn in range(j + 1, r):  # the next row read: its segment is not adjacent
+            if hidden[jn] != np.float32(0):
+                row = q2t[jn]
+                for k in range(off, off + nbytes, 64):
+                    _prefetch(row, k)
+                break
+        row_axpy(Q8_0, wf, q2t, j, off, h, seg, lut, hi - lo)
+    m = 0
+    for i in range(lo, min(hi, n)):
+        if b2.shape[0] > 0:
+            acc[i] += b2[i]
+        if acc[i] >= t:
+            idx_out[lo + m] = i
+            m += 1
+    return m
+
+
+@njit(**_FLAGS)
+def _compact(idx_out, starts, counts):
+    """Move the slices' selections ``idx_out[starts[s]:starts[s] + counts[s]]`` together
+    (ascending: the slices are in order); returns the total."""
+    m = 0
+    for s in range(starts.shape[0]):
+        for k in range(counts[s]):
+            idx_out[m + k] = idx_out[starts[s] + k]
+        m += counts[s]
+    return m
+
+
+@njit(parallel=True, **_FLAGS)
+def predictor_select_q8_0_par(x, q1, b1, q2t, b2, n, t, lut, nchunks, hidden, acc, idx_out):
+    """A Q8_0 predictor plus threshold selection for one token, in one call.
+
+    ``x [d]`` float32 (quantized to Q8_0 here); ``q1`` the Q8_0 rows of ``W1 [r, d]``,
+    ``q2t`` those of ``W2^T [r, n_pad]`` (``n_pad`` = ``n`` rounded up to 32; int8
+    views); ``b1 [r]``, ``b2 [n]`` or empty. Computes ``hidden [r]`` (the ReLU'd first
+    layer), the logits into ``acc [n_pad]`` (axpys of ``W2^T`` rows for the positive
+    hidden units, each thread over its own range of neurons: no reduction), and the
+    indices ``i < n`` with ``logit >= t`` into ``idx_out`` (ascending); returns their count."""
+    r = q1.shape[0]
+    xq, xd = _operand(x, Q8_0)
+    for c in prange(nchunks):
+        _q8_0_hidden(x, xq, xd, q1, b1, lut, (c * r) // nchunks, ((c + 1) * r) // nchunks, hidden)
+    nbk = q2t.shape[1] // Q8_BYTES
+    starts = np.empty(nchunks, np.int64)
+    counts = np.empty(nchunks, np.int64)
+    for c in prange(nchunks):
+        blo, bhi = (c * nbk) // nchunks, ((c + 1) * nbk) // nchunks
+        starts[c] = blo * QK
+        counts[c] = _q8_0_select_slice(hidden, q2t, b2, n, t, lut, blo, bhi, acc, idx_out)
+    return _compact(idx_out, starts, counts)
+
+
+@njit(**_FLAGS)
+def predictor_select_q8_0_ser(x, q1, b1, q2t, b2, n, t, lut, nchunks, hidden, acc, idx_out):
+    """:func:`predictor_select_q8_0_par` in the calling thread."""
+    xq, xd = _operand(x, Q8_0)
+    _q8_0_hidden(x, xq, xd, q1, b1, lut, 0, q1.shape[0], hidden)
+    return _q8_0_select_slice(hidden, q2t, b2, n, t, lut, 0, q2t.shape[1] // Q8_BYTES, acc, idx_out)
 
 
 @njit(cache=True, nogil=True)

@@ -14,9 +14,11 @@ to ``f32`` once) and runs:
 
 ``Predictor(w1, b1, w2, b2, threshold)`` evaluates the low-rank MLP and selects the
 neurons whose logit is ``>= threshold`` (or the top k). It runs in Q8_0 when ``d`` is a
-multiple of 32 (:func:`predictor_format`), reading a quarter of the float32 bytes: the
-first layer as the FFN kernels' row matvec (``W1`` rows and ``x`` quantized), the second
-as axpys of quantized ``W2^T`` rows for the positive hidden units;
+multiple of 32 (:func:`predictor_format`), reading a quarter of the float32 bytes, as one
+kernel call per token (``ffn.predictor_select_q8_0_*``): the first layer with the FFN
+kernels' row dot (``W1`` rows and ``x`` quantized), the second as axpys of quantized
+``W2^T`` rows for the positive hidden units, each thread over its own range of neurons,
+then the threshold;
 :func:`predictor_logits_numpy` is the same arithmetic in numpy, which the predictors
 pass calibrates thresholds with.
 """
@@ -306,7 +308,6 @@ class Predictor:
         if self.fmt == "q8_0":
             self._q1 = quant.quantize_q8_0(self.w1).view(np.int8)
             self._q2t = predictor_w2t_q8_0(self.w2)
-            self._ranks = np.arange(r, dtype=np.int64)
             self._acc = np.empty(_padded(n), np.float32)
         self._effective: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -318,30 +319,22 @@ class Predictor:
         return int(self.w1.nbytes + self.w2.nbytes)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits ``[n]`` of one token ``x [d]`` (a buffer reused by the next call)."""
         x = np.ascontiguousarray(x, np.float32)
         if self.fmt == "q8_0":
-            return self._logits_q8_0(x)
+            self._select_q8_0(x, np.float32(np.inf))
+            return self._acc[:self._logits.shape[0]]
         kernel = ffn.predictor_logits_ser if self.w2.nbytes < self.serial_below else ffn.predictor_logits_par
         kernel(x, self.w1, self.b1, self.w2, self.b2, ffn.default_chunks(), self._hidden, self._logits)
         return self._logits
 
-    def _logits_q8_0(self, x: np.ndarray) -> np.ndarray:
-        """First layer: the row kernel (x quantized); second: one axpy of a ``W2^T`` row per
-        positive hidden unit (ReLU zeros are skipped)."""
-        small = self._q2t.nbytes < self.serial_below
-        rows = ffn.rows_sparse_ser if small else ffn.rows_sparse_par
-        rows(x, _DUMMY_F, self._q1, self._ranks, ffn.Q8_0, x.shape[0], 0, self.b1, _LUT, ffn.default_chunks(),
-             self._hidden)
-        np.maximum(self._hidden, np.float32(0), out=self._hidden)
-        axpy = ffn.axpy_sparse_ser if small else ffn.axpy_sparse_par
-        axpy(self._hidden, _DUMMY_F, self._q2t, self._ranks, ffn.Q8_0, self._acc.shape[0], 0, _LUT,
-             numba.get_num_threads(), self._acc)
-        n = self._logits.shape[0]
-        if self.b2.shape[0]:
-            np.add(self._acc[:n], self.b2, out=self._logits)
-        else:
-            self._logits[:] = self._acc[:n]
-        return self._logits
+    def _select_q8_0(self, x: np.ndarray, t: np.float32) -> int:
+        """One fused kernel call: hidden units, logits (into ``_acc``) and the neurons
+        with ``logit >= t`` (into ``_idx``, ascending); returns their count."""
+        kernel = ffn.predictor_select_q8_0_ser if self._q2t.nbytes < self.serial_below \
+            else ffn.predictor_select_q8_0_par
+        return kernel(x, self._q1, self.b1, self._q2t, self.b2, self._logits.shape[0], t, _LUT,
+                      numba.get_num_threads(), self._hidden, self._acc, self._idx)
 
     def logits_batch(self, X: np.ndarray) -> np.ndarray:
         """Logits ``[T, n]`` of ``X [T, d]`` in numpy (prefill), the arithmetic of
@@ -352,10 +345,12 @@ class Predictor:
 
     def select(self, x: np.ndarray, top_k: int | None = None) -> np.ndarray:
         """Active neuron indices (ascending): logits >= threshold, or the ``top_k`` largest."""
-        lg = self.logits(x)
         if top_k is not None:
-            m = ffn.select_topk(lg, int(top_k), self._idx)
-        else:
-            m = ffn.select_positive(lg, np.float32(np.nextafter(np.float32(self.threshold), np.float32(-np.inf))),
-                                    self._idx)
+            m = ffn.select_topk(self.logits(x), int(top_k), self._idx)
+            return self._idx[:m].copy()
+        if self.fmt == "q8_0":
+            m = self._select_q8_0(np.ascontiguousarray(x, np.float32), np.float32(self.threshold))
+        else:  # select_positive takes logit > t
+            t = np.nextafter(np.float32(self.threshold), np.float32(-np.inf))
+            m = ffn.select_positive(self.logits(x), t, self._idx)
         return self._idx[:m].copy()

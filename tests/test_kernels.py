@@ -165,6 +165,8 @@ def test_predictor_eval_and_selection():
     _close(pf.logits(x[:40]), np.maximum(w1[:, :40].astype(np.float64) @ x[:40] + b1, 0) @ w2.T + b2, tol=1e-5)
     sel = p.select(x)
     np.testing.assert_array_equal(sel, np.flatnonzero(p.logits(x) >= np.float32(0.5)))
+    # thread-pool path: each thread selects in its own range of neurons, then compacted
+    np.testing.assert_array_equal(Predictor(w1, w2, 0.5, b1, b2, serial_below=0).select(x), sel)
     top = p.select(x, top_k=10)
     np.testing.assert_array_equal(top, np.sort(np.argsort(-p.logits(x), kind="stable")[:10]))
     assert p.select(x, top_k=0).size == 0

@@ -6,13 +6,16 @@ with a :class:`~.reference.llama.KVCache`. Attention projections and the LM head
 artifact's weights (:class:`~.runtime_load.Linear`); FFNs go through
 :class:`~.runtime_load.FFNRunner`: several tokens at once (the prompt: prefill) use
 ``LayerKernels.prefill``, one token (a decode step) ``forward(x, idx)`` /
-``gate_first(x)``.
+``gate_first(x)``. A decode step's attention (after the q/k/v projections) and its
+RMSNorms are Numba kernels (:mod:`sparseforge.kernels.attention`).
 """
 from __future__ import annotations
 
 from typing import Iterator
 
 import numpy as np
+
+from sparseforge.kernels.attention import attention_step, rms_norm_into
 
 from .errors import InputError
 from .reference.bert import softmax
@@ -56,6 +59,29 @@ class DecoderRuntime:
             y += self.model.vector(prefix + ".bias")
         return y
 
+    def _qkv(self, h: np.ndarray, prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The q, k, v projections ``[T, rows]`` of ``h [T, d]``; one token: one kernel call
+        (a :class:`~.runtime_load.LinearGroup`) when the three are stored alike."""
+        names = tuple(f"{prefix}{n}_proj" for n in "qkv")
+        group = self.model.linear_group(tuple(n + ".weight" for n in names)) if h.shape[0] == 1 else None
+        if group is None:
+            return tuple(self._proj(h, n) for n in names)
+        out = []
+        for n, y in zip(names, group.matvec(h[0])):
+            if self.model.has(n + ".bias"):
+                y += self.model.vector(n + ".bias")
+            out.append(y[None])
+        return tuple(out)
+
+    def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        """RMSNorm of ``x [T, d]`` with the weight ``name`` (one token: the Numba kernel)."""
+        w = self.model.vector(name)
+        if x.shape[0] > 1:
+            return rms_norm(x, w, self.spec.norm_eps)
+        out = np.empty_like(x)
+        rms_norm_into(x[0], w, self.spec.norm_eps, out[0])
+        return out
+
     def forward(self, input_ids, cache: KVCache | None = None, all_logits: bool = False) -> np.ndarray:
         """Logits of one sequence's new tokens ``input_ids [T]``: ``[T, vocab]`` with
         ``all_logits``, else the last position's ``[vocab]``. With ``cache`` the tokens
@@ -82,24 +108,28 @@ class DecoderRuntime:
         x = m.linear("model.embed_tokens.weight").take(ids)
         for i in range(s.num_layers):
             p = f"model.layers.{i}."
-            h = rms_norm(x, m.vector(p + "input_layernorm.weight"), s.norm_eps)
-            q = self._proj(h, p + "self_attn.q_proj").reshape(T, H, hd).transpose(1, 0, 2)
-            k = self._proj(h, p + "self_attn.k_proj").reshape(T, KV, hd).transpose(1, 0, 2)
-            v = self._proj(h, p + "self_attn.v_proj").reshape(T, KV, hd).transpose(1, 0, 2)
-            q = apply_rope(q, cos, sin)
-            k = apply_rope(k, cos, sin)
-            if cache is not None:
-                k, v = cache.append(i, k[None], v[None])
-                k, v = k[0], v[0]
-            qg = q.reshape(KV, G, T, hd)
-            scores = (qg @ k[:, None].transpose(0, 1, 3, 2)) * scale  # [KV, G, T, S]
-            if T > 1:
-                scores = np.where(causal, scores, _NEG)
-            ctx = (softmax(scores) @ v[:, None]).reshape(H, T, hd).transpose(1, 0, 2).reshape(T, H * hd)
+            h = self._norm(x, p + "input_layernorm.weight")
+            q, k, v = self._qkv(h, p + "self_attn.")
+            if T == 1 and cache is not None:  # decode step: one kernel, the cache written in place
+                k_store, v_store, pos = cache.reserve(i)
+                ctx = np.empty_like(q)
+                attention_step(q[0], k[0], v[0], cos[0], sin[0], k_store[0], v_store[0], pos, scale, ctx[0])
+            else:
+                q = apply_rope(q.reshape(T, H, hd).transpose(1, 0, 2), cos, sin)
+                k = apply_rope(k.reshape(T, KV, hd).transpose(1, 0, 2), cos, sin)
+                v = v.reshape(T, KV, hd).transpose(1, 0, 2)
+                if cache is not None:
+                    k, v = cache.append(i, k[None], v[None])
+                    k, v = k[0], v[0]
+                qg = q.reshape(KV, G, T, hd)
+                scores = (qg @ k[:, None].transpose(0, 1, 3, 2)) * scale  # [KV, G, T, S]
+                if T > 1:
+                    scores = np.where(causal, scores, _NEG)
+                ctx = (softmax(scores) @ v[:, None]).reshape(H, T, hd).transpose(1, 0, 2).reshape(T, H * hd)
             x = x + self._proj(ctx, p + "self_attn.o_proj")
-            h = rms_norm(x, m.vector(p + "post_attention_layernorm.weight"), s.norm_eps)
+            h = self._norm(x, p + "post_attention_layernorm.weight")
             x = x + (self.ffn.many(i, h) if T > 1 else self.ffn.one(i, h[0])[None])
-        x = rms_norm(x if all_logits else x[-1:], m.vector("model.norm.weight"), s.norm_eps)
+        x = self._norm(x if all_logits else x[-1:], "model.norm.weight")
         head = m.linear(self.lm_head)
         logits = head.matvec(x[0])[None] if x.shape[0] == 1 else head.matmul(x)
         return logits if all_logits else logits[-1]

@@ -7,8 +7,9 @@
 * every non-FFN weight as a :class:`Linear`: F32 tensors stay zero-copy views into the
   map (one token: the Numba row kernel, several: BLAS), F16 are widened once; Q8_0/Q4_0 matrices are either dequantized once at load
   (``linear="dequantize"``) or kept as their ggml bytes and multiplied by the Numba
-  int8-dot row kernel (``linear="quantized"``: ``kernels.ffn.rows_sparse`` over every
-  row, the input quantized to Q8_0 as ggml does). ``auto`` keeps decoders quantized
+  int8-dot row kernel (``linear="quantized"``: ``kernels.ffn.matvec_*``, the input
+  quantized to Q8_0 as ggml does); a :class:`LinearGroup` multiplies several matrices of
+  one input in one call. ``auto`` keeps decoders quantized
   (decode steps are bound by the bytes read) and dequantizes encoders (batched);
 * each FFN layer as :class:`~sparseforge.kernels.runtime.LayerKernels` over its
   bundles (a view into the map) with the block's activation fields and biases;
@@ -48,7 +49,6 @@ from .ir import ArchSpec
 
 MODES = ("dense", "sparse", "predictor", "gate-first")
 LINEAR_MODES = ("auto", "dequantize", "quantized")
-_EMPTY = np.zeros(0, np.float32)
 _DUMMY_F = np.zeros((1, 1), np.float32)
 _DUMMY_Q = np.zeros((1, 1), np.int8)
 _THREADPOOLS: ThreadpoolController | None = None
@@ -69,15 +69,17 @@ SERIAL_BELOW = 1 << 18
 fork/join of the thread pool costs more than it saves)."""
 
 
-def _rows_kernel(x, wf, wq, idx, fmt, d, po, bias, lut, out) -> None:
-    """``out[p] = W[idx[p]] . x`` with the kernels' row-gather matvec (its name and
-    signature changed between kernel versions: ``rows_sparse_par``/``_ser`` take ``nchunks``)."""
-    par = getattr(K, "rows_sparse_par", None)
-    if par is not None:
-        kernel = K.rows_sparse_ser if max(wf.nbytes, wq.nbytes) < SERIAL_BELOW else par
-        kernel(x, wf, wq, idx, fmt, d, po, bias, lut, K.default_chunks(), out)
+def _matvec(x: np.ndarray, linears: tuple["Linear", ...], out: np.ndarray) -> None:
+    """``out = [W_0 x, W_1 x, ...]`` for matrices of one storage kind (all float32, or all
+    of one quantized format) in one call of the Numba dense matvec kernel."""
+    x = np.ascontiguousarray(x, np.float32)
+    n = len(linears)
+    if linears[0].w is not None:
+        wfs, wqs = tuple(lin.w for lin in linears), (_DUMMY_Q,) * n
     else:
-        K.rows_sparse(x, wf, wq, idx, fmt, d, po, bias, lut, out)
+        wfs, wqs = (_DUMMY_F,) * n, tuple(lin.q for lin in linears)
+    kernel = K.matvec_ser if sum(lin.nbytes for lin in linears) < SERIAL_BELOW else K.matvec_par
+    kernel(x, wfs, wqs, linears[0].code, quant.F16_TO_F32, K.default_chunks(), out)
 
 
 class Linear:
@@ -88,28 +90,23 @@ class Linear:
         self.shape = tuple(shape)
         self.w: np.ndarray | None = None
         self.q: np.ndarray | None = None
-        self._all = np.arange(shape[0], dtype=np.int64)
+        self.code = K.F32  # the kernels' format code of the stored matrix
         if fmt == "f32":
             self.w = np.ascontiguousarray(data).reshape(shape[0], -1)
         elif fmt == "f16" or dequantize:
             self.w = np.ascontiguousarray(data.astype(np.float32) if fmt == "f16" else quant.decode(data, fmt))
         else:
             self.q = np.ascontiguousarray(data).view(np.int8).reshape(shape[0], -1)
-            self._code = K.FORMAT_CODES[fmt]
+            self.code = K.FORMAT_CODES[fmt]
 
     @property
     def quantized(self) -> bool:
         return self.q is not None
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
-        """``W x`` for ``x [cols]`` (the Numba row kernel, on the kernels' threads)."""
+        """``W x`` for ``x [cols]`` (the Numba dense matvec kernel, on the kernels' threads)."""
         out = np.empty(self.shape[0], np.float32)
-        x = np.ascontiguousarray(x, np.float32)
-        if self.w is not None:
-            _rows_kernel(x, self.w, _DUMMY_Q, self._all, K.F32, self.shape[1], 0, _EMPTY, quant.F16_TO_F32, out)
-        else:
-            _rows_kernel(x, _DUMMY_F, self.q, self._all, self._code, self.shape[1], 0, _EMPTY, quant.F16_TO_F32,
-                         out)
+        _matvec(x, (self,), out)
         return out
 
     def matmul(self, X: np.ndarray) -> np.ndarray:
@@ -132,6 +129,29 @@ class Linear:
         return int((self.w if self.w is not None else self.q).nbytes)
 
 
+class LinearGroup:
+    """Matrices with one input, multiplied by one vector in one kernel call (a decode
+    step's q, k and v projections): ``matvec(x [cols])`` -> ``[W_0 x, W_1 x, ...]``."""
+
+    def __init__(self, linears: list[Linear]) -> None:
+        if not self.compatible(linears):
+            raise ValueError("a LinearGroup needs matrices of one storage kind and input width")
+        self.linears = tuple(linears)
+        self._splits = np.cumsum([lin.shape[0] for lin in linears])[:-1]
+        self._rows = sum(lin.shape[0] for lin in linears)
+
+    @staticmethod
+    def compatible(linears: list[Linear]) -> bool:
+        a = linears[0]
+        return all(lin.shape[1] == a.shape[1] and lin.code == a.code and (lin.w is None) == (a.w is None)
+                   for lin in linears)
+
+    def matvec(self, x: np.ndarray) -> list[np.ndarray]:
+        out = np.empty(self._rows, np.float32)
+        _matvec(x, self.linears, out)
+        return np.split(out, self._splits)
+
+
 @dataclass
 class LoadedModel:
     """An opened artifact, ready for the executors."""
@@ -144,6 +164,7 @@ class LoadedModel:
     predictors: list[Predictor | None]
     predictor_modes: list[str]
     _linears: dict[str, Linear] = field(default_factory=dict)
+    _groups: dict[tuple[str, ...], LinearGroup | None] = field(default_factory=dict)
     _vectors: dict[str, np.ndarray] = field(default_factory=dict)
     _tokenizer: Any = None
 
@@ -195,6 +216,14 @@ class LoadedModel:
                          dequantize=self.linear_mode == "dequantize")
             self._linears[name] = lin
         return lin
+
+    def linear_group(self, names: tuple[str, ...]) -> LinearGroup | None:
+        """The :class:`LinearGroup` of the weights ``names`` (None when they cannot share a
+        kernel call)."""
+        if names not in self._groups:
+            linears = [self.linear(n) for n in names]
+            self._groups[names] = LinearGroup(linears) if LinearGroup.compatible(linears) else None
+        return self._groups[names]
 
     def vector(self, name: str) -> np.ndarray:
         v = self._vectors.get(name)

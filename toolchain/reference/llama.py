@@ -100,15 +100,23 @@ class KVCache:
         new[tuple(idx)] = arr
         return new
 
+    def reserve(self, layer: int, t: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
+        """Extend ``layer`` by ``t`` positions for the caller to fill; returns that layer's
+        storage ``k, v [B, kv_heads, capacity, head_dim]`` (replaced when the cache grows)
+        and the first new position ``T_past``."""
+        n = self._lengths[layer]
+        self._k[layer] = self._capacity_for(self._k[layer], n + t, 2)
+        self._v[layer] = self._capacity_for(self._v[layer], n + t, 2)
+        self._lengths[layer] = n + t
+        return self._k[layer], self._v[layer], n
+
     def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Append ``k, v [B, kv_heads, T_new, head_dim]`` to ``layer``; returns that
         layer's full keys and values ``[B, kv_heads, T_past + T_new, head_dim]``."""
-        n, t = self._lengths[layer], k.shape[2]
-        self._k[layer] = self._capacity_for(self._k[layer], n + t, 2)
-        self._v[layer] = self._capacity_for(self._v[layer], n + t, 2)
-        self._k[layer][:, :, n: n + t] = k
-        self._v[layer][:, :, n: n + t] = v
-        self._lengths[layer] = n + t
+        t = k.shape[2]
+        ks, vs, n = self.reserve(layer, t)
+        ks[:, :, n: n + t] = k
+        vs[:, :, n: n + t] = v
         return self.keys(layer), self.values(layer)
 
     def append_mask(self, mask: np.ndarray) -> np.ndarray:
