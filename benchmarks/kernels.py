@@ -218,7 +218,7 @@ def bench_shape(name: str, d: int, n: int, timer: Timer, bw: float, args, rng) -
     pred.threshold = float(np.quantile(lg, 0.9))
     t_pred = timer(lambda _: pred.select(x))
     twin = Predictor(rng.standard_normal((4, 64), dtype=np.float32), rng.standard_normal((64, 4), dtype=np.float32),
-                     serial_below=pred.serial_below if pred.nbytes < pred.serial_below else 0)
+                     serial_below=pred.serial_below if pred.serial else 0)
     xt = rng.standard_normal(64, dtype=np.float32)
     t_pred_warm = timer(lambda _: pred.select(x), rewarm=lambda: twin.select(xt))
     at10 = {f: res["formats"][f]["densities"]["0.1"] for f in args.formats if "0.1" in res["formats"][f]["densities"]}

@@ -579,13 +579,9 @@ def _operand(x, fmt):
 
 
 @njit(**_FLAGS)
-def _input(x, fmt, d):
-    fmt = _spec(SPEC_FMT, fmt)
-    d = _spec(SPEC_D, d)
-    xq = np.empty(2 * d, np.int8)
-    xd = np.empty(2 * max(d // QK, 1), np.float32)
-    prepare_input(fmt, x, xq, xd)
-    return xq, xd
+def _input(x, fmt):
+    """:func:`_operand` for the FFN's format (specialised)."""
+    return _operand(x, _spec(SPEC_FMT, fmt))
 
 
 @njit(**_FLAGS)
@@ -605,7 +601,7 @@ def ffn_sparse_par(x, wf, wq, idx, fmt, d, gated, act, act_t, up_relu, out_t, po
 
     ``gpre``: precomputed gate pre-activations per entry of ``idx`` (gate-first; empty
     to compute them); ``h_out[len(idx)]`` receives the activations."""
-    xq, xd = _input(x, fmt, d)
+    xq, xd = _input(x, fmt)
     cnt = idx.shape[0]
     part = np.zeros((nchunks, y.shape[0]), np.float32)
     for c in prange(nchunks):
@@ -618,7 +614,7 @@ def ffn_sparse_par(x, wf, wq, idx, fmt, d, gated, act, act_t, up_relu, out_t, po
 def ffn_sparse_ser(x, wf, wq, idx, fmt, d, gated, act, act_t, up_relu, out_t, po_g, po_u, po_d,
                    bg, bu, bd, lut, nchunks, gpre, h_out, y):
     """:func:`ffn_sparse_par` in the calling thread."""
-    xq, xd = _input(x, fmt, d)
+    xq, xd = _input(x, fmt)
     part = np.zeros((1, y.shape[0]), np.float32)
     _ffn_chunk(x, xq, xd, wf, wq, idx, 0, idx.shape[0], fmt, d, gated, act, act_t, up_relu, out_t, po_g, po_u,
                po_d, bg, bu, lut, gpre, h_out, part[0])
@@ -641,7 +637,7 @@ def _rows_chunk(x, xq, xd, wf, wq, idx, lo, hi, fmt, d, po, bias, lut, out):
 @njit(parallel=True, **_FLAGS)
 def rows_sparse_par(x, wf, wq, idx, fmt, d, po, bias, lut, nchunks, out):
     """``out[p] = row(idx[p]) . x (+ bias)`` for one part (gate/up): the row-gather matvec."""
-    xq, xd = _input(x, fmt, d)
+    xq, xd = _input(x, fmt)
     cnt = idx.shape[0]
     for c in prange(nchunks):
         _rows_chunk(x, xq, xd, wf, wq, idx, (c * cnt) // nchunks, ((c + 1) * cnt) // nchunks, fmt, d, po, bias,
@@ -650,7 +646,7 @@ def rows_sparse_par(x, wf, wq, idx, fmt, d, po, bias, lut, nchunks, out):
 
 @njit(**_FLAGS)
 def rows_sparse_ser(x, wf, wq, idx, fmt, d, po, bias, lut, nchunks, out):
-    xq, xd = _input(x, fmt, d)
+    xq, xd = _input(x, fmt)
     _rows_chunk(x, xq, xd, wf, wq, idx, 0, idx.shape[0], fmt, d, po, bias, lut, out)
 
 
@@ -658,8 +654,8 @@ def rows_sparse_ser(x, wf, wq, idx, fmt, d, po, bias, lut, nchunks, out):
 def _matvec_chunk(x, xq, xd, wfs, wqs, fmt, d, lo, hi, lut, out):
     """Rows ``lo..hi`` of the stacked matrices (``out`` indexes them one after another)."""
     base = 0
-    for m in range(len(wqs) if fmt != F32 else len(wfs)):
-        rows = wqs[m].shape[0] if fmt != F32 else wfs[m].shape[0]
+    for m in range(len(wqs)):
+        rows = wfs[m].shape[0] if fmt == F32 else wqs[m].shape[0]
         a, b = max(lo, base), min(hi, base + rows)
         for r in range(a, b):
             out[r] = row_dot(fmt, wfs[m], wqs[m], r - base, 0, x, xq, xd, lut, d)
@@ -670,7 +666,7 @@ def _matvec_chunk(x, xq, xd, wfs, wqs, fmt, d, lo, hi, lut, out):
 def matvec_par(x, wfs, wqs, fmt, lut, nchunks, out):
     """Dense matvecs of one input ``x [d]`` by several whole matrices in one call (e.g.
     the q, k and v projections): ``wfs`` (f32) or ``wqs`` (Q8_0/Q4_0, int8 views) a tuple
-    of ``[rows_m, d]`` matrices (the other tuple holds dummies); ``out [sum rows_m]``
+    of ``[rows_m, d]`` matrices (the other tuple, as long, holds dummies); ``out [sum rows_m]``
     receives ``W_0 x``, then ``W_1 x``, ... The rows are split evenly over the chunks."""
     d = x.shape[0]
     xq, xd = _operand(x, fmt)

@@ -34,7 +34,6 @@ from . import ffn, quant
 from .bundle import BundleLayout, pack_bundles, unpack_bundles
 
 _EMPTY = np.zeros(0, np.float32)
-_DUMMY_F = np.zeros((1, 1), np.float32)
 _LUT = quant.F16_TO_F32
 
 
@@ -302,13 +301,14 @@ class Predictor:
         self.b1 = _bias(self.b1, r, "b1")
         self.b2 = _bias(self.b2, n, "b2")
         self._hidden = np.empty(r, np.float32)
-        self._logits = np.empty(n, np.float32)
         self._idx = np.empty(n, np.int64)
         self.fmt = predictor_format(self.w1.shape[1])
         if self.fmt == "q8_0":
             self._q1 = quant.quantize_q8_0(self.w1).view(np.int8)
             self._q2t = predictor_w2t_q8_0(self.w2)
             self._acc = np.empty(_padded(n), np.float32)
+        else:
+            self._logits = np.empty(n, np.float32)
         self._effective: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -318,22 +318,27 @@ class Predictor:
             return int(self._q1.nbytes + self._q2t.nbytes)
         return int(self.w1.nbytes + self.w2.nbytes)
 
+    @property
+    def serial(self) -> bool:
+        """True when evaluation stays in the calling thread (second layer's stored bytes
+        below ``serial_below``)."""
+        return (self._q2t.nbytes if self.fmt == "q8_0" else self.w2.nbytes) < self.serial_below
+
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Logits ``[n]`` of one token ``x [d]`` (a buffer reused by the next call)."""
         x = np.ascontiguousarray(x, np.float32)
         if self.fmt == "q8_0":
             self._select_q8_0(x, np.float32(np.inf))
-            return self._acc[:self._logits.shape[0]]
-        kernel = ffn.predictor_logits_ser if self.w2.nbytes < self.serial_below else ffn.predictor_logits_par
+            return self._acc[:self.w2.shape[0]]
+        kernel = ffn.predictor_logits_ser if self.serial else ffn.predictor_logits_par
         kernel(x, self.w1, self.b1, self.w2, self.b2, ffn.default_chunks(), self._hidden, self._logits)
         return self._logits
 
     def _select_q8_0(self, x: np.ndarray, t: np.float32) -> int:
         """One fused kernel call: hidden units, logits (into ``_acc``) and the neurons
         with ``logit >= t`` (into ``_idx``, ascending); returns their count."""
-        kernel = ffn.predictor_select_q8_0_ser if self._q2t.nbytes < self.serial_below \
-            else ffn.predictor_select_q8_0_par
-        return kernel(x, self._q1, self.b1, self._q2t, self.b2, self._logits.shape[0], t, _LUT,
+        kernel = ffn.predictor_select_q8_0_ser if self.serial else ffn.predictor_select_q8_0_par
+        return kernel(x, self._q1, self.b1, self._q2t, self.b2, self.w2.shape[0], t, _LUT,
                       numba.get_num_threads(), self._hidden, self._acc, self._idx)
 
     def logits_batch(self, X: np.ndarray) -> np.ndarray:

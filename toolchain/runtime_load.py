@@ -69,19 +69,6 @@ SERIAL_BELOW = 1 << 18
 fork/join of the thread pool costs more than it saves)."""
 
 
-def _matvec(x: np.ndarray, linears: tuple["Linear", ...], out: np.ndarray) -> None:
-    """``out = [W_0 x, W_1 x, ...]`` for matrices of one storage kind (all float32, or all
-    of one quantized format) in one call of the Numba dense matvec kernel."""
-    x = np.ascontiguousarray(x, np.float32)
-    n = len(linears)
-    if linears[0].w is not None:
-        wfs, wqs = tuple(lin.w for lin in linears), (_DUMMY_Q,) * n
-    else:
-        wfs, wqs = (_DUMMY_F,) * n, tuple(lin.q for lin in linears)
-    kernel = K.matvec_ser if sum(lin.nbytes for lin in linears) < SERIAL_BELOW else K.matvec_par
-    kernel(x, wfs, wqs, linears[0].code, quant.F16_TO_F32, K.default_chunks(), out)
-
-
 class Linear:
     """A weight matrix ``W [rows, cols]`` (``y = x W^T``) from the artifact."""
 
@@ -91,6 +78,7 @@ class Linear:
         self.w: np.ndarray | None = None
         self.q: np.ndarray | None = None
         self.code = K.F32  # the kernels' format code of the stored matrix
+        self._alone: LinearGroup | None = None  # this matrix as a group of one (matvec)
         if fmt == "f32":
             self.w = np.ascontiguousarray(data).reshape(shape[0], -1)
         elif fmt == "f16" or dequantize:
@@ -105,8 +93,10 @@ class Linear:
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         """``W x`` for ``x [cols]`` (the Numba dense matvec kernel, on the kernels' threads)."""
+        if self._alone is None:
+            self._alone = LinearGroup([self])
         out = np.empty(self.shape[0], np.float32)
-        _matvec(x, (self,), out)
+        self._alone.matvec_into(x, out)
         return out
 
     def matmul(self, X: np.ndarray) -> np.ndarray:
@@ -136,7 +126,13 @@ class LinearGroup:
     def __init__(self, linears: list[Linear]) -> None:
         if not self.compatible(linears):
             raise ValueError("a LinearGroup needs matrices of one storage kind and input width")
-        self.linears = tuple(linears)
+        n = len(linears)
+        if linears[0].w is not None:
+            self._wfs, self._wqs = tuple(lin.w for lin in linears), (_DUMMY_Q,) * n
+        else:
+            self._wfs, self._wqs = (_DUMMY_F,) * n, tuple(lin.q for lin in linears)
+        self._code = linears[0].code
+        self._kernel = K.matvec_ser if sum(lin.nbytes for lin in linears) < SERIAL_BELOW else K.matvec_par
         self._splits = np.cumsum([lin.shape[0] for lin in linears])[:-1]
         self._rows = sum(lin.shape[0] for lin in linears)
 
@@ -146,9 +142,14 @@ class LinearGroup:
         return all(lin.shape[1] == a.shape[1] and lin.code == a.code and (lin.w is None) == (a.w is None)
                    for lin in linears)
 
+    def matvec_into(self, x: np.ndarray, out: np.ndarray) -> None:
+        """``out [sum of rows] = [W_0 x, W_1 x, ...]`` (the Numba dense matvec kernel)."""
+        self._kernel(np.ascontiguousarray(x, np.float32), self._wfs, self._wqs, self._code, quant.F16_TO_F32,
+                     K.default_chunks(), out)
+
     def matvec(self, x: np.ndarray) -> list[np.ndarray]:
         out = np.empty(self._rows, np.float32)
-        _matvec(x, self.linears, out)
+        self.matvec_into(x, out)
         return np.split(out, self._splits)
 
 
