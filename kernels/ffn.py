@@ -19,13 +19,16 @@ fp16-rounded scale) and form per-block int8 x int8 dot products with int32 accum
 ``sdot`` on AArch64 +dotprod, SVE ``sdot z`` on SVE), then scale by ``d_w * d_x`` in
 float32. On x86 with AVX2 the block dot products are written in LLVM vector IR
 (:data:`SIMD`): ``vpdpbusd`` with AVX-512 VNNI / AVX-VNNI, ``vpmaddubsw`` + ``vpmaddwd``
-otherwise, eight float32 lane accumulators in a register across the row. Down
+otherwise; each row keeps four accumulators of eight float32 lanes in registers (blocks
+``b mod 4``: one chain of dependent multiply-adds would cap a row at one block per
+multiply-add latency) and converts the fp16 block scales with ``vcvtph2ps`` (the lookup
+table the other paths use is 256 KB, which competes with the weights in L2). Down
 projections dequantize on the fly (``y += h * d_w * q``).
 
 The quantized input is ``xq: int8[2d]`` (Q8_0 values, then their magnitudes) and
-``xd: float32[2 * d/32]`` (block scales, then minus each block's sum of values), filled
-once per token by :func:`prepare_input`; only the x86 vector paths fill and use the
-second halves.
+``xd: float32[2 * d/32]`` (block scales, then minus each block's sum of values as int32
+bits), filled once per token by :func:`prepare_input`; only the x86 vector paths fill and
+use the second halves.
 
 Activations (``act``): 0 relu, 1 fatrelu (``z if z > act_t``), 2 silu, 3 gelu (erf),
 4 gelu_tanh; gated FFNs compute ``act(g) * u`` (``up_relu``: ``act(g) * relu(u)``,
@@ -91,6 +94,10 @@ def _x86_simd() -> int:
 SIMD_AVX2, SIMD_VNNI = 1, 2
 #: the x86 vector path of the quantized kernels (a compile-time constant, see _x86_simd)
 SIMD = _x86_simd()
+if SIMD:  # the vector path has inline assembly (_ir_scale), which Numba's JIT must parse
+    import llvmlite.binding
+
+    llvmlite.binding.initialize_native_asmparser()
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -167,16 +174,6 @@ def _scale(w, p, lut):
     return lut[(np.int32(w[p]) & 255) | ((np.int32(w[p + 1]) & 255) << 8)]
 
 
-@intrinsic
-def _stack_f32(typingctx, size):
-    """A pointer to ``size`` float32 on the stack (an ``alloca`` in the entry block):
-    unlike an ``np.empty`` buffer, LLVM knows it aliases nothing else and promotes it to
-    vector registers when the size is a constant. Wrap with ``numba.carray(ptr, size)``."""
-    def codegen(context, builder, signature, args):
-        return cgutils.alloca_once(builder, context.get_value_type(nbtypes.float32), size=args[0])
-    return nbtypes.CPointer(nbtypes.float32)(nbtypes.intp), codegen
-
-
 # ----------------------------------------------------- x86 vector IR (AVX2 / VNNI)
 # Intrinsics emitting LLVM vector IR for one 32-value block; Numba inlines them into the
 # calling row loop, so the <8 x float> accumulator (an alloca) lives in a register. Only
@@ -185,6 +182,7 @@ _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatT
 _V16I8, _V32I8 = ir.VectorType(_I8, 16), ir.VectorType(_I8, 32)
 _V16I16, _V8I32, _V8F32, _V32F32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8), ir.VectorType(_F32, 8), \
     ir.VectorType(_F32, 32)
+_V4F32 = ir.VectorType(_F32, 4)
 
 
 def _ir_fn(builder, name, ret, args):
@@ -207,6 +205,16 @@ def _ir_splat(builder, val, vty):
     v = builder.insert_element(ir.Constant(vty, ir.Undefined), val, ir.Constant(_I32, 0))
     return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined),
                                   ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count))
+
+
+def _ir_scale(context, builder, arrty, w, p):
+    """The fp16 block scale at ``w[p:p+2]`` as float32: ``vmovd`` from a general register
+    then ``vcvtph2ps``, as inline assembly. Written as IR (``fpext half``), LLVM loads the
+    16 bits with ``vpinsrw``, which merges into a register it sometimes shares with an
+    accumulator: every block then waits for the previous blocks' multiply-adds."""
+    h = builder.load(builder.bitcast(_ir_elem(context, builder, arrty, w, p), _I16.as_pointer()), align=1)
+    cvt = ir.InlineAsm(ir.FunctionType(_V4F32, [_I32]), "vmovd $1, $0\n\tvcvtph2ps $0, $0", "=x,r")
+    return builder.extract_element(builder.call(cvt, [builder.zext(h, _I32)]), ir.Constant(_I32, 0))
 
 
 def _ir_nibbles(builder, ptr):
@@ -240,28 +248,34 @@ def _ir_acc_fma(builder, accp, lanes_i32, scale):
 
 
 @intrinsic
-def _simd_q4_0_block(typingctx, acc, w, p, xq, xo, neg_sum, scale):
-    """``acc[0:8] += scale * lanes(sum_k (q_k - 8) x_k)`` for the Q4_0 nibbles at
-    ``w[p:p+16]`` and the activations ``xq[xo:xo+32]``; ``neg_sum = -sum_k x_k`` seeds
-    every lane, so the eight lanes add up to the -8 offset (``q`` stays unsigned: u8 x s8)."""
+def _simd_q4_0_block(typingctx, acc, w, p, xq, xo, neg_sum, xscale):
+    """``acc[0:8] += d_w * xscale * lanes(sum_k (q_k - 8) x_k)`` for the Q4_0 block at
+    ``w[p:p+18]`` and the activations ``xq[xo:xo+32]``; ``neg_sum = -sum_k x_k`` (int32)
+    seeds every lane, so the eight lanes add up to the -8 offset (``q`` stays unsigned:
+    u8 x s8)."""
     def codegen(context, builder, signature, args):
-        accp, w_, p_, xq_, xo_, neg, sc = args
-        q = _ir_nibbles(builder, _ir_elem(context, builder, signature.args[1], w_, p_))
+        accp, w_, p_, xq_, xo_, neg, xs = args
+        sc = builder.fmul(_ir_scale(context, builder, signature.args[1], w_, p_), xs)
+        q = _ir_nibbles(builder, _ir_elem(context, builder, signature.args[1], w_,
+                                          builder.add(p_, ir.Constant(p_.type, 2))))
         x = _ir_load(builder, _ir_elem(context, builder, signature.args[3], xq_, xo_), _V32I8)
         _ir_acc_fma(builder, accp, _ir_dot4(builder, q, x, _ir_splat(builder, neg, _V8I32)), sc)
         return context.get_dummy_value()
-    return nbtypes.void(acc, w, p, xq, xo, neg_sum, scale), codegen
+    return nbtypes.void(acc, w, p, xq, xo, neg_sum, xscale), codegen
 
 
 @intrinsic
-def _simd_q8_0_block(typingctx, acc, w, p, xq, xo, xa_o, neg_sum, scale):
-    """``acc[0:8] += scale * lanes(sum_k w_k x_k)`` for the int8 weights ``w[p:p+32]`` and
-    activations ``xq[xo:xo+32]`` (magnitudes at ``xq[xa_o:xa_o+32]``). VNNI: ``(w + 128)``
-    as u8 times ``x``, lanes seeded with ``16 * neg_sum`` (eight lanes: ``-128 sum x``);
-    AVX2: ``|x|`` times ``w`` with the sign of ``x`` (ggml's Q8_0 keeps |w| <= 127)."""
+def _simd_q8_0_block(typingctx, acc, w, p, xq, xo, xa_o, neg_sum, xscale):
+    """``acc[0:8] += d_w * xscale * lanes(sum_k w_k x_k)`` for the Q8_0 block at
+    ``w[p:p+34]`` and activations ``xq[xo:xo+32]`` (magnitudes at ``xq[xa_o:xa_o+32]``).
+    VNNI: ``(w + 128)`` as u8 times ``x``, lanes seeded with ``16 * neg_sum`` (eight lanes:
+    ``-128 sum x``); AVX2: ``|x|`` times ``w`` with the sign of ``x`` (ggml's Q8_0 keeps
+    |w| <= 127)."""
     def codegen(context, builder, signature, args):
-        accp, w_, p_, xq_, xo_, xao, neg, sc = args
-        wv = _ir_load(builder, _ir_elem(context, builder, signature.args[1], w_, p_), _V32I8)
+        accp, w_, p_, xq_, xo_, xao, neg, xs = args
+        sc = builder.fmul(_ir_scale(context, builder, signature.args[1], w_, p_), xs)
+        wv = _ir_load(builder, _ir_elem(context, builder, signature.args[1], w_,
+                                        builder.add(p_, ir.Constant(p_.type, 2))), _V32I8)
         x = _ir_load(builder, _ir_elem(context, builder, signature.args[3], xq_, xo_), _V32I8)
         if SIMD == SIMD_VNNI:
             seed = builder.mul(_ir_splat(builder, neg, _V8I32), ir.Constant(_V8I32, [16] * 8))
@@ -272,16 +286,17 @@ def _simd_q8_0_block(typingctx, acc, w, p, xq, xo, xa_o, neg_sum, scale):
             lanes = _ir_dot4(builder, xa, signed, ir.Constant(_V8I32, [0] * 8))
         _ir_acc_fma(builder, accp, lanes, sc)
         return context.get_dummy_value()
-    return nbtypes.void(acc, w, p, xq, xo, xa_o, neg_sum, scale), codegen
+    return nbtypes.void(acc, w, p, xq, xo, xa_o, neg_sum, xscale), codegen
 
 
 def _simd_axpy_block(q4: bool):
-    """Intrinsic ``(y, yo, w, p, scale)``: ``y[yo:yo+32] += scale * q`` for one block's
-    values ``q``: Q4_0 nibbles at ``w[p:p+16]`` minus 8 (``q4``) or int8 at ``w[p:p+32]``."""
-    def typer(typingctx, y, yo, w, p, scale):
+    """Intrinsic ``(y, yo, w, p, h)``: ``y[yo:yo+32] += h * d_w * q`` for the block at
+    ``w[p:]``: Q4_0 nibbles minus 8 (``q4``) or Q8_0 int8 values."""
+    def typer(typingctx, y, yo, w, p, h):
         def codegen(context, builder, signature, args):
-            y_, yo_, w_, p_, sc = args
-            src = _ir_elem(context, builder, signature.args[2], w_, p_)
+            y_, yo_, w_, p_, h_ = args
+            sc = builder.fmul(_ir_scale(context, builder, signature.args[2], w_, p_), h_)
+            src = _ir_elem(context, builder, signature.args[2], w_, builder.add(p_, ir.Constant(p_.type, 2)))
             q = builder.sub(_ir_nibbles(builder, src), ir.Constant(_V32I8, [8] * 32)) if q4 \
                 else _ir_load(builder, src, _V32I8)
             yp = builder.bitcast(_ir_elem(context, builder, signature.args[0], y_, yo_), _V32F32.as_pointer())
@@ -290,7 +305,7 @@ def _simd_axpy_block(q4: bool):
                                      builder.load(yp, align=4)])
             builder.store(out, yp, align=4)
             return context.get_dummy_value()
-        return nbtypes.void(y, yo, w, p, scale), codegen
+        return nbtypes.void(y, yo, w, p, h), codegen
     typer.__name__ = f"_simd_axpy_{'q4_0' if q4 else 'q8_0'}_block"
     return intrinsic(typer)
 
@@ -310,12 +325,28 @@ def _prefetch(typingctx, arr, idx):
     return nbtypes.void(arr, idx), codegen
 
 
-@njit(**_FLAGS)
-def _lanes_sum8(acc):
-    s = np.float32(0)
-    for l in range(8):
-        s += acc[l]
-    return s
+@intrinsic
+def _acc8(typingctx):
+    """A zeroed ``<8 x float>`` accumulator on the stack (pointer to its float32 lanes):
+    an ``alloca`` in the entry block, so LLVM keeps it in a vector register."""
+    def codegen(context, builder, signature, args):
+        p = cgutils.alloca_once(builder, _V8F32)
+        builder.store(ir.Constant(_V8F32, None), p)
+        return builder.bitcast(p, _F32.as_pointer())
+    return nbtypes.CPointer(nbtypes.float32)(), codegen
+
+
+@intrinsic
+def _acc_sum4(typingctx, a0, a1, a2, a3):
+    """The sum of all lanes of four :func:`_acc8` accumulators."""
+    def codegen(context, builder, signature, args):
+        v = [builder.load(builder.bitcast(a, _V8F32.as_pointer())) for a in args]
+        t = builder.fadd(builder.fadd(v[0], v[1]), builder.fadd(v[2], v[3]))
+        s = builder.extract_element(t, ir.Constant(_I32, 0))
+        for lane in range(1, _V8F32.count):
+            s = builder.fadd(s, builder.extract_element(t, ir.Constant(_I32, lane)))
+        return s
+    return nbtypes.float32(a0, a1, a2, a3), codegen
 
 
 # ----------------------------------------------------------------- per-row primitives
@@ -360,30 +391,42 @@ def dot_q4_0(w, off, xq, xd, lut, nb):
     return s
 
 
-@njit(**_FLAGS)
-def dot_q8_0_simd(w, off, xq, xd, lut, nb):
+@njit(inline="always", **_FLAGS)
+def _q8_0_step(acc, w, off, xq, xd, nb, b):
+    _simd_q8_0_block(acc, w, off + b * Q8_BYTES, xq, b * QK, (nb + b) * QK, _f32_bits(xd[nb + b]), xd[b])
+
+
+@njit(inline="always", **_FLAGS)
+def _q4_0_step(acc, w, off, xq, xd, nb, b):
+    _simd_q4_0_block(acc, w, off + b * Q4_BYTES, xq, b * QK, _f32_bits(xd[nb + b]), xd[b])
+
+
+@njit(inline="always", **_FLAGS)
+def _dot_simd(step, w, off, xq, xd, nb):
+    """A row's dot product from ``step`` (one block into an accumulator), blocks ``b mod 4``
+    into four accumulators."""
+    a0, a1, a2, a3 = _acc8(), _acc8(), _acc8(), _acc8()
+    n4 = nb - nb % 4
+    for b in range(0, n4, 4):
+        step(a0, w, off, xq, xd, nb, b)
+        step(a1, w, off, xq, xd, nb, b + 1)
+        step(a2, w, off, xq, xd, nb, b + 2)
+        step(a3, w, off, xq, xd, nb, b + 3)
+    for b in range(n4, nb):
+        step(a0, w, off, xq, xd, nb, b)
+    return _acc_sum4(a0, a1, a2, a3)
+
+
+@njit(inline="always", **_FLAGS)
+def dot_q8_0_simd(w, off, xq, xd, nb):
     """:func:`dot_q8_0` on x86 AVX2 / VNNI (:func:`_simd_q8_0_block`)."""
-    ap = _stack_f32(8)
-    acc = numba.carray(ap, 8)
-    for l in range(8):
-        acc[l] = np.float32(0)
-    for b in range(nb):
-        p = off + b * Q8_BYTES
-        _simd_q8_0_block(ap, w, p + 2, xq, b * QK, nb * QK + b * QK, np.int32(xd[nb + b]), _scale(w, p, lut) * xd[b])
-    return _lanes_sum8(acc)
+    return _dot_simd(_q8_0_step, w, off, xq, xd, nb)
 
 
-@njit(**_FLAGS)
-def dot_q4_0_simd(w, off, xq, xd, lut, nb):
+@njit(inline="always", **_FLAGS)
+def dot_q4_0_simd(w, off, xq, xd, nb):
     """:func:`dot_q4_0` on x86 AVX2 / VNNI (:func:`_simd_q4_0_block`)."""
-    ap = _stack_f32(8)
-    acc = numba.carray(ap, 8)
-    for l in range(8):
-        acc[l] = np.float32(0)
-    for b in range(nb):
-        p = off + b * Q4_BYTES
-        _simd_q4_0_block(ap, w, p + 2, xq, b * QK, np.int32(xd[nb + b]), _scale(w, p, lut) * xd[b])
-    return _lanes_sum8(acc)
+    return _dot_simd(_q4_0_step, w, off, xq, xd, nb)
 
 
 @njit(**_FLAGS)
@@ -415,18 +458,16 @@ def axpy_q4_0(w, off, h, y, lut, nb):
 
 
 @njit(**_FLAGS)
-def axpy_q8_0_simd(w, off, h, y, lut, nb):
+def axpy_q8_0_simd(w, off, h, y, nb):
     """:func:`axpy_q8_0` on x86 AVX2: one 32-wide int8 -> float multiply-add per block."""
     for b in range(nb):
-        p = off + b * Q8_BYTES
-        _simd_axpy_q8_0_block(y, b * QK, w, p + 2, h * _scale(w, p, lut))
+        _simd_axpy_q8_0_block(y, b * QK, w, off + b * Q8_BYTES, h)
 
 
 @njit(**_FLAGS)
-def axpy_q4_0_simd(w, off, h, y, lut, nb):
+def axpy_q4_0_simd(w, off, h, y, nb):
     for b in range(nb):
-        p = off + b * Q4_BYTES
-        _simd_axpy_q4_0_block(y, b * QK, w, p + 2, h * _scale(w, p, lut))
+        _simd_axpy_q4_0_block(y, b * QK, w, off + b * Q4_BYTES, h)
 
 
 @njit(**_FLAGS)
@@ -435,10 +476,10 @@ def row_dot(fmt, wf, wq, i, off, x, xq, xd, lut, d):
         return dot_f32(wf[i], off, x, d)
     if fmt == Q8_0:
         if SIMD > 0:
-            return dot_q8_0_simd(wq[i], off, xq, xd, lut, d // QK)
+            return dot_q8_0_simd(wq[i], off, xq, xd, d // QK)
         return dot_q8_0(wq[i], off, xq, xd, lut, d // QK)
     if SIMD > 0:
-        return dot_q4_0_simd(wq[i], off, xq, xd, lut, d // QK)
+        return dot_q4_0_simd(wq[i], off, xq, xd, d // QK)
     return dot_q4_0(wq[i], off, xq, xd, lut, d // QK)
 
 
@@ -448,11 +489,11 @@ def row_axpy(fmt, wf, wq, i, off, h, y, lut, d):
         axpy_f32(wf[i], off, h, y, d)
     elif fmt == Q8_0:
         if SIMD > 0:
-            axpy_q8_0_simd(wq[i], off, h, y, lut, d // QK)
+            axpy_q8_0_simd(wq[i], off, h, y, d // QK)
         else:
             axpy_q8_0(wq[i], off, h, y, lut, d // QK)
     elif SIMD > 0:
-        axpy_q4_0_simd(wq[i], off, h, y, lut, d // QK)
+        axpy_q4_0_simd(wq[i], off, h, y, d // QK)
     else:
         axpy_q4_0(wq[i], off, h, y, lut, d // QK)
 
@@ -495,7 +536,7 @@ def _spec(spec, value):
 def prepare_input(fmt, x, xq, xd):
     """The quantized input operand of one token (see the module docstring): Q8_0 of
     ``x[d]`` into ``xq[:d]`` / ``xd[:d/32]``; for the x86 vector paths also magnitudes
-    into ``xq[d:]`` and minus the block sums into ``xd[d/32:]``. Nothing for f32."""
+    into ``xq[d:]`` and minus the block sums (int32 bits) into ``xd[d/32:]``. Nothing for f32."""
     if fmt == F32:
         return
     d = x.shape[0]
@@ -509,7 +550,7 @@ def prepare_input(fmt, x, xq, xd):
             v = np.int32(xq[b * QK + k])
             t += v
             xq[d + b * QK + k] = np.int8(v if v >= 0 else -v)
-        xd[nb + b] = np.float32(-t)
+        xd[nb + b] = _bits_f32(np.uint32(-t))
 
 
 @njit(**_FLAGS)

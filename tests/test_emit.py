@@ -61,7 +61,11 @@ def test_emitted_module_runs_like_the_library(emitted_all):
         x = rng.standard_normal(lay.d_model).astype(np.float32)
         lib = LayerKernels(blob, lay, spec.activation, spec.up_activation, spec.activation_threshold)
         idx = np.arange(0, lay.n_neurons, 3)
-        np.testing.assert_allclose(mod.load_layer(i, blob).forward(x, idx), lib.forward(x, idx), rtol=1e-5, atol=1e-4)
+        want = lib.forward(x, idx)
+        # same arithmetic; fixed trip counts let LLVM order the float32 sums differently
+        # (fast-math), so the tolerance follows the magnitude of the sums, not of each output
+        np.testing.assert_allclose(mod.load_layer(i, blob).forward(x, idx), want, rtol=1e-5,
+                                   atol=1e-6 * float(np.abs(want).max()))
 
 
 def test_emit_pass_on_tiny_llama(tiny_model, tmp_path):
