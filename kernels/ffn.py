@@ -176,7 +176,7 @@ def _scale(w, p, lut):
 
 # ----------------------------------------------------- x86 vector IR (AVX2 / VNNI)
 # Intrinsics emitting LLVM vector IR for one 32-value block; Numba inlines them into the
-# calling row loop, so the <8 x float> accumulator (an alloca) lives in a register. Only
+# calling row loop, so the <8 x float> accumulators (allocas) live in registers. Only
 # reached through ``if SIMD ...`` branches, which Numba prunes on other CPUs.
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _V16I8, _V32I8 = ir.VectorType(_I8, 16), ir.VectorType(_I8, 32)
@@ -366,7 +366,7 @@ def dot_f32(w, off, x, d):
 def dot2_f32(w1, w2, off, x, d):
     """``(dot_f32(w1, off, x, d), dot_f32(w2, off, x, d))`` in one loop: two streams of
     reads in flight. Scattered float32 rows are bound by how many reads are in flight:
-    one row at a time reads 20-22 GB/s here, two interleaved 26-27 (streaming: 31-35)."""
+    one row at a time reads 20-22 GB/s here, two interleaved 24.6-26.5 (streaming: 31-32)."""
     s1 = w1[off:off + d]
     s2 = w2[off:off + d]
     a = np.float32(0)
