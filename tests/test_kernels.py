@@ -75,7 +75,7 @@ def _close(a, b, tol=2e-4):
                                                 ("silu", True, False), ("gelu", False, False),
                                                 ("gelu_tanh", False, False)])
 def test_sparse_and_dense_forward(fmt, kind, gated, up_relu):
-    blob, lay, bias = _layer(fmt, gated, bias=(kind == "gelu"))
+    blob, lay, bias = _layer(fmt, gated, bias=kind in ("gelu", "silu"))
     t = 0.05 if kind == "fatrelu" else 0.0
     k = LayerKernels(blob, lay, activation=kind, up_activation="relu" if up_relu else None,
                      activation_threshold=t, **bias)
