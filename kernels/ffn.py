@@ -39,8 +39,8 @@ float32 rows are scattered reads bound by how many are in flight, not by arithme
 row gather and the fused FFN read two neurons' rows in one loop (:func:`dot2_f32`,
 :func:`axpy2_f32`); the FFN, which moves on to a new pair of bundles every three rows,
 also prefetches the first kilobyte of the next pair (the hardware prefetcher takes over a
-row after its first lines). Quantized bundles are short (1.1 KB
-per part at d 2048 in Q4_0): the next neuron's whole bundle is prefetched instead.
+row after its first lines). Quantized bundles are short (1.1 KB per part at d 2048 in
+Q4_0): the next neuron's whole bundle is prefetched instead.
 """
 import math
 import os
@@ -557,19 +557,19 @@ def row_stride(fmt, wf, wq):
 
 
 @njit(**_FLAGS)
-def prefetch_part(fmt, wf, wq, i, off, d):
-    """Prefetch one part (gate, up or down row) of bundle ``i``, every cache line of it:
-    the next row of a quantized row loop, where the hardware prefetcher does not follow
-    (rows that are not adjacent: sparse indices, or one part of each bundle). float32
-    rows (16 KB at d 4096) are long enough for the hardware prefetcher."""
-    if fmt == F32:
-        row = wf[i]
-        for k in range(off, off + d, 16):
-            _prefetch(row, k)
-    else:
-        row = wq[i]
-        for k in range(off, off + part_size(fmt, d), 64):
-            _prefetch(row, k)
+def prefetch_bytes(row, off, nbytes):
+    """Prefetch ``row[off:off + nbytes]`` of a 1-d int8 view, every cache line of it."""
+    for k in range(off, off + nbytes, 64):
+        _prefetch(row, k)
+
+
+@njit(**_FLAGS)
+def prefetch_part(fmt, wq, i, off, d):
+    """Prefetch one quantized part (gate, up or down row) of bundle ``i``: the next row of
+    a quantized row loop, where the hardware prefetcher does not follow (rows that are
+    not adjacent: sparse indices, or one part of each bundle). float32 rows are long
+    enough for the hardware prefetcher after their first lines (:func:`prefetch_head`)."""
+    prefetch_bytes(wq[i], off, part_size(fmt, d))
 
 
 @njit(**_FLAGS)
@@ -708,9 +708,9 @@ def _ffn_chunk(x, xq, xd, wf, wq, idx, lo, hi, fmt, d, gated, act, act_t, up_rel
         if fmt != F32 and p + 1 < hi:
             j = idx[p + 1]
             if gated and not use_gpre:
-                prefetch_part(fmt, wf, wq, j, po_g, d)
-            prefetch_part(fmt, wf, wq, j, po_u, d)
-            prefetch_part(fmt, wf, wq, j, po_d, d)
+                prefetch_part(fmt, wq, j, po_g, d)
+            prefetch_part(fmt, wq, j, po_u, d)
+            prefetch_part(fmt, wq, j, po_d, d)
         gp = gpre[p] if use_gpre else np.float32(0)
         h = neuron(fmt, wf, wq, i, x, xq, xd, lut, d, gated, act, act_t, up_relu, out_t, po_g, po_u,
                    bg, bu, gp, use_gpre)
@@ -790,7 +790,7 @@ def _rows_chunk(x, xq, xd, wf, wq, idx, lo, hi, fmt, d, po, bias, lut, out):
     for p in range(p, hi):
         i = idx[p]
         if fmt != F32 and p + 1 < hi and (gap or idx[p + 1] != i + 1):
-            prefetch_part(fmt, wf, wq, idx[p + 1], po, d)
+            prefetch_part(fmt, wq, idx[p + 1], po, d)
         v = row_dot(fmt, wf, wq, i, po, x, xq, xd, lut, d)
         out[p] = v + bias[i] if has_bias else v
 
@@ -949,9 +949,7 @@ def _q8_0_select_slice(hidden, q2t, b2, n, t, lut, blo, bhi, acc, idx_out):
             continue
         for jn in range(j + 1, r):  # the next row read: its segment is not adjacent
             if hidden[jn] != np.float32(0):
-                row = q2t[jn]
-                for k in range(off, off + nbytes, 64):
-                    _prefetch(row, k)
+                prefetch_bytes(q2t[jn], off, nbytes)
                 break
         row_axpy(Q8_0, wf, q2t, j, off, h, seg, lut, hi - lo)
     m = 0
