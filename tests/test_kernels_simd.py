@@ -14,7 +14,7 @@ import pytest
 _CHECK = r"""
 import json, sys
 import numpy as np
-from sparseforge.kernels import ffn, quant
+from sparseforge.kernels import ffn, quant, row_tiles
 from sparseforge.kernels.bundle import BundleLayout, pack_bundles
 from sparseforge.kernels.runtime import LayerKernels, Predictor, predictor_logits_numpy
 
@@ -42,7 +42,13 @@ for fmt in ("q8_0", "q4_0"):
 w2 = np.ascontiguousarray(dn[:40].T)
 p = Predictor(g[:40], w2, 0.0)
 errs["predictor"] = float(np.abs(p.logits(x) - predictor_logits_numpy(g[:40], w2, None, None, x[None])[0]).max())
-print(json.dumps({"simd": ffn.SIMD, "errs": errs}))
+if row_tiles.SUPPORTED:
+    q = quant.encode(g[:37], "q4_0").reshape(37, -1)
+    out = np.empty(37, np.float32)
+    row_tiles.matvec_q4_0x8_par(x, (row_tiles.pack_q4_0x8(q),), np.array([37], np.int64), 2, out)
+    want = quant.roundtrip(g[:37], "q4_0").astype(np.float64) @ quant.roundtrip(x, "q8_0").astype(np.float64)
+    errs["tiles"] = float(np.abs(out - want).max() / np.abs(want).max())
+print(json.dumps({"simd": ffn.SIMD, "tiles": row_tiles.SUPPORTED, "errs": errs}))
 """
 
 
@@ -75,3 +81,6 @@ def test_quantized_kernels_on_each_x86_path(path, tmp_path):
         assert out["errs"][fmt]["forward"] < 1e-4, out
         assert out["errs"][fmt]["rows"] < 1e-4 and out["errs"][fmt]["axpy"] < 1e-4, out
     assert out["errs"]["predictor"] < 1e-4, out
+    assert out["tiles"] == (path > 0)  # the tiled Q4_0 matvec runs on both vector paths
+    if path:
+        assert out["errs"]["tiles"] < 1e-5, out

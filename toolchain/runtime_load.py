@@ -8,8 +8,9 @@
   map (one token: the Numba row kernel, several: BLAS), F16 are widened once; Q8_0/Q4_0 matrices are either dequantized once at load
   (``linear="dequantize"``) or kept as their ggml bytes and multiplied by the Numba
   int8-dot row kernel (``linear="quantized"``: ``kernels.ffn.matvec_*``, the input
-  quantized to Q8_0 as ggml does); a :class:`LinearGroup` multiplies several matrices of
-  one input in one call. ``auto`` keeps decoders quantized
+  quantized to Q8_0 as ggml does; on the x86 vector paths a Q4_0 matrix is re-laid once,
+  on first use, in 8-row tiles, ``kernels.row_tiles``, and the decode step reads that
+  copy); a :class:`LinearGroup` multiplies several matrices of one input in one call. ``auto`` keeps decoders quantized
   (decode steps are bound by the bytes read) and dequantizes encoders (batched);
 * each FFN layer as :class:`~sparseforge.kernels.runtime.LayerKernels` over its
   bundles (a view into the map) with the block's activation fields and biases;
@@ -39,7 +40,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from sparseforge.kernels import ffn as K
-from sparseforge.kernels import quant
+from sparseforge.kernels import quant, row_tiles
 from sparseforge.kernels.runtime import LayerKernels, Predictor
 
 from . import artifact_format as F
@@ -79,6 +80,7 @@ class Linear:
         self.q: np.ndarray | None = None
         self.code = K.F32  # the kernels' format code of the stored matrix
         self._alone: LinearGroup | None = None  # this matrix as a group of one (matvec)
+        self._tiles: np.ndarray | None = None
         if fmt == "f32":
             self.w = np.ascontiguousarray(data).reshape(shape[0], -1)
         elif fmt == "f16" or dequantize:
@@ -90,6 +92,18 @@ class Linear:
     @property
     def quantized(self) -> bool:
         return self.q is not None
+
+    @property
+    def tiled(self) -> bool:
+        """Whether matvecs use the 8-row tiled copy (Q4_0 on the x86 vector paths)."""
+        return self.code == K.Q4_0 and self.q is not None and row_tiles.SUPPORTED
+
+    def tiles(self) -> np.ndarray:
+        """The 8-row tiled copy of a Q4_0 matrix (:func:`~sparseforge.kernels.row_tiles.pack_q4_0x8`),
+        made on first use: the decode step reads it instead of the mapped ggml rows."""
+        if self._tiles is None:
+            self._tiles = row_tiles.pack_q4_0x8(self.q)
+        return self._tiles
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         """``W x`` for ``x [cols]`` (the Numba dense matvec kernel, on the kernels' threads)."""
@@ -127,12 +141,19 @@ class LinearGroup:
         if not self.compatible(linears):
             raise ValueError("a LinearGroup needs matrices of one storage kind and input width")
         n = len(linears)
-        if linears[0].w is not None:
+        serial = sum(lin.nbytes for lin in linears) < SERIAL_BELOW
+        self._tiles: tuple[np.ndarray, ...] | None = None
+        if linears[0].tiled:
+            self._tiles = tuple(lin.tiles() for lin in linears)
+            self._tile_rows = np.array([lin.shape[0] for lin in linears], np.int64)
+            self._kernel = row_tiles.matvec_q4_0x8_ser if serial else row_tiles.matvec_q4_0x8_par
+        elif linears[0].w is not None:
             self._wfs, self._wqs = tuple(lin.w for lin in linears), (_DUMMY_Q,) * n
         else:
             self._wfs, self._wqs = (_DUMMY_F,) * n, tuple(lin.q for lin in linears)
         self._code = linears[0].code
-        self._kernel = K.matvec_ser if sum(lin.nbytes for lin in linears) < SERIAL_BELOW else K.matvec_par
+        if self._tiles is None:
+            self._kernel = K.matvec_ser if serial else K.matvec_par
         self._splits = np.cumsum([lin.shape[0] for lin in linears])[:-1]
         self._rows = sum(lin.shape[0] for lin in linears)
 
@@ -144,6 +165,9 @@ class LinearGroup:
 
     def matvec_into(self, x: np.ndarray, out: np.ndarray) -> None:
         """``out [sum of rows] = [W_0 x, W_1 x, ...]`` (the Numba dense matvec kernel)."""
+        if self._tiles is not None:
+            self._kernel(np.ascontiguousarray(x, np.float32), self._tiles, self._tile_rows, K.default_chunks(), out)
+            return
         self._kernel(np.ascontiguousarray(x, np.float32), self._wfs, self._wqs, self._code, quant.F16_TO_F32,
                      K.default_chunks(), out)
 

@@ -1,0 +1,70 @@
+"""kernels.row_tiles: the 8-row tiled Q4_0 layout (checked against gguf-py's values) and
+its dense matvec (against numpy on gguf-py-dequantized weights), and the runtime's
+LinearGroup using it."""
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gg_dequantize
+from gguf.quants import quantize as gg_quantize
+
+from sparseforge.kernels import ffn, quant, row_tiles
+from sparseforge.toolchain.runtime_load import Linear, LinearGroup
+
+pytestmark = pytest.mark.skipif(not row_tiles.SUPPORTED, reason="tiled kernels run on the x86 vector paths only")
+Q4 = GGMLQuantizationType.Q4_0
+
+
+def _matrix(rows, d, seed):
+    w = np.random.default_rng(seed).standard_normal((rows, d)).astype(np.float32)
+    return gg_quantize(w, Q4)  # uint8 [rows, d/32 * 18]
+
+
+def test_pack_layout_matches_documented_offsets():
+    rows, d = 11, 96
+    q = _matrix(rows, d, 0)
+    packed = row_tiles.pack_q4_0x8(q).view(np.uint8)
+    nb = d // 32
+    assert packed.size == 2 * nb * row_tiles.TILE_BLOCK_BYTES  # 11 rows -> 2 tiles
+    # the nibble values and scales as gguf-py encodes them: values[r, k] in element order
+    blocks = q.reshape(rows, nb, 18)
+    values = np.concatenate([blocks[:, :, 2:] & 15, blocks[:, :, 2:] >> 4], axis=2)
+    for r in range(16):
+        t, i = divmod(r, 8)
+        for b in range(nb):
+            base = (t * nb + b) * row_tiles.TILE_BLOCK_BYTES
+            scale = packed[base + 2 * i: base + 2 * i + 2].view(np.float16)[0]
+            # value k = 4c + j (c < 4) is the low nibble of byte 4i + j of chunk c; value
+            # 16 + 4c + j its high nibble
+            got = [(packed[base + 16 + 32 * (k % 16 // 4) + 4 * i + k % 4] >> (4 * (k // 16))) & 15 for k in range(32)]
+            if r < rows:
+                assert scale == blocks[r, b, :2].view(np.float16)[0]
+                assert got == list(values[r, b])
+            else:  # padding rows are zero
+                assert scale == 0 and not any(got)
+
+
+@pytest.mark.parametrize("kernel", [row_tiles.matvec_q4_0x8_par, row_tiles.matvec_q4_0x8_ser])
+def test_matvec_matches_numpy(kernel):
+    d = 256
+    mats = [_matrix(r, d, s) for s, r in enumerate((20, 8, 37))]
+    x = np.random.default_rng(9).standard_normal(d).astype(np.float32)
+    xq = quant.roundtrip(x, "q8_0").astype(np.float64)  # the kernel's Q8_0 input
+    want = np.concatenate([gg_dequantize(m, Q4).astype(np.float64) @ xq for m in mats])
+    out = np.full(want.size, np.nan, np.float32)
+    kernel(x, tuple(row_tiles.pack_q4_0x8(m) for m in mats), np.array([20, 8, 37], np.int64), 3, out)
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_linear_group_uses_tiles_and_matches_row_kernel():
+    d = 128
+    lins = [Linear(_matrix(r, d, 20 + r), "q4_0", (r, d), dequantize=False) for r in (64, 16, 16)]
+    group = LinearGroup(lins)
+    x = np.random.default_rng(4).standard_normal(d).astype(np.float32)
+    got = np.concatenate(group.matvec(x))
+    assert all(lin.tiled for lin in lins)
+    rows = np.empty(got.size, np.float32)
+    ffn.matvec_ser(x, (np.zeros((1, 1), np.float32),) * 3, tuple(lin.q for lin in lins), ffn.Q4_0,
+                   quant.F16_TO_F32, 1, rows)
+    np.testing.assert_allclose(got, rows, rtol=0, atol=1e-5 * np.abs(rows).max())
+    with pytest.raises(ValueError, match="Q4_0 rows"):
+        row_tiles.pack_q4_0x8(np.zeros((4, 17), np.uint8))
