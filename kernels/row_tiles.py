@@ -32,7 +32,8 @@ from numba.core import types as nbtypes
 from numba.extending import intrinsic
 
 from . import ffn
-from .ffn import _I32, _V8F32, _V8I32, _V32I8, QK, Q4_BYTES, _acc8, _ir_dot4, _ir_elem, _ir_fn, _ir_load, _ir_splat
+from .ffn import (_FLAGS, _I32, _V8F32, _V8I32, _V32I8, QK, Q4_BYTES, _acc8, _ir_dot4, _ir_elem, _ir_fn, _ir_load,
+                  _ir_splat)
 
 #: rows per tile (the int32 lanes of one 256-bit vector)
 TILE = 8
@@ -41,7 +42,6 @@ TILE_BLOCK_BYTES = TILE * Q4_BYTES
 #: whether this CPU runs the tiled kernels (the x86 vector path of :mod:`.ffn`)
 SUPPORTED = bool(ffn.SIMD)
 
-_FLAGS = dict(fastmath=True, cache=True, nogil=True)
 _V8F16 = ir.VectorType(ir.HalfType(), 8)
 
 
