@@ -33,7 +33,7 @@ from numba.extending import intrinsic
 
 from . import ffn
 from .ffn import (_FLAGS, _I32, _V8F32, _V8I32, _V32I8, QK, Q4_BYTES, _acc8, _ir_dot4, _ir_elem, _ir_fn, _ir_load,
-                  _ir_splat)
+                  _ir_splat, _ir_xd)
 
 #: rows per tile (the int32 lanes of one 256-bit vector)
 TILE = 8
@@ -75,7 +75,7 @@ def _simd_q4_0x8_block(typingctx, acc, w, p, xq, xd, b, nb):
     def codegen(context, builder, signature, args):
         accp, w_, p_, xq_, xd_, b_, nb_ = args
         wty, xqty, xdty = signature.args[1], signature.args[3], signature.args[4]
-        xs, neg = ffn._ir_xd(context, builder, xdty, xd_, b_, nb_)
+        xs, neg = _ir_xd(context, builder, xdty, xd_, b_, nb_)
         seed = builder.shl(_ir_splat(builder, neg, _V8I32), ir.Constant(_V8I32, [3] * 8))
         scales = builder.fpext(_ir_load(builder, _ir_elem(context, builder, wty, w_, p_), _V8F16), _V8F32)
         scales = builder.fmul(scales, _ir_splat(builder, xs, _V8F32))
@@ -144,6 +144,15 @@ def _matvec_chunk(ws, rows, xq, xd, nb, lo, hi, out):
         row0 += rows[m]
 
 
+@njit(**_FLAGS)
+def _tile_count(rows):
+    """Tiles of all the matrices (``rows [m]`` their row counts)."""
+    total = 0
+    for m in range(rows.shape[0]):
+        total += (rows[m] + TILE - 1) // TILE
+    return total
+
+
 @njit(parallel=True, **_FLAGS)
 def matvec_q4_0x8_par(x, ws, rows, nchunks, out):
     """Dense matvecs of one input ``x [d]`` (float32, d a multiple of 32) by several
@@ -152,9 +161,7 @@ def matvec_q4_0x8_par(x, ws, rows, nchunks, out):
     The input is quantized to Q8_0 once; the tiles are split evenly over the chunks."""
     nb = x.shape[0] // QK
     xq, xd = ffn._operand(x, ffn.Q4_0)
-    total = 0
-    for m in range(len(ws)):
-        total += (rows[m] + TILE - 1) // TILE
+    total = _tile_count(rows)
     for c in prange(nchunks):
         _matvec_chunk(ws, rows, xq, xd, nb, (c * total) // nchunks, ((c + 1) * total) // nchunks, out)
 
@@ -162,9 +169,5 @@ def matvec_q4_0x8_par(x, ws, rows, nchunks, out):
 @njit(**_FLAGS)
 def matvec_q4_0x8_ser(x, ws, rows, nchunks, out):
     """:func:`matvec_q4_0x8_par` in the calling thread."""
-    nb = x.shape[0] // QK
     xq, xd = ffn._operand(x, ffn.Q4_0)
-    total = 0
-    for m in range(len(ws)):
-        total += (rows[m] + TILE - 1) // TILE
-    _matvec_chunk(ws, rows, xq, xd, nb, 0, total, out)
+    _matvec_chunk(ws, rows, xq, xd, x.shape[0] // QK, 0, _tile_count(rows), out)

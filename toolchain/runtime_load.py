@@ -96,7 +96,7 @@ class Linear:
     @property
     def tiled(self) -> bool:
         """Whether matvecs use the 8-row tiled copy (Q4_0 on the x86 vector paths)."""
-        return self.code == K.Q4_0 and self.q is not None and row_tiles.SUPPORTED
+        return self.code == K.Q4_0 and row_tiles.SUPPORTED
 
     def tiles(self) -> np.ndarray:
         """The 8-row tiled copy of a Q4_0 matrix (:func:`~sparseforge.kernels.row_tiles.pack_q4_0x8`),
@@ -147,12 +147,12 @@ class LinearGroup:
             self._tiles = tuple(lin.tiles() for lin in linears)
             self._tile_rows = np.array([lin.shape[0] for lin in linears], np.int64)
             self._kernel = row_tiles.matvec_q4_0x8_ser if serial else row_tiles.matvec_q4_0x8_par
-        elif linears[0].w is not None:
-            self._wfs, self._wqs = tuple(lin.w for lin in linears), (_DUMMY_Q,) * n
         else:
-            self._wfs, self._wqs = (_DUMMY_F,) * n, tuple(lin.q for lin in linears)
-        self._code = linears[0].code
-        if self._tiles is None:
+            if linears[0].w is not None:
+                self._wfs, self._wqs = tuple(lin.w for lin in linears), (_DUMMY_Q,) * n
+            else:
+                self._wfs, self._wqs = (_DUMMY_F,) * n, tuple(lin.q for lin in linears)
+            self._code = linears[0].code
             self._kernel = K.matvec_ser if serial else K.matvec_par
         self._splits = np.cumsum([lin.shape[0] for lin in linears])[:-1]
         self._rows = sum(lin.shape[0] for lin in linears)
