@@ -7,7 +7,7 @@ Tensors are then read-only views into the map (no copy).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,10 @@ class Artifact:
     layouts: list[BundleLayout]
     table: list[dict[str, Any]]
     data_start: int
+    _by_name: dict[str, TensorInfo] = field(init=False, repr=False)  # the tensor table by name
+
+    def __post_init__(self) -> None:
+        self._by_name = {t.name: t for t in self.gguf.tensors}
 
     @classmethod
     def open(cls, path: str | Path, *, verify_checksums: bool = True) -> "Artifact":
@@ -47,13 +51,16 @@ class Artifact:
     # -- tensors -----------------------------------------------------------------------
     @property
     def tensor_names(self) -> list[str]:
-        return [t.name for t in self.gguf.tensors]
+        return list(self._by_name)
+
+    def has(self, name: str) -> bool:
+        return name in self._by_name
 
     def info(self, name: str) -> TensorInfo:
-        for t in self.gguf.tensors:
-            if t.name == name:
-                return t
-        raise KeyError(f"tensor {name!r} is not in {self.path}")
+        t = self._by_name.get(name)
+        if t is None:
+            raise KeyError(f"tensor {name!r} is not in {self.path}")
+        return t
 
     def tensor(self, name: str) -> np.ndarray:
         """F32/F16 tensors as typed arrays; Q8_0/Q4_0 as their bytes ``uint8[rows, row

@@ -154,8 +154,9 @@ class LinearGroup:
                 self._wfs, self._wqs = (_DUMMY_F,) * n, tuple(lin.q for lin in linears)
             self._code = linears[0].code
             self._kernel = K.matvec_ser if serial else K.matvec_par
-        self._splits = np.cumsum([lin.shape[0] for lin in linears])[:-1]
-        self._rows = sum(lin.shape[0] for lin in linears)
+        ends = np.cumsum([lin.shape[0] for lin in linears]).tolist()
+        self._bounds = list(zip([0] + ends[:-1], ends))  # each matrix's rows in the output
+        self._rows = ends[-1]
 
     @staticmethod
     def compatible(linears: list[Linear]) -> bool:
@@ -174,7 +175,7 @@ class LinearGroup:
     def matvec(self, x: np.ndarray) -> list[np.ndarray]:
         out = np.empty(self._rows, np.float32)
         self.matvec_into(x, out)
-        return np.split(out, self._splits)
+        return [out[a:b] for a, b in self._bounds]
 
 
 @dataclass
@@ -223,7 +224,7 @@ class LoadedModel:
                 up_bias=bias["up"], down_bias=bias["down"], nchunks=nchunks))
             if modes[layer] == "predictor":
                 w = {k: art.weight(F.predictor_name(layer, k)) for k in ("w1", "w2", "b1", "b2")
-                     if F.predictor_name(layer, k) in art.tensor_names}
+                     if art.has(F.predictor_name(layer, k))}
                 predictors.append(Predictor(w["w1"], w["w2"], float(thresholds[layer]), w.get("b1"), w.get("b2")))
             else:
                 predictors.append(None)
@@ -231,7 +232,7 @@ class LoadedModel:
 
     # -- weights ---------------------------------------------------------------------
     def has(self, name: str) -> bool:
-        return name in self.artifact.tensor_names
+        return self.artifact.has(name)
 
     def linear(self, name: str) -> Linear:
         lin = self._linears.get(name)
