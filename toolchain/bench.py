@@ -8,9 +8,9 @@ like on the same machine state:
   (default ``dense`` and ``sparse``), the fraction of decode time spent in predictors,
   the FFN density computed, and onnxruntime on a dense float32 graph of the same model
   (:mod:`.runtime_ort`; or the graphs given in ``ort_graphs``): prefill of the same
-  prompt and, as its decode figure, a one-token forward (the graph has no KV cache: this
-  is the weight-bound cost of a decode step without the attention over the past,
-  which favours onnxruntime);
+  prompt and, as its decode figure, ``decode_tokens`` one-token forwards timed together
+  as the runtime's decode steps are (the graph has no KV cache: this is the weight-bound
+  cost of a decode step without the attention over the past, which favours onnxruntime);
 * encoders - embeddings/s and tokens/s per sequence length for batches of ``batch``
   sequences, per mode and for onnxruntime;
 * peak RSS of the process (runtime and onnxruntime sessions together) and the RSS
@@ -146,7 +146,7 @@ def _bench(artifact, modes, prompt_tokens, decode_tokens, seq_lens, batch, repea
     report["rss_after_runtime_load_mb"] = rss_runtime
     if ort:
         report["onnxruntime"] = _bench_ort(model, report, ids, ort_graphs, reference, threads, repeats,
-                                           prompt_tokens, seq_lens, batch)
+                                           prompt_tokens, decode_tokens, seq_lens, batch)
     report["peak_rss_mb"] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_bytes() / 2**20,
                                 rss_runtime)
     report["ratios"] = ratios(report)
@@ -193,7 +193,8 @@ def _bench_encoder(rt, ids: np.ndarray, seq_lens: tuple[int, ...], batch: int, r
     return out
 
 
-def _bench_ort(model, report, ids, ort_graphs, reference, threads, repeats, prompt_tokens, seq_lens, batch):
+def _bench_ort(model, report, ids, ort_graphs, reference, threads, repeats, prompt_tokens, decode_tokens,
+               seq_lens, batch):
     from .ffn_tap import FFNTap
     from .runtime_ort import ort_session
 
@@ -216,7 +217,12 @@ def _bench_ort(model, report, ids, ort_graphs, reference, threads, repeats, prom
                 run = sess.run_with_output
                 run(p[:, :4], np.ones((1, 4), np.int64))
                 t_prefill = _best(lambda: run(p, np.ones_like(p)), repeats)
-                t_step = _best(lambda: run(one, np.ones_like(one)), max(repeats, 5))
+                mask = np.ones_like(one)
+
+                def steps() -> None:  # as many steps as the runtime's decode, timed together
+                    for _ in range(decode_tokens):
+                        run(one, mask)
+                t_step = _best(steps, repeats) / decode_tokens
                 out[name] = {"prefill_tokens_per_s": prompt_tokens / t_prefill, "prefill_s": t_prefill,
                              "decode_tokens_per_s": 1.0 / t_step, "decode_s_per_token": t_step}
             else:
