@@ -25,8 +25,10 @@ with (the code-cold fractions are kept too); so does the predictor's share of th
 
 Baselines in the same run: numpy dense f32 GEMV of the ``[n, d]`` matrix (OpenBLAS),
 onnxruntime dense f32 FFN, onnxruntime MatMulNBits 4-bit (block 32) FFN, and a memory
-bandwidth probe (parallel read of 512 MB, at the start and after each shape; the roofline
-takes the median probe); roofline time = bytes touched / bandwidth.
+bandwidth probe (parallel read of 512 MB, the best of ``--reps``): just before and just
+after each density's code-warm timings, whose roofline takes the mean of the two (the
+bandwidth drifts within minutes on a shared machine), and at the start and after each
+shape (recorded); roofline time = bytes touched / bandwidth.
 Writes ``results/kernels.json`` and ``results/kernels.png`` (beside this file, or
 ``--out``). Ratios are reported against numpy's dense f32 GEMV of the same matrix (the
 targets of issue #7) and against the onnxruntime FFNs.
@@ -154,7 +156,7 @@ def ort_ffn_models(gate, up, down):
     return f32, nbits
 
 
-def bench_shape(name: str, d: int, n: int, timer: Timer, args, rng) -> dict:
+def bench_shape(name: str, d: int, n: int, timer: Timer, args, rng, probe_mb: int) -> dict:
     print(f"[{name}] d={d} n={n}: building weights", flush=True)
     scale = np.float32(1 / np.sqrt(d))
     gate = (rng.standard_normal((n, d), dtype=np.float32) * scale)
@@ -195,15 +197,19 @@ def bench_shape(name: str, d: int, n: int, timer: Timer, args, rng) -> dict:
             t_rows = timer(lambda idx: k.rows(x, "up", idx), lambda r: sets[r % 8])
             t_axpy = timer(lambda idx: k.axpy(hs, idx), lambda r: sets[r % 8])
             t_ffn = timer(lambda idx: k.forward(x, idx), lambda r: sets[r % 8])
-            # as in a decode step: weights cold, code warm (the roofline's conditions)
+            # as in a decode step: weights cold, code warm (the roofline's conditions), between
+            # two bandwidth probes: the roofline of these timings is the probes' mean
+            probes = [bandwidth(timer, probe_mb)]
             w_rows = timer(lambda idx: k.rows(x, "up", idx), lambda r: sets[r % 8],
                            rewarm=lambda: tw.rows(xt, "up", tidx))
             w_axpy = timer(lambda idx: k.axpy(hs, idx), lambda r: sets[r % 8], rewarm=lambda: tw.axpy(th, tidx))
             w_ffn = timer(lambda idx: k.forward(x, idx), lambda r: sets[r % 8], rewarm=lambda: tw.forward(xt))
+            probes.append(bandwidth(timer, probe_mb))
             row = {"active": m,
                    "rows_s": t_rows, "axpy_s": t_axpy, "ffn_s": t_ffn,
                    "rows_s_code_warm": w_rows, "axpy_s_code_warm": w_axpy, "ffn_s_code_warm": w_ffn,
                    "rows_bytes": m * pb, "ffn_bytes": m * 3 * pb,
+                   "bandwidth_bytes_per_s": float(np.mean(probes)), "bandwidth_probes_bytes_per_s": probes,
                    "rows_speedup_vs_numpy_gemv": np_gemv / t_rows,
                    "ffn_speedup_vs_numpy_gemv": np_gemv / t_ffn}
             if "ort_dense_f32_ffn_s" in base:
@@ -263,11 +269,13 @@ def _pack(gate, up, down, lay: BundleLayout) -> np.ndarray:
     return out
 
 
-def add_roofline(shape: dict, bw: float) -> None:
-    """Roofline fractions (roofline time = bytes touched / ``bw`` bytes/s, over the time)
-    of rows, axpy (one part per neuron) and the FFN (three parts), code warm and cold."""
+def add_roofline(shape: dict) -> None:
+    """Roofline fractions (roofline time = bytes touched / the row's bandwidth, the probes
+    around its code-warm timings, over the time) of rows, axpy (one part per neuron) and
+    the FFN (three parts), code warm and cold."""
     for fr in shape["formats"].values():
         for row in fr["densities"].values():
+            bw = row["bandwidth_bytes_per_s"]
             part_s, ffn_s = row["rows_bytes"] / bw, row["ffn_bytes"] / bw
             row.update(rows_roofline_fraction=part_s / row["rows_s_code_warm"],
                        axpy_roofline_fraction=part_s / row["axpy_s_code_warm"],
@@ -362,15 +370,16 @@ def main(argv=None) -> dict:
                            "load_average": list(os.getloadavg())},
                "reps": reps, "smoke": args.smoke, "shapes": {}}
     for name, (d, n) in shapes.items():
-        results["shapes"][name] = bench_shape(name, d, n, timer, args, rng)
+        results["shapes"][name] = bench_shape(name, d, n, timer, args, rng, probe_mb)
         probes.append(bandwidth(timer, probe_mb))
     # the bandwidth drifts on a shared machine (29-34 GB/s between probes of one run here,
-    # and a rare outlier at 52): the roofline takes the median probe of the run
-    bw = float(np.median(probes))
-    results["machine"].update(bandwidth_bytes_per_s=bw, bandwidth_probes_bytes_per_s=probes)
-    print(f"read bandwidth probes {', '.join(f'{b / 1e9:.1f}' for b in probes)} GB/s; roofline at the median", flush=True)
+    # and a rare outlier at 52) within minutes: each density's roofline is the mean of the
+    # probes just before and after its code-warm timings; the run's probes are kept too
+    results["machine"].update(bandwidth_bytes_per_s=float(np.median(probes)), bandwidth_probes_bytes_per_s=probes)
+    print(f"read bandwidth probes {', '.join(f'{b / 1e9:.1f}' for b in probes)} GB/s (run); rooflines from the "
+          f"probes around each timing", flush=True)
     for name, s in results["shapes"].items():
-        add_roofline(s, bw)
+        add_roofline(s)
         s["targets"] = targets_summary(s)
         print(f"[{name}] targets")
         for k, v in s["targets"].items():
