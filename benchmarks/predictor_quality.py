@@ -13,7 +13,11 @@ fraction of the dense FFN, and the masked model's quality on held-out sequences
 dense model and against the original. Acceptance (issue 5): recall >= target and
 predicted density <= factor x true in every layer, predictor FLOPs <= budget of the
 FFN FLOPs, masked quality within the relufy bound (cosine >= 0.98 / perplexity within
-5% of the original). Writes JSON.
+5% of the original). With ``--linear-reference`` (default) each predictor or dense layer
+also gets the held-out density at the recall target of the least-squares linear map of
+each candidate rank and of the largest rank within the FLOPs budget
+(``toolchain.linear_reference``): where that is far above the density bound, the layer
+is hard to predict at that cost, whatever the training. Writes JSON.
 
     python benchmarks/predictor_quality.py [--model DIR] [--variants relu,threshold]
         [--steps N] [--smoke] [--out FILE]
@@ -34,14 +38,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from _common import default_cache, default_model, print_record
 
-from sparseforge.passes.predictors import Predictors, PredictorsOptions
+from sparseforge.passes.predictors import (Predictors, PredictorsOptions, ffn_flops, sample_sequence_ids,
+                                           sample_shards)
 from sparseforge.passes.profile import Profile, ProfileOptions
 from sparseforge.passes.relufy import Relufy, RelufyOptions
 from sparseforge.toolchain.frontends import load_model
+from sparseforge.toolchain.linear_reference import linear_reference
 from sparseforge.toolchain.masked_eval import evaluation_sequences, masked_quality
 from sparseforge.toolchain.pass_manager import PassManager
+from sparseforge.toolchain.predictor import predictor_flops, split_rows
+from sparseforge.toolchain.samples import read_shards
 
 
 def relufy_options(variant: str, args: argparse.Namespace) -> dict[str, Any] | None:
@@ -57,6 +66,26 @@ def relufy_options(variant: str, args: argparse.Namespace) -> dict[str, Any] | N
     elif suffix:
         raise SystemExit(f"unknown variant suffix {suffix!r} in {variant!r} (use <mode> or <mode>+ft)")
     return opts
+
+
+def layer_linear_reference(ir, b, args: argparse.Namespace, heldout_fraction: float) -> list[dict[str, Any]]:
+    """``toolchain.linear_reference`` for block ``b`` on the pass's samples and split: the
+    candidate ranks and the largest rank within the FLOPs budget. The pre-activation that
+    decides activity is the gate's in a gated block, the up projection's otherwise."""
+    d, n = ir.spec.hidden_size, ir.spec.intermediate_size
+    x, active, _ = read_shards(sample_shards(ir, b), n)
+    w, bias = (b.gate, b.gate_bias) if b.gate else (b.up, b.up_bias)
+    z = x.astype(np.float64) @ np.asarray(ir.store.get_f32(w), np.float64).T
+    if bias:
+        z += ir.store.get_f32(bias)
+    split = split_rows(len(x), heldout_fraction, args.seed, sample_sequence_ids(ir, b))
+    budget_rank = max((r for r in range(1, d) if predictor_flops(d, r, n) <= args.budget * ffn_flops(ir, b)),
+                      default=0)
+    ranks = sorted({r for r in args.ranks if r < d} | ({budget_rank} if budget_rank else set()))
+    rows = linear_reference(x, z, active, split, ranks, args.recall)
+    for row in rows:  # within 10% (--budget) of the layer's own FFN FLOPs: every layer could have it
+        row["within_layer_budget"] = row["rank"] <= budget_rank
+    return rows
 
 
 def run_variant(model: Path, variant: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -85,6 +114,10 @@ def run_variant(model: Path, variant: str, args: argparse.Namespace) -> dict[str
                       | {"density_ratio": row["density"] / true if true else None,
                          "attempts": [{k: a[k] for k in ("rank", "recall", "density", "true_density", "meets_target")}
                                       for a in row["attempts"]]})
+    if args.linear_reference:
+        for row, b in zip(layers, ir.blocks):
+            if row["mode"] != "gate-first":
+                row["linear_reference"] = layer_linear_reference(ir, b, args, predictors.heldout_fraction)
     seqs = evaluation_sequences(ir, args.eval_sequences)
     vs_original = masked_quality(ir, seqs, reference=original)
     causal = ir.spec.causal
@@ -149,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-sequences", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", type=Path, default=None, help="pass cache (default: the sparseforge cache)")
+    ap.add_argument("--linear-reference", action=argparse.BooleanOptionalAction, default=True,
+                    help="per layer, the density at the recall target of the best linear map of each rank "
+                         "(toolchain.linear_reference): is a layer hard to predict at that rank, or undertrained?")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI (16 sequences, 2 epochs)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "predictor_quality.json")
     args = ap.parse_args(argv)
@@ -177,6 +213,11 @@ def main(argv: list[str] | None = None) -> None:
                   f"density {row['density']:.4f} true {row['true_density']:.4f}"
                   + (f" ({ratio:.2f}x)" if ratio else "")
                   + f" params {row['params']}" + (f"  [{row['reason']}]" if row["reason"] else ""))
+            if row.get("linear_reference"):
+                print("      linear reference, density ratio at the recall target: " + ", ".join(
+                    f"rank {ref['rank']}{'' if ref['within_layer_budget'] else ' (over the layer budget)'} "
+                    f"{ref['density_ratio']:.2f}x"
+                    for ref in row["linear_reference"] if ref["density_ratio"] is not None))
         print(f"  acceptance: {r['acceptance']}")
     print(f"wrote {args.out}")
 

@@ -179,8 +179,8 @@ class Predictors(Pass):
         ranks = [r for r in self.candidate_ranks(ir) if predictor_params(d, r, n, o.bias) <= budget]
         gate_first = {b.layer for b in ir.blocks
                       if o.gate_first == "always" or (o.gate_first == "auto" and is_drelu(b))}
-        groups = {b.layer: _sequence_ids(ir, b) for b in ir.blocks}
-        tasks = [LayerTask(layer=b.layer, shards=_shards(ir, b), n_ff=n, ranks=ranks,
+        groups = {b.layer: sample_sequence_ids(ir, b) for b in ir.blocks}
+        tasks = [LayerTask(layer=b.layer, shards=sample_shards(ir, b), n_ff=n, ranks=ranks,
                            density_factor=o.density_factor, config=config, seed=ctx.seed, groups=groups[b.layer])
                  for b in ir.blocks if b.layer not in gate_first and ranks]
         searches = {s.layer: s for s in map_in_order(make_executor(o.executor, o.workers), search_rank, tasks)}
@@ -239,7 +239,7 @@ class Predictors(Pass):
         """Held-out figures of gate-first: the rows it computes (gate activation non-zero)
         against the truly active ones."""
         t0 = time.perf_counter()
-        x, active, _ = read_shards(_shards(ir, b), ir.spec.intermediate_size)
+        x, active, _ = read_shards(sample_shards(ir, b), ir.spec.intermediate_size)
         _, held = split_rows(len(x), self.options.heldout_fraction, seed, groups)
         z = x[held] @ ir.store.get_f32(b.gate).T
         if b.gate_bias:
@@ -281,18 +281,19 @@ class Predictors(Pass):
             out.files[f"predictors/{name}"] = str(folder / name)
 
 
-def _shards(ir: ModelIR, b: FFNBlock) -> list[str]:
+def sample_shards(ir: ModelIR, b: FFNBlock) -> list[str]:
+    """The profile pass's (FFN input, activation mask) sample files of block ``b``."""
     return [ir.files[k] for k in b.annotations["profile"]["sample_shards"]]
 
 
-def _sequence_ids(ir: ModelIR, b: FFNBlock) -> np.ndarray | None:
+def sample_sequence_ids(ir: ModelIR, b: FFNBlock) -> np.ndarray | None:
     """The calibration sequence of each sample (from its token index and the calibration
     split's lengths), or None when the split is not attached."""
     path = ir.files.get("calibration/train.safetensors")
     if path is None:
         return None
     ends = np.cumsum(np.asarray(SafetensorsFile(path).get("lengths"), dtype=np.int64))
-    tokens = np.concatenate([np.asarray(SafetensorsFile(p).get("token")) for p in _shards(ir, b)])
+    tokens = np.concatenate([np.asarray(SafetensorsFile(p).get("token")) for p in sample_shards(ir, b)])
     return np.searchsorted(ends, tokens, side="right")
 
 
