@@ -25,10 +25,10 @@ with (the code-cold fractions are kept too); so does the predictor's share of th
 
 Baselines in the same run: numpy dense f32 GEMV of the ``[n, d]`` matrix (OpenBLAS),
 onnxruntime dense f32 FFN, onnxruntime MatMulNBits 4-bit (block 32) FFN, and a memory
-bandwidth probe (parallel read of 512 MB, the best of ``--reps``): just before and just
+bandwidth probe (parallel read of 512 MB, the best of ``--reps``) just before and just
 after each density's code-warm timings, whose roofline takes the mean of the two (the
-bandwidth drifts within minutes on a shared machine), and at the start and after each
-shape (recorded); roofline time = bytes touched / bandwidth.
+bandwidth drifts within minutes on a shared machine: 27-36 GB/s between probes of one run
+here, sometimes 52-56); roofline time = bytes touched / bandwidth.
 Writes ``results/kernels.json`` and ``results/kernels.png`` (beside this file, or
 ``--out``). Ratios are reported against numpy's dense f32 GEMV of the same matrix (the
 targets of issue #7) and against the onnxruntime FFNs.
@@ -205,11 +205,16 @@ def bench_shape(name: str, d: int, n: int, timer: Timer, args, rng, probe_mb: in
             w_axpy = timer(lambda idx: k.axpy(hs, idx), lambda r: sets[r % 8], rewarm=lambda: tw.axpy(th, tidx))
             w_ffn = timer(lambda idx: k.forward(x, idx), lambda r: sets[r % 8], rewarm=lambda: tw.forward(xt))
             probes.append(bandwidth(timer, probe_mb))
+            bw = float(np.mean(probes))
+            part_s, ffn_s = m * pb / bw, m * 3 * pb / bw  # roofline times
             row = {"active": m,
                    "rows_s": t_rows, "axpy_s": t_axpy, "ffn_s": t_ffn,
                    "rows_s_code_warm": w_rows, "axpy_s_code_warm": w_axpy, "ffn_s_code_warm": w_ffn,
                    "rows_bytes": m * pb, "ffn_bytes": m * 3 * pb,
-                   "bandwidth_bytes_per_s": float(np.mean(probes)), "bandwidth_probes_bytes_per_s": probes,
+                   "bandwidth_bytes_per_s": bw, "bandwidth_probes_bytes_per_s": probes,
+                   "rows_roofline_fraction": part_s / w_rows, "axpy_roofline_fraction": part_s / w_axpy,
+                   "ffn_roofline_fraction": ffn_s / w_ffn, "rows_roofline_fraction_code_cold": part_s / t_rows,
+                   "ffn_roofline_fraction_code_cold": ffn_s / t_ffn,
                    "rows_speedup_vs_numpy_gemv": np_gemv / t_rows,
                    "ffn_speedup_vs_numpy_gemv": np_gemv / t_ffn}
             if "ort_dense_f32_ffn_s" in base:
@@ -267,21 +272,6 @@ def _pack(gate, up, down, lay: BundleLayout) -> np.ndarray:
         sub = BundleLayout(lay.fmt, lay.d_model, hi - lo, lay.gated, lay.align)
         out[lo:hi] = pack_bundles(gate[lo:hi], up[lo:hi], down[:, lo:hi], sub)
     return out
-
-
-def add_roofline(shape: dict) -> None:
-    """Roofline fractions (roofline time = bytes touched / the row's bandwidth, the probes
-    around its code-warm timings, over the time) of rows, axpy (one part per neuron) and
-    the FFN (three parts), code warm and cold."""
-    for fr in shape["formats"].values():
-        for row in fr["densities"].values():
-            bw = row["bandwidth_bytes_per_s"]
-            part_s, ffn_s = row["rows_bytes"] / bw, row["ffn_bytes"] / bw
-            row.update(rows_roofline_fraction=part_s / row["rows_s_code_warm"],
-                       axpy_roofline_fraction=part_s / row["axpy_s_code_warm"],
-                       ffn_roofline_fraction=ffn_s / row["ffn_s_code_warm"],
-                       rows_roofline_fraction_code_cold=part_s / row["rows_s"],
-                       ffn_roofline_fraction_code_cold=ffn_s / row["ffn_s"])
 
 
 def targets_summary(shape: dict) -> dict:
@@ -363,23 +353,19 @@ def main(argv=None) -> dict:
     timer = Timer(reps, 0 if args.smoke else 64)
     rng = np.random.default_rng(args.seed)
     probe_mb = 32 if args.smoke else 512
-    probes = [bandwidth(timer, probe_mb)]
-    print(f"read bandwidth {probes[0] / 1e9:.1f} GB/s, {numba.get_num_threads()} threads", flush=True)
+    print(f"{numba.get_num_threads()} threads", flush=True)
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpus": os.cpu_count(), "threads": numba.get_num_threads(),
                            "load_average": list(os.getloadavg())},
                "reps": reps, "smoke": args.smoke, "shapes": {}}
     for name, (d, n) in shapes.items():
         results["shapes"][name] = bench_shape(name, d, n, timer, args, rng, probe_mb)
-        probes.append(bandwidth(timer, probe_mb))
-    # the bandwidth drifts on a shared machine (29-34 GB/s between probes of one run here,
-    # and a rare outlier at 52) within minutes: each density's roofline is the mean of the
-    # probes just before and after its code-warm timings; the run's probes are kept too
-    results["machine"].update(bandwidth_bytes_per_s=float(np.median(probes)), bandwidth_probes_bytes_per_s=probes)
-    print(f"read bandwidth probes {', '.join(f'{b / 1e9:.1f}' for b in probes)} GB/s (run); rooflines from the "
-          f"probes around each timing", flush=True)
+    probes = [b for s in results["shapes"].values() for f in s["formats"].values() for row in f["densities"].values()
+              for b in row["bandwidth_probes_bytes_per_s"]]
+    results["machine"]["bandwidth_bytes_per_s"] = float(np.median(probes))  # the run's, for the record
+    print(f"read bandwidth probes {min(probes) / 1e9:.1f}-{max(probes) / 1e9:.1f} GB/s, median "
+          f"{results['machine']['bandwidth_bytes_per_s'] / 1e9:.1f}", flush=True)
     for name, s in results["shapes"].items():
-        add_roofline(s)
         s["targets"] = targets_summary(s)
         print(f"[{name}] targets")
         for k, v in s["targets"].items():

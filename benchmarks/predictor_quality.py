@@ -79,8 +79,8 @@ def layer_linear_reference(ir, b, args: argparse.Namespace, heldout_fraction: fl
     if bias:
         z += ir.store.get_f32(bias)
     split = split_rows(len(x), heldout_fraction, args.seed, sample_sequence_ids(ir, b))
-    budget_rank = max((r for r in range(1, d) if predictor_flops(d, r, n) <= args.budget * ffn_flops(ir, b)),
-                      default=0)
+    limit = args.budget * ffn_flops(ir, b)
+    budget_rank = max((r for r in range(1, d) if predictor_flops(d, r, n) <= limit), default=0)
     ranks = sorted({r for r in args.ranks if r < d} | ({budget_rank} if budget_rank else set()))
     rows = linear_reference(x, z, active, split, ranks, args.recall)
     for row in rows:  # within 10% (--budget) of the layer's own FFN FLOPs: every layer could have it
