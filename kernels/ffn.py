@@ -461,44 +461,44 @@ PF_STEP = 48
 
 
 @njit(inline="always", **_FLAGS)
-def _pf_blocks(pw, poff, b, nblocks, bb):
-    """Prefetch ``pw[poff + b bb : poff + (b + nblocks) bb]`` (``bb`` bytes per block; 0:
+def _pf_blocks(pw, off, b, nblocks, bb):
+    """Prefetch ``pw[off + b bb : off + (b + nblocks) bb]`` (``bb`` bytes per block; 0:
     nothing) into L2, one prefetch per :data:`PF_STEP` bytes."""
     for k in range(0, nblocks * bb, PF_STEP):
-        _prefetch_l2(pw, poff + b * bb + k)
+        _prefetch_l2(pw, off + b * bb + k)
 
 
 @njit(inline="always", **_FLAGS)
-def _dot_simd(step, w, off, xq, xd, nb, pw, poff, bb):
+def _dot_simd(step, w, off, xq, xd, nb, pw, bb):
     """A row's dot product from ``step`` (one block into an accumulator), blocks ``b mod 4``
-    into four accumulators; prefetching the row at ``pw[poff:]`` (``bb`` bytes per block,
-    0: none) along the way (:func:`_pf_blocks`)."""
+    into four accumulators; prefetching the same part ``pw[off:]`` of another row (``bb``
+    bytes per block, 0: none) along the way (:func:`_pf_blocks`)."""
     a0, a1, a2, a3 = _acc8(), _acc8(), _acc8(), _acc8()
     n4 = nb - nb % 4
     for b in range(0, n4, 4):
-        _pf_blocks(pw, poff, b, 4, bb)
+        _pf_blocks(pw, off, b, 4, bb)
         step(a0, w, off, xq, xd, nb, b)
         step(a1, w, off, xq, xd, nb, b + 1)
         step(a2, w, off, xq, xd, nb, b + 2)
         step(a3, w, off, xq, xd, nb, b + 3)
-    _pf_blocks(pw, poff, n4, nb - n4, bb)
+    _pf_blocks(pw, off, n4, nb - n4, bb)
     for b in range(n4, nb):
         step(a0, w, off, xq, xd, nb, b)
     return _acc_sum4(a0, a1, a2, a3)
 
 
 @njit(inline="always", **_FLAGS)
-def dot_q8_0_simd(w, off, xq, xd, nb, pw, poff, bb):
+def dot_q8_0_simd(w, off, xq, xd, nb, pw, bb):
     """:func:`dot_q8_0` on x86 AVX2 / VNNI (:func:`_simd_q8_0_block`), prefetching
-    ``pw[poff:]`` along the way (``bb``: :func:`_dot_simd`)."""
-    return _dot_simd(_q8_0_step, w, off, xq, xd, nb, pw, poff, bb)
+    ``pw[off:]`` along the way (``bb``: :func:`_dot_simd`)."""
+    return _dot_simd(_q8_0_step, w, off, xq, xd, nb, pw, bb)
 
 
 @njit(inline="always", **_FLAGS)
-def dot_q4_0_simd(w, off, xq, xd, nb, pw, poff, bb):
+def dot_q4_0_simd(w, off, xq, xd, nb, pw, bb):
     """:func:`dot_q4_0` on x86 AVX2 / VNNI (:func:`_simd_q4_0_block`), prefetching
-    ``pw[poff:]`` along the way (``bb``: :func:`_dot_simd`)."""
-    return _dot_simd(_q4_0_step, w, off, xq, xd, nb, pw, poff, bb)
+    ``pw[off:]`` along the way (``bb``: :func:`_dot_simd`)."""
+    return _dot_simd(_q4_0_step, w, off, xq, xd, nb, pw, bb)
 
 
 @njit(**_FLAGS)
@@ -539,29 +539,29 @@ def axpy_q4_0(w, off, h, y, lut, nb):
 
 
 @njit(**_FLAGS)
-def axpy_q8_0_simd(w, off, h, y, nb, pw, poff, bb):
+def axpy_q8_0_simd(w, off, h, y, nb, pw, bb):
     """:func:`axpy_q8_0` on x86 AVX2: one 32-wide int8 -> float multiply-add per block;
-    prefetching ``pw[poff:]`` along the way (``bb``: :func:`_dot_simd`)."""
+    prefetching ``pw[off:]`` along the way (``bb``: :func:`_dot_simd`)."""
     n2 = nb - nb % 2
     for b in range(0, n2, 2):
-        _pf_blocks(pw, poff, b, 2, bb)
+        _pf_blocks(pw, off, b, 2, bb)
         _simd_axpy_q8_0_block(y, b * QK, w, off + b * Q8_BYTES, h)
         _simd_axpy_q8_0_block(y, (b + 1) * QK, w, off + (b + 1) * Q8_BYTES, h)
     if n2 < nb:
-        _pf_blocks(pw, poff, n2, 1, bb)
+        _pf_blocks(pw, off, n2, 1, bb)
         _simd_axpy_q8_0_block(y, n2 * QK, w, off + n2 * Q8_BYTES, h)
 
 
 @njit(**_FLAGS)
-def axpy_q4_0_simd(w, off, h, y, nb, pw, poff, bb):
+def axpy_q4_0_simd(w, off, h, y, nb, pw, bb):
     """:func:`axpy_q4_0` on x86 AVX2 (:func:`axpy_q8_0_simd`)."""
     n2 = nb - nb % 2
     for b in range(0, n2, 2):
-        _pf_blocks(pw, poff, b, 2, bb)
+        _pf_blocks(pw, off, b, 2, bb)
         _simd_axpy_q4_0_block(y, b * QK, w, off + b * Q4_BYTES, h)
         _simd_axpy_q4_0_block(y, (b + 1) * QK, w, off + (b + 1) * Q4_BYTES, h)
     if n2 < nb:
-        _pf_blocks(pw, poff, n2, 1, bb)
+        _pf_blocks(pw, off, n2, 1, bb)
         _simd_axpy_q4_0_block(y, n2 * QK, w, off + n2 * Q4_BYTES, h)
 
 
@@ -572,8 +572,8 @@ def _qdot(fmt, w, off, xq, xd, lut, nb, pw, pf):
     front elsewhere."""
     if SIMD > 0:
         if fmt == Q8_0:
-            return dot_q8_0_simd(w, off, xq, xd, nb, pw, off, Q8_BYTES if pf else 0)
-        return dot_q4_0_simd(w, off, xq, xd, nb, pw, off, Q4_BYTES if pf else 0)
+            return dot_q8_0_simd(w, off, xq, xd, nb, pw, Q8_BYTES if pf else 0)
+        return dot_q4_0_simd(w, off, xq, xd, nb, pw, Q4_BYTES if pf else 0)
     if pf:
         prefetch_bytes(pw, off, nb * (Q8_BYTES if fmt == Q8_0 else Q4_BYTES))
     if fmt == Q8_0:
@@ -586,9 +586,9 @@ def _qaxpy(fmt, w, off, h, y, lut, nb, pw, pf):
     """``y += h * row`` for a quantized row, prefetching ``pw`` like :func:`_qdot`."""
     if SIMD > 0:
         if fmt == Q8_0:
-            axpy_q8_0_simd(w, off, h, y, nb, pw, off, Q8_BYTES if pf else 0)
+            axpy_q8_0_simd(w, off, h, y, nb, pw, Q8_BYTES if pf else 0)
         else:
-            axpy_q4_0_simd(w, off, h, y, nb, pw, off, Q4_BYTES if pf else 0)
+            axpy_q4_0_simd(w, off, h, y, nb, pw, Q4_BYTES if pf else 0)
         return
     if pf:
         prefetch_bytes(pw, off, nb * (Q8_BYTES if fmt == Q8_0 else Q4_BYTES))
