@@ -66,11 +66,19 @@ FORMATS = ("f32", "q8_0", "q4_0")
 # benchmark test loads this file as a module without a package) records its module as
 # "<dynamic>", and the next process fails to load the cache (ModuleNotFoundError)
 @numba.njit(fastmath=True)
-def _sum(a):
+def _sum2(a):
+    """Sum of ``a``, its two halves read together: two sequential streams, which read at
+    least as fast as one here and often faster (summing 21 MB matrices on 2 threads: one
+    stream each 9-22 GB/s, two 27-32 GB/s in the same runs)."""
+    h = a.shape[0] // 2
     s = np.float32(0)
-    for i in range(a.shape[0]):
+    t = np.float32(0)
+    for i in range(h):
         s += a[i]
-    return s
+        t += a[h + i]
+    for i in range(2 * h, a.shape[0]):
+        s += a[i]
+    return s + t
 
 
 @numba.njit(parallel=True, fastmath=True)
@@ -83,7 +91,7 @@ def _read_sum(a):
     chunks = 64
     parts = np.zeros(chunks, np.float32)
     for c in numba.prange(chunks):
-        parts[c] = _sum(a[c * n // chunks:(c + 1) * n // chunks])
+        parts[c] = _sum2(a[c * n // chunks:(c + 1) * n // chunks])
     return parts.sum()
 
 

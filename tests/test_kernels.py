@@ -86,7 +86,7 @@ def test_sparse_and_dense_forward(fmt, kind, gated, up_relu):
         yr, hr = _ref(blob, lay, x, kind, up_relu, t, idx=sel, bias=bias)
         _close(y, yr)
         _close(h, hr[np.arange(N) if sel is None else sel])
-    if bias:  # the row gather adds the bias; odd counts leave one row after the pairs
+    if bias:  # the row gather adds the bias; 17 rows: four fours (float32) and one left over
         _, u, _ = unpack_bundles(blob, lay)
         xx = quant.roundtrip(x, "q8_0") if lay.fmt in quant.QUANTIZED else x
         _close(k.rows(x, "up", idx), (u.astype(np.float64) @ xx + bias["up_bias"])[idx])
@@ -113,6 +113,21 @@ def test_rows_axpy_output_threshold_and_gate_first(fmt):
         k.rows(x, "down")
     with pytest.raises(ValueError, match="gate-first"):
         LayerKernels(*_layer(fmt, False)[:2]).gate_first(x)
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 8])
+def test_f32_matvec_of_stacked_matrices(chunks):
+    """The dense float32 matvec reads each chunk's rows from its two halves at once; rows
+    of several matrices, an odd count per chunk and matrix boundaries inside a chunk."""
+    rng = np.random.default_rng(9)
+    ws = tuple(rng.standard_normal((rows, 48)).astype(np.float32) for rows in (7, 3, 11))
+    x = rng.standard_normal(48).astype(np.float32)
+    want = np.concatenate([w.astype(np.float64) @ x for w in ws])
+    dq = (np.zeros((1, 1), np.int8),) * 3
+    for kernel in (ffn.matvec_par, ffn.matvec_ser):
+        out = np.full(21, np.nan, np.float32)
+        kernel(x, ws, dq, ffn.F32, quant.F16_TO_F32, chunks, out)
+        _close(out, want)
 
 
 def test_activation_quantization_matches_ggml():
