@@ -514,9 +514,12 @@ def _q4_0_step(acc, w, off, xq, xd, nb, b):
 # blocks, one per ``PF_STEP`` bytes of the block stride: issued all at once before the row
 # (18 lines per Q4_0 part at d 2048), they fill the miss buffers and stall the loop.
 # Measured on the TinyLlama-shape Q4_0 decode (10% density, tokens alternating in one
-# process): the sparse FFN 5.6-6.4 -> 4.1-4.8 ms per token. The row gather alone
-# (``_rows_chunk``) keeps the up-front prefetch: right after a cache flush it was faster
-# (Llama-2-7B shape, Q4_0, 10%: best 264-267 us against 295-321 us spread).
+# process): the sparse FFN 5.6-6.4 -> 4.1-4.8 ms per token. The row gather
+# (``_rows_chunk``) reads quantized rows in pairs (:func:`_dot2_simd`), prefetching the
+# next pair's rows along the way: one row at a time, the spread prefetch was slower than a
+# burst right after a cache flush (Llama-2-7B shape, Q4_0, 10%: best 295-321 us against
+# 264-267 us); in pairs, over 40 random row sets, 152-155 us against the burst's 192-195
+# us (TinyLlama shape: 46-56 against 60-73 us; rows in L2: 39-47 against 50-56 us).
 PF_STEP = 48
 
 
@@ -559,6 +562,33 @@ def dot_q4_0_simd(w, off, xq, xd, nb, pw, bb):
     """:func:`dot_q4_0` on x86 AVX2 / VNNI (:func:`_simd_q4_0_block`), prefetching
     ``pw[off:]`` along the way (``bb``: :func:`_dot_simd`)."""
     return _dot_simd(_q4_0_step, w, off, xq, xd, nb, pw, bb)
+
+
+@njit(inline="always", **_FLAGS)
+def _dot2_simd(step, w1, w2, off, xq, xd, nb, n1, n2, bb):
+    """Two rows' :func:`_dot_simd` in one loop (their blocks interleaved, four accumulators
+    each: the activation blocks are loaded once for both), prefetching the same part of
+    rows ``n1`` and ``n2`` along the way."""
+    a0, a1, a2, a3 = _acc8(), _acc8(), _acc8(), _acc8()
+    c0, c1, c2, c3 = _acc8(), _acc8(), _acc8(), _acc8()
+    n4 = nb - nb % 4
+    for b in range(0, n4, 4):
+        _pf_blocks(n1, off, b, 4, bb)
+        _pf_blocks(n2, off, b, 4, bb)
+        step(a0, w1, off, xq, xd, nb, b)
+        step(c0, w2, off, xq, xd, nb, b)
+        step(a1, w1, off, xq, xd, nb, b + 1)
+        step(c1, w2, off, xq, xd, nb, b + 1)
+        step(a2, w1, off, xq, xd, nb, b + 2)
+        step(c2, w2, off, xq, xd, nb, b + 2)
+        step(a3, w1, off, xq, xd, nb, b + 3)
+        step(c3, w2, off, xq, xd, nb, b + 3)
+    _pf_blocks(n1, off, n4, nb - n4, bb)
+    _pf_blocks(n2, off, n4, nb - n4, bb)
+    for b in range(n4, nb):
+        step(a0, w1, off, xq, xd, nb, b)
+        step(c0, w2, off, xq, xd, nb, b)
+    return _acc_sum4(a0, a1, a2, a3), _acc_sum4(c0, c1, c2, c3)
 
 
 @njit(**_FLAGS)
@@ -695,17 +725,26 @@ def row_axpy_next(fmt, wf, wq, i, j, off, h, y, lut, d):
         _qaxpy(fmt, wq[i], off, h, y, lut, d // QK, wq[j], True)
 
 
+@njit(inline="always", **_FLAGS)
+def qrow_dot2_next(fmt, wq, i, j, ni, nj, off, xq, xd, lut, d):
+    """:func:`row_dot` of quantized rows ``i`` and ``j`` read together, prefetching the
+    same part of rows ``ni`` and ``nj`` (the next pair a sparse loop reads): on the x86
+    vector path :func:`_dot2_simd`, elsewhere one row after the other."""
+    nb = d // QK
+    if SIMD > 0:
+        if fmt == Q8_0:
+            return _dot2_simd(_q8_0_step, wq[i], wq[j], off, xq, xd, nb, wq[ni], wq[nj], Q8_BYTES)
+        return _dot2_simd(_q4_0_step, wq[i], wq[j], off, xq, xd, nb, wq[ni], wq[nj], Q4_BYTES)
+    return (_qdot(fmt, wq[i], off, xq, xd, lut, nb, wq[ni], True),
+            _qdot(fmt, wq[j], off, xq, xd, lut, nb, wq[nj], True))
+
+
 @njit(**_FLAGS)
 def part_size(fmt, d):
     """Elements of one part in its array view (float32 for f32, bytes otherwise)."""
     if fmt == F32:
         return d
     return (d // QK) * (Q8_BYTES if fmt == Q8_0 else Q4_BYTES)
-
-
-@njit(**_FLAGS)
-def row_stride(fmt, wf, wq):
-    return wf.shape[1] if fmt == F32 else wq.shape[1]
 
 
 @njit(**_FLAGS)
@@ -961,7 +1000,6 @@ def ffn_sparse_ser(x, wf, wq, idx, fmt, d, gated, act, act_t, up_relu, out_t, po
 def _rows_chunk(x, xq, xd, wf, wq, idx, lo, hi, fmt, d, po, bias, lut, out):
     fmt = _spec(SPEC_FMT, fmt)
     d = _spec(SPEC_D, d)
-    gap = row_stride(fmt, wf, wq) > part_size(fmt, d)
     has_bias = bias.shape[0] > 0
     p = lo
     if fmt == F32:  # rows in fours (dot4_f32), the next four's first lines prefetched
@@ -975,10 +1013,19 @@ def _rows_chunk(x, xq, xd, wf, wq, idx, lo, hi, fmt, d, po, bias, lut, out):
                 a, b, c, e = a + bias[i], b + bias[j], c + bias[k], e + bias[m]
             out[p], out[p + 1], out[p + 2], out[p + 3] = a, b, c, e
             p += 4
-    for p in range(p, hi):  # the next row's part up front (see PF_STEP)
-        i = idx[p]
-        if fmt != F32 and p + 1 < hi and (gap or idx[p + 1] != i + 1):
+    else:  # quantized rows in pairs, the next pair prefetched along the way
+        if p + 1 < hi:
+            prefetch_part(fmt, wq, idx[p], po, d)
             prefetch_part(fmt, wq, idx[p + 1], po, d)
+        while p + 1 < hi:
+            i, j = idx[p], idx[p + 1]
+            ni, nj = (idx[p + 2], idx[p + 3]) if p + 3 < hi else (i, j)
+            u, v = qrow_dot2_next(fmt, wq, i, j, ni, nj, po, xq, xd, lut, d)
+            out[p] = u + bias[i] if has_bias else u
+            out[p + 1] = v + bias[j] if has_bias else v
+            p += 2
+    for p in range(p, hi):  # the rows left over
+        i = idx[p]
         v = row_dot(fmt, wf, wq, i, po, x, xq, xd, lut, d)
         out[p] = v + bias[i] if has_bias else v
 
