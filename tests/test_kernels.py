@@ -86,7 +86,7 @@ def test_sparse_and_dense_forward(fmt, kind, gated, up_relu):
         yr, hr = _ref(blob, lay, x, kind, up_relu, t, idx=sel, bias=bias)
         _close(y, yr)
         _close(h, hr[np.arange(N) if sel is None else sel])
-    if bias:  # the row gather adds the bias; 17 rows: four fours (float32) and one left over
+    if bias:  # the row gather adds the bias; 17 rows: float32 in eights, quantized in pairs, one left over
         _, u, _ = unpack_bundles(blob, lay)
         xx = quant.roundtrip(x, "q8_0") if lay.fmt in quant.QUANTIZED else x
         _close(k.rows(x, "up", idx), (u.astype(np.float64) @ xx + bias["up_bias"])[idx])
