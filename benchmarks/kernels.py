@@ -25,10 +25,13 @@ with (the code-cold fractions are kept too); so does the predictor's share of th
 
 Baselines in the same run: numpy dense f32 GEMV of the ``[n, d]`` matrix (OpenBLAS),
 onnxruntime dense f32 FFN, onnxruntime MatMulNBits 4-bit (block 32, int8 compute) FFN, and a memory
-bandwidth probe (parallel read of 512 MB, the best of ``--reps``) just before and just
-after each density's code-warm timings, whose roofline takes the mean of the two (the
-bandwidth drifts within minutes on a shared machine: 27-36 GB/s between probes of one run
-here, sometimes 52-56); roofline time = bytes touched / bandwidth.
+bandwidth probe (a parallel read of 512 MB) right before every repetition of the code-warm
+timings. Roofline time = bytes touched / bandwidth; each repetition is compared with the
+probe read just before it, and a roofline fraction is the median over the repetitions. The
+bandwidth of this shared machine jumps between about 32 and 50 GB/s from one second to the
+next (a run's probes: 27-57 GB/s, rarely lower), so a probe read minutes or even seconds
+away from a timing can belong to another state: in one run, whose nine probes read 31-33
+and 47-53 GB/s, the best timing against the best probe gave 0.66 and the paired median 0.75.
 Writes ``results/kernels.json`` and ``results/kernels.png`` (beside this file, or
 ``--out``). Ratios are reported against numpy's dense f32 GEMV of the same matrix (the
 targets of issue #7) and against the onnxruntime FFNs.
@@ -99,19 +102,23 @@ class Timer:
     def __init__(self, reps: int, flush_mb: int) -> None:
         self.reps = reps
         self.medians: list[float] = []
+        self.times: list[float] = []  # the last call's repetitions (s)
         self.flush = np.ones(flush_mb * (1 << 20) // 4, np.float32) if flush_mb else None
 
-    def __call__(self, fn, setup=None, rewarm=None) -> float:
+    def __call__(self, fn, setup=None, rewarm=None, probe: "Probe | None" = None) -> float:
         """Best (minimum) seconds of ``fn(setup(r))`` over the repetitions after one
         warm-up call: on a shared machine the minimum is the run least disturbed by other
         processes (medians are kept in ``self.medians``). ``rewarm``: called after each
         flush, a small call through the same code on other (tiny) data, so that only the
         weights are cold, as in a decode step (the flush also evicts the interpreter's and
-        the kernels' code, which a decode loop keeps hot)."""
+        the kernels' code, which a decode loop keeps hot). ``probe``: read before each
+        repetition's flush (the repetitions' seconds are kept in ``self.times``)."""
         fn(setup(0) if setup else None)
         times = []
         for r in range(self.reps):
             arg = setup(r + 1) if setup else None
+            if probe is not None:
+                probe()
             if self.flush is not None:
                 _read_sum(self.flush)
                 if rewarm is not None:
@@ -119,14 +126,32 @@ class Timer:
             t0 = time.perf_counter()
             fn(arg)
             times.append(time.perf_counter() - t0)
+        self.times = times
         self.medians.append(float(np.median(times)))
         return float(np.min(times))
 
 
-def bandwidth(timer: Timer, mb: int = 512) -> float:
-    """Read bandwidth (bytes/s): the better of a parallel Numba sum and numpy's sum."""
-    a = np.ones(mb * (1 << 20) // 4, np.float32)
-    return a.nbytes / min(timer(lambda _: _read_sum(a)), timer(lambda _: a.sum()))
+class Probe:
+    """The bandwidth probe: each call reads an ``mb`` MB array on all threads, with a
+    parallel Numba sum and with numpy's sum, and keeps the better read bandwidth (bytes/s)."""
+
+    def __init__(self, mb: int) -> None:
+        self.a = np.ones(mb * (1 << 20) // 4, np.float32)
+        self.samples: list[float] = []
+        _read_sum(self.a)  # compiled before the first timed read
+
+    def __call__(self) -> None:
+        best = np.inf
+        for read in (_read_sum, np.sum):
+            t0 = time.perf_counter()
+            read(self.a)
+            best = min(best, time.perf_counter() - t0)
+        self.samples.append(self.a.nbytes / best)
+
+    def take(self) -> list[float]:
+        """The readings since the last take."""
+        samples, self.samples = self.samples, []
+        return samples
 
 
 def _ort_session(model):
@@ -167,7 +192,7 @@ def ort_ffn_models(gate, up, down):
     return f32, nbits
 
 
-def bench_shape(name: str, d: int, n: int, timer: Timer, args, rng, probe_mb: int) -> dict:
+def bench_shape(name: str, d: int, n: int, timer: Timer, args, rng, probe: Probe) -> dict:
     print(f"[{name}] d={d} n={n}: building weights", flush=True)
     scale = np.float32(1 / np.sqrt(d))
     gate = (rng.standard_normal((n, d), dtype=np.float32) * scale)
@@ -208,24 +233,27 @@ def bench_shape(name: str, d: int, n: int, timer: Timer, args, rng, probe_mb: in
             t_rows = timer(lambda idx: k.rows(x, "up", idx), lambda r: sets[r % 8])
             t_axpy = timer(lambda idx: k.axpy(hs, idx), lambda r: sets[r % 8])
             t_ffn = timer(lambda idx: k.forward(x, idx), lambda r: sets[r % 8])
-            # as in a decode step: weights cold, code warm (the roofline's conditions), between
-            # two bandwidth probes: the roofline of these timings is the probes' mean
-            probes = [bandwidth(timer, probe_mb)]
-            w_rows = timer(lambda idx: k.rows(x, "up", idx), lambda r: sets[r % 8],
-                           rewarm=lambda: tw.rows(xt, "up", tidx))
-            w_axpy = timer(lambda idx: k.axpy(hs, idx), lambda r: sets[r % 8], rewarm=lambda: tw.axpy(th, tidx))
-            w_ffn = timer(lambda idx: k.forward(x, idx), lambda r: sets[r % 8], rewarm=lambda: tw.forward(xt))
-            probes.append(bandwidth(timer, probe_mb))
-            bw = float(np.mean(probes))
-            part_s, ffn_s = m * pb / bw, m * 3 * pb / bw  # roofline times
+            # as in a decode step: weights cold, code warm (the roofline's conditions); each
+            # repetition right after a bandwidth probe, whose reading is that repetition's roofline
+            warm, probes, reps_s, fraction = {}, {}, {}, {}
+            for part, nbytes, call, rewarm in (
+                    ("rows", m * pb, lambda idx: k.rows(x, "up", idx), lambda: tw.rows(xt, "up", tidx)),
+                    ("axpy", m * pb, lambda idx: k.axpy(hs, idx), lambda: tw.axpy(th, tidx)),
+                    ("ffn", 3 * m * pb, lambda idx: k.forward(x, idx), lambda: tw.forward(xt))):
+                warm[part] = timer(call, lambda r: sets[r % 8], rewarm=rewarm, probe=probe)
+                probes[part], reps_s[part] = probe.take(), timer.times
+                fraction[part] = float(np.median([nbytes / b / t for b, t in zip(probes[part], reps_s[part])]))
+            w_rows = warm["rows"]
+            bw = {part: float(np.median(p)) for part, p in probes.items()}
             row = {"active": m,
                    "rows_s": t_rows, "axpy_s": t_axpy, "ffn_s": t_ffn,
-                   "rows_s_code_warm": w_rows, "axpy_s_code_warm": w_axpy, "ffn_s_code_warm": w_ffn,
-                   "rows_bytes": m * pb, "ffn_bytes": m * 3 * pb,
+                   "rows_s_code_warm": w_rows, "axpy_s_code_warm": warm["axpy"], "ffn_s_code_warm": warm["ffn"],
+                   "code_warm_reps_s": reps_s, "rows_bytes": m * pb, "ffn_bytes": m * 3 * pb,
                    "bandwidth_bytes_per_s": bw, "bandwidth_probes_bytes_per_s": probes,
-                   "rows_roofline_fraction": part_s / w_rows, "axpy_roofline_fraction": part_s / w_axpy,
-                   "ffn_roofline_fraction": ffn_s / w_ffn, "rows_roofline_fraction_code_cold": part_s / t_rows,
-                   "ffn_roofline_fraction_code_cold": ffn_s / t_ffn,
+                   "rows_roofline_fraction": fraction["rows"], "axpy_roofline_fraction": fraction["axpy"],
+                   "ffn_roofline_fraction": fraction["ffn"],
+                   "rows_roofline_fraction_code_cold": m * pb / bw["rows"] / t_rows,
+                   "ffn_roofline_fraction_code_cold": m * 3 * pb / bw["ffn"] / t_ffn,
                    "rows_speedup_vs_numpy_gemv": np_gemv / t_rows,
                    "ffn_speedup_vs_numpy_gemv": np_gemv / t_ffn}
             if "ort_dense_f32_ffn_s" in base:
@@ -363,16 +391,16 @@ def main(argv=None) -> dict:
     reps = args.reps or (3 if args.smoke else 9)
     timer = Timer(reps, 0 if args.smoke else 64)
     rng = np.random.default_rng(args.seed)
-    probe_mb = 32 if args.smoke else 512
+    probe = Probe(32 if args.smoke else 512)
     print(f"{numba.get_num_threads()} threads", flush=True)
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpus": os.cpu_count(), "threads": numba.get_num_threads(),
                            "load_average": list(os.getloadavg())},
                "reps": reps, "smoke": args.smoke, "shapes": {}}
     for name, (d, n) in shapes.items():
-        results["shapes"][name] = bench_shape(name, d, n, timer, args, rng, probe_mb)
+        results["shapes"][name] = bench_shape(name, d, n, timer, args, rng, probe)
     probes = [b for s in results["shapes"].values() for f in s["formats"].values() for row in f["densities"].values()
-              for b in row["bandwidth_probes_bytes_per_s"]]
+              for part in row["bandwidth_probes_bytes_per_s"].values() for b in part]
     results["machine"]["bandwidth_bytes_per_s"] = float(np.median(probes))  # the run's, for the record
     print(f"read bandwidth probes {min(probes) / 1e9:.1f}-{max(probes) / 1e9:.1f} GB/s, median "
           f"{results['machine']['bandwidth_bytes_per_s'] / 1e9:.1f}", flush=True)

@@ -1009,11 +1009,8 @@ def _rows_chunk(x, xq, xd, wf, wq, idx, lo, hi, fmt, d, po, bias, lut, out):
     d = _spec(SPEC_D, d)
     has_bias = bias.shape[0] > 0
     p = lo
-    if fmt == F32:  # rows in eights (dot8_f32), the next eight's first lines prefetched
+    if fmt == F32:  # rows in eights (dot8_f32); the hardware prefetcher follows them
         while p + 7 < hi:
-            if p + 15 < hi:
-                for q in range(p + 8, p + 16):
-                    prefetch_head(wf[idx[q]], po)
             v = dot8_f32(wf[idx[p]], wf[idx[p + 1]], wf[idx[p + 2]], wf[idx[p + 3]], wf[idx[p + 4]],
                          wf[idx[p + 5]], wf[idx[p + 6]], wf[idx[p + 7]], po, x, d)
             for q in range(8):

@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "kernels.py"
 
 
@@ -18,10 +20,12 @@ def test_kernels_benchmark_smoke(tmp_path):
     for fmt in ("f32", "q8_0", "q4_0"):
         row = s["formats"][fmt]["densities"]["0.1"]
         assert row["ffn_s"] > 0 and row["rows_roofline_fraction"] > 0 and row["ffn_speedup_vs_ort_f32_ffn"] > 0
-        # the roofline of a density is the mean of the two probes around its timings
-        probes = row["bandwidth_probes_bytes_per_s"]
-        assert len(probes) == 2 and min(probes) > 0
-        roofline_s = row["rows_bytes"] / (sum(probes) / 2)
-        assert abs(row["rows_roofline_fraction"] - roofline_s / row["rows_s_code_warm"]) < 1e-9
+        # each repetition's roofline is the probe read just before it; the fraction is their median
+        probes, reps_s = row["bandwidth_probes_bytes_per_s"], row["code_warm_reps_s"]
+        for part, nbytes in (("rows", row["rows_bytes"]), ("ffn", row["ffn_bytes"])):
+            assert len(probes[part]) == len(reps_s[part]) == saved["reps"] and min(probes[part]) > 0
+            paired = [nbytes / b / t for b, t in zip(probes[part], reps_s[part])]
+            assert abs(row[f"{part}_roofline_fraction"] - float(np.median(paired))) < 1e-9
+        assert row["rows_s_code_warm"] == min(reps_s["rows"])
     assert "Q4_0 whole sparse FFN @10% vs numpy f32 GEMV (x)" in s["targets"]
     assert saved["machine"]["bandwidth_bytes_per_s"] > 0 and res["smoke"]
