@@ -21,7 +21,8 @@ evicts the interpreter's and the kernels' code), and as in a decode loop, weight
 code warm (after the flush, a tiny call through the same kernel on other data). The
 speedups against the baselines use the first (the baselines are timed that way); the
 roofline fractions use the second, the conditions of the bandwidth probe it is compared
-with (the code-cold fractions are kept too); so does the predictor's share of the Q4_0 FFN.
+with (the code-cold fractions are kept too: best code-cold time against the median probe
+of the same part's code-warm repetitions); so does the predictor's share of the Q4_0 FFN.
 
 Baselines in the same run: numpy dense f32 GEMV of the ``[n, d]`` matrix (OpenBLAS),
 onnxruntime dense f32 FFN, onnxruntime MatMulNBits 4-bit (block 32, int8 compute) FFN, and a memory
