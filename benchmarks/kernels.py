@@ -244,11 +244,10 @@ def bench_shape(name: str, d: int, n: int, timer: Timer, args, rng, probe: Probe
                 warm[part] = timer(call, lambda r: sets[r % 8], rewarm=rewarm, probe=probe)
                 probes[part], reps_s[part] = probe.take(), timer.times
                 fraction[part] = float(np.median([nbytes / b / t for b, t in zip(probes[part], reps_s[part])]))
-            w_rows = warm["rows"]
             bw = {part: float(np.median(p)) for part, p in probes.items()}
             row = {"active": m,
                    "rows_s": t_rows, "axpy_s": t_axpy, "ffn_s": t_ffn,
-                   "rows_s_code_warm": w_rows, "axpy_s_code_warm": warm["axpy"], "ffn_s_code_warm": warm["ffn"],
+                   "rows_s_code_warm": warm["rows"], "axpy_s_code_warm": warm["axpy"], "ffn_s_code_warm": warm["ffn"],
                    "code_warm_reps_s": reps_s, "rows_bytes": m * pb, "ffn_bytes": m * 3 * pb,
                    "bandwidth_bytes_per_s": bw, "bandwidth_probes_bytes_per_s": probes,
                    "rows_roofline_fraction": fraction["rows"], "axpy_roofline_fraction": fraction["axpy"],
@@ -262,7 +261,7 @@ def bench_shape(name: str, d: int, n: int, timer: Timer, args, rng, probe: Probe
                 row["ffn_speedup_vs_ort_nbits4_ffn"] = base["ort_matmulnbits4_ffn_s"] / t_ffn
             rows_out[str(dens)] = row
             print(f"  {fmt:5s} density {dens:4.2f}: rows {t_rows * 1e3:7.3f} ms ({np_gemv / t_rows:5.2f}x numpy, "
-                  f"{w_rows * 1e3:.3f} ms code warm)  axpy {t_axpy * 1e3:7.3f} ms  "
+                  f"{warm['rows'] * 1e3:.3f} ms code warm)  axpy {t_axpy * 1e3:7.3f} ms  "
                   f"ffn {t_ffn * 1e3:7.3f} ms ({np_gemv / t_ffn:5.2f}x numpy"
                   + (f", {row['ffn_speedup_vs_ort_f32_ffn']:5.2f}x ort f32, {row['ffn_speedup_vs_ort_nbits4_ffn']:5.2f}x "
                      f"ort 4-bit" if "ffn_speedup_vs_ort_f32_ffn" in row else "") + ")", flush=True)
