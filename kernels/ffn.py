@@ -84,24 +84,32 @@ _FLAGS = dict(fastmath=True, cache=True, nogil=True)
 # them into cached code, and its cache is keyed by CPU name and features). ARM and x86
 # without AVX2: the per-block int8 reductions LLVM turns into ``sdot`` (NEON/SVE), the
 # forms ``emit`` cross-compiles and checks. x86 with AVX2: ``*_simd``, explicit vector IR.
-def _x86_simd() -> int:
-    """0: no x86 vector path (other CPUs; x86 without AVX2/FMA/F16C), 1: AVX2, 2: VNNI
-    (AVX-512 VNNI with VL, or AVX-VNNI): what the CPU Numba compiles for has (its
-    ``NUMBA_CPU_FEATURES`` if set, else the host's)."""
+def _x86_features() -> set[str]:
+    """The features of the CPU Numba compiles for (its ``NUMBA_CPU_FEATURES`` if set, else
+    the host's); empty on other architectures."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return 0
+        return set()
     from numba.core import codegen
 
     feats = numba.config.CPU_FEATURES if numba.config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
-    have = {f[1:] for f in str(feats).split(",") if f.startswith("+")}
+    return {f[1:] for f in str(feats).split(",") if f.startswith("+")}
+
+
+def _x86_simd(have: set[str]) -> int:
+    """0: no x86 vector path (other CPUs; x86 without AVX2/FMA/F16C), 1: AVX2, 2: VNNI
+    (AVX-512 VNNI with VL, or AVX-VNNI)."""
     if not {"avx2", "fma", "f16c"} <= have:
         return 0
     return 2 if "avxvnni" in have or {"avx512vnni", "avx512vl"} <= have else 1
 
 
 SIMD_AVX2, SIMD_VNNI = 1, 2
+_FEATURES = _x86_features()
 #: the x86 vector path of the quantized kernels (a compile-time constant, see _x86_simd)
-SIMD = _x86_simd()
+SIMD = _x86_simd(_FEATURES)
+#: whether the x86 vector path unpacks Q4_0 nibbles with one GF(2) affine transform
+#: (``vgf2p8affineqb``, :func:`_ir_nibbles`)
+GFNI = bool(SIMD) and "gfni" in _FEATURES
 if SIMD:  # the vector path has inline assembly (_ir_scale), which Numba's JIT must parse
     import llvmlite.binding
 
@@ -191,6 +199,10 @@ _V16I8, _V32I8 = ir.VectorType(_I8, 16), ir.VectorType(_I8, 32)
 _V16I16, _V8I32, _V8F32, _V32F32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8), ir.VectorType(_F32, 8), \
     ir.VectorType(_F32, 32)
 _V4F32 = ir.VectorType(_F32, 4)
+# The bit matrices of ``vgf2p8affineqb`` (one per 64-bit lane; result bit i of a byte x is
+# the parity of ``matrix byte 7-i & x``): the low 128 bits keep x's low nibble, the high
+# 128 bits shift x right by 4.
+_NIBBLE_MATRIX = ir.Constant(_V32I8, [0, 0, 0, 0, 0x08, 0x04, 0x02, 0x01] * 2 + [0, 0, 0, 0, 0x80, 0x40, 0x20, 0x10] * 2)
 
 
 def _ir_fn(builder, name, ret, args):
@@ -227,8 +239,16 @@ def _ir_scale(context, builder, arrty, w, p):
 
 def _ir_nibbles(builder, ptr):
     """16 bytes of Q4_0 nibbles -> ``<32 x i8>`` values 0..15 in element order (low
-    nibbles are elements 0-15, high nibbles 16-31)."""
+    nibbles are elements 0-15, high nibbles 16-31). With GFNI the bytes are loaded into
+    both 128-bit halves (``vbroadcasti128``, a load) and one ``vgf2p8affineqb`` keeps the
+    low nibbles in the low half and shifts the high ones down in the high half
+    (:data:`_NIBBLE_MATRIX`); otherwise ``vpand``, a byte shift and ``vinserti128``."""
     nib = _ir_load(builder, ptr, _V16I8)
+    if GFNI:
+        both = builder.shuffle_vector(nib, ir.Constant(_V16I8, ir.Undefined),
+                                      ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2))
+        affine = _ir_fn(builder, "llvm.x86.vgf2p8affineqb.256", _V32I8, [_V32I8, _V32I8, _I8])
+        return builder.call(affine, [both, _NIBBLE_MATRIX, ir.Constant(_I8, 0)])
     lo = builder.and_(nib, ir.Constant(_V16I8, [15] * 16))
     hi = builder.lshr(nib, ir.Constant(_V16I8, [4] * 16))
     return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))

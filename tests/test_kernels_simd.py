@@ -1,6 +1,7 @@
-"""The quantized kernels on each x86 code path (``ffn.SIMD``: 2 VNNI, 1 AVX2, 0 the
-generic form), each in a fresh interpreter told a CPU with fewer features
-(``NUMBA_CPU_FEATURES``), against numpy on the Q8_0/Q4_0-decoded weights."""
+"""The quantized kernels on each x86 code path (``ffn.SIMD``: 2 VNNI, with GFNI nibble
+unpacking when the host has it; 1 AVX2 without GFNI; 0 the generic form), each in a fresh
+interpreter told a CPU with fewer features (``NUMBA_CPU_FEATURES``), against numpy on the
+Q8_0/Q4_0-decoded weights."""
 from __future__ import annotations
 
 import json
@@ -48,7 +49,7 @@ if row_tiles.SUPPORTED:
     row_tiles.matvec_q4_0x8_par(x, (row_tiles.pack_q4_0x8(q),), np.array([37], np.int64), 2, out)
     want = quant.roundtrip(g[:37], "q4_0").astype(np.float64) @ quant.roundtrip(x, "q8_0").astype(np.float64)
     errs["tiles"] = float(np.abs(out - want).max() / np.abs(want).max())
-print(json.dumps({"simd": ffn.SIMD, "tiles": row_tiles.SUPPORTED, "errs": errs}))
+print(json.dumps({"simd": ffn.SIMD, "gfni": ffn.GFNI, "tiles": row_tiles.SUPPORTED, "errs": errs}))
 """
 
 
@@ -71,12 +72,13 @@ def test_quantized_kernels_on_each_x86_path(path, tmp_path):
         pytest.skip("this CPU has no VNNI")
     if path >= 1 and not {"avx2", "fma", "f16c"} <= have:
         pytest.skip("this CPU has no AVX2")
-    drop = {1: {"avx512vnni", "avxvnni"}, 0: {"avx2"}}.get(path, set())
+    drop = {1: {"avx512vnni", "avxvnni", "gfni"}, 0: {"avx2"}}.get(path, set())
     env = dict(os.environ, NUMBA_CPU_FEATURES=_without(feats, drop), NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     res = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["simd"] == path
+    assert out["gfni"] == (path == 2 and "gfni" in have)
     for fmt in ("q8_0", "q4_0"):
         assert out["errs"][fmt]["forward"] < 1e-4, out
         assert out["errs"][fmt]["rows"] < 1e-4 and out["errs"][fmt]["axpy"] < 1e-4, out
