@@ -202,7 +202,8 @@ _V4F32 = ir.VectorType(_F32, 4)
 # The bit matrices of ``vgf2p8affineqb`` (one per 64-bit lane; result bit i of a byte x is
 # the parity of ``matrix byte 7-i & x``): the low 128 bits keep x's low nibble, the high
 # 128 bits shift x right by 4.
-_NIBBLE_MATRIX = ir.Constant(_V32I8, [0, 0, 0, 0, 0x08, 0x04, 0x02, 0x01] * 2 + [0, 0, 0, 0, 0x80, 0x40, 0x20, 0x10] * 2)
+_NIBBLE_MATRIX = ir.Constant(_V32I8, [0, 0, 0, 0, 0x08, 0x04, 0x02, 0x01] * 2
+                             + [0, 0, 0, 0, 0x80, 0x40, 0x20, 0x10] * 2)
 
 
 def _ir_fn(builder, name, ret, args):
