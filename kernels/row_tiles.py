@@ -112,36 +112,91 @@ def _store_sum8(typingctx, a0, a1, out, o):
     return nbtypes.void(a0, a1, out, o), codegen
 
 
+@njit(inline="always", **_FLAGS)
+def _tile_blocks(a0, a1, w, base, xq, xd, b, nb):
+    """Blocks ``b`` and ``b + 1`` (when ``< nb``) of the tile at ``w[base:]``: the even
+    block into ``a0``, the odd one into ``a1``."""
+    _simd_q4_0x8_block(a0, w, base + b * TILE_BLOCK_BYTES, xq, xd, b, nb)
+    if b + 1 < nb:
+        _simd_q4_0x8_block(a1, w, base + (b + 1) * TILE_BLOCK_BYTES, xq, xd, b + 1, nb)
+
+
 @njit(**_FLAGS)
 def _tile(w, t, xq, xd, nb, tmp):
     """Tile ``t`` of a packed matrix times the input: its 8 row sums into ``tmp[0:8]``
     (even blocks in one accumulator, odd in another)."""
     a0, a1 = _acc8(), _acc8()
     base = t * nb * TILE_BLOCK_BYTES
-    even = nb - nb % 2
-    for b in range(0, even, 2):
-        _simd_q4_0x8_block(a0, w, base + b * TILE_BLOCK_BYTES, xq, xd, b, nb)
-        _simd_q4_0x8_block(a1, w, base + (b + 1) * TILE_BLOCK_BYTES, xq, xd, b + 1, nb)
-    for b in range(even, nb):
-        _simd_q4_0x8_block(a0, w, base + b * TILE_BLOCK_BYTES, xq, xd, b, nb)
+    for b in range(0, nb, 2):
+        _tile_blocks(a0, a1, w, base, xq, xd, b, nb)
     _store_sum8(a0, a1, tmp, 0)
 
 
 @njit(**_FLAGS)
-def _matvec_chunk(ws, rows, xq, xd, nb, lo, hi, out):
-    """Tiles ``lo..hi`` of the stacked matrices (tile numbers run on from one matrix to
-    the next; ``out`` rows likewise)."""
-    tmp = np.empty(TILE, np.float32)
+def _tiles4(w0, t0, w1, t1, w2, t2, w3, t3, xq, xd, nb, tmp):
+    """Four tiles (``w_k``'s tile ``t_k``) times the input in one loop over the blocks,
+    each summed as :func:`_tile` does (same result): four sequential streams of reads in
+    flight. Their row sums go to ``tmp[8k:8k+8]``."""
+    a0, a1, c0, c1 = _acc8(), _acc8(), _acc8(), _acc8()
+    e0, e1, g0, g1 = _acc8(), _acc8(), _acc8(), _acc8()
+    span = nb * TILE_BLOCK_BYTES
+    for b in range(0, nb, 2):
+        _tile_blocks(a0, a1, w0, t0 * span, xq, xd, b, nb)
+        _tile_blocks(c0, c1, w1, t1 * span, xq, xd, b, nb)
+        _tile_blocks(e0, e1, w2, t2 * span, xq, xd, b, nb)
+        _tile_blocks(g0, g1, w3, t3 * span, xq, xd, b, nb)
+    _store_sum8(a0, a1, tmp, 0)
+    _store_sum8(c0, c1, tmp, TILE)
+    _store_sum8(e0, e1, tmp, 2 * TILE)
+    _store_sum8(g0, g1, tmp, 3 * TILE)
+
+
+@njit(**_FLAGS)
+def _locate(rows, t):
+    """Tile ``t`` of the stacked matrices (tile numbers run on from one matrix to the
+    next; ``rows [m]`` their row counts): ``(matrix, its tile, first output row, rows of
+    the tile that exist)``."""
     tile0, row0 = 0, 0
-    for m in range(len(ws)):
+    for m in range(rows.shape[0]):
         tiles = (rows[m] + TILE - 1) // TILE
-        for t in range(max(lo, tile0), min(hi, tile0 + tiles)):
-            _tile(ws[m], t - tile0, xq, xd, nb, tmp)
+        if t < tile0 + tiles:
             r = (t - tile0) * TILE
-            for k in range(min(TILE, rows[m] - r)):
-                out[row0 + r + k] = tmp[k]
+            return m, t - tile0, row0 + r, min(TILE, rows[m] - r)
         tile0 += tiles
         row0 += rows[m]
+    return 0, 0, 0, 0  # not reached: callers pass t < _tile_count(rows)
+
+
+@njit(**_FLAGS)
+def _put(tmp, k, out, o, n):
+    """``out[o:o+n] = tmp[8k:8k+n]``."""
+    for i in range(n):
+        out[o + i] = tmp[k * TILE + i]
+
+
+@njit(**_FLAGS)
+def _matvec_chunk(ws, rows, xq, xd, nb, lo, hi, out):
+    """Tiles ``lo..hi`` of the stacked matrices (``out`` rows in the same order). The range
+    is read in quarters, tile ``lo + k`` of each quarter together (:func:`_tiles4`),
+    the remainder one at a time: over a TinyLlama-shape decode's projections (2048 x 2048
+    and 2560 x 2048, from DRAM, 2 threads) one stream per thread read about 17 GB/s, four
+    about 24 (o_proj 138 -> 101 us, q/k/v 173 -> 124 us per layer)."""
+    tmp = np.empty(4 * TILE, np.float32)
+    q = (hi - lo) // 4
+    for k in range(lo, lo + q):
+        m0, t0, o0, n0 = _locate(rows, k)
+        m1, t1, o1, n1 = _locate(rows, k + q)
+        m2, t2, o2, n2 = _locate(rows, k + 2 * q)
+        m3, t3, o3, n3 = _locate(rows, k + 3 * q)
+        _tiles4(ws[m0], t0, ws[m1], t1, ws[m2], t2, ws[m3], t3, xq, xd, nb, tmp)
+        _put(tmp, 0, out, o0, n0)
+        _put(tmp, 1, out, o1, n1)
+        _put(tmp, 2, out, o2, n2)
+        _put(tmp, 3, out, o3, n3)
+    for t in range(lo + 4 * q, hi):
+        m0, t0, o0, n0 = _locate(rows, t)
+        _tile(ws[m0], t0, xq, xd, nb, tmp)
+        _put(tmp, 0, out, o0, n0)
 
 
 @njit(**_FLAGS)

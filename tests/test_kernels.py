@@ -161,8 +161,10 @@ def test_prefill_sparse_dense_and_crossover(fmt):
 
 def test_predictor_eval_and_selection():
     rng = np.random.default_rng(9)
-    w1, w2 = rng.standard_normal((16, D)).astype(np.float32), rng.standard_normal((N, 16)).astype(np.float32)
-    b1, b2 = rng.standard_normal(16).astype(np.float32), rng.standard_normal(N).astype(np.float32)
+    r = 19  # odd: the first layer reads rows in pairs plus one; 9 positive hidden units here:
+    # the second layer reads W2^T rows four at a time plus one on the x86 vector path
+    w1, w2 = rng.standard_normal((r, D)).astype(np.float32), rng.standard_normal((N, r)).astype(np.float32)
+    b1, b2 = rng.standard_normal(r).astype(np.float32), rng.standard_normal(N).astype(np.float32)
     p = Predictor(w1, w2, threshold=0.5, b1=b1, b2=b2)
     x = rng.standard_normal(D).astype(np.float32)
     # D is a multiple of 32: Q8_0 x and W1 rows, Q8_0 rows of W2^T (N padded to 96), by gguf-py

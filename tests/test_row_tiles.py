@@ -55,6 +55,27 @@ def test_matvec_matches_numpy(kernel):
     np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+def test_matvec_same_result_for_any_chunking():
+    """A chunk reads its tiles four at a time (from its quarters) and the rest one at a
+    time; tiles crossing matrix boundaries land in the right output rows, and every
+    chunking gives the same floats (each tile is summed the same way on both paths)."""
+    d = 96  # 3 blocks: an odd block count
+    shapes = (61, 8, 100, 24)  # 8 + 1 + 13 + 3 = 25 tiles
+    mats = [_matrix(r, d, 40 + s) for s, r in enumerate(shapes)]
+    x = np.random.default_rng(5).standard_normal(d).astype(np.float32)
+    xq = quant.roundtrip(x, "q8_0").astype(np.float64)
+    want = np.concatenate([gg_dequantize(m, Q4).astype(np.float64) @ xq for m in mats])
+    tiles, rows = tuple(row_tiles.pack_q4_0x8(m) for m in mats), np.array(shapes, np.int64)
+    outs = []
+    for nchunks in (1, 2, 3, 7):
+        out = np.full(want.size, np.nan, np.float32)
+        row_tiles.matvec_q4_0x8_par(x, tiles, rows, nchunks, out)
+        outs.append(out)
+    np.testing.assert_allclose(outs[0], want, rtol=0, atol=1e-5 * np.abs(want).max())
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+
+
 def test_linear_group_uses_tiles_and_matches_row_kernel():
     d = 128
     lins = [Linear(_matrix(r, d, 20 + r), "q4_0", (r, d), dequantize=False) for r in (64, 16, 16)]
