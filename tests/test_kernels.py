@@ -117,15 +117,16 @@ def test_rows_axpy_output_threshold_and_gate_first(fmt):
 
 @pytest.mark.parametrize("chunks", [1, 3, 8])
 def test_f32_matvec_of_stacked_matrices(chunks):
-    """The dense float32 matvec reads each chunk's rows from its two halves at once; rows
-    of several matrices, an odd count per chunk and matrix boundaries inside a chunk."""
+    """The dense float32 matvec reads each chunk's rows four at a time, one from each
+    quarter, and the rest one by one; rows of several matrices, chunks with and without a
+    remainder, matrix boundaries inside a chunk."""
     rng = np.random.default_rng(9)
-    ws = tuple(rng.standard_normal((rows, 48)).astype(np.float32) for rows in (7, 3, 11))
+    ws = tuple(rng.standard_normal((rows, 48)).astype(np.float32) for rows in (7, 3, 11, 19))
     x = rng.standard_normal(48).astype(np.float32)
     want = np.concatenate([w.astype(np.float64) @ x for w in ws])
-    dq = (np.zeros((1, 1), np.int8),) * 3
+    dq = (np.zeros((1, 1), np.int8),) * 4
     for kernel in (ffn.matvec_par, ffn.matvec_ser):
-        out = np.full(21, np.nan, np.float32)
+        out = np.full(40, np.nan, np.float32)
         kernel(x, ws, dq, ffn.F32, quant.F16_TO_F32, chunks, out)
         _close(out, want)
 
