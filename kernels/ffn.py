@@ -37,9 +37,8 @@ ReLU-family gate a neuron whose gate is not positive skips its up and down rows.
 
 float32 rows are bound by how many streams of reads are in flight, not by arithmetic:
 the dense matvec reads four rows at once from the quarters of its range, the row gather
-eight scattered rows (:func:`dot8_f32`), the fused FFN two neurons' rows, prefetching the
-next pair's rows along the way (:func:`dot2_f32_next`, :func:`axpy2_f32_next`; it moves
-on to a new pair of bundles every three rows). Quantized parts are short (1.1 KB at d 2048
+eight scattered rows (:func:`dot8_f32`), the fused FFN four neurons' bundles
+(:func:`neurons4_f32`). Quantized parts are short (1.1 KB at d 2048
 in Q4_0): each part read prefetches the same part of the next row into L2
 (:func:`row_dot_next`).
 """
@@ -392,7 +391,6 @@ def _prefetch_into(locality: int):
     return intrinsic(typer)
 
 
-_prefetch = _prefetch_into(3)
 # Quantized rows are prefetched into L2: measured on Zen 4 (kernels.py, 7B shapes, 10%),
 # sparse Q4_0 rows 0.38 -> 0.30 ms and Q8_0 rows 0.62-0.78 -> 0.41-0.46 ms against
 # prefetching into L1, which made float32 rows slower (0.76-0.92 -> 1.04-1.19 ms)
@@ -434,21 +432,6 @@ def dot_f32(w, off, x, d):
     for k in range(d):
         s += seg[k] * x[k]
     return s
-
-
-@njit(**_FLAGS)
-def dot2_f32(w1, w2, off, x, d):
-    """``(dot_f32(w1, off, x, d), dot_f32(w2, off, x, d))`` in one loop: two streams of
-    reads in flight. Scattered float32 rows are bound by how many reads are in flight:
-    one row at a time reads 20-22 GB/s here, two interleaved 24.6-26.5 (streaming: 31-32)."""
-    s1 = w1[off:off + d]
-    s2 = w2[off:off + d]
-    a = np.float32(0)
-    b = np.float32(0)
-    for k in range(d):
-        a += s1[k] * x[k]
-        b += s2[k] * x[k]
-    return a, b
 
 
 @njit(**_FLAGS)
@@ -494,44 +477,6 @@ def dot8_f32(w1, w2, w3, w4, w5, w6, w7, w8, off, x, d):
         a7 += s7[k] * xk
         a8 += s8[k] * xk
     return a1, a2, a3, a4, a5, a6, a7, a8
-
-
-#: float32 elements per segment of :func:`dot2_f32_next` / :func:`axpy2_f32_next` (2 KB)
-F32_SEG = 512
-
-
-@njit(**_FLAGS)
-def _prefetch_f32(n1, n2, off, k, m):
-    """Prefetch ``n1[off + k : off + k + m]`` and the same of ``n2`` into L2, every line."""
-    for e in range(off + k, off + k + m, 16):
-        _prefetch_l2(n1, e)
-        _prefetch_l2(n2, e)
-
-
-@njit(**_FLAGS)
-def dot2_f32_next(w1, w2, off, x, d, n1, n2):
-    """:func:`dot2_f32` that prefetches the same span of rows ``n1`` and ``n2`` (the next
-    pair a sparse loop reads) into L2, :data:`F32_SEG` elements ahead of each segment
-    it reads: the next pair's rows arrive while this pair's are read, instead of a new
-    stream for the hardware prefetcher to pick up after each jump."""
-    a = np.float32(0)
-    b = np.float32(0)
-    for k in range(0, d, F32_SEG):
-        m = min(F32_SEG, d - k)
-        _prefetch_f32(n1, n2, off, k, m)
-        u, v = dot2_f32(w1, w2, off + k, x[k:], m)
-        a += u
-        b += v
-    return a, b
-
-
-@njit(**_FLAGS)
-def axpy2_f32_next(w1, w2, off, h1, h2, y, d, n1, n2):
-    """:func:`axpy2_f32` that prefetches rows ``n1`` and ``n2`` like :func:`dot2_f32_next`."""
-    for k in range(0, d, F32_SEG):
-        m = min(F32_SEG, d - k)
-        _prefetch_f32(n1, n2, off, k, m)
-        axpy2_f32(w1, w2, off + k, h1, h2, y[k:], m)
 
 
 @njit(**_FLAGS)
@@ -665,12 +610,14 @@ def axpy_f32(w, off, h, y, d):
 
 
 @njit(**_FLAGS)
-def axpy2_f32(w1, w2, off, h1, h2, y, d):
-    """``y[k] += h1 * w1[off + k] + h2 * w2[off + k]``: two rows, one pass over ``y``."""
+def axpy4_f32(w1, w2, w3, w4, off, h1, h2, h3, h4, y, d):
+    """``y[k] += h1 w1[off + k] + ... + h4 w4[off + k]``: four rows, one pass over ``y``."""
     s1 = w1[off:off + d]
     s2 = w2[off:off + d]
+    s3 = w3[off:off + d]
+    s4 = w4[off:off + d]
     for k in range(d):
-        y[k] += h1 * s1[k] + h2 * s2[k]
+        y[k] += h1 * s1[k] + h2 * s2[k] + h3 * s3[k] + h4 * s4[k]
 
 
 @njit(**_FLAGS)
@@ -824,16 +771,8 @@ def prefetch_part(fmt, wq, i, off, d):
     """Prefetch one quantized part (gate, up or down row) of bundle ``i``: the next row of
     a quantized row loop, where the hardware prefetcher does not follow (rows that are
     not adjacent: sparse indices, or one part of each bundle). float32 rows are long
-    enough for the hardware prefetcher after their first lines (:func:`prefetch_head`)."""
+    enough for the hardware prefetcher."""
     prefetch_bytes(wq[i], off, part_size(fmt, d))
-
-
-@njit(**_FLAGS)
-def prefetch_head(row, off):
-    """Prefetch the first 1 KB of a float32 row from ``row[off]``: what a new stream reads
-    before the hardware prefetcher has picked it up."""
-    for k in range(off, min(off + 256, row.shape[0]), 16):
-        _prefetch(row, k)
 
 
 @njit(**_FLAGS)
@@ -902,31 +841,41 @@ def neuron(fmt, wf, wq, i, x, xq, xd, lut, d, gated, act, act_t, up_relu, out_t,
 
 
 @njit(**_FLAGS)
-def neuron2_f32(wf, i, j, ni, nj, x, d, gated, act, act_t, up_relu, out_t, po_g, po_u, bg, bu, gp_i, gp_j,
-                use_gpre):
-    """``(h_i, h_j)`` of two float32 neurons, their rows read together while the same
-    parts of neurons ``ni``, ``nj`` (the next pair) are prefetched (:func:`dot2_f32_next`);
-    one up row alone when the other neuron's gate decides."""
-    a_i = a_j = np.float32(1)
+def neurons4_f32(wf, idx, p, x, d, gated, act, act_t, up_relu, out_t, po_g, po_u, po_d, bg, bu, gpre, use_gpre,
+                 h_out, acc):
+    """Float32 neurons ``idx[p:p+4]``: ``h_out[p:p+4]`` and ``acc += sum h down``, each
+    part of the four bundles read together (:func:`dot4_f32`, :func:`axpy4_f32`: four
+    streams of reads in flight); when a ReLU-family gate zeroes one of them, the others'
+    up and down rows go one at a time."""
+    r1, r2, r3, r4 = wf[idx[p]], wf[idx[p + 1]], wf[idx[p + 2]], wf[idx[p + 3]]
+    a1 = a2 = a3 = a4 = np.float32(1)
     if gated:
         if use_gpre:
-            g_i, g_j = gp_i, gp_j
+            g1, g2, g3, g4 = gpre[p], gpre[p + 1], gpre[p + 2], gpre[p + 3]
         else:
-            g_i, g_j = dot2_f32_next(wf[i], wf[j], po_g, x, d, wf[ni], wf[nj])
-        a_i = _gate(g_i, bg, i, act, act_t, use_gpre)
-        a_j = _gate(g_j, bg, j, act, act_t, use_gpre)
-        if gate_can_skip(act) and (a_i == np.float32(0) or a_j == np.float32(0)):
-            h_i = h_j = np.float32(0)
-            prefetch_head(wf[ni], po_u)
-            prefetch_head(wf[nj], po_u)
-            if a_i != np.float32(0):
-                h_i = _finish(a_i, dot_f32(wf[i], po_u, x, d), bu, i, gated, act, act_t, up_relu, out_t)
-            if a_j != np.float32(0):
-                h_j = _finish(a_j, dot_f32(wf[j], po_u, x, d), bu, j, gated, act, act_t, up_relu, out_t)
-            return h_i, h_j
-    u_i, u_j = dot2_f32_next(wf[i], wf[j], po_u, x, d, wf[ni], wf[nj])
-    return (_finish(a_i, u_i, bu, i, gated, act, act_t, up_relu, out_t),
-            _finish(a_j, u_j, bu, j, gated, act, act_t, up_relu, out_t))
+            g1, g2, g3, g4 = dot4_f32(r1, r2, r3, r4, po_g, x, d)
+        a1 = _gate(g1, bg, idx[p], act, act_t, use_gpre)
+        a2 = _gate(g2, bg, idx[p + 1], act, act_t, use_gpre)
+        a3 = _gate(g3, bg, idx[p + 2], act, act_t, use_gpre)
+        a4 = _gate(g4, bg, idx[p + 3], act, act_t, use_gpre)
+        zero = np.float32(0)
+        if gate_can_skip(act) and (a1 == zero or a2 == zero or a3 == zero or a4 == zero):
+            for q, a in enumerate((a1, a2, a3, a4)):
+                h = zero
+                if a != zero:
+                    h = _finish(a, dot_f32(wf[idx[p + q]], po_u, x, d), bu, idx[p + q], gated, act, act_t,
+                                up_relu, out_t)
+                    if h != zero:
+                        axpy_f32(wf[idx[p + q]], po_d, h, acc, d)
+                h_out[p + q] = h
+            return
+    u1, u2, u3, u4 = dot4_f32(r1, r2, r3, r4, po_u, x, d)
+    h1 = _finish(a1, u1, bu, idx[p], gated, act, act_t, up_relu, out_t)
+    h2 = _finish(a2, u2, bu, idx[p + 1], gated, act, act_t, up_relu, out_t)
+    h3 = _finish(a3, u3, bu, idx[p + 2], gated, act, act_t, up_relu, out_t)
+    h4 = _finish(a4, u4, bu, idx[p + 3], gated, act, act_t, up_relu, out_t)
+    h_out[p], h_out[p + 1], h_out[p + 2], h_out[p + 3] = h1, h2, h3, h4
+    axpy4_f32(r1, r2, r3, r4, po_d, h1, h2, h3, h4, acc, d)
 
 
 # ---------------------------------------------------------------------- decode kernels
@@ -951,32 +900,13 @@ def _ffn_chunk(x, xq, xd, wf, wq, idx, lo, hi, fmt, d, gated, act, act_t, up_rel
     act = _spec(SPEC_ACT, act)
     up_relu = _spec(SPEC_UP_RELU, up_relu)
     use_gpre = gpre.shape[0] > 0
-    if fmt == F32:  # neurons in pairs: two streams of reads in flight (see dot2_f32)
+    if fmt == F32:  # neurons in fours: four streams of reads in flight (see neurons4_f32)
         p = lo
-        first = po_g if gated and not use_gpre else po_u
-        if p + 1 < hi:
-            prefetch_head(wf[idx[p]], first)
-            prefetch_head(wf[idx[p + 1]], first)
-        while p + 1 < hi:
-            i, j = idx[p], idx[p + 1]
-            ni, nj = (idx[p + 2], idx[p + 3]) if p + 3 < hi else (i, j)
-            gp_i = gpre[p] if use_gpre else np.float32(0)
-            gp_j = gpre[p + 1] if use_gpre else np.float32(0)
-            h_i, h_j = neuron2_f32(wf, i, j, ni, nj, x, d, gated, act, act_t, up_relu, out_t, po_g, po_u, bg,
-                                   bu, gp_i, gp_j, use_gpre)
-            h_out[p] = h_i
-            h_out[p + 1] = h_j
-            if h_i != np.float32(0) and h_j != np.float32(0):
-                axpy2_f32_next(wf[i], wf[j], po_d, h_i, h_j, acc, d, wf[ni], wf[nj])
-            else:
-                prefetch_head(wf[ni], po_d)
-                prefetch_head(wf[nj], po_d)
-                if h_i != np.float32(0):
-                    axpy_f32(wf[i], po_d, h_i, acc, d)
-                elif h_j != np.float32(0):
-                    axpy_f32(wf[j], po_d, h_j, acc, d)
-            p += 2
-        if p < hi:  # the odd one out
+        while p + 3 < hi:
+            neurons4_f32(wf, idx, p, x, d, gated, act, act_t, up_relu, out_t, po_g, po_u, po_d, bg, bu, gpre,
+                         use_gpre, h_out, acc)
+            p += 4
+        for p in range(p, hi):  # the rest one at a time
             h = neuron(fmt, wf, wq, idx[p], x, xq, xd, lut, d, gated, act, act_t, up_relu, out_t, po_g, po_u,
                        bg, bu, gpre[p] if use_gpre else np.float32(0), use_gpre)
             h_out[p] = h
