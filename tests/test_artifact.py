@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,35 @@ def _first_tensor_byte(path: Path) -> int:
     pos = art.data_start + art.info("blk.0.ffn_bundle").offset + 5
     art.close()
     return pos
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads the mapping's flags from /proc (Linux)")
+def test_artifact_mapping_asks_for_huge_pages(converted, monkeypatch):
+    """A small artifact's mapping carries MADV_HUGEPAGE (smaps flag ``hg``); one larger
+    than half the RAM does not."""
+    import mmap
+    import os
+
+    from sparseforge.toolchain import artifact_gguf
+
+    def flags(gguf_file):
+        start = np.frombuffer(gguf_file.buf, np.uint8).ctypes.data
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+        for i, line in enumerate(lines):
+            m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+            if m and int(m[1], 16) <= start < int(m[2], 16):
+                return next(ln for ln in lines[i + 1:] if ln.startswith("VmFlags:")).split()[1:]
+        raise AssertionError("mapping not found in smaps")
+
+    path = converted[0] / "model.gguf"
+    g = artifact_gguf.open_gguf(path)
+    if not hasattr(mmap, "MADV_HUGEPAGE") or not Path("/sys/kernel/mm/transparent_hugepage").exists():
+        pytest.skip("no transparent huge pages here")
+    assert "hg" in flags(g)
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PHYS_PAGES": path.stat().st_size // 4096,
+                                                     "SC_PAGE_SIZE": 4096}[name])
+    big = artifact_gguf.open_gguf(path)  # the RAM now counts as about the file's size
+    assert "hg" not in flags(big)
 
 
 def test_damaged_artifacts_exit_2(converted, tmp_path, capsys):

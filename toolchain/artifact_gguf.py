@@ -9,6 +9,7 @@ value). Tensor data is not read here: :class:`GGUFFile` gives views into the map
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,31 @@ class _Cursor:
         return self.scalar(vtype), None
 
 
+def advise_huge_pages(buf: Any, size: int) -> bool:
+    """Ask for 2 MB pages on the mapping (``MADV_HUGEPAGE``) when the file fits in half
+    the RAM; returns whether the advice was given. Pages read in through the advised
+    mapping come as 2 MB page-cache folios on kernels whose filesystem caches large folios
+    (ext4 since Linux 6.16, xfs), each mapped with one TLB entry, so the kernels' scattered
+    bundle reads walk fewer page tables. Measured on the TinyLlama-shape f32 decode (2-vCPU
+    Xeon, Linux 6.18, ext4): 54.4-55.2 ms per token with the artifact cached in small folios,
+    52.7-53.4 once read in through the advised mapping (4.2 of its 4.3 GB then mapped in 2 MB
+    pages). Not given for files larger than half the RAM, where a 2 MB read for each bundle
+    touched would crowd the page cache."""
+    if not isinstance(buf, mmap.mmap) or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return False
+    if size > ram // 2:
+        return False
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel without transparent huge pages
+        return False
+    return True
+
+
 def open_gguf(path: str | Path) -> GGUFFile:
     """Memory-map ``path`` and parse its header, metadata and tensor infos strictly."""
     path = Path(path)
@@ -160,6 +186,7 @@ def open_gguf(path: str | Path) -> GGUFFile:
         raise InputError(path, "is a directory, not a GGUF artifact") from None
     except OSError as exc:
         raise InputError(path, f"cannot read: {exc.strerror or exc}") from None
+    advise_huge_pages(buf, size)
     cur = _Cursor(path, buf)
     if len(buf) < 4 or bytes(buf[:4]) != GGUF_MAGIC:
         raise InputError(path, "not a GGUF file (bad magic)")
