@@ -115,19 +115,35 @@ def test_rows_axpy_output_threshold_and_gate_first(fmt):
         LayerKernels(*_layer(fmt, False)[:2]).gate_first(x)
 
 
+@pytest.mark.parametrize("fmt", ["f32", "q8_0", "q4_0"])
 @pytest.mark.parametrize("chunks", [1, 3, 8])
-def test_f32_matvec_of_stacked_matrices(chunks):
-    """The dense float32 matvec reads each chunk's rows four at a time, one from each
-    quarter, and the rest one by one; rows of several matrices, chunks with and without a
-    remainder, matrix boundaries inside a chunk."""
+def test_matvec_of_stacked_matrices(fmt, chunks):
+    """The dense matvec reads each chunk's float32 rows four at a time (one from each
+    quarter) and quantized rows in pairs (from each matrix's two halves of the chunk), the
+    rest one by one; rows of several matrices, chunks with and without a remainder, matrix
+    boundaries inside a chunk. Quantized: against gguf-py's dequantized rows times the
+    input's Q8_0 round trip."""
     rng = np.random.default_rng(9)
-    ws = tuple(rng.standard_normal((rows, 48)).astype(np.float32) for rows in (7, 3, 11, 19))
-    x = rng.standard_normal(48).astype(np.float32)
-    want = np.concatenate([w.astype(np.float64) @ x for w in ws])
-    dq = (np.zeros((1, 1), np.int8),) * 4
+    d = 64
+    ws = tuple(rng.standard_normal((rows, d)).astype(np.float32) for rows in (7, 3, 11, 19))
+    x = rng.standard_normal(d).astype(np.float32)
+    kinds = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
+    if fmt == "f32":
+        mats, dense, code, xr = ws, ws, ffn.F32, x.astype(np.float64)
+        dummies = (np.zeros((1, 1), np.int8),) * 4
+    else:
+        qs = [gg_quantize(w, kinds[fmt]) for w in ws]
+        mats, code = tuple(q.view(np.int8) for q in qs), ffn.FORMAT_CODES[fmt]
+        dense = [gg_dequantize(q, kinds[fmt]) for q in qs]
+        xr = quant.roundtrip(x, "q8_0").astype(np.float64)  # the kernels' Q8_0 input
+        dummies = (np.zeros((1, 1), np.float32),) * 4
+    want = np.concatenate([w.astype(np.float64) @ xr for w in dense])
     for kernel in (ffn.matvec_par, ffn.matvec_ser):
         out = np.full(40, np.nan, np.float32)
-        kernel(x, ws, dq, ffn.F32, quant.F16_TO_F32, chunks, out)
+        if fmt == "f32":
+            kernel(x, mats, dummies, code, quant.F16_TO_F32, chunks, out)
+        else:
+            kernel(x, dummies, mats, code, quant.F16_TO_F32, chunks, out)
         _close(out, want)
 
 
