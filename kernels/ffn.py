@@ -846,7 +846,8 @@ def neurons4_f32(wf, idx, p, x, d, gated, act, act_t, up_relu, out_t, po_g, po_u
     """Float32 neurons ``idx[p:p+4]``: ``h_out[p:p+4]`` and ``acc += sum h down``, each
     part of the four bundles read together (:func:`dot4_f32`, :func:`axpy4_f32`: four
     streams of reads in flight); when a ReLU-family gate zeroes one of them, the others'
-    up and down rows go one at a time."""
+    up and down rows go one at a time, and when an activation is zero (a ReLU up
+    projection, the output threshold), the others' down rows."""
     r1, r2, r3, r4 = wf[idx[p]], wf[idx[p + 1]], wf[idx[p + 2]], wf[idx[p + 3]]
     a1 = a2 = a3 = a4 = np.float32(1)
     if gated:
@@ -875,7 +876,13 @@ def neurons4_f32(wf, idx, p, x, d, gated, act, act_t, up_relu, out_t, po_g, po_u
     h3 = _finish(a3, u3, bu, idx[p + 2], gated, act, act_t, up_relu, out_t)
     h4 = _finish(a4, u4, bu, idx[p + 3], gated, act, act_t, up_relu, out_t)
     h_out[p], h_out[p + 1], h_out[p + 2], h_out[p + 3] = h1, h2, h3, h4
-    axpy4_f32(r1, r2, r3, r4, po_d, h1, h2, h3, h4, acc, d)
+    zero = np.float32(0)
+    if h1 != zero and h2 != zero and h3 != zero and h4 != zero:
+        axpy4_f32(r1, r2, r3, r4, po_d, h1, h2, h3, h4, acc, d)
+        return
+    for q, h in enumerate((h1, h2, h3, h4)):  # skip the down rows of the zeros
+        if h != zero:
+            axpy_f32(wf[idx[p + q]], po_d, h, acc, d)
 
 
 # ---------------------------------------------------------------------- decode kernels
