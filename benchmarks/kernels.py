@@ -403,14 +403,14 @@ def main(argv=None) -> dict:
     if args.shapes and args.smoke:
         shapes = {k: {**SHAPES, **SMOKE_SHAPES}[k] for k in args.shapes}
     reps = args.reps or (3 if args.smoke else 9)
-    timer = Timer(reps, 0 if args.smoke else flush_mb())
+    flush = 0 if args.smoke else flush_mb()
+    timer = Timer(reps, flush)
     rng = np.random.default_rng(args.seed)
     probe = Probe(32 if args.smoke else 512)
     print(f"{numba.get_num_threads()} threads", flush=True)
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpus": os.cpu_count(), "threads": numba.get_num_threads(),
-                           "load_average": list(os.getloadavg()), "flush_mb": timer.flush.nbytes >> 20
-                           if timer.flush is not None else 0},
+                           "load_average": list(os.getloadavg()), "flush_mb": flush},
                "reps": reps, "smoke": args.smoke, "shapes": {}}
     for name, (d, n) in shapes.items():
         results["shapes"][name] = bench_shape(name, d, n, timer, args, rng, probe)

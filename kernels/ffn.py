@@ -331,21 +331,25 @@ def _simd_q8_0_block(typingctx, acc, w, p, xq, xd, b, nb):
     return nbtypes.void(acc, w, p, xq, xd, b, nb), codegen
 
 
+def _ir_axpy_term(context, builder, wty, w, p, h, acc, q4):
+    """``acc + h * d_w * q`` (``<32 x float>``) for the block at ``w[p:]``: Q4_0 nibbles
+    minus 8 (``q4``) or Q8_0 int8 values."""
+    sc = builder.fmul(_ir_scale(context, builder, wty, w, p), h)
+    src = _ir_elem(context, builder, wty, w, builder.add(p, ir.Constant(p.type, 2)))
+    q = builder.sub(_ir_nibbles(builder, src), ir.Constant(_V32I8, [8] * 32)) if q4 else _ir_load(builder, src, _V32I8)
+    fma = _ir_fn(builder, "llvm.fma.v32f32", _V32F32, [_V32F32, _V32F32, _V32F32])
+    return builder.call(fma, [builder.sitofp(q, _V32F32), _ir_splat(builder, sc, _V32F32), acc])
+
+
 def _simd_axpy_block(q4: bool):
     """Intrinsic ``(y, yo, w, p, h)``: ``y[yo:yo+32] += h * d_w * q`` for the block at
     ``w[p:]``: Q4_0 nibbles minus 8 (``q4``) or Q8_0 int8 values."""
     def typer(typingctx, y, yo, w, p, h):
         def codegen(context, builder, signature, args):
             y_, yo_, w_, p_, h_ = args
-            sc = builder.fmul(_ir_scale(context, builder, signature.args[2], w_, p_), h_)
-            src = _ir_elem(context, builder, signature.args[2], w_, builder.add(p_, ir.Constant(p_.type, 2)))
-            q = builder.sub(_ir_nibbles(builder, src), ir.Constant(_V32I8, [8] * 32)) if q4 \
-                else _ir_load(builder, src, _V32I8)
             yp = builder.bitcast(_ir_elem(context, builder, signature.args[0], y_, yo_), _V32F32.as_pointer())
-            fma = _ir_fn(builder, "llvm.fma.v32f32", _V32F32, [_V32F32, _V32F32, _V32F32])
-            out = builder.call(fma, [builder.sitofp(q, _V32F32), _ir_splat(builder, sc, _V32F32),
-                                     builder.load(yp, align=4)])
-            builder.store(out, yp, align=4)
+            acc = _ir_axpy_term(context, builder, signature.args[2], w_, p_, h_, builder.load(yp, align=4), q4)
+            builder.store(acc, yp, align=4)
             return context.get_dummy_value()
         return nbtypes.void(y, yo, w, p, h), codegen
     typer.__name__ = f"_simd_axpy_{'q4_0' if q4 else 'q8_0'}_block"
@@ -363,14 +367,10 @@ def _simd_axpy4_q8_0_block(typingctx, y, yo, w1, w2, w3, w4, p, h1, h2, h3, h4):
     (the floats of four :func:`_simd_axpy_block` calls)."""
     def codegen(context, builder, signature, args):
         y_, yo_, *ws, p_, h1_, h2_, h3_, h4_ = args
-        fma = _ir_fn(builder, "llvm.fma.v32f32", _V32F32, [_V32F32, _V32F32, _V32F32])
         yp = builder.bitcast(_ir_elem(context, builder, signature.args[0], y_, yo_), _V32F32.as_pointer())
         acc = builder.load(yp, align=4)
         for k, (w_, h_) in enumerate(zip(ws, (h1_, h2_, h3_, h4_))):
-            wty = signature.args[2 + k]
-            sc = builder.fmul(_ir_scale(context, builder, wty, w_, p_), h_)
-            q = _ir_load(builder, _ir_elem(context, builder, wty, w_, builder.add(p_, ir.Constant(p_.type, 2))), _V32I8)
-            acc = builder.call(fma, [builder.sitofp(q, _V32F32), _ir_splat(builder, sc, _V32F32), acc])
+            acc = _ir_axpy_term(context, builder, signature.args[2 + k], w_, p_, h_, acc, False)
         builder.store(acc, yp, align=4)
         return context.get_dummy_value()
     return nbtypes.void(y, yo, w1, w2, w3, w4, p, h1, h2, h3, h4), codegen
@@ -752,6 +752,20 @@ def qrow_dot2_next(fmt, wq, i, j, ni, nj, off, xq, xd, lut, d):
 
 
 @njit(**_FLAGS)
+def qrows_dot(fmt, wq, lo, hi, shift, xq, xd, lut, d, out):
+    """``out[r + shift] = row r . x`` for the quantized rows ``lo..hi`` of ``wq``, read in
+    pairs from the two halves of the range (two sequential streams), the next pair
+    prefetched along the way (:func:`qrow_dot2_next`); an odd last row alone."""
+    half = (hi - lo) // 2
+    for r in range(lo, lo + half):
+        nr = min(r + 1, lo + half - 1)
+        out[r + shift], out[r + half + shift] = qrow_dot2_next(fmt, wq, r, r + half, nr, nr + half, 0, xq, xd,
+                                                               lut, d)
+    if (hi - lo) % 2:
+        out[hi - 1 + shift] = _qdot(fmt, wq[hi - 1], 0, xq, xd, lut, d // QK, wq[hi - 1], False)
+
+
+@njit(**_FLAGS)
 def part_size(fmt, d):
     """Elements of one part in its array view (float32 for f32, bytes otherwise)."""
     if fmt == F32:
@@ -1078,17 +1092,11 @@ def _matvec_chunk(x, xq, xd, wfs, wqs, fmt, d, lo, hi, lut, out):
             out[r] = dot_f32(_stacked_row(wfs, r), 0, x, d)
         return
     base = 0
-    for m in range(len(wqs)):  # quantized rows in pairs from the two halves, the next pair prefetched
+    for m in range(len(wqs)):
         rows = wqs[m].shape[0]
         a = max(lo, base)
         b = max(a, min(hi, base + rows))  # a == b: none of matrix m's rows in this chunk
-        half = (b - a) // 2
-        for r in range(a, a + half):
-            nr = min(r + 1, a + half - 1)
-            out[r], out[r + half] = qrow_dot2_next(fmt, wqs[m], r - base, r + half - base, nr - base,
-                                                   nr + half - base, 0, xq, xd, lut, d)
-        if (b - a) % 2:
-            out[b - 1] = row_dot(fmt, wfs[m], wqs[m], b - 1 - base, 0, x, xq, xd, lut, d)
+        qrows_dot(fmt, wqs[m], a - base, b - base, base, xq, xd, lut, d, out)
         base += rows
 
 
@@ -1195,14 +1203,7 @@ def _q8_0_hidden(x, xq, xd, q1, b1, lut, lo, hi, hidden):
     """``hidden[j] = relu(W1[j] . x + b1[j])`` for rows ``lo..hi`` of the Q8_0 ``q1``, read
     in pairs from the two halves of the range (two streams; the next pair prefetched):
     22 cold 256 x 2048 layers on 2 threads took 25-28 us each, one row at a time 40-48."""
-    wf = np.empty((1, 1), np.float32)
-    d = x.shape[0]
-    half = (hi - lo) // 2
-    for j in range(lo, lo + half):
-        nj = min(j + 1, lo + half - 1)
-        hidden[j], hidden[j + half] = qrow_dot2_next(Q8_0, q1, j, j + half, nj, nj + half, 0, xq, xd, lut, d)
-    if (hi - lo) % 2:
-        hidden[hi - 1] = row_dot(Q8_0, wf, q1, hi - 1, 0, x, xq, xd, lut, d)
+    qrows_dot(Q8_0, q1, lo, hi, 0, xq, xd, lut, x.shape[0], hidden)
     for j in range(lo, hi):
         v = hidden[j] + b1[j] if b1.shape[0] > 0 else hidden[j]
         hidden[j] = v if v > np.float32(0) else np.float32(0)

@@ -140,11 +140,10 @@ def test_artifact_mapping_asks_for_huge_pages(converted, monkeypatch):
                 return next(ln for ln in lines[i + 1:] if ln.startswith("VmFlags:")).split()[1:]
         raise AssertionError("mapping not found in smaps")
 
-    path = converted[0] / "model.gguf"
-    g = artifact_gguf.open_gguf(path)
     if not hasattr(mmap, "MADV_HUGEPAGE") or not Path("/sys/kernel/mm/transparent_hugepage").exists():
         pytest.skip("no transparent huge pages here")
-    assert "hg" in flags(g)
+    path = converted[0] / "model.gguf"
+    assert "hg" in flags(artifact_gguf.open_gguf(path))
     monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PHYS_PAGES": path.stat().st_size // 4096,
                                                      "SC_PAGE_SIZE": 4096}[name])
     big = artifact_gguf.open_gguf(path)  # the RAM now counts as about the file's size
