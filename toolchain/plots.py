@@ -18,22 +18,29 @@ def _pyplot():
     return plt
 
 
-def plot_layer_sparsity(path: Path, sparsity: Sequence[float], positive: Sequence[float], title: str) -> None:
-    """Bar chart: per-layer fraction of zero (|a| <= eps) and of positive activations."""
+def _layer_bars(path: Path, first: Sequence[float], second: Sequence[float], labels: tuple[str, str],
+                ylabel: str, title: str, legend_loc: str) -> None:
+    """Two bars per layer (fractions in [0, 1]): ``first`` left, ``second`` right."""
     plt = _pyplot()
-    layers = np.arange(len(sparsity))
+    layers = np.arange(len(first))
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    ax.bar(layers - 0.2, sparsity, width=0.4, label="sparsity (|a| <= eps)")
-    ax.bar(layers + 0.2, positive, width=0.4, label="positive fraction (a > 0)")
+    ax.bar(layers - 0.2, first, width=0.4, label=labels[0])
+    ax.bar(layers + 0.2, second, width=0.4, label=labels[1])
     ax.set_xlabel("layer")
-    ax.set_ylabel("fraction of activations")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
     ax.set_xticks(layers)
     ax.set_title(title)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc=legend_loc, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, metadata=_PNG_META)
     plt.close(fig)
+
+
+def plot_layer_sparsity(path: Path, sparsity: Sequence[float], positive: Sequence[float], title: str) -> None:
+    """Bar chart: per-layer fraction of zero (|a| <= eps) and of positive activations."""
+    _layer_bars(path, sparsity, positive, ("sparsity (|a| <= eps)", "positive fraction (a > 0)"),
+                "fraction of activations", title, "upper right")
 
 
 def plot_frequency_distribution(path: Path, frequencies: Sequence[np.ndarray], title: str) -> None:
@@ -55,20 +62,8 @@ def plot_frequency_distribution(path: Path, frequencies: Sequence[np.ndarray], t
 
 def plot_before_after(path: Path, before: Sequence[float], after: Sequence[float], title: str) -> None:
     """Bar chart of per-layer FFN sparsity before and after a transformation."""
-    plt = _pyplot()
-    layers = np.arange(len(before))
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    ax.bar(layers - 0.2, before, width=0.4, label="before")
-    ax.bar(layers + 0.2, after, width=0.4, label="after")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("FFN sparsity (fraction of zero activations)")
-    ax.set_ylim(0, 1)
-    ax.set_xticks(layers)
-    ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, metadata=_PNG_META)
-    plt.close(fig)
+    _layer_bars(path, before, after, ("before", "after"), "FFN sparsity (fraction of zero activations)", title,
+                "upper left")
 
 
 def plot_tradeoff(path: Path, sparsity: Sequence[float], quality: Sequence[float], quality_label: str,
