@@ -149,15 +149,14 @@ class _Cursor:
 
 
 def advise_huge_pages(buf: Any, size: int) -> None:
-    """Ask for 2 MB pages on the mapping (``MADV_HUGEPAGE``) when the file fits in half
-    the RAM. Pages read in through the advised
-    mapping come as 2 MB page-cache folios on kernels whose filesystem caches large folios
-    (ext4 since Linux 6.16, xfs), each mapped with one TLB entry, so the kernels' scattered
-    bundle reads walk fewer page tables. Measured on the TinyLlama-shape f32 decode (2-vCPU
-    Xeon, Linux 6.18, ext4): 54.4-55.2 ms per token with the artifact cached in small folios,
-    52.7-53.4 once read in through the advised mapping (4.2 of its 4.3 GB then mapped in 2 MB
-    pages). Not given for files larger than half the RAM, where a 2 MB read for each bundle
-    touched would crowd the page cache."""
+    """Ask for 2 MB pages on the mapping (``MADV_HUGEPAGE``) when the file fits in half the
+    RAM. Pages read in through the advised mapping come as 2 MB page-cache folios on kernels
+    whose filesystem caches large folios (ext4 since Linux 6.16, xfs), each mapped with one
+    TLB entry, so the kernels' scattered bundle reads walk fewer page tables. Measured on
+    the TinyLlama-shape f32 decode (2-vCPU Xeon, Linux 6.18, ext4): 54.4-55.2 ms per token
+    with the artifact cached in small folios, 52.7-53.4 once read in through the advised
+    mapping (4.2 of its 4.3 GB then mapped in 2 MB pages). Not given for files larger than
+    half the RAM, where a 2 MB read for each bundle touched would crowd the page cache."""
     if not isinstance(buf, mmap.mmap) or not hasattr(mmap, "MADV_HUGEPAGE"):
         return
     try:
