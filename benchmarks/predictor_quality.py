@@ -17,7 +17,10 @@ FFN FLOPs, masked quality within the relufy bound (cosine >= 0.98 / perplexity w
 also gets the held-out density at the recall target of the least-squares linear map of
 each candidate rank and of the largest rank within the FLOPs budget
 (``toolchain.linear_reference``): where that is far above the density bound, the layer
-is hard to predict at that cost, whatever the training. Writes JSON.
+is hard to predict at that cost, whatever the training; and the same map's density
+ratio if the layer's activity were cut at other densities (``--sparsity-sweep``, a
+threshold on the pre-activation): how the ratio the budget affords grows as the layer
+gets sparser. Writes JSON.
 
     python benchmarks/predictor_quality.py [--model DIR] [--variants relu,threshold]
         [--steps N] [--smoke] [--out FILE]
@@ -46,7 +49,7 @@ from sparseforge.passes.predictors import (Predictors, PredictorsOptions, ffn_fl
 from sparseforge.passes.profile import Profile, ProfileOptions
 from sparseforge.passes.relufy import Relufy, RelufyOptions
 from sparseforge.toolchain.frontends import load_model
-from sparseforge.toolchain.linear_reference import linear_reference
+from sparseforge.toolchain.linear_reference import linear_reference, sparsity_sweep
 from sparseforge.toolchain.masked_eval import evaluation_sequences, masked_quality
 from sparseforge.toolchain.pass_manager import PassManager
 from sparseforge.toolchain.predictor import predictor_flops, split_rows
@@ -68,10 +71,13 @@ def relufy_options(variant: str, args: argparse.Namespace) -> dict[str, Any] | N
     return opts
 
 
-def layer_linear_reference(ir, b, args: argparse.Namespace, heldout_fraction: float) -> list[dict[str, Any]]:
+def layer_linear_reference(ir, b, args: argparse.Namespace,
+                           heldout_fraction: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``toolchain.linear_reference`` for block ``b`` on the pass's samples and split: the
-    candidate ranks and the largest rank within the FLOPs budget. The pre-activation that
-    decides activity is the gate's in a gated block, the up projection's otherwise."""
+    candidate ranks and the largest rank within the FLOPs budget; and the
+    ``sparsity_sweep`` of that budget rank over ``--sparsity-sweep`` (empty without one).
+    The pre-activation that decides activity is the gate's in a gated block, the up
+    projection's otherwise."""
     d, n = ir.spec.hidden_size, ir.spec.intermediate_size
     x, active, _ = read_shards(sample_shards(ir, b), n)
     w, bias = (b.gate, b.gate_bias) if b.gate else (b.up, b.up_bias)
@@ -85,7 +91,8 @@ def layer_linear_reference(ir, b, args: argparse.Namespace, heldout_fraction: fl
     rows = linear_reference(x, z, active, split, ranks, args.recall)
     for row in rows:  # within 10% (--budget) of the layer's own FFN FLOPs: every layer could have it
         row["within_layer_budget"] = row["rank"] <= budget_rank
-    return rows
+    sweep = sparsity_sweep(x, z, split, budget_rank, args.sparsity_sweep, args.recall) if budget_rank else []
+    return rows, sweep
 
 
 def run_variant(model: Path, variant: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -117,7 +124,8 @@ def run_variant(model: Path, variant: str, args: argparse.Namespace) -> dict[str
     if args.linear_reference:
         for row, b in zip(layers, ir.blocks):
             if row["mode"] != "gate-first":
-                row["linear_reference"] = layer_linear_reference(ir, b, args, predictors.heldout_fraction)
+                row["linear_reference"], row["sparsity_sweep"] = layer_linear_reference(
+                    ir, b, args, predictors.heldout_fraction)
     seqs = evaluation_sequences(ir, args.eval_sequences)
     vs_original = masked_quality(ir, seqs, reference=original)
     causal = ir.spec.causal
@@ -185,6 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--linear-reference", action=argparse.BooleanOptionalAction, default=True,
                     help="per layer, the density at the recall target of the best linear map of each rank "
                          "(toolchain.linear_reference): is a layer hard to predict at that rank, or undertrained?")
+    ap.add_argument("--sparsity-sweep", type=lambda s: [float(q) for q in s.split(",")] if s else [],
+                    default=[0.5, 0.35, 0.25, 0.15, 0.1, 0.05],
+                    help="with --linear-reference: target densities at which the layer's activity is redefined "
+                         "by a threshold on its pre-activation, for the density ratio of the budget rank's linear "
+                         "map at each ('': none)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI (16 sequences, 2 epochs)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "predictor_quality.json")
     args = ap.parse_args(argv)
@@ -218,6 +231,9 @@ def main(argv: list[str] | None = None) -> None:
                     f"rank {ref['rank']}{'' if ref['within_layer_budget'] else ' (over the layer budget)'} "
                     f"{ref['density_ratio']:.2f}x"
                     for ref in row["linear_reference"] if ref["density_ratio"] is not None))
+            if row.get("sparsity_sweep"):
+                print(f"      rank {row['sparsity_sweep'][0]['rank']} if the layer were as sparse as: " + ", ".join(
+                    f"density {ref['true_density']:.2f} {ref['density_ratio']:.2f}x" for ref in row["sparsity_sweep"]))
         print(f"  acceptance: {r['acceptance']}")
     print(f"wrote {args.out}")
 
