@@ -23,10 +23,14 @@ selection; the kernels still skip the down column of an exactly-zero activation)
 (each layer as the ``predictors`` pass decided: predictor, gate-first or dense).
 A layer the requested mode does not apply to runs dense.
 
-Threads: the Numba kernels own the cores. While the executors run
-(:func:`blas_one_thread`) BLAS is held to one thread: OpenBLAS's and Numba's OpenMP
-workers both spin after a parallel call, and two spinning pools on the same cores slowed
-decoding 2-5x at two threads.
+Threads: OpenBLAS's and Numba's OpenMP workers both spin after a parallel call, and two
+spinning pools on the same cores slowed decoding 2-5x at two threads, so one pool owns
+the cores while an executor runs. Decoding (one token: the Numba kernels) holds BLAS to
+one thread (:func:`blas_one_thread`); an encoder batch of more than
+:data:`~Linear.MATVEC_MAX` tokens, whose arithmetic is sgemm (every linear, and the FFN's
+dense prefill tiles), holds the Numba kernels to one thread instead
+(:func:`numba_one_thread`; a layer whose batch union of active neurons is below its
+dense crossover then runs the sparse prefill kernel on one thread).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numba
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
@@ -65,6 +70,17 @@ def blas_one_thread() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def numba_one_thread() -> Iterator[None]:
+    """Context: the Numba kernels on one thread, BLAS as it was (restored afterwards)."""
+    prev = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(prev)
+
+
 SERIAL_BELOW = 1 << 18
 """Matrices smaller than this many bytes are multiplied in the calling thread (a
 fork/join of the thread pool costs more than it saves)."""
@@ -72,6 +88,10 @@ fork/join of the thread pool costs more than it saves)."""
 
 class Linear:
     """A weight matrix ``W [rows, cols]`` (``y = x W^T``) from the artifact."""
+
+    MATVEC_MAX = 4
+    """Quantized weights times at most this many tokens run the per-token Numba kernels;
+    more tokens, the matrix dequantized and BLAS sgemm."""
 
     def __init__(self, data: np.ndarray, fmt: str, shape: tuple[int, ...], dequantize: bool) -> None:
         self.fmt = fmt
@@ -118,7 +138,7 @@ class Linear:
         tokens, else the matrix dequantized for this call."""
         if self.w is not None:
             return X @ self.w.T
-        if X.shape[0] <= 4:
+        if X.shape[0] <= self.MATVEC_MAX:
             return np.stack([self.matvec(x) for x in X]) if X.shape[0] else np.zeros((0, self.shape[0]), np.float32)
         return X @ quant.decode(self.q.view(np.uint8), self.fmt).T
 
