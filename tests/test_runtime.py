@@ -92,6 +92,32 @@ def test_encoder_matches_reference(bert_out):
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
 
+def test_encoder_thread_ownership(bert_out, monkeypatch):
+    """A batch (sgemm work) runs with Numba on one thread and BLAS as configured; a few
+    tokens with BLAS on one thread; both restored afterwards."""
+    import numba
+    from threadpoolctl import threadpool_info
+
+    rt = load_runtime(bert_out / "model.gguf", mode="dense")
+    seen = []
+    inner = rt._hidden_states
+
+    def spy(ids, mask):
+        blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        seen.append((numba.get_num_threads(), max(blas)))
+        return inner(ids, mask)
+
+    monkeypatch.setattr(rt, "_hidden_states", spy)
+    numba_before = numba.get_num_threads()
+    blas_before = max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+    ids = np.full((2, 8), 5, np.int64)
+    rt.hidden_states(ids)
+    rt.hidden_states(ids[:1, :4])
+    assert seen == [(1, blas_before), (numba_before, 1)]
+    assert numba.get_num_threads() == numba_before
+    assert max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas") == blas_before
+
+
 def test_run_command(llama_out, bert_out, tmp_path, capsys):
     from sparseforge.toolchain.cli import main
 
