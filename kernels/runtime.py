@@ -8,9 +8,11 @@ to ``f32`` once) and runs:
 * ``gate_first(x)``: dReLU/ReLU-gated FFNs: ``act(x Wg)`` for every neuron, then up/down
   of the positive ones only (exact);
 * ``rows(x, part, idx)`` / ``axpy(h, idx)``: the row-gather matvec and the down axpy;
-* ``prefill(X, masks=None)``: T tokens; reads each neuron of the union of the masks once,
-  or switches to dense tiles (dequantize + BLAS sgemm) when the union density is at least
-  ``crossover`` (:func:`measure_crossover` measures it).
+* ``prefill(X, masks=None)``: T tokens; reads each neuron of the union of the masks once
+  and computes it for the tokens whose mask is set, or switches to dense tiles
+  (dequantize + BLAS sgemm) when the mask density (token-neuron pairs set / ``T n``) is
+  at least :meth:`LayerKernels.dense_density` of ``T`` (:func:`measure_crossover`
+  measures the switch point on the machine).
 
 ``Predictor(w1, b1, w2, b2, threshold)`` evaluates the low-rank MLP and selects the
 neurons whose logit is ``>= threshold`` (or the top k). It runs in Q8_0 when ``d`` is a
@@ -74,7 +76,7 @@ class LayerKernels:
     def __init__(self, blob: np.ndarray, layout: BundleLayout, activation: str = "relu",
                  up_activation: str | None = None, activation_threshold: float = 0.0,
                  output_threshold: float = 0.0, gate_bias=None, up_bias=None, down_bias=None,
-                 nchunks: int | None = None, crossover: float = 0.35, serial_below: int = 1 << 18) -> None:
+                 nchunks: int | None = None, crossover: float | None = None, serial_below: int = 1 << 18) -> None:
         blob = np.ascontiguousarray(blob, dtype=np.uint8).reshape(layout.n_neurons, layout.stride)
         if layout.fmt == "f16":
             g, u, dn = unpack_bundles(blob, layout)
@@ -99,7 +101,7 @@ class LayerKernels:
         self.bu = _bias(up_bias, self.n, "up bias")
         self.bd = _bias(down_bias, self.d, "down bias")
         self.nchunks = nchunks or ffn.default_chunks()
-        self.crossover = crossover
+        self.crossover = default_crossover(layout.fmt, self.d) if crossover is None else float(crossover)
         self.serial_below = serial_below
         self._all = np.arange(self.n, dtype=np.int64)
 
@@ -154,22 +156,37 @@ class LayerKernels:
         return (y, idx) if return_idx else y
 
     # -- many tokens -----------------------------------------------------------------
-    def prefill(self, X: np.ndarray, masks: np.ndarray | None = None, mode: str = "auto") -> np.ndarray:
+    def dense_density(self, tokens: int, threads: tuple[int, int] = (1, 1)) -> float:
+        """The mask density at and above which dense tiles beat the sparse kernel for a
+        call of ``tokens`` tokens with ``threads`` = (the sparse kernel's threads, BLAS
+        sgemm's threads): ``crossover`` (the switch point at :data:`CROSSOVER_TOKENS`
+        tokens, equal thread counts) times ``(CROSSOVER_TOKENS / tokens) **
+        CROSSOVER_SLOPE`` times ``threads[0] / threads[1]``. Dense tiles cost a
+        dequantization per neuron plus sgemm per token, the sparse kernel a dot per
+        token-neuron pair, so the more tokens, the lower the density at which dense wins;
+        above 1 the sparse kernel always runs."""
+        ratio = max(int(threads[0]), 1) / max(int(threads[1]), 1)
+        return self.crossover * (CROSSOVER_TOKENS / max(int(tokens), 1)) ** CROSSOVER_SLOPE * ratio
+
+    def prefill(self, X: np.ndarray, masks: np.ndarray | None = None, mode: str = "auto",
+                threads: tuple[int, int] = (1, 1)) -> np.ndarray:
         """``Y [T, d]`` for ``X [T, d]``; ``masks [T, n]`` bool (None: all neurons).
-        ``mode``: ``auto`` (dense when the union density >= ``crossover``), ``sparse``, ``dense``."""
+        ``mode``: ``auto`` (dense when the mask density >= ``dense_density(T, threads)``),
+        ``sparse``, ``dense``."""
         X = np.ascontiguousarray(X, np.float32)
         if X.ndim != 2 or X.shape[1] != self.d:
             raise ValueError(f"X must be [T, {self.d}]")
+        T = X.shape[0]
         if masks is not None:
             masks = np.ascontiguousarray(masks, dtype=np.bool_)
-            if masks.shape != (X.shape[0], self.n):
+            if masks.shape != (T, self.n):
                 raise ValueError(f"masks must be [T, {self.n}]")
-            union = np.flatnonzero(masks.any(axis=0)).astype(np.int64)
+            density = np.count_nonzero(masks) / max(T * self.n, 1)
         else:
-            union = self._all
-        density = union.shape[0] / self.n
-        if mode == "dense" or (mode == "auto" and density >= self.crossover):
+            density = 1.0
+        if mode == "dense" or (mode == "auto" and density >= self.dense_density(T, threads)):
             return self._prefill_dense(X, masks)
+        union = np.flatnonzero(masks.any(axis=0)).astype(np.int64) if masks is not None else self._all
         Y = np.empty_like(X)
         ffn.ffn_prefill_sparse(X, self.wf, self.wq, union, masks if masks is not None else np.zeros((0, 0), np.bool_),
                                self.fmt, self.d, int(self.gated), self.act, np.float32(self.act_t), self.up_relu,
@@ -206,10 +223,34 @@ class LayerKernels:
         return Y
 
 
-def measure_crossover(kernels: LayerKernels, tokens: int = 32, densities=(0.05, 0.1, 0.2, 0.35, 0.5, 0.75),
-                      seed: int = 0, repeat: int = 2) -> float:
-    """The smallest union density at which dense prefill of ``tokens`` tokens beats the
-    sparse kernel on this machine (1.0 if it never does); sets ``kernels.crossover``."""
+CROSSOVER_TOKENS = 32
+"""The token count at which ``LayerKernels.crossover`` is stated."""
+CROSSOVER_SLOPE = 0.65
+"""How the switch point falls with the token count: ``density ~ tokens ** -0.65``, fitted
+to the measured switch points of a 2048 x 5632 gated layer (f32 and Q4_0) and the
+384 x 1536 all-MiniLM-L6-v2 layer (f32) at 8-1024 tokens on a 2-core x86 machine."""
+
+
+def default_crossover(fmt: str, d: int) -> float:
+    """The switch point at :data:`CROSSOVER_TOKENS` tokens, equal thread counts, for
+    ``d``-wide rows in ``fmt``: 1.6 (float) or 2.4 (quantized: dense tiles dequantize
+    first, the sparse kernel reads int8) at d = 2048, scaled by ``(d / 2048) ** 0.7`` (a
+    dot's fixed cost weighs more in short rows). The points it follows, measured with
+    the sparse kernel on one thread and sgemm on two (half these): 0.83 (f32) and 1.14
+    (Q4_0) at d = 2048, 0.25 (f32) at d = 384."""
+    base = 1.6 if fmt in ("f32", "f16") else 2.4
+    return base * (d / 2048) ** 0.7
+
+
+def measure_crossover(kernels: LayerKernels, tokens: int = CROSSOVER_TOKENS,
+                      densities=(0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0), seed: int = 0, repeat: int = 2,
+                      threads: tuple[int, int] = (1, 1)) -> float:
+    """The smallest mask density (of ``densities``) at which dense prefill of ``tokens``
+    tokens beats the sparse kernel on this machine, with ``threads`` = (the sparse
+    kernel's threads, sgemm's threads) as the caller has set them, restated at
+    :data:`CROSSOVER_TOKENS` tokens and equal thread counts and set as
+    ``kernels.crossover`` (returned); when dense never wins, the switch point is taken as
+    twice the last density."""
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((tokens, kernels.d)).astype(np.float32)
 
@@ -223,14 +264,14 @@ def measure_crossover(kernels: LayerKernels, tokens: int = 32, densities=(0.05, 
 
     kernels.prefill(X[:2], None, mode="sparse")  # compile outside the timing
     kernels.prefill(X[:2], None, mode="dense")
-    found = 1.0
+    found = 2.0 * densities[-1]
     for dens in densities:
         masks = rng.random((tokens, kernels.n)) < dens
         if best(lambda: kernels.prefill(X, masks, mode="dense")) <= best(lambda: kernels.prefill(X, masks, mode="sparse")):
             found = dens
             break
-    kernels.crossover = found
-    return found
+    kernels.crossover = found * (tokens / CROSSOVER_TOKENS) ** CROSSOVER_SLOPE * threads[1] / threads[0]
+    return kernels.crossover
 
 
 def predictor_format(d: int) -> str:

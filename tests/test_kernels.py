@@ -13,7 +13,8 @@ from gguf.quants import quantize as gg_quantize
 
 from sparseforge.kernels import ffn, quant
 from sparseforge.kernels.bundle import BundleLayout, pack_bundles, unpack_bundles
-from sparseforge.kernels.runtime import LayerKernels, Predictor, measure_crossover, predictor_logits_numpy
+from sparseforge.kernels.runtime import (CROSSOVER_SLOPE, CROSSOVER_TOKENS, LayerKernels, Predictor, measure_crossover,
+                                         predictor_logits_numpy)
 
 D, N = 96, 80
 
@@ -172,8 +173,37 @@ def test_prefill_sparse_dense_and_crossover(fmt):
     ref_all = np.stack([_ref(blob, lay, X[t], "silu", bias=bias)[0] for t in range(5)])
     _close(k.prefill(X, None, mode="sparse"), ref_all)
     _close(k.prefill(X, None, mode="dense"), ref_all)
-    c = measure_crossover(k, tokens=4, densities=(0.1, 0.5), repeat=1)
-    assert c in (0.1, 0.5, 1.0) and k.crossover == c
+    c = measure_crossover(k, tokens=4, densities=(0.1, 0.5), repeat=1, threads=(1, 2))
+    scale = (4 / CROSSOVER_TOKENS) ** CROSSOVER_SLOPE * 2  # restated at CROSSOVER_TOKENS tokens, equal threads
+    assert any(c == pytest.approx(v * scale) for v in (0.1, 0.5, 1.0)) and k.crossover == c
+    assert k.dense_density(4, threads=(1, 2)) == pytest.approx(c / scale)
+
+
+def test_prefill_auto_switches_on_mask_density_and_tokens(monkeypatch):
+    """``auto`` runs dense tiles exactly when the mask density (pairs set / T n) reaches
+    ``dense_density(T)``, which falls as the token count grows."""
+    blob, lay, bias = _layer("f32", True, seed=7, bias=True)
+    k = LayerKernels(blob, lay, activation="silu", crossover=0.3, **bias)
+    dense_calls = []
+    inner = k._prefill_dense
+    monkeypatch.setattr(k, "_prefill_dense", lambda X, m: dense_calls.append(X.shape[0]) or inner(X, m))
+    rng = np.random.default_rng(3)
+    assert k.dense_density(CROSSOVER_TOKENS) == pytest.approx(0.3)
+    assert k.dense_density(4) > 1.0 > k.dense_density(CROSSOVER_TOKENS) > k.dense_density(256)
+    assert k.dense_density(256, threads=(2, 1)) == pytest.approx(4 * k.dense_density(256, threads=(1, 2)))
+    X = rng.standard_normal((CROSSOVER_TOKENS, D)).astype(np.float32)
+    every_neuron_sparse = np.zeros((CROSSOVER_TOKENS, N), bool)
+    for j in range(3):  # three neurons per token, every neuron in the union: density 3/N
+        every_neuron_sparse[np.arange(CROSSOVER_TOKENS), (3 * np.arange(CROSSOVER_TOKENS) + j) % N] = True
+    assert every_neuron_sparse.any(axis=0).all()
+    k.prefill(X, every_neuron_sparse)
+    assert dense_calls == []  # a full union of sparse masks stays sparse
+    k.prefill(X, rng.random((CROSSOVER_TOKENS, N)) < 0.6)
+    assert dense_calls == [CROSSOVER_TOKENS]
+    k.prefill(X[:4], None)  # every neuron, but few tokens: the sparse kernel
+    assert dense_calls == [CROSSOVER_TOKENS]
+    k.prefill(X, rng.random((CROSSOVER_TOKENS, N)) < 0.6, threads=(4, 1))  # sparse on 4 threads, sgemm on 1
+    assert dense_calls == [CROSSOVER_TOKENS]
 
 
 def test_predictor_eval_and_selection():

@@ -92,30 +92,57 @@ def test_encoder_matches_reference(bert_out):
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
 
-def test_encoder_thread_ownership(bert_out, monkeypatch):
-    """A batch (sgemm work) runs with Numba on one thread and BLAS as configured; a few
-    tokens with BLAS on one thread; both restored afterwards."""
-    import numba
+def _blas_threads() -> int:
     from threadpoolctl import threadpool_info
 
-    rt = load_runtime(bert_out / "model.gguf", mode="dense")
+    return max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+
+
+def test_thread_ownership(bert_out, llama_out, monkeypatch):
+    """An encoder batch of more than MATVEC_MAX tokens (sgemm work) runs with Numba on
+    one thread and BLAS as configured, a few tokens with BLAS on one thread; a decoder
+    holds BLAS to one thread for its prompt and its steps alike; both restored afterwards."""
+    import numba
+
+    numba_before, blas_before = numba.get_num_threads(), _blas_threads()
+    enc = load_runtime(bert_out / "model.gguf", mode="dense")
+    dec = load_runtime(llama_out / "model.gguf", mode="sparse")
     seen = []
-    inner = rt._hidden_states
+    for rt, name in ((enc, "_hidden_states"), (dec, "_forward")):
+        inner = getattr(rt, name)
 
-    def spy(ids, mask):
-        blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
-        seen.append((numba.get_num_threads(), max(blas)))
-        return inner(ids, mask)
+        def spy(*args, inner=inner):
+            seen.append((numba.get_num_threads(), _blas_threads()))
+            return inner(*args)
 
-    monkeypatch.setattr(rt, "_hidden_states", spy)
-    numba_before = numba.get_num_threads()
-    blas_before = max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+        monkeypatch.setattr(rt, name, spy)
     ids = np.full((2, 8), 5, np.int64)
-    rt.hidden_states(ids)
-    rt.hidden_states(ids[:1, :4])
-    assert seen == [(1, blas_before), (numba_before, 1)]
-    assert numba.get_num_threads() == numba_before
-    assert max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas") == blas_before
+    enc.hidden_states(ids)
+    enc.hidden_states(ids[:1, :4])
+    cache = dec.new_cache()
+    dec.forward(ids[0, :6], cache)
+    dec.forward(ids[0, :1], cache)
+    assert seen == [(1, blas_before), (numba_before, 1), (numba_before, 1), (numba_before, 1)]
+    assert (numba.get_num_threads(), _blas_threads()) == (numba_before, blas_before)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_linear_matmul_quantized(fmt, monkeypatch):
+    """A quantized Linear times a few tokens (per-token kernels) and times many (sgemm
+    on tiles dequantized by the kernels; the last tile short) against numpy on the
+    decoded matrix."""
+    from sparseforge.kernels import quant
+    from sparseforge.toolchain.runtime_load import Linear
+
+    rng = np.random.default_rng(4)
+    data = quant.encode(rng.standard_normal((37, 64)).astype(np.float32), fmt)
+    lin = Linear(data, fmt, (37, 64), dequantize=False)
+    monkeypatch.setattr(Linear, "TILE_ROWS", 8)
+    w = quant.decode(data, fmt).astype(np.float64)
+    for T in (Linear.MATVEC_MAX, Linear.MATVEC_MAX + 3):
+        X = rng.standard_normal((T, 64)).astype(np.float32)
+        want = quant.roundtrip(X, "q8_0") @ w.T if T <= Linear.MATVEC_MAX else X @ w.T  # the kernels quantize x
+        np.testing.assert_allclose(lin.matmul(X), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def test_run_command(llama_out, bert_out, tmp_path, capsys):

@@ -86,7 +86,7 @@ class DecoderRuntime:
         """Logits of one sequence's new tokens ``input_ids [T]``: ``[T, vocab]`` with
         ``all_logits``, else the last position's ``[vocab]``. With ``cache`` the tokens
         continue at position ``cache.length`` and the cache is extended."""
-        with blas_one_thread():
+        with blas_one_thread():  # the prompt too: BLAS's spinning workers would slow the decode after it
             return self._forward(input_ids, cache, all_logits)
 
     def _forward(self, input_ids, cache: KVCache | None, all_logits: bool) -> np.ndarray:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .reference.bert import layer_norm, softmax
-from .runtime_load import FFNRunner, Linear, LoadedModel, blas_one_thread, numba_one_thread
+from .runtime_load import FFNRunner, LoadedModel, encoder_thread_owner
 
 _NEG = np.float32(np.finfo(np.float32).min)
 
@@ -44,8 +44,7 @@ class EncoderRuntime:
 
     def hidden_states(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """Last hidden states ``[B, T, d]`` of ``input_ids [B, T]``."""
-        batched = np.size(input_ids) > Linear.MATVEC_MAX  # sgemm work: BLAS owns the cores
-        with numba_one_thread() if batched else blas_one_thread():
+        with encoder_thread_owner(np.size(input_ids)):
             return self._hidden_states(input_ids, attention_mask)
 
     def _hidden_states(self, input_ids: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:

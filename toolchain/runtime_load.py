@@ -25,12 +25,13 @@ A layer the requested mode does not apply to runs dense.
 
 Threads: OpenBLAS's and Numba's OpenMP workers both spin after a parallel call, and two
 spinning pools on the same cores slowed decoding 2-5x at two threads, so one pool owns
-the cores while an executor runs. Decoding (one token: the Numba kernels) holds BLAS to
-one thread (:func:`blas_one_thread`); an encoder batch of more than
-:data:`~Linear.MATVEC_MAX` tokens, whose arithmetic is sgemm (every linear, and the FFN's
-dense prefill tiles), holds the Numba kernels to one thread instead
-(:func:`numba_one_thread`; a layer whose batch union of active neurons is below its
-dense crossover then runs the sparse prefill kernel on one thread).
+the cores while an executor runs. A decoder holds BLAS to one thread
+(:func:`blas_one_thread`) for every call, its prompt included: BLAS workers left spinning
+by a prompt slowed the decode steps after it by a quarter. An encoder call of more than
+:data:`~Linear.MATVEC_MAX` tokens (a batch: the linears are sgemm) holds the Numba
+kernels to one thread instead (:func:`encoder_thread_owner`). Each FFN of a call of
+several tokens picks the sparse prefill kernel or dense tiles for its mask density, token
+count and the two pools' thread counts (``LayerKernels.dense_density``).
 """
 from __future__ import annotations
 
@@ -60,14 +61,23 @@ _DUMMY_Q = np.zeros((1, 1), np.int8)
 _THREADPOOLS: ThreadpoolController | None = None
 
 
-@contextlib.contextmanager
-def blas_one_thread() -> Iterator[None]:
-    """Context: BLAS libraries on one thread (restored afterwards; nesting is fine)."""
+def _threadpools() -> ThreadpoolController:
     global _THREADPOOLS
     if _THREADPOOLS is None:
         _THREADPOOLS = ThreadpoolController()
-    with _THREADPOOLS.limit(limits=1, user_api="blas"):
+    return _THREADPOOLS
+
+
+@contextlib.contextmanager
+def blas_one_thread() -> Iterator[None]:
+    """Context: BLAS libraries on one thread (restored afterwards; nesting is fine)."""
+    with _threadpools().limit(limits=1, user_api="blas"):
         yield
+
+
+def blas_threads() -> int:
+    """The BLAS libraries' thread count now (the largest, if several are loaded)."""
+    return max((lib.num_threads for lib in _threadpools().select(user_api="blas").lib_controllers), default=1)
 
 
 @contextlib.contextmanager
@@ -81,6 +91,12 @@ def numba_one_thread() -> Iterator[None]:
         numba.set_num_threads(prev)
 
 
+def encoder_thread_owner(tokens: int) -> contextlib.AbstractContextManager:
+    """The thread context of an encoder call over ``tokens`` tokens: BLAS owns the cores
+    above :data:`Linear.MATVEC_MAX` tokens (sgemm work), the Numba kernels otherwise."""
+    return numba_one_thread() if tokens > Linear.MATVEC_MAX else blas_one_thread()
+
+
 SERIAL_BELOW = 1 << 18
 """Matrices smaller than this many bytes are multiplied in the calling thread (a
 fork/join of the thread pool costs more than it saves)."""
@@ -92,6 +108,9 @@ class Linear:
     MATVEC_MAX = 4
     """Quantized weights times at most this many tokens run the per-token Numba kernels;
     more tokens, the matrix dequantized and BLAS sgemm."""
+    TILE_ROWS = 512
+    """Rows dequantized per sgemm in :meth:`matmul` (a 4 MB float32 tile at 2048 columns:
+    the whole matrix is never held in float32)."""
 
     def __init__(self, data: np.ndarray, fmt: str, shape: tuple[int, ...], dequantize: bool) -> None:
         self.fmt = fmt
@@ -135,12 +154,19 @@ class Linear:
 
     def matmul(self, X: np.ndarray) -> np.ndarray:
         """``X W^T`` for ``X [T, cols]``; quantized weights: per-token kernels for a few
-        tokens, else the matrix dequantized for this call."""
+        tokens, else sgemm on the matrix dequantized ``TILE_ROWS`` rows at a time."""
         if self.w is not None:
             return X @ self.w.T
         if X.shape[0] <= self.MATVEC_MAX:
             return np.stack([self.matvec(x) for x in X]) if X.shape[0] else np.zeros((0, self.shape[0]), np.float32)
-        return X @ quant.decode(self.q.view(np.uint8), self.fmt).T
+        rows, cols = self.shape
+        out = np.empty((X.shape[0], rows), np.float32)
+        buf = np.empty((min(self.TILE_ROWS, rows), cols), np.float32)
+        for lo in range(0, rows, self.TILE_ROWS):
+            w = buf[:min(rows, lo + self.TILE_ROWS) - lo]
+            K.dequantize_rows(_DUMMY_F, self.q, lo, lo + w.shape[0], self.code, cols, 0, quant.F16_TO_F32, w)
+            out[:, lo:lo + w.shape[0]] = X @ w.T
+        return out
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Rows ``W[rows]`` as float32 (embedding lookup)."""
@@ -384,9 +410,10 @@ class FFNRunner:
             masks = predict_masks(self.model.predictors[layer], X)
             self.predictor_s += time.perf_counter() - t0
             self.neurons[layer] += int(masks.sum())
-            return kern.prefill(X, masks)
-        self.neurons[layer] += T * kern.n
-        return kern.prefill(X, None)
+        else:
+            masks = None
+            self.neurons[layer] += T * kern.n
+        return kern.prefill(X, masks, threads=(numba.get_num_threads(), blas_threads()))
 
 
 def predict_masks(pred: Predictor, X: np.ndarray) -> np.ndarray:
