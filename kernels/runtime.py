@@ -233,12 +233,12 @@ to the measured switch points of a 2048 x 5632 gated layer (f32 and Q4_0) and th
 
 def default_crossover(fmt: str, d: int) -> float:
     """The switch point at :data:`CROSSOVER_TOKENS` tokens, equal thread counts, for
-    ``d``-wide rows in ``fmt``: 1.6 (float) or 2.4 (quantized: dense tiles dequantize
-    first, the sparse kernel reads int8) at d = 2048, scaled by ``(d / 2048) ** 0.7`` (a
+    ``d``-wide rows in ``fmt``: 1.6 (f32; f16 layers are widened to f32 at load) or 2.4
+    (quantized: dense tiles dequantize first, the sparse kernel reads int8) at d = 2048, scaled by ``(d / 2048) ** 0.7`` (a
     dot's fixed cost weighs more in short rows). The points it follows, measured with
     the sparse kernel on one thread and sgemm on two (half these): 0.83 (f32) and 1.14
     (Q4_0) at d = 2048, 0.25 (f32) at d = 384."""
-    base = 1.6 if fmt in ("f32", "f16") else 2.4
+    base = 1.6 if fmt == "f32" else 2.4
     return base * (d / 2048) ** 0.7
 
 
