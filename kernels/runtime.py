@@ -9,10 +9,10 @@ to ``f32`` once) and runs:
   of the positive ones only (exact);
 * ``rows(x, part, idx)`` / ``axpy(h, idx)``: the row-gather matvec and the down axpy;
 * ``prefill(X, masks=None)``: T tokens; reads each neuron of the union of the masks once
-  and computes it for the tokens whose mask is set, or switches to dense tiles
-  (dequantize + BLAS sgemm) when the mask density (token-neuron pairs set / ``T n``) is
-  at least :meth:`LayerKernels.dense_density` of ``T`` (:func:`measure_crossover`
-  measures the switch point on the machine).
+  and computes it for the tokens whose mask is set, or switches to dense tiles (BLAS
+  sgemm on the f32 bundles in place, or on dequantized rows) when the mask density
+  (token-neuron pairs set / ``T n``) is at least :meth:`LayerKernels.dense_density` of
+  ``T`` (:func:`measure_crossover` measures the switch point on the machine).
 
 ``Predictor(w1, b1, w2, b2, threshold)`` evaluates the low-rank MLP and selects the
 neurons whose logit is ``>= threshold`` (or the top k). It runs in Q8_0 when ``d`` is a
@@ -102,6 +102,7 @@ class LayerKernels:
         self.bd = _bias(down_bias, self.d, "down bias")
         self.nchunks = nchunks or ffn.default_chunks()
         self.crossover = default_crossover(layout.fmt, self.d) if crossover is None else float(crossover)
+        self.slope = switch_fit(layout.fmt).slope
         self.serial_below = serial_below
         self._all = np.arange(self.n, dtype=np.int64)
 
@@ -160,13 +161,13 @@ class LayerKernels:
         """The mask density at and above which dense tiles beat the sparse kernel for a
         call of ``tokens`` tokens with ``threads`` = (the sparse kernel's threads, BLAS
         sgemm's threads): ``crossover`` (the switch point at :data:`CROSSOVER_TOKENS`
-        tokens, equal thread counts) times ``(CROSSOVER_TOKENS / tokens) **
-        CROSSOVER_SLOPE`` times ``threads[0] / threads[1]``. Dense tiles cost a
-        dequantization per neuron plus sgemm per token, the sparse kernel a dot per
-        token-neuron pair, so the more tokens, the lower the density at which dense wins;
-        above 1 the sparse kernel always runs."""
+        tokens, equal thread counts) times ``(CROSSOVER_TOKENS / tokens) ** slope`` (the
+        format's :class:`SwitchFit`) times ``threads[0] / threads[1]``. Dense tiles cost
+        sgemm per token (after a dequantization per neuron in quantized layers), the
+        sparse kernel a dot per token-neuron pair, so the more tokens, the lower the
+        density at which dense wins; above 1 the sparse kernel always runs."""
         ratio = max(int(threads[0]), 1) / max(int(threads[1]), 1)
-        return self.crossover * (CROSSOVER_TOKENS / max(int(tokens), 1)) ** CROSSOVER_SLOPE * ratio
+        return self.crossover * (CROSSOVER_TOKENS / max(int(tokens), 1)) ** self.slope * ratio
 
     def prefill(self, X: np.ndarray, masks: np.ndarray | None = None, mode: str = "auto",
                 threads: tuple[int, int] = (1, 1)) -> np.ndarray:
@@ -194,52 +195,80 @@ class LayerKernels:
                                self.bd, _LUT, self.nchunks, Y)
         return Y
 
+    def _part_tile(self, lo: int, hi: int, po: int, buf: np.ndarray) -> np.ndarray:
+        """Part ``po`` of neurons ``lo..hi`` as float32 ``[hi - lo, d]``: for f32 bundles a
+        view of the bundles (rows one bundle stride apart, which sgemm reads in place; a
+        2048 x 5632 gated layer's tiles at 8 / 128 tokens: 13.1 / 39.5 ms, against 23.9 /
+        51.4 ms copying each part out first), otherwise dequantized into ``buf``."""
+        if self.fmt == ffn.F32:
+            return self.wf[lo:hi, po:po + self.d]
+        w = buf[:hi - lo]
+        ffn.dequantize_rows(self.wf, self.wq, lo, hi, self.fmt, self.d, po, _LUT, w)
+        return w
+
     def _prefill_dense(self, X: np.ndarray, masks: np.ndarray | None, tile: int = 512) -> np.ndarray:
-        """Dense tiles: dequantize ``tile`` neurons' parts, sgemm, activation, sgemm.
-        Quantized layers quantize X to Q8_0 first, as the sparse kernels do."""
+        """Dense tiles of ``tile`` neurons: sgemm, activation, sgemm (quantized parts
+        dequantized first, and X quantized to Q8_0, as the sparse kernels do)."""
         Xk = X if self.fmt == ffn.F32 else quant.roundtrip(X, "q8_0")
         Y = np.zeros_like(X) + (self.bd if self.bd.size else 0)
-        buf = np.empty((tile, self.d), np.float32)
+        buf = np.empty((tile, self.d), np.float32) if self.fmt != ffn.F32 else _EMPTY
         empty_mask = np.zeros((0, 0), np.bool_)
         for lo in range(0, self.n, tile):
             hi = min(self.n, lo + tile)
-            w = buf[:hi - lo]
-            ffn.dequantize_rows(self.wf, self.wq, lo, hi, self.fmt, self.d, self.po["up"], _LUT, w)
-            U = Xk @ w.T
+            U = Xk @ self._part_tile(lo, hi, self.po["up"], buf).T
             if self.bu.size:
                 U += self.bu[lo:hi]
             G = U
             if self.gated:
-                ffn.dequantize_rows(self.wf, self.wq, lo, hi, self.fmt, self.d, self.po_g, _LUT, w)
-                G = Xk @ w.T
+                G = Xk @ self._part_tile(lo, hi, self.po_g, buf).T
                 if self.bg.size:
                     G += self.bg[lo:hi]
             U = np.ascontiguousarray(U)
             m = np.ascontiguousarray(masks[:, lo:hi]) if masks is not None else empty_mask
             ffn.apply_activation_2d(np.ascontiguousarray(G), U, m, self.gated, self.act, np.float32(self.act_t),
                                     self.up_relu, np.float32(self.out_t))
-            ffn.dequantize_rows(self.wf, self.wq, lo, hi, self.fmt, self.d, self.po["down"], _LUT, w)
-            Y += U @ w
+            Y += U @ self._part_tile(lo, hi, self.po["down"], buf)
         return Y
 
 
 CROSSOVER_TOKENS = 32
 """The token count at which ``LayerKernels.crossover`` is stated."""
-CROSSOVER_SLOPE = 0.65
-"""How the switch point falls with the token count: ``density ~ tokens ** -0.65``, fitted
-to the measured switch points of a 2048 x 5632 gated layer (f32 and Q4_0) and the
-384 x 1536 all-MiniLM-L6-v2 layer (f32) at 8-1024 tokens on a 2-core x86 machine."""
+
+
+@dataclass(frozen=True)
+class SwitchFit:
+    """Where dense prefill tiles start to beat the sparse kernel, fitted per kind of
+    weights to the points measured on a 2-core x86 machine (docs/kernels.md): the mask
+    density ``at_2048`` at :data:`CROSSOVER_TOKENS` tokens, equal thread counts and
+    d = 2048, scaled by ``(d / 2048) ** d_exponent`` (a dot's fixed cost weighs more in
+    short rows) and by ``(CROSSOVER_TOKENS / T) ** slope`` at T tokens."""
+
+    at_2048: float
+    d_exponent: float
+    slope: float
+
+
+SWITCH_FITS = {
+    # f32 tiles multiply the bundles in place: a least-squares fit (log space) to the
+    # 2048 x 5632 gated and 384 x 1536 layers' points
+    "f32": SwitchFit(at_2048=0.73, d_exponent=0.23, slope=0.47),
+    # quantized tiles dequantize first, the sparse kernel reads int8: 2048 x 5632 gated
+    # Q4_0 (Q8_0 within 10% of Q4_0 on the same layer); a 384 x 1536 Q4_0 layer's point
+    # (0.20 at 32 tokens, threads 1 / 2) puts d_exponent at 0.64-1.04
+    "quantized": SwitchFit(at_2048=2.4, d_exponent=0.7, slope=0.65),
+}
+
+
+def switch_fit(fmt: str) -> SwitchFit:
+    """The :class:`SwitchFit` of layers in ``fmt`` (``LayerKernels`` widens f16 to f32)."""
+    return SWITCH_FITS["f32" if fmt == "f32" else "quantized"]
 
 
 def default_crossover(fmt: str, d: int) -> float:
     """The switch point at :data:`CROSSOVER_TOKENS` tokens, equal thread counts, for
-    ``d``-wide rows in ``fmt``: 1.6 (f32; f16 layers are widened to f32 at load) or 2.4
-    (quantized: dense tiles dequantize first, the sparse kernel reads int8) at d = 2048, scaled by ``(d / 2048) ** 0.7`` (a
-    dot's fixed cost weighs more in short rows). The points it follows, measured with
-    the sparse kernel on one thread and sgemm on two (half these): 0.83 (f32) and 1.14
-    (Q4_0) at d = 2048, 0.25 (f32) at d = 384."""
-    base = 1.6 if fmt == "f32" else 2.4
-    return base * (d / 2048) ** 0.7
+    ``d``-wide rows in ``fmt`` (:func:`switch_fit`)."""
+    fit = switch_fit(fmt)
+    return fit.at_2048 * (d / 2048) ** fit.d_exponent
 
 
 def measure_crossover(kernels: LayerKernels, tokens: int = CROSSOVER_TOKENS,
@@ -270,7 +299,7 @@ def measure_crossover(kernels: LayerKernels, tokens: int = CROSSOVER_TOKENS,
         if best(lambda: kernels.prefill(X, masks, mode="dense")) <= best(lambda: kernels.prefill(X, masks, mode="sparse")):
             found = dens
             break
-    kernels.crossover = found * (tokens / CROSSOVER_TOKENS) ** CROSSOVER_SLOPE * threads[1] / threads[0]
+    kernels.crossover = found * (tokens / CROSSOVER_TOKENS) ** kernels.slope * threads[1] / threads[0]
     return kernels.crossover
 
 

@@ -13,7 +13,7 @@ from gguf.quants import quantize as gg_quantize
 
 from sparseforge.kernels import ffn, quant
 from sparseforge.kernels.bundle import BundleLayout, pack_bundles, unpack_bundles
-from sparseforge.kernels.runtime import (CROSSOVER_SLOPE, CROSSOVER_TOKENS, LayerKernels, Predictor, measure_crossover,
+from sparseforge.kernels.runtime import (CROSSOVER_TOKENS, LayerKernels, Predictor, measure_crossover,
                                          predictor_logits_numpy)
 
 D, N = 96, 80
@@ -170,11 +170,12 @@ def test_prefill_sparse_dense_and_crossover(fmt):
     ref = np.stack([_ref(blob, lay, X[t], "silu", idx=np.flatnonzero(masks[t]), bias=bias)[0] for t in range(5)])
     for mode in ("sparse", "dense", "auto"):
         _close(k.prefill(X, masks, mode=mode), ref)
+    _close(k._prefill_dense(X, masks, tile=32), ref)  # three tiles, the last one short
     ref_all = np.stack([_ref(blob, lay, X[t], "silu", bias=bias)[0] for t in range(5)])
     _close(k.prefill(X, None, mode="sparse"), ref_all)
     _close(k.prefill(X, None, mode="dense"), ref_all)
     c = measure_crossover(k, tokens=4, densities=(0.1, 0.5), repeat=1, threads=(1, 2))
-    scale = (4 / CROSSOVER_TOKENS) ** CROSSOVER_SLOPE * 2  # restated at CROSSOVER_TOKENS tokens, equal threads
+    scale = (4 / CROSSOVER_TOKENS) ** k.slope * 2  # restated at CROSSOVER_TOKENS tokens, equal threads
     assert any(c == pytest.approx(v * scale) for v in (0.1, 0.5, 1.0)) and k.crossover == c
     assert k.dense_density(4, threads=(1, 2)) == pytest.approx(c / scale)
 
@@ -183,12 +184,12 @@ def test_prefill_auto_switches_on_mask_density_and_tokens(monkeypatch):
     """``auto`` runs dense tiles exactly when the mask density (pairs set / T n) reaches
     ``dense_density(T)``, which falls as the token count grows."""
     blob, lay, bias = _layer("f32", True, seed=7, bias=True)
-    k = LayerKernels(blob, lay, activation="silu", crossover=0.3, **bias)
+    k = LayerKernels(blob, lay, activation="silu", crossover=0.4, **bias)
     dense_calls = []
     inner = k._prefill_dense
     monkeypatch.setattr(k, "_prefill_dense", lambda X, m: dense_calls.append(X.shape[0]) or inner(X, m))
     rng = np.random.default_rng(3)
-    assert k.dense_density(CROSSOVER_TOKENS) == pytest.approx(0.3)
+    assert k.dense_density(CROSSOVER_TOKENS) == pytest.approx(0.4)
     assert k.dense_density(4) > 1.0 > k.dense_density(CROSSOVER_TOKENS) > k.dense_density(256)
     assert k.dense_density(256, threads=(2, 1)) == pytest.approx(4 * k.dense_density(256, threads=(1, 2)))
     X = rng.standard_normal((CROSSOVER_TOKENS, D)).astype(np.float32)
