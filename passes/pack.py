@@ -41,13 +41,18 @@ class PackOptions:
     ``bundle_align``: bytes each neuron bundle is padded to (a power of two; 0: the
     target's bundle alignment, 64 = a cache line when targets are not available);
     ``predictor_format``: ``f32`` or ``f16``; ``tokenizer``: embed tokenizer.json;
-    ``verify``: read the artifact back through the validating reader."""
+    ``verify``: read the artifact back through the validating reader; ``min_cosine``,
+    ``max_ppl_increase``: quality gates recorded in the artifact's recipe as its
+    ``[verify]`` table (a recipe's ``[verify]`` sets them), which ``sparseforge verify``
+    applies when neither an option nor ``--recipe`` gives a gate."""
 
     target: str = "generic"
     bundle_align: int = 0
     predictor_format: str = "f32"
     tokenizer: bool = True
     verify: bool = True
+    min_cosine: float | None = None
+    max_ppl_increase: float | None = None
 
 
 @register_pass
@@ -55,6 +60,7 @@ class Pack(Pass):
     name = "pack"
     summary = "write one GGUF artifact: quantized weights, hot-first FFN bundles, predictors, metadata"
     Options = PackOptions
+    quiet_defaults = ("min_cosine", "max_ppl_increase")  # unset gates leave the recorded recipe as it was
 
     def check_options(self) -> None:
         o = self.options

@@ -171,6 +171,10 @@ def test_weight_stats_against_numpy(tiny_model):
         ("[[pass]]\nname = 'test-scale-up'\n[pass.options]\nfactor = 'big'", "expected float"),
         ("[[pass]]\nname = 'test-count'\nfactor = 2", "unknown keys"),
         ("[[pass]\nname = 'x'", "invalid TOML"),
+        ("seeed = 3\n[[pass]]\nname = 'test-count'", "unknown top-level keys \\['seeed'\\]"),
+        ("[verify]\nmin_cosin = 0.9\n[[pass]]\nname = 'test-count'", "unknown gates \\['min_cosin'\\]"),
+        ("[verify]\nmin_cosine = 'high'\n[[pass]]\nname = 'test-count'", "must be a number"),
+        ("verify = 0.9\n[[pass]]\nname = 'test-count'", "must be a table"),
     ],
 )
 def test_recipe_errors(text, message):
@@ -189,6 +193,19 @@ def test_recipe_override_and_builtin():
         r.override(["other.x=1"])
     with pytest.raises(InputError, match="no such recipe"):
         load_recipe("no-such-recipe")
+
+
+def test_recipe_verify_gates_go_to_pack():
+    """A recipe's [verify] gates become the pack pass's options (its own win); unset, they
+    stay out of the recorded options (test_verify: the artifact carries them)."""
+    r = parse_recipe("[verify]\nmin_cosine = 0.99\nmax_ppl_increase = 1\n[[pass]]\nname = 'test-count'\n"
+                     "[[pass]]\nname = 'pack'\n[pass.options]\nmax_ppl_increase = 0.2\n", "r.toml")
+    assert r.verify == {"min_cosine": 0.99, "max_ppl_increase": 1.0} and r.to_dict()["verify"] == r.verify
+    count, pack = r.instantiate()
+    assert (pack.options.min_cosine, pack.options.max_ppl_increase) == (0.99, 0.2)
+    assert "min_cosine" in pack.options_dict()
+    (plain,) = parse_recipe("[[pass]]\nname = 'pack'", "r.toml").instantiate()
+    assert "min_cosine" not in plain.options_dict()  # unset gates are not recorded
 
 
 def test_convert_leaves_nothing_partial_on_failure(tiny_model, tmp_path):

@@ -27,6 +27,7 @@ from .artifact_writer import TensorEntry
 from .errors import PassError
 from .fingerprint import file_digest
 from .ir import ANNOTATION_PREFIX, ModelIR
+from .recipe import VERIFY_GATES
 
 #: statistics that differ between identical runs (wall time, throughput, memory)
 VOLATILE = re.compile(r"seconds|_per_s$|^wall_s$|rss")
@@ -162,6 +163,9 @@ def build_metadata(ir: ModelIR, layouts: list[BundleLayout], formats: dict[str, 
     log = [{"pass": p["pass"], "options": p.get("options", {}), "stats": p.get("stats", {})} for p in ir.pass_log]
     recipe = {"seed": seed, "passes": [{"name": p["pass"], "options": p["options"]} for p in log]
               + [{"name": "pack", "options": pack_options}]}
+    gates = {k: pack_options[k] for k in VERIFY_GATES if pack_options.get(k) is not None}
+    if gates:
+        recipe["verify"] = gates
     source = {k: v for k, v in ir.source.items() if k != "path"}
     source["name"] = Path(ir.source.get("path", "")).name
     kv = [

@@ -7,6 +7,10 @@ target = "neoverse-n1"   # optional: CPU target (``sparseforge targets``) for pa
 executor = "local"       # optional: where passes with an executor option run per-layer work (local, ray, serial)
 workers = 0              # optional: workers of that executor (0: one per core)
 
+[verify]                 # optional: quality gates, recorded in the artifact for ``verify``
+min_cosine = 0.98        # encoders: mean embedding cosine to the original
+max_ppl_increase = 0.05  # decoders: relative perplexity increase
+
 [[pass]]
 name = "weight-stats"
 
@@ -20,7 +24,9 @@ seq_len = 128
 ``--set target=NAME`` (``convert --target``) overrides the recipe's target, and
 ``--set executor=NAME`` / ``--set workers=N`` (``convert --executor`` / ``--workers``)
 its executor. A pass's own ``executor`` / ``workers`` options win over the recipe's.
-Neither changes a result (``toolchain.executors``).
+Neither changes a result (``toolchain.executors``). The ``[verify]`` gates become the
+``pack`` pass's options of the same names (a pack pass's own options win), so the
+artifact's recorded recipe carries them. Any other top-level key is an error.
 """
 from __future__ import annotations
 
@@ -49,6 +55,7 @@ class Recipe:
     target: str | None = None
     executor: str | None = None
     workers: int | None = None
+    verify: dict[str, float] = field(default_factory=dict)
 
     def instantiate(self) -> list[Pass]:
         """Pass objects with validated options (unknown names/options raise InputError)."""
@@ -58,7 +65,7 @@ class Recipe:
             options = dict(spec.options)
             if self.target and "target" not in options and _has_option(cls, "target"):
                 options["target"] = self.target
-            for key, value in (("executor", self.executor), ("workers", self.workers)):
+            for key, value in (("executor", self.executor), ("workers", self.workers), *self.verify.items()):
                 if value is not None and key not in options and _has_option(cls, key):
                     options[key] = value
             out.append(cls(make_options(cls, options, self.source)))
@@ -67,7 +74,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         run = {k: v for k, v in (("target", self.target), ("executor", self.executor), ("workers", self.workers))
                if v is not None}
-        return {"name": self.name, "seed": self.seed, **run,
+        return {"name": self.name, "seed": self.seed, **run, **({"verify": self.verify} if self.verify else {}),
                 "passes": [{"name": p.name, "options": p.options} for p in self.passes]}
 
     def override(self, assignments: list[str]) -> None:
@@ -102,6 +109,9 @@ def parse_recipe(text: str, source: str) -> Recipe:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InputError(source, f"invalid TOML: {exc}") from None
+    unknown = sorted(set(doc) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise InputError(source, f"unknown top-level keys {unknown} (known: {', '.join(sorted(TOP_LEVEL_KEYS))})")
     passes = doc.get("pass")
     if not isinstance(passes, list) or not passes:
         raise InputError(source, "a recipe needs at least one [[pass]] table")
@@ -132,9 +142,28 @@ def parse_recipe(text: str, source: str) -> Recipe:
     if workers is not None:
         workers = _check_workers(workers, source)
     recipe = Recipe(name=str(doc.get("name", Path(source).stem)), passes=specs, seed=seed, source=source,
-                    target=target, executor=executor, workers=workers)
+                    target=target, executor=executor, workers=workers, verify=verify_table(doc, source))
     recipe.instantiate()  # validate pass names and options now, not halfway through a run
     return recipe
+
+
+TOP_LEVEL_KEYS = {"name", "seed", "target", "executor", "workers", "verify", "pass"}
+VERIFY_GATES = ("min_cosine", "max_ppl_increase")
+"""The quality gates of ``sparseforge verify`` (``[verify]`` in a recipe)."""
+
+
+def verify_table(doc: dict[str, Any], source: str | Path | None) -> dict[str, float]:
+    """The ``[verify]`` table of a parsed recipe: gate name -> number (empty: none)."""
+    table = doc.get("verify", {})
+    if not isinstance(table, dict):
+        raise InputError(source, "[verify] must be a table")
+    unknown = sorted(set(table) - set(VERIFY_GATES))
+    if unknown:
+        raise InputError(source, f"[verify]: unknown gates {unknown} (gates: {', '.join(VERIFY_GATES)})")
+    for key, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(source, f"verify gate {key} must be a number, got {value!r}")
+    return {k: float(v) for k, v in table.items()}
 
 
 def load_recipe(path: str | Path | None) -> Recipe:

@@ -36,8 +36,9 @@ from . import artifact_format as F
 from .calibration import Sequences, build_calibration
 from .errors import InputError
 from .ir import ModelIR
+from .recipe import verify_table
 
-DEFAULT_GATES = {"min_cosine": 0.98, "max_ppl_increase": 0.05}
+DEFAULT_GATES = {"min_cosine": 0.98, "max_ppl_increase": 0.05}  # recipe.VERIFY_GATES
 _CHECKED_DIMS = ("family", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim", "vocab_size")
 
@@ -51,7 +52,7 @@ def resolve_gates(explicit: dict[str, float | None], recipe: str | Path | None,
         if not p.is_file():
             raise InputError(p, "recipe file not found")
         try:
-            from_recipe = dict(tomllib.loads(p.read_text(encoding="utf-8")).get("verify") or {})
+            from_recipe = verify_table(tomllib.loads(p.read_text(encoding="utf-8")), p)
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise InputError(p, f"invalid TOML: {exc}") from None
     from_artifact = dict((artifact_recipe or {}).get("verify") or {})
