@@ -42,6 +42,14 @@ def test_bench_encoder_cli(bert_out, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", str(bert_out / "model.gguf"), "--modes", "fast"])
     assert exc.value.code == 2 and "--modes" in capsys.readouterr().err
+    garbage = tmp_path / "x.onnx"
+    garbage.write_bytes(b"not a protobuf" * 8)
+    for args, says in ((["--threads", "0"], "--threads"), (["--seq-lens", "16,,32"], "--seq-lens"),
+                       (["--json", str(tmp_path)], "is a directory"),
+                       (["--ort-graph", f"g={garbage}"], "not a loadable ONNX model")):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", str(bert_out / "model.gguf"), "--seq-lens", "8", "--batch", "1", "--repeats", "1", *args])
+        assert exc.value.code == 2 and says in capsys.readouterr().err, args
 
 
 def test_synthetic_decode_smoke(tmp_path):

@@ -10,6 +10,7 @@ import torch
 from sparseforge.toolchain.errors import InputError
 from sparseforge.toolchain.families import registered_architectures
 from sparseforge.toolchain.frontends.hf import load_hf_checkpoint
+from sparseforge.toolchain.frontends import load_model
 
 
 def _state(model) -> dict[str, np.ndarray]:
@@ -101,6 +102,8 @@ def test_config_problems(tiny_model, tmp_path):
     (d / "config.json").unlink()
     with pytest.raises(InputError, match="config.json not found"):
         load_hf_checkpoint(d)
+    with pytest.raises(InputError, match="neither a Hugging Face checkpoint .config.json. nor a sparseforge IR"):
+        load_model(d)
 
 
 def test_missing_weights_and_shards(tiny_model, tmp_path):

@@ -121,6 +121,9 @@ def test_ir_load_errors(tiny_model, tmp_path):
     (tmp_path / "ir" / "tensors.safetensors").unlink()
     with pytest.raises(InputError, match="does not exist"):
         ModelIR.load(tmp_path / "ir")
+    manifest.write_text("[]")  # valid JSON, not a manifest
+    with pytest.raises(InputError, match="not a sparseforge IR manifest"):
+        ModelIR.load(tmp_path / "ir")
     manifest.write_text("{")
     with pytest.raises(InputError, match="corrupt IR manifest"):
         ModelIR.load(tmp_path / "ir")

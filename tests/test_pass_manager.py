@@ -173,7 +173,7 @@ def test_weight_stats_against_numpy(tiny_model):
         ("[[pass]\nname = 'x'", "invalid TOML"),
         ("seeed = 3\n[[pass]]\nname = 'test-count'", "unknown top-level keys \\['seeed'\\]"),
         ("[verify]\nmin_cosin = 0.9\n[[pass]]\nname = 'test-count'", "unknown gates \\['min_cosin'\\]"),
-        ("[verify]\nmin_cosine = 'high'\n[[pass]]\nname = 'test-count'", "must be a number"),
+        ("[verify]\nmin_cosine = 'high'\n[[pass]]\nname = 'test-count'", "must be a finite number"),
         ("verify = 0.9\n[[pass]]\nname = 'test-count'", "must be a table"),
     ],
 )
@@ -191,6 +191,8 @@ def test_recipe_override_and_builtin():
     assert p.options == ScaleOptions(factor=0.5, layer=1)
     with pytest.raises(InputError, match="no pass 'other'"):
         r.override(["other.x=1"])
+    with pytest.raises(InputError, match="--set test-scale-up.factor=abc: option test-scale-up.factor"):
+        r.override(["test-scale-up.factor=abc"])  # the error names the --set, not the recipe file
     with pytest.raises(InputError, match="no such recipe"):
         load_recipe("no-such-recipe")
 
@@ -217,6 +219,29 @@ def test_convert_leaves_nothing_partial_on_failure(tiny_model, tmp_path):
         convert_model(ckpt, out, recipe=recipe)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name != "bad.toml"] == []
+
+
+def test_convert_replaces_only_its_own_outputs(tiny_model, tmp_path):
+    """An existing directory sparseforge did not write, a file, or a path under a file is
+    bad output (checked before the run, nothing touched); its own output is replaced."""
+    ckpt, _ = tiny_model("bert")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[[pass]]\nname = 'test-count'\n")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "data.txt").write_text("keep")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, message in ((precious, "not written by sparseforge"), (afile, "not a directory"),
+                         (afile / "sub", "is not a directory")):
+        with pytest.raises(InputError, match=message):
+            convert_model(ckpt, out, recipe=recipe)
+    assert (precious / "data.txt").read_text() == "keep" and afile.read_text() == "x"
+    for _ in range(2):
+        convert_model(ckpt, tmp_path / "out", recipe=recipe)
+    assert (tmp_path / "out" / "report.json").is_file()
+    with pytest.raises(InputError, match="--dump-after nope"):
+        convert_model(ckpt, tmp_path / "out2", recipe=recipe, dump_after=["nope"])
 
 
 def test_convert_output_does_not_depend_on_the_cache(tiny_model, tmp_path):

@@ -37,10 +37,12 @@ def test_verify_encoder_cli_gates_and_json(bert_out, tmp_path, capsys):
     r = json.loads((tmp_path / "v.json").read_text())
     assert code == 0 and "PASSED" in out and r["passed"] and r["mean_cosine"] > 0.9
     assert r["min_cosine"] <= r["mean_cosine"] and r["gates"]["min_cosine"]["source"] == "option"
-    code, out, _ = _call(capsys, "verify", bert_out / "model.gguf", "--reference", src, "--min-cosine", "1.01")
-    assert code == 1 and "FAILED" in out
+    code, out, _ = _call(capsys, "verify", bert_out / "model.gguf", "--reference", src, "--min-cosine", "1.0")
+    assert code == 1 and "FAILED" in out  # the relufied model's mean cosine is below 1
+    for bad in ("1.01", "nan"):  # a cosine gate outside [-1, 1] is bad input, before anything runs
+        assert _call(capsys, "verify", bert_out / "model.gguf", "--reference", src, "--min-cosine", bad)[0] == 2
     recipe = tmp_path / "r.toml"
-    recipe.write_text('[verify]\nmin_cosine = 1.01\n[[pass]]\nname = "weight-stats"\n')
+    recipe.write_text('[verify]\nmin_cosine = 1.0\n[[pass]]\nname = "weight-stats"\n')
     code, out, _ = _call(capsys, "verify", bert_out / "model.gguf", "--reference", src, "--recipe", recipe,
                          "--data", bert_out.parent / "calib.txt", "--num-sequences", "4")
     assert code == 1 and "(recipe)" in out and "calib.txt" in out

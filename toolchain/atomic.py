@@ -8,11 +8,33 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import InputError
+
+
+def check_output_file(path: str | Path) -> Path:
+    """``path`` as an output file: not a directory, its nearest existing parent a directory
+    (else an :class:`InputError`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a directory, not an output file")
+    _check_parent(path)
+    return path
+
+
+def _check_parent(path: Path) -> None:
+    """The nearest existing parent of ``path`` must be a directory."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(parent, f"is not a directory, so the output {path} cannot be created in it")
+            return
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary file path beside ``path``; rename it onto ``path`` on success."""
-    path = Path(path)
+    """Yield a temporary file path beside ``path`` (:func:`check_output_file`); rename it
+    onto ``path`` on success."""
+    path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -25,13 +47,34 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+OUTPUT_MARKERS = ("report.json", "manifest.json", "record.json")
+"""Files one of which every directory sparseforge writes holds at its top level (a
+``convert`` / subcommand output, an IR directory, a pass-cache entry)."""
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """``path`` as an output directory sparseforge may (re)place: absent, empty, or a
+    directory it wrote before (one of :data:`OUTPUT_MARKERS`); anything else, or a parent
+    that is not a directory, is an :class:`InputError`, so that no user data is replaced."""
+    path = Path(path)
+    _check_parent(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise InputError(path, "output exists and is not a directory (remove it or choose another output)")
+        if any(path.iterdir()) and not any((path / m).is_file() for m in OUTPUT_MARKERS):
+            raise InputError(path, "output directory exists and was not written by sparseforge "
+                                   f"(none of {', '.join(OUTPUT_MARKERS)}); remove it or choose another output")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; it replaces ``path`` on success.
 
-    An existing ``path`` is removed only after the new directory is complete.
+    ``path`` must pass :func:`check_output_dir`. An existing ``path`` is removed only
+    after the new directory is complete.
     """
-    path = Path(path)
+    path = check_output_dir(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o755)

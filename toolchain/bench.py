@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .errors import InputError
 from .instruments import rss_bytes
 
 DEFAULT_MODES = ("dense", "sparse")
@@ -183,7 +184,7 @@ def _batches(ids: np.ndarray, L: int, batch: int) -> np.ndarray:
 
 def _bench_encoder(rt, ids: np.ndarray, seq_lens: tuple[int, ...], batch: int, repeats: int) -> dict[str, Any]:
     out = {}
-    rt.embed_ids(_batches(ids, min(seq_lens), 2)[:2])  # compile
+    rt.embed_ids(_batches(ids, min(seq_lens), batch)[:2])  # compile
     for L in seq_lens:
         x = _batches(ids, L, batch)
         rt.ffn.reset_stats()
@@ -201,15 +202,18 @@ def _bench_ort(model, report, ids, ort_graphs, reference, threads, repeats, prom
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="sparseforge-bench-") as tmp:
         sessions: dict[str, Any] = {}
-        if ort_graphs:
-            sessions = {name: FFNTap(Path(g), [], threads=threads) for name, g in ort_graphs.items()}
-        else:
-            if reference is not None:
-                from .verify import load_reference
+        for name, g in (ort_graphs or {}).items():
+            try:
+                sessions[name] = FFNTap(Path(g), [], threads=threads)
+            except Exception as exc:  # onnx / onnxruntime raise their own types for a bad file
+                raise InputError(g, f"--ort-graph {name}: not a loadable ONNX model ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        if not ort_graphs and reference is not None:
+            from .verify import load_reference
 
-                sessions["ort_f32"] = ort_session(load_reference(reference, model.spec), Path(tmp), threads)
-            else:
-                sessions["ort_f32"] = ort_session(model, Path(tmp), threads)
+            sessions["ort_f32"] = ort_session(load_reference(reference, model.spec), Path(tmp), threads)
+        elif not ort_graphs:
+            sessions["ort_f32"] = ort_session(model, Path(tmp), threads)
         for name, sess in sessions.items():
             if model.spec.causal:
                 p = ids[None, :prompt_tokens]

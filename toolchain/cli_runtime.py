@@ -6,16 +6,29 @@ Registered onto the ``sparseforge`` click group when this module is imported
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import click
 
+from .atomic import check_output_file, write_text_atomic
 from .cli import cli, main
 from .errors import InputError
 from .runtime_load import MODES
 
 _MODE = click.Choice(list(MODES))
+_COUNT = click.IntRange(min=1)
+
+
+class _Finite(click.FloatRange):
+    """A float range that also rejects nan and infinities."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number.", param, ctx)
+        return rv
 
 
 def _artifact_path(path: Path) -> Path:
@@ -26,8 +39,7 @@ def _artifact_path(path: Path) -> Path:
 
 def _write_json(path: Path | None, report: dict) -> None:
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1, sort_keys=True, default=float) + "\n")
+        write_text_atomic(path, json.dumps(report, indent=1, sort_keys=True, default=float) + "\n")
 
 
 @cli.command("run")
@@ -36,9 +48,11 @@ def _write_json(path: Path | None, report: dict) -> None:
 @click.option("--embed", "texts", multiple=True, help="Encoders: print the embedding of this text (repeatable).")
 @click.option("--mode", type=_MODE, default="sparse", show_default=True,
               help="FFN mode: sparse (per layer as converted), predictor, gate-first or dense.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Tokens to generate.")
-@click.option("--top-p", type=float, default=None, help="Sample with this nucleus mass (default: greedy).")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature.")
+@click.option("--max-new-tokens", type=_COUNT, default=32, show_default=True, help="Tokens to generate.")
+@click.option("--top-p", type=_Finite(0, 1, min_open=True), default=None,
+              help="Sample with this nucleus mass in (0, 1] (default: greedy).")
+@click.option("--temperature", type=_Finite(0, min_open=True), default=1.0, show_default=True,
+              help="Sampling temperature (> 0).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (embeddings as lists, or the generated text and ids).")
 def run(artifact: Path, prompt: str | None, texts: tuple[str, ...], mode: str, max_new_tokens: int,
@@ -49,11 +63,10 @@ def run(artifact: Path, prompt: str | None, texts: tuple[str, ...], mode: str, m
     rt = load_runtime(_artifact_path(artifact), mode=mode)
     if rt.spec.causal:
         if prompt is None or texts:
-            raise InputError(artifact, "a decoder artifact: give --prompt TEXT (not --embed)")
-        if max_new_tokens < 1:
-            raise InputError(None, "--max-new-tokens must be >= 1")
+            raise InputError(artifact, "a decoder artifact: give --prompt TEXT" + (" (not --embed)" if texts else ""))
         try:
-            sampler = Sampler(greedy=top_p is None, temperature=temperature, top_p=top_p or 1.0, seed=seed)
+            sampler = Sampler(greedy=top_p is None, temperature=temperature, top_p=1.0 if top_p is None else top_p,
+                              seed=seed)
         except ValueError as exc:
             raise InputError(None, str(exc)) from None
         tok = rt.model.require_tokenizer()
@@ -73,7 +86,8 @@ def run(artifact: Path, prompt: str | None, texts: tuple[str, ...], mode: str, m
             click.echo()
     else:
         if not texts or prompt is not None:
-            raise InputError(artifact, "an encoder artifact: give --embed TEXT (not --prompt)")
+            raise InputError(artifact, "an encoder artifact: give --embed TEXT"
+                             + (" (not --prompt)" if prompt is not None else ""))
         emb = rt.embed(list(texts))
         if as_json:
             click.echo(json.dumps({"embeddings": emb.tolist()}))
@@ -92,12 +106,13 @@ def run(artifact: Path, prompt: str | None, texts: tuple[str, ...], mode: str, m
               help="The original model (checkpoint directory, .onnx or IR directory), run in onnxruntime.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Evaluation text/JSONL/directory/.npy (default: the conversion's held-out calibration split).")
-@click.option("--num-sequences", type=int, default=64, show_default=True, help="Sequences to evaluate (0: all).")
-@click.option("--seq-len", type=int, default=None, help="Tokens per sequence (default: the recipe's).")
+@click.option("--num-sequences", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Sequences to evaluate (0: all).")
+@click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Tokens per sequence (default: the recipe's).")
 @click.option("--mode", type=_MODE, default="sparse", show_default=True, help="Runtime FFN mode.")
-@click.option("--min-cosine", type=float, default=None,
+@click.option("--min-cosine", type=_Finite(-1, 1), default=None,
               help="Encoders: lowest acceptable mean embedding cosine (default: recipe, else 0.98).")
-@click.option("--max-ppl-increase", type=float, default=None,
+@click.option("--max-ppl-increase", type=_Finite(), default=None,
               help="Decoders: largest acceptable relative perplexity increase (default: recipe, else 0.05).")
 @click.option("--recipe", type=click.Path(path_type=Path), default=None,
               help="Recipe TOML whose [verify] table gives the gates.")
@@ -110,6 +125,8 @@ def verify_cmd(artifact: Path, reference: Path, data: Path | None, num_sequences
 
     if not reference.exists():
         raise InputError(reference, "reference model not found")
+    if json_path is not None:
+        check_output_file(json_path)  # before the run, not after it
     report = verify(_artifact_path(artifact), reference, data=data, num_sequences=num_sequences, seq_len=seq_len,
                     mode=mode, min_cosine=min_cosine, max_ppl_increase=max_ppl_increase, recipe=recipe)
     _write_json(json_path, report)
@@ -134,17 +151,17 @@ def verify_summary(r: dict) -> str:
 @cli.command("bench")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--modes", default="dense,sparse", show_default=True, help="Runtime modes to time (comma-separated).")
-@click.option("--prompt-tokens", type=int, default=32, show_default=True, help="Decoders: prompt (prefill) length.")
-@click.option("--decode-tokens", type=int, default=32, show_default=True, help="Decoders: generated tokens timed.")
+@click.option("--prompt-tokens", type=_COUNT, default=32, show_default=True, help="Decoders: prompt (prefill) length.")
+@click.option("--decode-tokens", type=_COUNT, default=32, show_default=True, help="Decoders: generated tokens timed.")
 @click.option("--seq-lens", default="16,64,128", show_default=True, help="Encoders: sequence lengths.")
-@click.option("--batch", type=int, default=8, show_default=True, help="Encoders: sequences per batch.")
-@click.option("--repeats", type=int, default=3, show_default=True, help="Best of this many timings.")
+@click.option("--batch", type=_COUNT, default=8, show_default=True, help="Encoders: sequences per batch.")
+@click.option("--repeats", type=_COUNT, default=3, show_default=True, help="Best of this many timings.")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="Time the dense onnxruntime baseline of this model instead of the artifact's own weights.")
 @click.option("--ort-graph", "ort_graphs", multiple=True, metavar="NAME=PATH",
               help="Time this ONNX file as the onnxruntime baseline NAME (repeatable).")
 @click.option("--no-ort", is_flag=True, help="Skip the onnxruntime baseline.")
-@click.option("--threads", type=int, default=None, help="Threads for the runtime and onnxruntime (default: all cores).")
+@click.option("--threads", type=_COUNT, default=None, help="Threads for the runtime and onnxruntime (default: all cores).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report here.")
 def bench_cmd(artifact: Path, modes: str, prompt_tokens: int, decode_tokens: int, seq_lens: str, batch: int,
               repeats: int, reference: Path | None, ort_graphs: tuple[str, ...], no_ort: bool, threads: int | None,
@@ -157,11 +174,15 @@ def bench_cmd(artifact: Path, modes: str, prompt_tokens: int, decode_tokens: int
     if bad or not mode_list:
         raise InputError(None, f"--modes {modes!r}: expected a comma-separated subset of {', '.join(MODES)}")
     try:
-        lens = tuple(int(v) for v in seq_lens.split(",") if v.strip())
+        lens = tuple(int(v) for v in seq_lens.split(","))
     except ValueError:
-        raise InputError(None, f"--seq-lens {seq_lens!r}: expected comma-separated integers") from None
-    if min(prompt_tokens, decode_tokens, batch, repeats, threads or 1, *(lens or (0,))) < 1:
-        raise InputError(None, "token counts, --seq-lens, --batch, --repeats and --threads must be >= 1")
+        lens = ()
+    if not lens or min(lens) < 1:
+        raise InputError(None, f"--seq-lens {seq_lens!r}: expected comma-separated integers >= 1")
+    if reference is not None and not reference.exists():
+        raise InputError(reference, "reference model not found")
+    if json_path is not None:
+        check_output_file(json_path)
     graphs = {}
     for g in ort_graphs:
         name, sep, path = g.partition("=")

@@ -257,7 +257,7 @@ class ModelIR:
             raise InputError(directory, f"not a sparseforge IR directory (no {MANIFEST})")
         try:
             m = json.loads(path.read_text(encoding="utf-8"))
-            if m.get("format") != "sparseforge-ir":
+            if not isinstance(m, dict) or m.get("format") != "sparseforge-ir":
                 raise InputError(path, "not a sparseforge IR manifest")
             if m.get("version") != IR_FORMAT_VERSION:
                 raise InputError(path, f"IR format version {m.get('version')} is not supported "

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .artifact_format import ARTIFACT_KEY as ARTIFACT
-from .atomic import atomic_dir
+from .atomic import atomic_dir, check_output_dir
+from .errors import InputError
 from .frontends import load_model
 from .ir import ModelIR, _link_or_copy
 from .pass_base import get_pass, make_options
@@ -54,7 +55,11 @@ def convert_model(
 
         configure_executor("ray", address=ray_address)
     passes = r.instantiate()
-    output = Path(output)
+    unknown = sorted(set(dump_after or ()) - {p.name for p in passes} - {"all"})
+    if unknown:
+        raise InputError(None, f"--dump-after {', '.join(unknown)}: the recipe has no such pass "
+                               f"(its passes: {', '.join(p.name for p in passes)}; or all)")
+    output = check_output_dir(output)  # before the run: a directory it may not replace fails now
     ir = load_model(model)
     manager = PassManager(
         passes, cache_dir=cache_dir, dump_after=dump_after or (),
@@ -108,6 +113,7 @@ def run_pass_to_dir(name: str, model: str | Path, output: str | Path, options: d
     for pass_name, values in [*(before or []), (name, options)]:
         cls = get_pass(pass_name)
         passes.append(cls(make_options(cls, values, f"sparseforge {name}")))
+    check_output_dir(output)
     ir = load_model(model)
     result = PassManager(passes, cache_dir=cache_dir, seed=seed).run(ir)
     with atomic_dir(Path(output)) as tmp:

@@ -30,6 +30,7 @@ artifact's recorded recipe carries them. Any other top-level key is an error.
 """
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -100,6 +101,7 @@ class Recipe:
             targets = [p for p in self.passes if p.name == pass_name]
             if not targets:
                 raise InputError(None, f"--set {text!r}: the recipe has no pass {pass_name!r}")
+            make_options(get_pass(pass_name, None), {option: value}, f"--set {text}")  # the culprit named
             for p in targets:
                 p.options[option] = value
 
@@ -161,8 +163,10 @@ def verify_table(doc: dict[str, Any], source: str | Path | None) -> dict[str, fl
     if unknown:
         raise InputError(source, f"[verify]: unknown gates {unknown} (gates: {', '.join(VERIFY_GATES)})")
     for key, value in table.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(source, f"verify gate {key} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(source, f"verify gate {key} must be a finite number, got {value!r}")
+        if key == "min_cosine" and not -1.0 <= value <= 1.0:
+            raise InputError(source, f"verify gate min_cosine must be in [-1, 1], got {value!r}")
     return {k: float(v) for k, v in table.items()}
 
 

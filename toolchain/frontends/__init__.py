@@ -18,6 +18,9 @@ def load_model(path: str | Path) -> ModelIR:
         raise InputError(p, "no such file or directory")
     if p.is_dir() and (p / MANIFEST).is_file():
         return ModelIR.load(p)
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise InputError(p, f"not a model directory: neither a Hugging Face checkpoint (config.json) nor a "
+                            f"sparseforge IR directory ({MANIFEST})")
     if p.is_dir():
         from .hf import load_hf_checkpoint
 
