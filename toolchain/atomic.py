@@ -47,9 +47,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-OUTPUT_MARKERS = ("report.json", "manifest.json", "record.json")
-"""Files one of which every directory sparseforge writes holds at its top level (a
-``convert`` / subcommand output, an IR directory, a pass-cache entry)."""
+OUTPUT_MARKERS = ("report.json", "manifest.json")
+"""Files one of which every output directory sparseforge writes holds at its top level
+(a ``convert``, ``demo`` or subcommand output; an IR directory)."""
 
 
 def check_output_dir(path: str | Path) -> Path:
@@ -68,13 +68,14 @@ def check_output_dir(path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, *, owned: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; it replaces ``path`` on success.
 
-    ``path`` must pass :func:`check_output_dir`. An existing ``path`` is removed only
-    after the new directory is complete.
+    ``path`` must pass :func:`check_output_dir`, unless ``owned`` (a directory only
+    sparseforge writes to, such as a pass-cache entry, which a damaged copy may occupy).
+    An existing ``path`` is removed only after the new directory is complete.
     """
-    path = check_output_dir(path)
+    path = Path(path) if owned else check_output_dir(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o755)

@@ -184,7 +184,7 @@ class PassManager:
         """Write the entry under a temporary name, rename it into place (all or nothing)
         and return the IR as read back from it (what a cached run of the pass returns)."""
         entry = self._entry(key)
-        with atomic_dir(entry) as tmp:
+        with atomic_dir(entry, owned=True) as tmp:  # replaces a damaged entry
             ir.save(tmp / "ir")
             (tmp / "record.json").write_text(json.dumps(asdict(record)))
         return ModelIR.load(entry / "ir")
