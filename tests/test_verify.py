@@ -39,8 +39,8 @@ def test_verify_encoder_cli_gates_and_json(bert_out, tmp_path, capsys):
     assert r["min_cosine"] <= r["mean_cosine"] and r["gates"]["min_cosine"]["source"] == "option"
     code, out, _ = _call(capsys, "verify", bert_out / "model.gguf", "--reference", src, "--min-cosine", "1.0")
     assert code == 1 and "FAILED" in out  # the relufied model's mean cosine is below 1
-    for bad in ("1.01", "nan"):  # a cosine gate outside [-1, 1] is bad input, before anything runs
-        assert _call(capsys, "verify", bert_out / "model.gguf", "--reference", src, "--min-cosine", bad)[0] == 2
+    for bad in (["--min-cosine", "1.01"], ["--min-cosine", "nan"], ["--seq-len", "100000"]):
+        assert _call(capsys, "verify", bert_out / "model.gguf", "--reference", src, *bad)[0] == 2, bad
     recipe = tmp_path / "r.toml"
     recipe.write_text('[verify]\nmin_cosine = 1.0\n[[pass]]\nname = "weight-stats"\n')
     code, out, _ = _call(capsys, "verify", bert_out / "model.gguf", "--reference", src, "--recipe", recipe,

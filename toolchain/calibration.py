@@ -160,6 +160,9 @@ def load_token_ids(path: Path, vocab_size: int, seq_len: int) -> list[np.ndarray
     """Windows from a ``.npy`` of token ids: rows of a 2-D array (trailing ``-1`` = padding)
     or ``seq_len`` windows of a 1-D stream."""
     try:
+        with open(path, "rb") as fh:
+            if fh.read(6) != b"\x93NUMPY":
+                raise InputError(path, "not a .npy file (no NUMPY magic)")
         arr = np.load(path, allow_pickle=False, mmap_mode="r")
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(path, f"not a readable .npy array: {exc}") from None

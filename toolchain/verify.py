@@ -100,8 +100,9 @@ def heldout_sequences(rt, ref: ModelIR, *, data: str | Path | None, num_sequence
     if tokenizer is None and art.tokenizer_json:
         tokenizer = str(tmp / "tokenizer.json")
         Path(tokenizer).write_text(art.tokenizer_json, encoding="utf-8")
-    seq_len = seq_len or int(opts.get("seq_len") or 128)
-    seq_len = min(seq_len, rt.spec.max_positions)
+    if seq_len and seq_len > rt.spec.max_positions:
+        raise InputError(None, f"--seq-len {seq_len} exceeds the model's {rt.spec.max_positions} positions")
+    seq_len = min(seq_len or int(opts.get("seq_len") or 128), rt.spec.max_positions)
     common = dict(tokenizer=tokenizer, vocab_size=rt.spec.vocab_size, seq_len=seq_len,
                   pad_id=rt.spec.pad_token_id or 0)
     if data is not None:
