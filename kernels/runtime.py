@@ -101,8 +101,9 @@ class LayerKernels:
         self.bu = _bias(up_bias, self.n, "up bias")
         self.bd = _bias(down_bias, self.d, "down bias")
         self.nchunks = nchunks or ffn.default_chunks()
-        self.crossover = default_crossover(layout.fmt, self.d) if crossover is None else float(crossover)
-        self.slope = switch_fit(layout.fmt).slope
+        fit = SWITCH_FITS["f32" if layout.fmt == "f32" else "quantized"]  # f16 was widened to f32 above
+        self.crossover = fit.crossover(self.d) if crossover is None else float(crossover)
+        self.slope = fit.slope
         self.serial_below = serial_below
         self._all = np.arange(self.n, dtype=np.int64)
 
@@ -247,6 +248,11 @@ class SwitchFit:
     d_exponent: float
     slope: float
 
+    def crossover(self, d: int) -> float:
+        """The switch point at :data:`CROSSOVER_TOKENS` tokens, equal thread counts, for
+        ``d``-wide rows."""
+        return self.at_2048 * (d / 2048) ** self.d_exponent
+
 
 SWITCH_FITS = {
     # f32 tiles multiply the bundles in place: a least-squares fit (log space) to the
@@ -258,17 +264,6 @@ SWITCH_FITS = {
     "quantized": SwitchFit(at_2048=2.4, d_exponent=0.7, slope=0.65),
 }
 
-
-def switch_fit(fmt: str) -> SwitchFit:
-    """The :class:`SwitchFit` of layers in ``fmt`` (``LayerKernels`` widens f16 to f32)."""
-    return SWITCH_FITS["f32" if fmt == "f32" else "quantized"]
-
-
-def default_crossover(fmt: str, d: int) -> float:
-    """The switch point at :data:`CROSSOVER_TOKENS` tokens, equal thread counts, for
-    ``d``-wide rows in ``fmt`` (:func:`switch_fit`)."""
-    fit = switch_fit(fmt)
-    return fit.at_2048 * (d / 2048) ** fit.d_exponent
 
 
 def measure_crossover(kernels: LayerKernels, tokens: int = CROSSOVER_TOKENS,

@@ -202,17 +202,18 @@ def _bench_ort(model, report, ids, ort_graphs, reference, threads, repeats, prom
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="sparseforge-bench-") as tmp:
         sessions: dict[str, Any] = {}
-        for name, g in (ort_graphs or {}).items():
-            try:
-                sessions[name] = FFNTap(Path(g), [], threads=threads)
-            except Exception as exc:  # onnx / onnxruntime raise their own types for a bad file
-                raise InputError(g, f"--ort-graph {name}: not a loadable ONNX model ({type(exc).__name__}: "
-                                    f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-        if not ort_graphs and reference is not None:
+        if ort_graphs:
+            for name, g in ort_graphs.items():
+                try:
+                    sessions[name] = FFNTap(Path(g), [], threads=threads)
+                except Exception as exc:  # onnx / onnxruntime raise their own types for a bad file
+                    raise InputError(g, f"--ort-graph {name}: not a loadable ONNX model ({type(exc).__name__}: "
+                                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        elif reference is not None:
             from .verify import load_reference
 
             sessions["ort_f32"] = ort_session(load_reference(reference, model.spec), Path(tmp), threads)
-        elif not ort_graphs:
+        else:
             sessions["ort_f32"] = ort_session(model, Path(tmp), threads)
         for name, sess in sessions.items():
             if model.spec.causal:

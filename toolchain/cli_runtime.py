@@ -31,9 +31,9 @@ class _Finite(click.FloatRange):
         return rv
 
 
-def _artifact_path(path: Path) -> Path:
+def _existing(path: Path, what: str = "artifact") -> Path:
     if not path.exists():
-        raise InputError(path, "artifact not found")
+        raise InputError(path, f"{what} not found")
     return path
 
 
@@ -60,7 +60,7 @@ def run(artifact: Path, prompt: str | None, texts: tuple[str, ...], mode: str, m
     """Run ARTIFACT: embed texts (encoders) or generate from a prompt (decoders)."""
     from .runtime import Sampler, load_runtime
 
-    rt = load_runtime(_artifact_path(artifact), mode=mode)
+    rt = load_runtime(_existing(artifact), mode=mode)
     if rt.spec.causal:
         if prompt is None or texts:
             raise InputError(artifact, "a decoder artifact: give --prompt TEXT" + (" (not --embed)" if texts else ""))
@@ -123,11 +123,10 @@ def verify_cmd(artifact: Path, reference: Path, data: Path | None, num_sequences
     """Check ARTIFACT against the original model on held-out inputs; exit 1 when a gate fails."""
     from .verify import verify
 
-    if not reference.exists():
-        raise InputError(reference, "reference model not found")
+    _existing(reference, "reference model")
     if json_path is not None:
         check_output_file(json_path)  # before the run, not after it
-    report = verify(_artifact_path(artifact), reference, data=data, num_sequences=num_sequences, seq_len=seq_len,
+    report = verify(_existing(artifact), reference, data=data, num_sequences=num_sequences, seq_len=seq_len,
                     mode=mode, min_cosine=min_cosine, max_ppl_increase=max_ppl_increase, recipe=recipe)
     _write_json(json_path, report)
     click.echo(verify_summary(report))
@@ -179,8 +178,8 @@ def bench_cmd(artifact: Path, modes: str, prompt_tokens: int, decode_tokens: int
         lens = ()
     if not lens or min(lens) < 1:
         raise InputError(None, f"--seq-lens {seq_lens!r}: expected comma-separated integers >= 1")
-    if reference is not None and not reference.exists():
-        raise InputError(reference, "reference model not found")
+    if reference is not None:
+        _existing(reference, "reference model")
     if json_path is not None:
         check_output_file(json_path)
     graphs = {}
@@ -189,7 +188,7 @@ def bench_cmd(artifact: Path, modes: str, prompt_tokens: int, decode_tokens: int
         if not sep or not Path(path).is_file():
             raise InputError(Path(path) if sep else None, f"--ort-graph {g!r}: expected NAME=PATH of an ONNX file")
         graphs[name] = path
-    report = bench(_artifact_path(artifact), modes=mode_list, prompt_tokens=prompt_tokens,
+    report = bench(_existing(artifact), modes=mode_list, prompt_tokens=prompt_tokens,
                    decode_tokens=decode_tokens, seq_lens=lens, batch=batch, repeats=repeats, ort=not no_ort,
                    ort_graphs=graphs or None, reference=reference, threads=threads)
     _write_json(json_path, report)
