@@ -1,7 +1,10 @@
 """Safetensors I/O, the lazy tensor store and the IR's save/load round trip."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 
 import ml_dtypes
 import numpy as np
@@ -129,3 +132,37 @@ def test_ir_load_errors(tiny_model, tmp_path):
         ModelIR.load(tmp_path / "ir")
     with pytest.raises(InputError, match="not a sparseforge IR"):
         ModelIR.load(tmp_path)
+
+
+def _flip_last_byte(path) -> None:
+    """Flip the file's last byte (tensor data, not the header) and move its mtime on: the
+    in-process digest memo is keyed by (path, size, mtime), and a rewrite within the same
+    clock tick keeps the mtime (a new process, as on the command line, hashes anew)."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    st = path.stat()
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def test_ir_checksums_cover_every_file_it_reads_and_catch_a_changed_byte(tiny_model, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_model("bert")[0], ckpt)
+    ir = load_hf_checkpoint(ckpt)
+    ir.store.set("sparseforge.extra", np.arange(64, dtype=np.float32))
+    ir.save(tmp_path / "ir")
+    recorded = json.loads((tmp_path / "ir" / "manifest.json").read_text())["checksums"]
+    expected = {"tensors.safetensors", str(ckpt / "model.safetensors")} | (
+        {"tokenizer.json"} if ir.tokenizer else set())
+    assert set(recorded) == expected
+    for rel, digest in recorded.items():  # against hashlib over the bytes on disk
+        assert digest == hashlib.sha256(((tmp_path / "ir") / rel).read_bytes()).hexdigest()
+    for damaged in (tmp_path / "ir" / "tensors.safetensors", ckpt / "model.safetensors"):
+        good = damaged.read_bytes()
+        _flip_last_byte(damaged)
+        with pytest.raises(InputError, match="changed since the IR") as exc:
+            ModelIR.load(tmp_path / "ir")
+        assert str(damaged) in str(exc.value)
+        ModelIR.load(tmp_path / "ir", verify=False)  # the bytes still parse: only the digest tells
+        damaged.write_bytes(good)
+    assert np.array_equal(ModelIR.load(tmp_path / "ir").store.get("sparseforge.extra"), np.arange(64))

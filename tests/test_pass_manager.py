@@ -129,6 +129,20 @@ def test_damaged_cache_entry_is_a_miss(tiny_model, tmp_path):
     assert np.array_equal(again.ir.store.get(up), res.ir.store.get(up))
 
 
+def test_cache_entry_with_a_changed_byte_is_a_miss(tiny_model, tmp_path):
+    ckpt, _ = tiny_model("bert")
+    cache = tmp_path / "cache"
+    res = PassManager(_recipe(tmp_path).instantiate(), cache_dir=cache).run(load_hf_checkpoint(ckpt))
+    for st in cache.rglob("tensors.safetensors"):
+        data = bytearray(st.read_bytes())
+        data[-1] ^= 1  # the file still parses; only its digest differs from the manifest's
+        st.write_bytes(bytes(data))
+    again = PassManager(_recipe(tmp_path).instantiate(), cache_dir=cache).run(load_hf_checkpoint(ckpt))
+    assert [r.status for r in again.records][:2] == ["cached", "ran"]
+    up = res.ir.blocks[0].up
+    assert np.array_equal(again.ir.store.get(up), res.ir.store.get(up))
+
+
 def test_dump_after_writes_loadable_ir(tiny_model, tmp_path):
     ckpt, _ = tiny_model("bert")
     dumps = tmp_path / "dumps"

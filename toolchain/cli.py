@@ -263,7 +263,8 @@ def list_passes() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def inspect(path: Path, as_json: bool) -> None:
     """Describe a model, IR directory, convert output directory or GGUF artifact
-    (a GGUF artifact is validated in full first, checksums included)."""
+    (a GGUF artifact is validated in full first, checksums included; an IR directory's
+    files against the sha256 digests its manifest records)."""
     from .cli_artifact import inspect_artifact, is_artifact
     from .frontends import load_model
     from .summary import describe, format_summary

@@ -12,7 +12,10 @@ On disk an IR is a directory: ``manifest.json`` (everything but tensor bytes),
 ``tensors.safetensors`` (tensors passes created and held in memory; unchanged tensors stay
 references to the source files), ``tensor-files/`` (files of tensors passes wrote
 themselves, layer by layer: hard links), ``tokenizer.json`` when the model has one, and
-``files/`` for attachments (reports, sample shards).
+``files/`` for attachments (reports, sample shards). The manifest records the sha256 of
+every file the IR reads (its own and those it references outside the directory: the
+source checkpoint, the ONNX graph), and loading checks them, so a flipped byte or a
+source model changed since is an error rather than a silently different model.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from .atomic import atomic_dir
 from .errors import InputError
 from .fingerprint import file_digest
 from .safetensors_io import write_safetensors
-from .tensors import TensorRef, TensorStore
+from .tensors import TensorRef, TensorStore, open_tensor_file
 
 IR_FORMAT_VERSION = 1
 #: prefix of tensors passes add (statistics, thresholds, predictors); the rest are weights
@@ -239,6 +242,7 @@ class ModelIR:
                 "pass_log": self.pass_log,
                 "files": files,
                 "tensors": refs,
+                "checksums": _checksums(tmp, refs, tokenizer, files, self.graph),
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         for name in list(overlay):
@@ -249,8 +253,10 @@ class ModelIR:
         self.files = {k: str(directory / v) for k, v in files.items()}
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ModelIR":
-        """Read an IR directory written by :meth:`save`; checks that referenced files exist."""
+    def load(cls, directory: str | Path, verify: bool = True) -> "ModelIR":
+        """Read an IR directory written by :meth:`save`; checks that referenced files exist
+        and, with ``verify``, that their sha256 digests match the manifest's (files are
+        hashed once per process and version: :func:`~.fingerprint.file_digest`)."""
         directory = Path(directory).resolve()
         path = directory / MANIFEST
         if not path.is_file():
@@ -284,7 +290,36 @@ class ModelIR:
         for ref in {r.file for r in refs.values()}:
             if not Path(ref).is_file():
                 raise InputError(path, f"the IR references {ref}, which does not exist")
+        if verify:
+            _verify_checksums(directory, m.get("checksums", {}))
         return ir
+
+
+def _checksums(directory: Path, refs: dict[str, dict], tokenizer: str | None, files: dict[str, str],
+               graph: str | None) -> dict[str, str]:
+    """sha256 of every file an IR saved in ``directory`` reads, keyed by its path as the
+    manifest writes it (relative inside the directory, absolute outside)."""
+    paths: set[str] = set(files.values())
+    if tokenizer:
+        paths.add(tokenizer)
+    if graph:
+        paths.add(graph)
+    for ref in {(d["file"], d["format"]) for d in refs.values()}:
+        for f in open_tensor_file(directory / ref[0], ref[1]).data_files():  # an absolute ref[0] stays
+            f = Path(f)
+            paths.add(f.relative_to(directory).as_posix() if f.is_relative_to(directory) else str(f))
+    return {p: file_digest(directory / p) for p in sorted(paths)}
+
+
+def _verify_checksums(directory: Path, checksums: dict[str, str]) -> None:
+    """InputError naming the first file whose digest differs from the manifest's."""
+    for rel, digest in sorted(checksums.items()):
+        f = directory / rel
+        if not f.is_file():
+            raise InputError(f, f"missing: the IR in {directory} reads it")
+        if file_digest(f) != digest:
+            raise InputError(f, f"changed since the IR in {directory} was written (sha256 differs from "
+                                f"the manifest's): a corrupt or replaced file")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
