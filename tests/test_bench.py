@@ -11,6 +11,7 @@ import pytest
 from _runtime_artifacts import bert_out, llama_out  # noqa: F401 (fixtures)
 
 from sparseforge.toolchain.bench import bench
+from sparseforge.toolchain.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,13 @@ def test_bench_decoder(llama_out):
     for k in ("decode_predictor_vs_dense", "decode_predictor_vs_ort_f32", "prefill_dense_vs_ort_f32"):
         assert r["ratios"][k] > 0
     assert r["peak_rss_mb"] >= r["rss_after_runtime_load_mb"] > 0
+    with pytest.raises(InputError, match="100 prompt \\+ 29 decode tokens are beyond the model's 128 positions"):
+        bench(llama_out / "model.gguf", prompt_tokens=100, decode_tokens=29, repeats=1)
+
+
+def test_bench_encoder_default_lengths_fit_the_model(bert_out):
+    r = bench(bert_out / "model.gguf", modes=("sparse",), batch=1, repeats=1, ort=False)
+    assert r["seq_lens"] == [16, 64]  # 128 is beyond the test model's 64 positions
 
 
 def test_bench_encoder_cli(bert_out, tmp_path, capsys):
@@ -46,6 +54,7 @@ def test_bench_encoder_cli(bert_out, tmp_path, capsys):
     garbage.write_bytes(b"not a protobuf" * 8)
     for args, says in ((["--threads", "0"], "--threads"), (["--seq-lens", "16,,32"], "--seq-lens"),
                        (["--json", str(tmp_path)], "is a directory"),
+                       (["--seq-lens", "8,65"], "sequence length 65 is beyond the model's 64 positions"),
                        (["--ort-graph", f"g={garbage}"], "not a loadable ONNX model")):
         with pytest.raises(SystemExit) as exc:
             main(["bench", str(bert_out / "model.gguf"), "--seq-lens", "8", "--batch", "1", "--repeats", "1", *args])

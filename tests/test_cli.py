@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,20 @@ def test_corrupt_safetensors(tiny_model, tmp_path, damage):
     assert not (tmp_path / "out").exists()
 
 
+def test_inspect_catches_a_changed_byte_in_an_ir(tiny_model, tmp_path):
+    from sparseforge.toolchain.frontends.hf import load_hf_checkpoint
+
+    ir = load_hf_checkpoint(tiny_model("bert")[0])
+    ir.store.set("sparseforge.extra", np.arange(64, dtype=np.float32))
+    ir.save(tmp_path / "ir")
+    assert run("inspect", str(tmp_path / "ir")).returncode == 0
+    st = tmp_path / "ir" / "tensors.safetensors"
+    data = bytearray(st.read_bytes())
+    data[-1] ^= 1  # a tensor's last byte: the file still parses
+    st.write_bytes(bytes(data))
+    assert_input_error(run("inspect", str(tmp_path / "ir")), str(st), "changed since the IR")
+
+
 def test_corrupt_and_truncated_onnx(tiny_onnx, tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"this is not a protobuf" * 10)
@@ -149,3 +164,26 @@ def test_bad_recipe_and_options(tiny_model, tmp_path):
 def test_debug_shows_traceback(tmp_path):
     res = run("--debug", "inspect", str(tmp_path / "nothing"))
     assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def _reference_skeleton(markdown: str) -> list[str]:
+    """Headings, each command option's flags and each pass option's row (name and default):
+    what docs/cli.md must hold whatever click version formats the help text."""
+    out = []
+    for line in markdown.splitlines():
+        if line.startswith("#"):
+            out.append(line)
+        elif line.startswith("| `"):
+            flags = re.findall(r"(?<![\w-])--?[\w-]+", line[3:].split("` |", 1)[0])
+            out.append(" ".join(flags) if flags else line)
+    return out
+
+
+def test_cli_reference_is_current():
+    from sparseforge.toolchain.cli_docs import render
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    want = render()
+    assert "| `--seq-lens TEXT` |" in want and "| `min_cosine` | unset |" in want
+    assert _reference_skeleton(doc) == _reference_skeleton(want), \
+        "docs/cli.md is stale: python -m sparseforge.toolchain.cli_docs docs/cli.md"

@@ -167,5 +167,12 @@ def test_run_command(llama_out, bert_out, tmp_path, capsys):
     assert code == 2 and "decoder" in err
     code, _, err = call("run", str(bert_out / "model.gguf"), "--prompt", "hello")
     assert code == 2 and "encoder" in err
+    code, _, err = call("run", str(bert_out / "model.gguf"), "--embed", "x", "--top-p", "0.9", "--max-new-tokens", "3")
+    assert code == 2 and "an encoder artifact: --max-new-tokens, --top-p apply to decoders only" in err
+    for cmd, args, says in (("bench", ["--batch", "2"], "a decoder artifact: --batch applies to encoders only"),
+                            ("verify", ["--reference", str(llama_out), "--min-cosine", "0.9"],
+                             "a decoder artifact: --min-cosine applies to encoders only")):
+        code, _, err = call(cmd, str(llama_out), *args)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
     code, _, err = call("run", str(tmp_path / "nope.gguf"), "--embed", "x")
     assert code == 2 and err.startswith("error:") and "not found" in err

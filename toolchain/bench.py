@@ -35,6 +35,8 @@ from .errors import InputError
 from .instruments import rss_bytes
 
 DEFAULT_MODES = ("dense", "sparse")
+#: encoder sequence lengths timed when none are given (those within the model's positions)
+DEFAULT_SEQ_LENS = (16, 64, 128)
 
 
 def _best(fn: Callable[[], Any], repeats: int) -> float:
@@ -75,10 +77,14 @@ def _prompt_ids(model, n: int, seed: int) -> np.ndarray:
 
 
 def bench(artifact: str | Path, *, modes: tuple[str, ...] = DEFAULT_MODES, prompt_tokens: int = 32,
-          decode_tokens: int = 32, seq_lens: tuple[int, ...] = (16, 64, 128), batch: int = 8, repeats: int = 3,
+          decode_tokens: int = 32, seq_lens: tuple[int, ...] | None = None, batch: int = 8, repeats: int = 3,
           ort: bool = True, ort_graphs: dict[str, str | Path] | None = None, reference: str | Path | None = None,
           threads: int | None = None, seed: int = 0, linear: str = "auto") -> dict[str, Any]:
     """Benchmark ``artifact`` (see the module docstring); returns the JSON-able report.
+
+    ``seq_lens``: encoder sequence lengths (None: those of :data:`DEFAULT_SEQ_LENS` within
+    the model's positions); a length, or a decoder's ``prompt_tokens + decode_tokens``,
+    beyond the model's positions is an :class:`~.errors.InputError`.
 
     ``ort_graphs``: name -> ONNX file to time instead of the float32 graph built from the
     artifact (e.g. a MatMulNBits model); ``reference``: build the baseline from this
@@ -134,13 +140,21 @@ def _bench(artifact, modes, prompt_tokens, decode_tokens, seq_lens, batch, repea
                               "machine": machine(), "repeats": repeats, "threads": threads}
     runtimes = {m: runtime_for(model, m) for m in modes}
     report["layer_modes"] = {m: rt.ffn.modes for m, rt in runtimes.items()}
+    positions = model.spec.max_positions
     if model.spec.causal:
+        if prompt_tokens + decode_tokens > positions:
+            raise InputError(model.artifact.path, f"{prompt_tokens} prompt + {decode_tokens} decode tokens are beyond "
+                                                  f"the model's {positions} positions")
         ids = _prompt_ids(model, prompt_tokens + decode_tokens, seed)
         report["prompt_tokens"], report["decode_tokens"] = prompt_tokens, decode_tokens
         report["runtime"] = {m: _bench_decoder(rt, ids[:prompt_tokens], decode_tokens, repeats)
                              for m, rt in runtimes.items()}
     else:
-        seq_lens = tuple(min(L, model.spec.max_positions) for L in seq_lens)
+        if seq_lens is None:
+            seq_lens = tuple(L for L in DEFAULT_SEQ_LENS if L <= positions) or (positions,)
+        if max(seq_lens) > positions:
+            raise InputError(model.artifact.path, f"sequence length {max(seq_lens)} is beyond the model's "
+                                                  f"{positions} positions")
         ids = _prompt_ids(model, max(seq_lens) * batch, seed)
         report["batch"], report["seq_lens"] = batch, list(seq_lens)
         report["runtime"] = {m: _bench_encoder(rt, ids, seq_lens, batch, repeats) for m, rt in runtimes.items()}

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from .atomic import check_output_file, write_text_atomic
 from .cli import cli, main
@@ -37,6 +38,29 @@ def _existing(path: Path, what: str = "artifact") -> Path:
     return path
 
 
+def _is_decoder(artifact: Path) -> bool:
+    """Whether ARTIFACT holds a decoder, from its header (the command validates it in full)."""
+    from .artifact_reader import Artifact
+    from .runtime_load import artifact_file
+
+    art = Artifact.open(artifact_file(artifact), verify_checksums=False)
+    art.close()
+    return art.spec.causal
+
+
+def _reject_other_kind(artifact: Path, decoder: bool, decoder_only: tuple[str, ...] = (),
+                       encoder_only: tuple[str, ...] = ()) -> None:
+    """InputError when the command line gives an option (parameter names) that applies
+    only to the other kind of model: it would be ignored silently."""
+    ctx = click.get_current_context()
+    wrong = encoder_only if decoder else decoder_only
+    given = [p.opts[0] for p in ctx.command.params
+             if p.name in wrong and ctx.get_parameter_source(p.name) is not ParameterSource.DEFAULT]
+    if given:
+        raise InputError(artifact, f"{'a decoder' if decoder else 'an encoder'} artifact: {', '.join(given)} "
+                                   f"{'apply' if len(given) > 1 else 'applies'} to {'en' if decoder else 'de'}coders only")
+
+
 def _write_json(path: Path | None, report: dict) -> None:
     if path is not None:
         write_text_atomic(path, json.dumps(report, indent=1, sort_keys=True, default=float) + "\n")
@@ -61,6 +85,7 @@ def run(artifact: Path, prompt: str | None, texts: tuple[str, ...], mode: str, m
     from .runtime import Sampler, load_runtime
 
     rt = load_runtime(_existing(artifact), mode=mode)
+    _reject_other_kind(artifact, rt.spec.causal, decoder_only=("max_new_tokens", "top_p", "temperature", "seed"))
     if rt.spec.causal:
         if prompt is None or texts:
             raise InputError(artifact, "a decoder artifact: give --prompt TEXT" + (" (not --embed)" if texts else ""))
@@ -124,6 +149,8 @@ def verify_cmd(artifact: Path, reference: Path, data: Path | None, num_sequences
     from .verify import verify
 
     _existing(reference, "reference model")
+    _reject_other_kind(artifact, _is_decoder(artifact), decoder_only=("max_ppl_increase",),
+                       encoder_only=("min_cosine",))
     if json_path is not None:
         check_output_file(json_path)  # before the run, not after it
     report = verify(_existing(artifact), reference, data=data, num_sequences=num_sequences, seq_len=seq_len,
@@ -152,7 +179,9 @@ def verify_summary(r: dict) -> str:
 @click.option("--modes", default="dense,sparse", show_default=True, help="Runtime modes to time (comma-separated).")
 @click.option("--prompt-tokens", type=_COUNT, default=32, show_default=True, help="Decoders: prompt (prefill) length.")
 @click.option("--decode-tokens", type=_COUNT, default=32, show_default=True, help="Decoders: generated tokens timed.")
-@click.option("--seq-lens", default="16,64,128", show_default=True, help="Encoders: sequence lengths.")
+@click.option("--seq-lens", default=None,
+              help="Encoders: sequence lengths, comma-separated (default: those of 16,64,128 within the model's "
+                   "positions).")
 @click.option("--batch", type=_COUNT, default=8, show_default=True, help="Encoders: sequences per batch.")
 @click.option("--repeats", type=_COUNT, default=3, show_default=True, help="Best of this many timings.")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
@@ -162,7 +191,7 @@ def verify_summary(r: dict) -> str:
 @click.option("--no-ort", is_flag=True, help="Skip the onnxruntime baseline.")
 @click.option("--threads", type=_COUNT, default=None, help="Threads for the runtime and onnxruntime (default: all cores).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report here.")
-def bench_cmd(artifact: Path, modes: str, prompt_tokens: int, decode_tokens: int, seq_lens: str, batch: int,
+def bench_cmd(artifact: Path, modes: str, prompt_tokens: int, decode_tokens: int, seq_lens: str | None, batch: int,
               repeats: int, reference: Path | None, ort_graphs: tuple[str, ...], no_ort: bool, threads: int | None,
               json_path: Path | None) -> None:
     """Decode/prefill tokens/s (decoders) or embeddings/s (encoders) per mode, against onnxruntime."""
@@ -172,12 +201,16 @@ def bench_cmd(artifact: Path, modes: str, prompt_tokens: int, decode_tokens: int
     bad = [m for m in mode_list if m not in MODES]
     if bad or not mode_list:
         raise InputError(None, f"--modes {modes!r}: expected a comma-separated subset of {', '.join(MODES)}")
-    try:
-        lens = tuple(int(v) for v in seq_lens.split(","))
-    except ValueError:
-        lens = ()
-    if not lens or min(lens) < 1:
-        raise InputError(None, f"--seq-lens {seq_lens!r}: expected comma-separated integers >= 1")
+    lens = None
+    if seq_lens is not None:
+        try:
+            lens = tuple(int(v) for v in seq_lens.split(","))
+        except ValueError:
+            lens = ()
+        if not lens or min(lens) < 1:
+            raise InputError(None, f"--seq-lens {seq_lens!r}: expected comma-separated integers >= 1")
+    _reject_other_kind(artifact, _is_decoder(artifact), decoder_only=("prompt_tokens", "decode_tokens"),
+                       encoder_only=("seq_lens", "batch"))
     if reference is not None:
         _existing(reference, "reference model")
     if json_path is not None:

@@ -224,6 +224,19 @@ class LinearGroup:
         return [out[a:b] for a, b in self._bounds]
 
 
+def artifact_file(path: str | Path) -> Path:
+    """The GGUF artifact ``path`` names: the file itself, or ``model.gguf`` in a ``convert``
+    output directory (InputError when there is none)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "artifact not found")
+    if path.is_dir():
+        if not (path / "model.gguf").is_file():
+            raise InputError(path, "a directory without model.gguf (give the artifact file)")
+        path = path / "model.gguf"
+    return path
+
+
 @dataclass
 class LoadedModel:
     """An opened artifact, ready for the executors."""
@@ -243,17 +256,9 @@ class LoadedModel:
     @classmethod
     def open(cls, path: str | Path, *, linear: str = "auto", verify_checksums: bool = True,
              nchunks: int | None = None) -> "LoadedModel":
-        path = Path(path)
         if linear not in LINEAR_MODES:
             raise InputError(None, f"linear mode {linear!r}: expected one of {', '.join(LINEAR_MODES)}")
-        if not path.exists():
-            raise InputError(path, "artifact not found")
-        if path.is_dir():
-            if (path / "model.gguf").is_file():
-                path = path / "model.gguf"
-            else:
-                raise InputError(path, "a directory without model.gguf (give the artifact file)")
-        art = Artifact.open(path, verify_checksums=verify_checksums)
+        art = Artifact.open(artifact_file(path), verify_checksums=verify_checksums)
         spec = art.spec
         if linear == "auto":
             linear = "quantized" if spec.causal else "dequantize"
