@@ -1,4 +1,5 @@
-"""Decoder attention for one new token (a decode step with a KV cache), Numba.
+"""Decoder attention for one new token (a decode step with a KV cache) and the norms of
+the runtimes (RMSNorm of one token, LayerNorm of an encoder's rows), Numba.
 
 Shapes: ``H`` query heads, ``KV`` key/value heads (grouped-query attention: query head
 ``h`` reads kv head ``h // (H // KV)``), head size ``hd``, ``cap`` cache capacity; all
@@ -25,6 +26,31 @@ def rms_norm_into(x, w, eps, out):
     inv = np.float32(1.0 / math.sqrt(acc / x.size + eps))
     for i in range(x.size):
         out[i] = x[i] * inv * w[i]
+
+
+@njit(**_FLAGS)
+def add_layer_norm_rows(x, r, w, b, eps, out):
+    """``out [T, d] = LayerNorm(x + r)`` over each row, with weight ``w [d]`` and bias
+    ``b [d]`` (biased variance; mean and variance accumulated in float64). ``r``: the
+    residual ``[T, d]``, or ``[0, d]`` for none. ``out`` may be ``x``."""
+    T, d = x.shape
+    add = r.shape[0] > 0
+    row = np.empty(d, np.float32)
+    for t in range(T):
+        s = 0.0
+        for i in range(d):
+            v = x[t, i] + r[t, i] if add else x[t, i]
+            row[i] = v
+            s += np.float64(v)
+        mean = s / d
+        q = 0.0
+        for i in range(d):
+            c = np.float64(row[i]) - mean
+            q += c * c
+        inv = np.float32(1.0 / math.sqrt(q / d + eps))
+        m = np.float32(mean)
+        for i in range(d):
+            out[t, i] = (row[i] - m) * inv * w[i] + b[i]
 
 
 @njit(**_FLAGS)

@@ -63,6 +63,15 @@ def _bias(b, size, name):
     return b
 
 
+def roundtrip_q8_0(X: np.ndarray) -> np.ndarray:
+    """``X [..., k]`` as the quantized kernels see it: each row Q8_0-quantized and decoded
+    (``quant.roundtrip(X, "q8_0")`` bit for bit, through :func:`ffn.roundtrip_q8_0_rows`)."""
+    X = np.ascontiguousarray(X, np.float32)
+    out = np.empty_like(X)
+    ffn.roundtrip_q8_0_rows(X.reshape(-1, X.shape[-1]), out.reshape(-1, X.shape[-1]))
+    return out
+
+
 def _idx(idx, n):
     idx = np.ascontiguousarray(idx, dtype=np.int64)
     if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= n)):
@@ -210,7 +219,7 @@ class LayerKernels:
     def _prefill_dense(self, X: np.ndarray, masks: np.ndarray | None, tile: int = 512) -> np.ndarray:
         """Dense tiles of ``tile`` neurons: sgemm, activation, sgemm (quantized parts
         dequantized first, and X quantized to Q8_0, as the sparse kernels do)."""
-        Xk = X if self.fmt == ffn.F32 else quant.roundtrip(X, "q8_0")
+        Xk = X if self.fmt == ffn.F32 else roundtrip_q8_0(X)
         Y = np.zeros_like(X) + (self.bd if self.bd.size else 0)
         buf = np.empty((tile, self.d), np.float32) if self.fmt != ffn.F32 else _EMPTY
         empty_mask = np.zeros((0, 0), np.bool_)
@@ -334,7 +343,7 @@ def predictor_logits_numpy(w1: np.ndarray, w2: np.ndarray, b1: np.ndarray | None
         w1, w2 = predictor_effective_weights(w1, w2)
     X = np.asarray(X, dtype=np.float32)
     if predictor_format(w1.shape[1]) == "q8_0":
-        X = quant.roundtrip(X, "q8_0")
+        X = roundtrip_q8_0(X)
     h = X @ w1.T
     if b1 is not None and np.size(b1):
         h += b1

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from _runtime_artifacts import llama_out  # noqa: F401 (fixture)
 
-from sparseforge.kernels.attention import attention_step, rms_norm_into
+from sparseforge.kernels.attention import add_layer_norm_rows, attention_step, rms_norm_into
 from sparseforge.toolchain.reference.bert import softmax
 from sparseforge.toolchain.reference.llama import KVCache, apply_rope, rms_norm, rope_cos_sin
 from sparseforge.toolchain.runtime import load_runtime
@@ -22,6 +22,20 @@ def test_rms_norm_into():
     out = np.empty_like(x)
     rms_norm_into(x, w, 1e-5, out)
     np.testing.assert_allclose(out, rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+def test_add_layer_norm_rows_against_float64_numpy():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((7, 96)) * 3 + 5).astype(np.float32)  # an offset mean: cancellation
+    r = rng.standard_normal((7, 96)).astype(np.float32)
+    w, b = rng.standard_normal((2, 96)).astype(np.float32)
+    for res in (r, None):
+        v = x.astype(np.float64) + (0 if res is None else res)
+        c = v - v.mean(1, keepdims=True)
+        want = c / np.sqrt((c * c).mean(1, keepdims=True) + 1e-12) * w + b
+        out = np.empty_like(x)
+        add_layer_norm_rows(x, np.zeros((0, 0), np.float32) if res is None else res, w, b, 1e-12, out)
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("past", [0, 1, 5, 40])

@@ -160,6 +160,18 @@ def test_activation_quantization_matches_ggml():
         np.testing.assert_array_equal(xd, d)
 
 
+def test_token_rows_roundtrip_matches_numpy_bit_for_bit():
+    """The dense prefill tiles' input quantization (Numba) against the numpy emulation."""
+    x = np.random.default_rng(9).standard_normal((16, 128)).astype(np.float32) * np.float32(3)
+    x[0, :32] = 0  # an all-zero block
+    x[1, 40] = 1e-7
+    x[2, :64] = np.round(x[2, :64] * 4) / 4  # exact halves after scaling: ties round away from 0
+    want = quant.roundtrip(x, "q8_0")
+    got = np.empty_like(x)
+    ffn.roundtrip_q8_0_rows(x, got)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 @pytest.mark.parametrize("fmt", ["f32", "q4_0"])
 def test_prefill_sparse_dense_and_crossover(fmt):
     blob, lay, bias = _layer(fmt, True, seed=7, bias=True)

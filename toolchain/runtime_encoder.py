@@ -3,7 +3,9 @@
 The forward pass mirrors :class:`~.reference.bert.BertEncoder` (embeddings + LayerNorm,
 post-norm layers, bidirectional attention with padding keys masked) on the artifact's
 weights; each layer's FFN runs on the real (non-padding) tokens of the batch through
-:class:`~.runtime_load.FFNRunner` (``LayerKernels.prefill``). Embeddings are the mean
+:class:`~.runtime_load.FFNRunner` (``LayerKernels.prefill``); the LayerNorms, with the
+residual added, are a Numba kernel (``add_layer_norm_rows``: 13 of them took 15 ms of a
+180 ms batch of 8 x 128 tokens in numpy, 4 ms in the kernel). Embeddings are the mean
 of the last hidden states over real tokens, L2-normalised: the pooling of
 sentence-transformers' all-MiniLM-L6-v2. Text is tokenized with the ``tokenizer.json``
 carried in the artifact (special tokens added, truncated to ``max_length``).
@@ -12,10 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .reference.bert import layer_norm, softmax
+from sparseforge.kernels.attention import add_layer_norm_rows
+
+from .reference.bert import softmax
 from .runtime_load import FFNRunner, LoadedModel, encoder_thread_owner
 
 _NEG = np.float32(np.finfo(np.float32).min)
+_NO_ROWS = np.zeros((0, 0), np.float32)
 
 
 class EncoderRuntime:
@@ -38,9 +43,14 @@ class EncoderRuntime:
         y += self.model.vector(prefix + ".bias")
         return y
 
-    def _ln(self, x: np.ndarray, prefix: str) -> np.ndarray:
-        return layer_norm(x, self.model.vector(prefix + ".weight"), self.model.vector(prefix + ".bias"),
-                          self.spec.norm_eps)
+    def _ln(self, x: np.ndarray, prefix: str, residual: np.ndarray | None = None) -> np.ndarray:
+        """LayerNorm ``prefix`` of ``x (+ residual)`` ``[rows, d]`` (the Numba kernel)."""
+        x = np.ascontiguousarray(x, np.float32)
+        r = _NO_ROWS if residual is None else np.ascontiguousarray(residual, np.float32)
+        out = np.empty_like(x)
+        add_layer_norm_rows(x, r, self.model.vector(prefix + ".weight"), self.model.vector(prefix + ".bias"),
+                            self.spec.norm_eps, out)
+        return out
 
     def hidden_states(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """Last hidden states ``[B, T, d]`` of ``input_ids [B, T]``."""
@@ -64,8 +74,8 @@ class EncoderRuntime:
         x = m.linear("embeddings.word_embeddings.weight").take(ids.reshape(-1)).reshape(B, T, d)
         x += m.linear("embeddings.position_embeddings.weight").take(np.arange(T))[None]
         x += m.linear("embeddings.token_type_embeddings.weight").take(np.zeros(1, np.int64))[None]
-        x = self._ln(x, "embeddings.LayerNorm").reshape(B * T, d)
-        key_ok = mask[:, None, None, :]
+        x = self._ln(x.reshape(B * T, d), "embeddings.LayerNorm")
+        key_bias = np.where(mask, np.float32(0), _NEG)[:, None, None, :]  # padding keys -> exp 0
         scale = np.float32(1.0 / np.sqrt(hd))
         for i in range(s.num_layers):
             p = f"encoder.layer.{i}."
@@ -76,12 +86,14 @@ class EncoderRuntime:
             q = heads(self._lin(x, p + "attention.self.query"))
             k = heads(self._lin(x, p + "attention.self.key"))
             v = heads(self._lin(x, p + "attention.self.value"))
-            scores = np.where(key_ok, (q @ k.transpose(0, 1, 3, 2)) * scale, _NEG)
+            scores = q @ k.transpose(0, 1, 3, 2)  # [B, H, T, T], then in place: no temporaries
+            scores *= scale
+            scores += key_bias
             ctx = (softmax(scores) @ v).transpose(0, 2, 1, 3).reshape(B * T, H * hd)
-            x = self._ln(self._lin(ctx, p + "attention.output.dense") + x, p + "attention.output.LayerNorm")
+            x = self._ln(self._lin(ctx, p + "attention.output.dense"), p + "attention.output.LayerNorm", x)
             y = np.zeros_like(x)
             y[valid] = self.ffn.many(i, x[valid])
-            x = self._ln(y + x, p + "output.LayerNorm")
+            x = self._ln(y, p + "output.LayerNorm", x)
         return x.reshape(B, T, d)
 
     def embed_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
