@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from _runtime_artifacts import llama_out  # noqa: F401 (fixture)
 
-from sparseforge.kernels.attention import add_layer_norm_rows, attention_step, rms_norm_into
+from sparseforge.kernels.attention import add_layer_norm_rows, attention_step, rms_norm_into, softmax_rows
 from sparseforge.toolchain.reference.bert import softmax
 from sparseforge.toolchain.reference.llama import KVCache, apply_rope, rms_norm, rope_cos_sin
 from sparseforge.toolchain.runtime import load_runtime
@@ -36,6 +36,22 @@ def test_add_layer_norm_rows_against_float64_numpy():
         out = np.empty_like(x)
         add_layer_norm_rows(x, np.zeros((0, 0), np.float32) if res is None else res, w, b, 1e-12, out)
         np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_softmax_rows_against_float64_numpy():
+    rng = np.random.default_rng(2)
+    s = (rng.standard_normal((64, 100)) * 8).astype(np.float32)
+    s[3, 50:] = np.finfo(np.float32).min  # masked keys, as the encoder adds them
+    s[4, 1:] = s[4, 0] - 85  # one key far ahead of the rest: the others are e^-85, i.e. 0
+    v = s.astype(np.float64)
+    want = np.exp(v - v.max(1, keepdims=True))
+    want /= want.sum(1, keepdims=True)
+    got = s.copy()
+    softmax_rows(got)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-9)
+    assert np.all(got[3, 50:] == 0) and np.all(got[4, 1:] == 0)
+    tiny = got[(got != 0)]
+    assert tiny.min() >= np.finfo(np.float32).tiny  # no subnormals (slow in the BLAS calls after)
 
 
 @pytest.mark.parametrize("past", [0, 1, 5, 40])
