@@ -78,9 +78,9 @@ def exp_nonpos(x):
 
 @njit(**_FLAGS)
 def softmax_rows(scores):
-    """Softmax over the last axis of ``scores [R, S]``, in place, float32 (max subtracted,
-    :func:`exp_nonpos`): one pass per row in L1 where numpy makes five over the whole
-    array (a batch of 8 x 128 tokens, 12 heads: 2.4 against 3.6 ms)."""
+    """Softmax over the last axis of ``scores [R, S]``, in place (and returned), float32
+    (max subtracted, :func:`exp_nonpos`): one pass per row in L1 where numpy makes five
+    over the whole array (a batch of 8 x 128 tokens, 12 heads: 2.4 against 3.6 ms)."""
     for i in range(scores.shape[0]):
         row = scores[i]
         m = row[0]
@@ -94,6 +94,7 @@ def softmax_rows(scores):
         inv = np.float32(1) / total
         for j in range(row.shape[0]):
             row[j] *= inv
+    return scores
 
 
 @njit(**_FLAGS)

@@ -69,6 +69,7 @@ class EncoderRuntime:
             raise ValueError(f"token ids must be in [0, {s.vocab_size})")
         mask = np.ones((B, T), bool) if attention_mask is None else np.asarray(attention_mask) != 0
         valid = mask.reshape(-1)
+        all_valid = bool(valid.all())  # no padding: the FFNs take x as it is (no gather, no scatter)
         H, hd, d = s.num_heads, s.head_dim, s.hidden_size
         m = self.model
         x = m.linear("embeddings.word_embeddings.weight").take(ids.reshape(-1)).reshape(B, T, d)
@@ -89,11 +90,14 @@ class EncoderRuntime:
             scores = q @ k.transpose(0, 1, 3, 2)  # [B, H, T, T], then in place: no temporaries
             scores *= scale
             scores += key_bias
-            softmax_rows(scores.reshape(-1, T))
-            ctx = (scores @ v).transpose(0, 2, 1, 3).reshape(B * T, H * hd)
+            probs = softmax_rows(scores.reshape(-1, T)).reshape(scores.shape)
+            ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(B * T, H * hd)
             x = self._ln(self._lin(ctx, p + "attention.output.dense"), p + "attention.output.LayerNorm", x)
-            y = np.zeros_like(x)
-            y[valid] = self.ffn.many(i, x[valid])
+            if all_valid:
+                y = self.ffn.many(i, x)
+            else:
+                y = np.zeros_like(x)
+                y[valid] = self.ffn.many(i, x[valid])
             x = self._ln(y, p + "output.LayerNorm", x)
         return x.reshape(B, T, d)
 

@@ -15,7 +15,7 @@ SHIM="$ARM_DIR/shim"
 mkdir -p "$SHIM/sparseforge"
 : > "$SHIM/sparseforge/__init__.py"
 for pkg in kernels targets toolchain passes; do ln -sfn "$ROOT/$pkg" "$SHIM/sparseforge/$pkg"; done
-TESTS="${SPARSEFORGE_ARM_PYTEST:-tests/test_kernels_formats.py tests/test_kernels.py}"
+TESTS="${SPARSEFORGE_ARM_PYTEST:-tests/test_kernels_formats.py tests/test_kernels.py tests/test_norm_kernels.py}"
 CONFIGS="${*:-sve128 sve256 sve512 neon}"
 status=0
 for cfg in $CONFIGS; do
