@@ -1392,26 +1392,49 @@ def dequantize_rows(wf, wq, lo, hi, fmt, d, po, lut, out):
             row_axpy(fmt, wf, wq, i, po, np.float32(1), out[r], lut, d)
 
 
+@njit(**_FLAGS)
+def _activate_row(g, u, gated, act, act_t, up_relu):
+    """``u = act(g) * u`` (gated; ``u`` clamped at 0 first with ``up_relu``) or
+    ``act(u)``, in place over one row. The ReLU family gets loops of its own with the
+    choices made outside them, so that they vectorise (a 1024 x 1536 MiniLM layer's
+    activation: ~2.5 ms element by element through :func:`activation`); other activations
+    go element by element."""
+    n = u.shape[0]
+    if act == RELU or act == FATRELU:
+        t = act_t if act == FATRELU else np.float32(0)
+        if not gated:
+            for i in range(n):
+                u[i] = u[i] if u[i] > t else np.float32(0)
+        elif up_relu:
+            for i in range(n):
+                v = u[i] if u[i] > np.float32(0) else np.float32(0)
+                u[i] = (g[i] if g[i] > t else np.float32(0)) * v
+        else:
+            for i in range(n):
+                u[i] = (g[i] if g[i] > t else np.float32(0)) * u[i]
+        return
+    for i in range(n):
+        if gated:
+            v = u[i]
+            if up_relu and v < np.float32(0):
+                v = np.float32(0)
+            u[i] = activation(g[i], act, act_t) * v
+        else:
+            u[i] = activation(u[i], act, act_t)
+
+
 @njit(parallel=True, **_FLAGS)
 def apply_activation_2d(G, U, mask, gated, act, act_t, up_relu, out_t):
-    """``H = act(G) * U`` (or ``act(U)``) in place into ``U``, zeroed where ``mask`` is false."""
+    """``H = act(G) * U`` (or ``act(U)``) in place into ``U [T, n]``, zeroed where
+    ``mask [T, n]`` is false (``[0, 0]``: no mask) and where ``|H| <= out_t`` (when > 0)."""
     T, n = U.shape
     has_mask = mask.shape[0] > 0
     for t in prange(T):
-        for i in range(n):
-            if has_mask and not mask[t, i]:
-                U[t, i] = np.float32(0)
-                continue
-            if gated:
-                u = U[t, i]
-                if up_relu and u < np.float32(0):
-                    u = np.float32(0)
-                h = activation(G[t, i], act, act_t) * u
-            else:
-                h = activation(U[t, i], act, act_t)
-            if out_t > np.float32(0) and abs(h) <= out_t:
-                h = np.float32(0)
-            U[t, i] = h
+        _activate_row(G[t], U[t], gated, act, act_t, up_relu)
+        if has_mask or out_t > np.float32(0):
+            for i in range(n):
+                if (has_mask and not mask[t, i]) or (out_t > np.float32(0) and abs(U[t, i]) <= out_t):
+                    U[t, i] = np.float32(0)
 
 
 def default_chunks() -> int:
