@@ -304,8 +304,8 @@ def _checksums(directory: Path, refs: dict[str, dict], tokenizer: str | None, fi
         paths.add(tokenizer)
     if graph:
         paths.add(graph)
-    for ref in {(d["file"], d["format"]) for d in refs.values()}:
-        for f in open_tensor_file(directory / ref[0], ref[1]).data_files():  # an absolute ref[0] stays
+    for file, fmt in sorted({(d["file"], d["format"]) for d in refs.values()}):
+        for f in open_tensor_file(directory / file, fmt).data_files():  # an absolute file stays as it is
             f = Path(f)
             paths.add(f.relative_to(directory).as_posix() if f.is_relative_to(directory) else str(f))
     return {p: file_digest(directory / p) for p in sorted(paths)}
