@@ -1396,9 +1396,9 @@ def dequantize_rows(wf, wq, lo, hi, fmt, d, po, lut, out):
 def _activate_row(g, u, gated, act, act_t, up_relu):
     """``u = act(g) * u`` (gated; ``u`` clamped at 0 first with ``up_relu``) or
     ``act(u)``, in place over one row. The ReLU family gets loops of its own with the
-    choices made outside them, so that they vectorise (a 1024 x 1536 MiniLM layer's
-    activation: ~2.5 ms element by element through :func:`activation`); other activations
-    go element by element."""
+    choices made outside them, so that they vectorise (gated dReLU over 1024 x 512 on one
+    thread: 0.26 ms, against 1.06 ms element by element through :func:`activation`;
+    LLVM had already vectorised plain ReLU); other activations go element by element."""
     n = u.shape[0]
     if act == RELU or act == FATRELU:
         t = act_t if act == FATRELU else np.float32(0)

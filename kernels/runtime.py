@@ -274,7 +274,6 @@ SWITCH_FITS = {
 }
 
 
-
 def measure_crossover(kernels: LayerKernels, tokens: int = CROSSOVER_TOKENS,
                       densities=(0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0), seed: int = 0, repeat: int = 2,
                       threads: tuple[int, int] = (1, 1)) -> float:

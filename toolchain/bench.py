@@ -132,6 +132,16 @@ def _bench(artifact, modes, prompt_tokens, decode_tokens, seq_lens, batch, repea
     from .runtime import LoadedModel, runtime_for
 
     model = LoadedModel.open(artifact, linear=linear)
+    positions = model.spec.max_positions  # lengths are checked before the weights are loaded
+    if model.spec.causal:
+        length, what = prompt_tokens + decode_tokens, f"{prompt_tokens} prompt + {decode_tokens} decode tokens are"
+    else:
+        if seq_lens is None:
+            seq_lens = tuple(L for L in DEFAULT_SEQ_LENS if L <= positions) or (positions,)
+        length, what = max(seq_lens), f"sequence length {max(seq_lens)} is"
+    if length > positions:
+        model.close()
+        raise InputError(model.artifact.path, f"{what} beyond the model's {positions} positions")
     model.warm()
     rss_runtime = rss_bytes() / 2**20
     report: dict[str, Any] = {"artifact": str(model.artifact.path), "family": model.spec.family,
@@ -140,21 +150,12 @@ def _bench(artifact, modes, prompt_tokens, decode_tokens, seq_lens, batch, repea
                               "machine": machine(), "repeats": repeats, "threads": threads}
     runtimes = {m: runtime_for(model, m) for m in modes}
     report["layer_modes"] = {m: rt.ffn.modes for m, rt in runtimes.items()}
-    positions = model.spec.max_positions
     if model.spec.causal:
-        if prompt_tokens + decode_tokens > positions:
-            raise InputError(model.artifact.path, f"{prompt_tokens} prompt + {decode_tokens} decode tokens are beyond "
-                                                  f"the model's {positions} positions")
         ids = _prompt_ids(model, prompt_tokens + decode_tokens, seed)
         report["prompt_tokens"], report["decode_tokens"] = prompt_tokens, decode_tokens
         report["runtime"] = {m: _bench_decoder(rt, ids[:prompt_tokens], decode_tokens, repeats)
                              for m, rt in runtimes.items()}
     else:
-        if seq_lens is None:
-            seq_lens = tuple(L for L in DEFAULT_SEQ_LENS if L <= positions) or (positions,)
-        if max(seq_lens) > positions:
-            raise InputError(model.artifact.path, f"sequence length {max(seq_lens)} is beyond the model's "
-                                                  f"{positions} positions")
         ids = _prompt_ids(model, max(seq_lens) * batch, seed)
         report["batch"], report["seq_lens"] = batch, list(seq_lens)
         report["runtime"] = {m: _bench_encoder(rt, ids, seq_lens, batch, repeats) for m, rt in runtimes.items()}

@@ -32,9 +32,10 @@ class _Finite(click.FloatRange):
         return rv
 
 
-def _existing(path: Path, what: str = "artifact") -> Path:
+def _existing_reference(path: Path) -> Path:
+    """``--reference``, which must exist (the artifact's own check is ``runtime_load.artifact_file``)."""
     if not path.exists():
-        raise InputError(path, f"{what} not found")
+        raise InputError(path, "reference model not found")
     return path
 
 
@@ -84,7 +85,7 @@ def run(artifact: Path, prompt: str | None, texts: tuple[str, ...], mode: str, m
     """Run ARTIFACT: embed texts (encoders) or generate from a prompt (decoders)."""
     from .runtime import Sampler, load_runtime
 
-    rt = load_runtime(_existing(artifact), mode=mode)
+    rt = load_runtime(artifact, mode=mode)
     _reject_other_kind(artifact, rt.spec.causal, decoder_only=("max_new_tokens", "top_p", "temperature", "seed"))
     if rt.spec.causal:
         if prompt is None or texts:
@@ -148,12 +149,12 @@ def verify_cmd(artifact: Path, reference: Path, data: Path | None, num_sequences
     """Check ARTIFACT against the original model on held-out inputs; exit 1 when a gate fails."""
     from .verify import verify
 
-    _existing(reference, "reference model")
+    _existing_reference(reference)
     _reject_other_kind(artifact, _is_decoder(artifact), decoder_only=("max_ppl_increase",),
                        encoder_only=("min_cosine",))
     if json_path is not None:
         check_output_file(json_path)  # before the run, not after it
-    report = verify(_existing(artifact), reference, data=data, num_sequences=num_sequences, seq_len=seq_len,
+    report = verify(artifact, reference, data=data, num_sequences=num_sequences, seq_len=seq_len,
                     mode=mode, min_cosine=min_cosine, max_ppl_increase=max_ppl_increase, recipe=recipe)
     _write_json(json_path, report)
     click.echo(verify_summary(report))
@@ -212,7 +213,7 @@ def bench_cmd(artifact: Path, modes: str, prompt_tokens: int, decode_tokens: int
     _reject_other_kind(artifact, _is_decoder(artifact), decoder_only=("prompt_tokens", "decode_tokens"),
                        encoder_only=("seq_lens", "batch"))
     if reference is not None:
-        _existing(reference, "reference model")
+        _existing_reference(reference)
     if json_path is not None:
         check_output_file(json_path)
     graphs = {}
@@ -221,7 +222,7 @@ def bench_cmd(artifact: Path, modes: str, prompt_tokens: int, decode_tokens: int
         if not sep or not Path(path).is_file():
             raise InputError(Path(path) if sep else None, f"--ort-graph {g!r}: expected NAME=PATH of an ONNX file")
         graphs[name] = path
-    report = bench(_existing(artifact), modes=mode_list, prompt_tokens=prompt_tokens,
+    report = bench(artifact, modes=mode_list, prompt_tokens=prompt_tokens,
                    decode_tokens=decode_tokens, seq_lens=lens, batch=batch, repeats=repeats, ort=not no_ort,
                    ort_graphs=graphs or None, reference=reference, threads=threads)
     _write_json(json_path, report)

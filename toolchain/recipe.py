@@ -150,8 +150,9 @@ def parse_recipe(text: str, source: str) -> Recipe:
 
 
 TOP_LEVEL_KEYS = {"name", "seed", "target", "executor", "workers", "verify", "pass"}
-VERIFY_GATES = ("min_cosine", "max_ppl_increase")
-"""The quality gates of ``sparseforge verify`` (``[verify]`` in a recipe)."""
+VERIFY_GATES = {"min_cosine": 0.98, "max_ppl_increase": 0.05}
+"""The quality gates of ``sparseforge verify`` (``[verify]`` in a recipe) and the limits
+it applies when neither an option, a recipe nor the artifact gives one."""
 
 
 def verify_table(doc: dict[str, Any], source: str | Path | None) -> dict[str, float]:

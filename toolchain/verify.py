@@ -36,9 +36,8 @@ from . import artifact_format as F
 from .calibration import Sequences, build_calibration
 from .errors import InputError
 from .ir import ModelIR
-from .recipe import verify_table
+from .recipe import VERIFY_GATES, verify_table
 
-DEFAULT_GATES = {"min_cosine": 0.98, "max_ppl_increase": 0.05}  # recipe.VERIFY_GATES
 _CHECKED_DIMS = ("family", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim", "vocab_size")
 
@@ -57,7 +56,7 @@ def resolve_gates(explicit: dict[str, float | None], recipe: str | Path | None,
             raise InputError(p, f"invalid TOML: {exc}") from None
     from_artifact = dict((artifact_recipe or {}).get("verify") or {})
     gates, source = {}, {}
-    for key, default in DEFAULT_GATES.items():
+    for key, default in VERIFY_GATES.items():
         for where, table in (("option", explicit), ("recipe", from_recipe), ("artifact", from_artifact)):
             value = table.get(key)
             if value is not None:
