@@ -17,9 +17,14 @@ onnxruntime on the same model, in one run.
 3. **Predictors**: each layer gets the rank-``2r`` predictor above (``predictor`` mode,
    threshold = the fatrelu threshold); its cost is a real rank-``2r`` MLP per token.
 4. **Convert** with the toolchain passes (``quantize`` + ``pack``): ``f32`` (no
-   quantization) and ``q4_0`` (FFN, attention and LM head Q4_0, embeddings Q8_0).
+   quantization) and ``q4_0`` (FFN, attention and LM head Q4_0, embeddings Q8_0); and
+   each once more with every layer marked gate-first instead (``{fmt}-gate-first.gguf``:
+   no predictors, the gates stored apart from the bundles, as ``pack`` stores a layer
+   the predictors pass made gate-first).
 5. **Benchmark** (``toolchain.bench``): decode tokens/s of the sparseforge runtime in
-   ``predictor`` (sparse), ``gate-first`` and ``dense`` modes, against onnxruntime on
+   ``predictor`` (sparse) and ``dense`` modes on the first artifact, ``gate-first`` on
+   the second (``gate_first_bundled``: ``gate-first`` mode on the first, its gates
+   read from the bundles), against onnxruntime on
    the original dense model: float32 for the f32 artifact, MatMulNBits 4-bit (block 32,
    symmetric, ``accuracy_level`` 4 = int8 compute; via
    ``onnxruntime.quantization.matmul_nbits_quantizer`` on a MatMul form of the graph)
@@ -166,6 +171,15 @@ QUANT = {"f32": None,
          "q4_0": dict(ffn="q4_0", attention="q4_0", other="q4_0", embeddings="q8_0", vectors="f32")}
 
 
+def gate_first_ir(ir):
+    """``ir`` with every layer marked gate-first (what the predictors pass records for a
+    dReLU layer) and no predictors: ``pack`` then stores the gates apart."""
+    out = ir.evolve()
+    for b in out.blocks:
+        b.annotations["predictor"] = {"mode": "gate-first", "rank": 0, "threshold": None, "tensors": {}}
+    return out
+
+
 def convert(ir, fmt: str, dest: Path) -> Path:
     from sparseforge.toolchain.artifact_format import ARTIFACT_KEY
     from sparseforge.toolchain.pass_base import get_pass, make_options
@@ -272,7 +286,7 @@ def ort_matmulnbits(ckpt: Path, f32_graph: Path, work: Path) -> Path:
 # -- main ---------------------------------------------------------------------------------------------
 def run(shape: str, formats: list[str], density: float, seed: int, prompt_tokens: int, decode_tokens: int,
         repeats: int, output: Path, modes: tuple[str, ...], threads: tuple[int, ...], rounds: int = 1) -> dict:
-    from sparseforge.toolchain.bench import bench, machine
+    from sparseforge.toolchain.bench import bench, machine, ratios
 
     root = cache_root()
     t0 = time.perf_counter()
@@ -291,10 +305,11 @@ def run(shape: str, formats: list[str], density: float, seed: int, prompt_tokens
     graphs = {"f32": ("ort_f32", lambda: ort_f32(ckpt, work)),
               "q4_0": ("ort_matmulnbits_q4", lambda: ort_matmulnbits(ckpt, ort_f32(ckpt, work), work))}
     for fmt in formats:
-        art = work / f"{fmt}.gguf"
-        if not art.is_file():
-            log(f"convert {fmt} ...")
-            convert(ir, fmt, art)
+        art, art_gf = work / f"{fmt}.gguf", work / f"{fmt}-gate-first.gguf"
+        for path, model in ((art, ir), (art_gf, None)):
+            if not path.is_file():
+                log(f"convert {path.name} ...")
+                convert(model or gate_first_ir(ir), fmt, path)
         log(f"artifact {art.name}: {art.stat().st_size / 2**30:.2f} GiB; onnxruntime baseline ...")
         name, make = graphs[fmt]
         graph = make()
@@ -306,6 +321,13 @@ def run(shape: str, formats: list[str], density: float, seed: int, prompt_tokens
             for k in range(rounds):
                 r = bench(art, modes=modes, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
                           repeats=repeats, ort_graphs={name: graph}, threads=th)
+                if "gate-first" in modes:
+                    gf = bench(art_gf, modes=("gate-first",), prompt_tokens=prompt_tokens,
+                               decode_tokens=decode_tokens, repeats=repeats, ort=False, threads=th)
+                    r["runtime"]["gate_first_bundled"] = r["runtime"].pop("gate-first")
+                    r["runtime"]["gate-first"] = gf["runtime"]["gate-first"]
+                    r["gate_first_artifact"] = str(art_gf)
+                    r["ratios"] = ratios(r)
                 r["sparse_vs_ort"] = r["ratios"].get(f"decode_predictor_vs_{name}")
                 runs.append(r)
                 log(f"{fmt}, {th} thread(s), round {k + 1}/{rounds}, load {r['machine']['load_average_1m']:.1f}: "

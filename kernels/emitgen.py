@@ -78,14 +78,15 @@ MODEL = json.loads({model!r})
 TARGET = json.loads({target!r})
 
 
-def load_layer(i, blob, gate_bias=None, up_bias=None, down_bias=None, nchunks=None):
+def load_layer(i, blob, gate_bias=None, up_bias=None, down_bias=None, nchunks=None, gate=None):
     """LayerKernels for FFN layer ``i`` (its bundles ``uint8[n, stride]``, e.g. the
-    artifact's ``blk.{{i}}.ffn_bundle`` tensor)."""
+    artifact's ``blk.{{i}}.ffn_bundle`` tensor; ``gate``: a gate-apart layer's gate
+    matrix, the artifact's ``blk.{{i}}.ffn_gate``)."""
     m = MODEL["layers"][i]
     layout = BundleLayout.from_dict(m["layout"])
     return LayerKernels(blob, layout, activation=m["activation"], up_activation=m["up_activation"],
                         activation_threshold=m["activation_threshold"], output_threshold=m["output_threshold"],
-                        gate_bias=gate_bias, up_bias=up_bias, down_bias=down_bias, nchunks=nchunks)
+                        gate_bias=gate_bias, up_bias=up_bias, down_bias=down_bias, nchunks=nchunks, gate=gate)
 
 
 def ARM_PROBES():

@@ -1,18 +1,21 @@
 """Python entry points over :mod:`.ffn`: one FFN layer's bundles ready to run.
 
-``LayerKernels(blob, layout, activation=...)`` holds a layer's bundles (``f16`` widened
-to ``f32`` once) and runs:
+``LayerKernels(blob, layout, activation=..., gate=None)`` holds a layer's bundles (``f16``
+widened to ``f32`` once), and the gate matrix of a ``gate_apart`` layout, and runs:
 
 * ``forward(x, idx=None)``: one token; ``idx`` the active neurons (sorted int32/int64),
   None for dense; returns ``y [d]`` (and ``h`` for the listed neurons with ``return_h``);
 * ``gate_first(x)``: dReLU/ReLU-gated FFNs: ``act(x Wg)`` for every neuron, then up/down
-  of the positive ones only (exact);
+  of the positive ones only (exact). A gate-apart layer's gate pass reads its own matrix
+  (``gate_matvec``, when the caller sets one, e.g. the runtime's tiled Q4_0 matvec; the
+  row kernel otherwise), and ``forward`` takes the listed neurons' gates from it too;
 * ``rows(x, part, idx)`` / ``axpy(h, idx)``: the row-gather matvec and the down axpy;
 * ``prefill(X, masks=None)``: T tokens; reads each neuron of the union of the masks once
   and computes it for the tokens whose mask is set, or switches to dense tiles (BLAS
   sgemm on the f32 bundles in place, or on dequantized rows) when the mask density
   (token-neuron pairs set / ``T n``) is at least :meth:`LayerKernels.dense_density` of
-  ``T`` (:func:`measure_crossover` measures the switch point on the machine).
+  ``T`` (:func:`measure_crossover` measures the switch point on the machine); a
+  gate-apart layer always runs dense tiles (masks applied).
 
 ``Predictor(w1, b1, w2, b2, threshold)`` evaluates the low-rank MLP and selects the
 neurons whose logit is ``>= threshold`` (or the top k). It runs in Q8_0 when ``d`` is a
@@ -85,12 +88,20 @@ class LayerKernels:
     def __init__(self, blob: np.ndarray, layout: BundleLayout, activation: str = "relu",
                  up_activation: str | None = None, activation_threshold: float = 0.0,
                  output_threshold: float = 0.0, gate_bias=None, up_bias=None, down_bias=None,
-                 nchunks: int | None = None, crossover: float | None = None, serial_below: int = 1 << 18) -> None:
+                 nchunks: int | None = None, crossover: float | None = None, serial_below: int = 1 << 18,
+                 gate: np.ndarray | None = None) -> None:
+        """``gate``: a ``gate_apart`` layout's gate as :func:`~.bundle.encode_gate` gives it
+        (required exactly then)."""
+        if (gate is not None) != layout.gate_apart:
+            raise ValueError("the gate matrix must be given exactly when the layout is gate_apart")
         blob = np.ascontiguousarray(blob, dtype=np.uint8).reshape(layout.n_neurons, layout.stride)
         if layout.fmt == "f16":
             g, u, dn = unpack_bundles(blob, layout)
-            layout = BundleLayout("f32", layout.d_model, layout.n_neurons, layout.gated, layout.align)
+            layout = BundleLayout("f32", layout.d_model, layout.n_neurons, layout.gated, layout.align,
+                                  layout.gate_apart)
             blob = pack_bundles(g, u, dn, layout)
+            if gate is not None:
+                gate = np.asarray(gate, np.float16).astype(np.float32)
         self.layout = layout
         self.blob = blob
         self.fmt = ffn.FORMAT_CODES[layout.fmt]
@@ -103,6 +114,14 @@ class LayerKernels:
             unit = 1
         self.po = {p: layout.part_offset(p) // unit for p in layout.parts}
         self.po_g = self.po.get("gate", 0)
+        self.gate_apart = layout.gate_apart
+        self.gate_matvec = None  # optional: x [d] -> the n gate pre-activations (no bias) of a gate-apart layer
+        if gate is None:
+            self.gf, self.gq = self.wf, self.wq  # the gate rows: in the bundles, at po_g
+        elif self.fmt == ffn.F32:
+            self.gf, self.gq = np.ascontiguousarray(gate, np.float32).reshape(self.n, self.d), self.wq
+        else:
+            self.gf, self.gq = self.wf, np.ascontiguousarray(gate).view(np.int8).reshape(self.n, layout.part_bytes)
         self.act, self.up_relu, self.act_t = activation_spec(activation, self.gated, up_activation,
                                                              activation_threshold)
         self.out_t = float(output_threshold)
@@ -123,6 +142,8 @@ class LayerKernels:
     # -- one token -------------------------------------------------------------------
     def forward(self, x: np.ndarray, idx: np.ndarray | None = None, return_h: bool = False, _gpre=_EMPTY):
         x = np.ascontiguousarray(x, np.float32)
+        if self.gate_apart and _gpre.shape[0] == 0:  # the gates come from the gate matrix
+            _gpre = self.gates(x) if idx is None else self.rows(x, "gate", idx)
         idx = self._all if idx is None else _idx(idx, self.n)
         h = np.empty(idx.shape[0], np.float32)
         y = np.empty(self.d, np.float32)
@@ -136,13 +157,25 @@ class LayerKernels:
         """Pre-activations ``W_part[idx] x (+ bias)`` of the gate or up rows."""
         x = np.ascontiguousarray(x, np.float32)
         idx = self._all if idx is None else _idx(idx, self.n)
-        bias = {"gate": self.bg, "up": self.bu}[part] if part in ("gate", "up") else None
-        if bias is None or part not in self.po:
-            raise ValueError(f"rows() takes a part of {self.layout.parts[:-1]}; got {part!r}")
+        if part == "gate" and self.gated:
+            wf, wq, po, bias = self.gf, self.gq, self.po_g, self.bg
+        elif part == "up":
+            wf, wq, po, bias = self.wf, self.wq, self.po["up"], self.bu
+        else:
+            raise ValueError(f"rows() takes {'gate or up' if self.gated else 'up'}; got {part!r}")
         out = np.empty(idx.shape[0], np.float32)
         kernel = ffn.rows_sparse_ser if self._serial(idx, 1) else ffn.rows_sparse_par
-        kernel(x, self.wf, self.wq, idx, self.fmt, self.d, self.po[part], bias, _LUT, self.nchunks, out)
+        kernel(x, wf, wq, idx, self.fmt, self.d, po, bias, _LUT, self.nchunks, out)
         return out
+
+    def gates(self, x: np.ndarray) -> np.ndarray:
+        """Every neuron's gate pre-activation ``Wg x (+ bias)`` (``gate_matvec`` when set)."""
+        if self.gate_matvec is None:
+            return self.rows(x, "gate")
+        g = self.gate_matvec(np.ascontiguousarray(x, np.float32))
+        if self.bg.size:
+            g += self.bg
+        return g
 
     def axpy(self, h: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
         """``sum_p h[p] * down[:, idx[p]]`` (no bias)."""
@@ -159,7 +192,7 @@ class LayerKernels:
         """Exact FFN of a ReLU-family gated layer: all gates first, then only positives."""
         if not self.gated or self.act not in (ffn.RELU, ffn.FATRELU):
             raise ValueError("gate-first needs a gated FFN with a relu/fatrelu gate")
-        g = self.rows(x, "gate")
+        g = self.gates(x)
         idx = np.empty(self.n, np.int64)
         m = ffn.select_positive(g, np.float32(self.act_t if self.act == ffn.FATRELU else 0.0), idx)
         idx = idx[:m]
@@ -195,7 +228,7 @@ class LayerKernels:
             density = np.count_nonzero(masks) / max(T * self.n, 1)
         else:
             density = 1.0
-        if mode == "dense" or (mode == "auto" and density >= self.dense_density(T, threads)):
+        if mode == "dense" or self.gate_apart or (mode == "auto" and density >= self.dense_density(T, threads)):
             return self._prefill_dense(X, masks)
         union = np.flatnonzero(masks.any(axis=0)).astype(np.int64) if masks is not None else self._all
         Y = np.empty_like(X)
@@ -205,15 +238,17 @@ class LayerKernels:
                                self.bd, _LUT, self.nchunks, Y)
         return Y
 
-    def _part_tile(self, lo: int, hi: int, po: int, buf: np.ndarray) -> np.ndarray:
-        """Part ``po`` of neurons ``lo..hi`` as float32 ``[hi - lo, d]``: for f32 bundles a
-        view of the bundles (rows one bundle stride apart, which sgemm reads in place; a
-        2048 x 5632 gated layer's tiles at 8 / 128 tokens: 13.1 / 39.5 ms, against 23.9 /
-        51.4 ms copying each part out first), otherwise dequantized into ``buf``."""
+    def _part_tile(self, lo: int, hi: int, po: int, buf: np.ndarray, gate: bool = False) -> np.ndarray:
+        """Part ``po`` of neurons ``lo..hi`` (``gate``: the gate rows, wherever they are) as
+        float32 ``[hi - lo, d]``: for f32 bundles a view of the bundles (rows one bundle
+        stride apart, which sgemm reads in place; a 2048 x 5632 gated layer's tiles at 8 /
+        128 tokens: 13.1 / 39.5 ms, against 23.9 / 51.4 ms copying each part out first),
+        otherwise dequantized into ``buf``."""
+        wf, wq = (self.gf, self.gq) if gate else (self.wf, self.wq)
         if self.fmt == ffn.F32:
-            return self.wf[lo:hi, po:po + self.d]
+            return wf[lo:hi, po:po + self.d]
         w = buf[:hi - lo]
-        ffn.dequantize_rows(self.wf, self.wq, lo, hi, self.fmt, self.d, po, _LUT, w)
+        ffn.dequantize_rows(wf, wq, lo, hi, self.fmt, self.d, po, _LUT, w)
         return w
 
     def _prefill_dense(self, X: np.ndarray, masks: np.ndarray | None, tile: int = 512) -> np.ndarray:
@@ -230,7 +265,7 @@ class LayerKernels:
                 U += self.bu[lo:hi]
             G = U
             if self.gated:
-                G = Xk @ self._part_tile(lo, hi, self.po_g, buf).T
+                G = Xk @ self._part_tile(lo, hi, self.po_g, buf, gate=True).T
                 if self.bg.size:
                     G += self.bg[lo:hi]
             U = np.ascontiguousarray(U)

@@ -32,9 +32,10 @@ from typing import Any, Literal
 import numpy as np
 
 from sparseforge.kernels import crossasm, quant
-from sparseforge.kernels.bundle import BundleLayout, pack_bundles
+from sparseforge.kernels.bundle import BundleLayout, encode_gate, pack_bundles
 from sparseforge.kernels.emitgen import LayerSpec, generate_module
 from sparseforge.targets import Target, get_target
+from sparseforge.toolchain.artifact_build import gate_apart
 from sparseforge.toolchain.errors import InputError, PassError
 from sparseforge.toolchain.ir import FFNBlock, ModelIR
 from sparseforge.toolchain.pass_base import Pass, PassContext, PassResult, register_pass
@@ -130,7 +131,7 @@ class Emit(Pass):
         for block in ir.blocks:
             fmt, chosen = layer_format(block, self.options.formats)
             n, d = ir.store.shape(block.up)
-            layout = BundleLayout(fmt, d, n, block.gate is not None, align)
+            layout = BundleLayout(fmt, d, n, block.gate is not None, align, gate_apart(block))
             layers.append(LayerSpec(block.layer, layout, block.activation, block.up_activation,
                                     float(block.activation_threshold), float(block.output_threshold)))
             exact.append(fmt == "f32" or chosen)
@@ -146,6 +147,8 @@ class Emit(Pass):
             blob = pack_bundles(gate, store.get_f32(block.up), store.get_f32(block.down), spec.layout)
             biases = {k: store.get_f32(getattr(block, k)) for k in ("gate_bias", "up_bias", "down_bias")
                       if getattr(block, k)}
+            if spec.layout.gate_apart:
+                biases["gate"] = encode_gate(gate, spec.layout)
             kern = module.load_layer(len(rows), blob, **biases)
             x = rng.standard_normal(spec.layout.d_model).astype(np.float32)
             xk = quant.roundtrip(x, "q8_0") if spec.layout.fmt in quant.QUANTIZED else x

@@ -3,7 +3,8 @@
 Non-FFN weights in the formats the ``quantize`` pass chose (standard ggml types F32,
 F16, Q8_0, Q4_0; f32 for everything when quantize has not run), each FFN layer as one
 I8 blob of neuron bundles ``blk.{L}.ffn_bundle`` (``kernels.bundle``: gate row, up row,
-down column per neuron, padded to ``bundle_align`` bytes), predictors as F32 (or F16),
+down column per neuron, padded to ``bundle_align`` bytes; the gate of a layer the
+predictors pass made gate-first apart, ``blk.{L}.ffn_gate``), predictors as F32 (or F16),
 and the ``sparseforge.*`` metadata: spec, FFN semantics, bundle layouts, formats, neuron
 order, sparsity, thresholds, predictor modes, the recipe and pass log (without wall
 times), source digest, target, tokenizer, per-tensor sha256 and a metadata digest.
@@ -11,7 +12,7 @@ The same IR gives a byte-identical file.
 
 Changes nothing in the model: attaches the artifact as ``pack/model.gguf`` (``convert``
 and ``pack`` copy it to ``OUT/model.gguf``). Statistics: bytes, sha256, tensors, bytes
-of bundles / other weights / predictors, bits per FFN weight.
+of bundles / gates kept apart / other weights / predictors, bits per FFN weight.
 """
 from __future__ import annotations
 
@@ -114,11 +115,12 @@ def resolve_target(name: str) -> tuple[str, int]:
 def _stats(written, layouts) -> dict[str, Any]:
     table = written.tensors
     bundles = sum(t["nbytes"] for t in table if t["name"].endswith(".ffn_bundle"))
+    gates = sum(t["nbytes"] for t in table if t["name"].endswith(".ffn_gate"))
     preds = sum(t["nbytes"] for t in table if ".predictor." in t["name"])
-    ffn_weights = sum(len(lay.parts) * lay.d_model * lay.n_neurons for lay in layouts)
+    ffn_weights = sum((3 if lay.gated else 2) * lay.d_model * lay.n_neurons for lay in layouts)
     return {"bytes": written.nbytes, "sha256": written.sha256, "tensors": len(table),
-            "bundle_bytes": bundles, "predictor_bytes": preds,
-            "other_bytes": sum(t["nbytes"] for t in table) - bundles - preds,
-            "ffn_bits_per_weight": 8 * bundles / max(ffn_weights, 1),
+            "bundle_bytes": bundles, "gate_bytes": gates, "predictor_bytes": preds,
+            "other_bytes": sum(t["nbytes"] for t in table) - bundles - gates - preds,
+            "ffn_bits_per_weight": 8 * (bundles + gates) / max(ffn_weights, 1),
             "bundle_formats": sorted({lay.fmt for lay in layouts}),
             "bundle_stride": sorted({lay.stride for lay in layouts})}

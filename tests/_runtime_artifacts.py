@@ -1,7 +1,8 @@
 """Tiny converted models shared by the runtime, verify, bench and report tests: the
 tiny Llama (no tokenizer; token-id calibration) and the tiny BERT with its word-level
 tokenizer, each through profile -> relufy -> profile -> predictors -> quantize ->
-reorder -> pack. Built once per session (module-level cache)."""
+reorder -> pack, and the tiny Llama once more with every layer gate-first (its gates
+stored apart from the bundles) in Q4_0. Built once per session (module-level cache)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,13 +37,13 @@ ranks = [16]
 max_epochs = 3
 density_factor = 4.0
 budget = 0.5
-gate_first = "never"
+gate_first = "{gate_first}"
 workers = 1
 eval_sequences = -1
 [[pass]]
 name = "quantize"
 [pass.options]
-ffn = "q8_0"
+ffn = "{ffn}"
 [[pass]]
 name = "reorder"
 [[pass]]
@@ -54,14 +55,15 @@ _CACHE: dict[str, Path] = {}
 
 def converted(kind: str, tiny_model, tiny_bert_tokenized, tmp_path_factory) -> Path:
     """The convert output directory (``model.gguf``, ``ir/``, ``report.json``) of the tiny
-    ``llama`` or ``bert``; the source checkpoint is ``converted(...).parent / "source"``."""
+    ``llama``, ``llama-gate-first`` or ``bert``; the source checkpoint is
+    ``converted(...).parent / "source"``."""
     if kind in _CACHE:
         return _CACHE[kind]
     from conftest import TEXT
     from sparseforge.toolchain.pipeline import convert_model
 
     d = tmp_path_factory.mktemp(f"rt-{kind}")
-    if kind == "llama":  # the tiny Llama with the tiny BERT's word-level tokenizer (ids < 128 fit its vocab)
+    if kind.startswith("llama"):  # the tiny Llama with the tiny BERT's word-level tokenizer (ids < 128 fit its vocab)
         llama, _ = tiny_model("llama")
         src = d / "llama-src"
         src.mkdir()
@@ -75,7 +77,9 @@ def converted(kind: str, tiny_model, tiny_bert_tokenized, tmp_path_factory) -> P
         calib = d / "calib.txt"
         calib.write_text(TEXT * 3)
     verify = "[verify]\nmax_ppl_increase = 0.5\n" if kind == "llama" else ""  # recorded in the artifact
-    (d / "recipe.toml").write_text(RECIPE.format(verify=verify, profile=PROFILE.format(calib=calib)))
+    gate_first, ffn = ("always", "q4_0") if kind == "llama-gate-first" else ("never", "q8_0")
+    (d / "recipe.toml").write_text(RECIPE.format(verify=verify, profile=PROFILE.format(calib=calib),
+                                                 gate_first=gate_first, ffn=ffn))
     (d / "source").symlink_to(src, target_is_directory=True)
     convert_model(src, d / "out", recipe=d / "recipe.toml", report_html=True)
     _CACHE[kind] = d / "out"
@@ -85,6 +89,11 @@ def converted(kind: str, tiny_model, tiny_bert_tokenized, tmp_path_factory) -> P
 @pytest.fixture(scope="module")
 def llama_out(tiny_model, tiny_bert_tokenized, tmp_path_factory) -> Path:
     return converted("llama", tiny_model, tiny_bert_tokenized, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llama_gate_first_out(tiny_model, tiny_bert_tokenized, tmp_path_factory) -> Path:
+    return converted("llama-gate-first", tiny_model, tiny_bert_tokenized, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from _runtime_artifacts import bert_out, llama_out  # noqa: F401 (fixtures)
 
+from sparseforge.toolchain.artifact_reader import Artifact
 from sparseforge.toolchain.bench import bench
 from sparseforge.toolchain.errors import InputError
 
@@ -80,3 +81,7 @@ def test_synthetic_decode_smoke(tmp_path):
             f["onnxruntime"][ort]["decode_tokens_per_s"]
         assert f["runtime"]["predictor"]["mean_ffn_density"] < 0.3  # the predictor selects ~10% of neurons
         assert f["runtime"]["gate-first"]["mean_ffn_density"] < 0.3
+        assert f["runtime"]["gate_first_bundled"]["mean_ffn_density"] < 0.3
+        art = Artifact.open(f["gate_first_artifact"])  # gate-first mode ran on gates stored apart
+        assert all(lay.gate_apart for lay in art.layouts) and not any(".predictor." in n for n in art.tensor_names)
+        art.close()

@@ -90,6 +90,14 @@ def test_emit_pass_on_tiny_llama(tiny_model, tmp_path):
     res = Emit(make_options(Emit, {"target": "x86-64-v3", "asm": False}))(ir, PassContext(work_dir=tmp_path / "b"))
     assert res.stats["verify"]["max_rel_error"] < 1e-4
     assert "kernels.py" in res.ir.files["emit/kernels.py"]
+    # layers the predictors pass made gate-first keep their gates apart, as in the artifact
+    ir = ir.evolve()
+    for b in ir.blocks:
+        b.activation = "relu"
+        b.annotations["predictor"] = {"mode": "gate-first"}
+    res = Emit(make_options(Emit, {"target": "x86-64-v3", "asm": False}))(ir, PassContext(work_dir=tmp_path / "c"))
+    assert res.stats["verify"]["max_rel_error"] < 1e-4
+    assert all(m["layout"]["gate_apart"] for m in load_emitted(res.ir.files["emit/kernels.py"]).MODEL["layers"])
 
 
 def test_emit_options_errors(tiny_model, tmp_path):

@@ -12,7 +12,7 @@ from gguf.quants import dequantize as gg_dequantize
 from gguf.quants import quantize as gg_quantize
 
 from sparseforge.kernels import ffn, quant
-from sparseforge.kernels.bundle import BundleLayout, pack_bundles, unpack_bundles
+from sparseforge.kernels.bundle import BundleLayout, encode_gate, pack_bundles, unpack_bundles
 from sparseforge.kernels.runtime import (CROSSOVER_TOKENS, LayerKernels, Predictor, measure_crossover,
                                          predictor_logits_numpy)
 
@@ -114,6 +114,41 @@ def test_rows_axpy_output_threshold_and_gate_first(fmt):
         k.rows(x, "down")
     with pytest.raises(ValueError, match="gate-first"):
         LayerKernels(*_layer(fmt, False)[:2]).gate_first(x)
+
+
+@pytest.mark.parametrize("fmt", ["f32", "f16", "q8_0", "q4_0"])
+def test_gate_apart_layout(fmt):
+    """A gate-apart layer (bundles of up and down, the gate a matrix of its own) against
+    the numpy reference of the same weights: one token dense, sparse and gate-first, the
+    gate rows, a ``gate_matvec`` hook, and prefill (dense tiles, with and without masks)."""
+    blob, lay, bias = _layer(fmt, True, seed=6, bias=True)
+    g, u, dn = unpack_bundles(blob, lay)
+    apart = BundleLayout(fmt, D, N, True, gate_apart=True)
+    assert apart.parts == ("up", "down") and BundleLayout.from_dict(apart.to_dict()) == apart
+    assert "gate_apart" not in lay.to_dict()  # layouts written before the field read the same
+    k = LayerKernels(pack_bundles(None, u, dn, apart), apart, activation="drelu", gate=encode_gate(g, apart), **bias)
+    x = np.random.default_rng(7).standard_normal(D).astype(np.float32)
+    xx = quant.roundtrip(x, "q8_0") if fmt in quant.QUANTIZED else x
+    idx = np.sort(np.random.default_rng(8).choice(N, 23, replace=False))
+    for sel in (None, idx):
+        _close(k.forward(x, sel), _ref(blob, lay, x, "relu", True, idx=sel, bias=bias)[0])
+    gates = g.astype(np.float64) @ xx + bias["gate_bias"]
+    _close(k.rows(x, "gate", idx), gates[idx])
+    y, pos = k.gate_first(x, return_idx=True)
+    _close(y, _ref(blob, lay, x, "relu", True, bias=bias)[0])
+    np.testing.assert_array_equal(pos, np.flatnonzero(gates > 0))
+    k.gate_matvec = lambda v: (g.astype(np.float64) @ v).astype(np.float32)  # the runtime's tiled matvec goes here
+    _close(k.gates(xx), gates)
+    X = np.random.default_rng(9).standard_normal((6, D)).astype(np.float32)
+    masks = np.random.default_rng(10).random((6, N)) < 0.3
+    for m in (None, masks):
+        want = np.stack([_ref(blob, lay, X[t], "relu", True, idx=None if m is None else np.flatnonzero(m[t]),
+                              bias=bias)[0] for t in range(6)])
+        _close(k.prefill(X, m, mode="sparse"), want, tol=1e-3)
+    with pytest.raises(ValueError, match="gate_apart"):
+        LayerKernels(pack_bundles(None, u, dn, apart), apart, activation="drelu")
+    with pytest.raises(ValueError, match="gated"):
+        BundleLayout(fmt, D, N, False, gate_apart=True)
 
 
 @pytest.mark.parametrize("fmt", ["f32", "q8_0", "q4_0"])

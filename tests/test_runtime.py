@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from _runtime_artifacts import bert_out, llama_out  # noqa: F401 (fixtures)
+from _runtime_artifacts import bert_out, llama_gate_first_out, llama_out  # noqa: F401 (fixtures)
 
 from sparseforge.toolchain.ir import ModelIR
 from sparseforge.toolchain.reference import executor_for
@@ -56,6 +56,74 @@ def test_decoder_predictor_mode(llama_out):
         rt.forward([t], cache)
     dens = [d for d, m in zip(rt.ffn.density(), rt.ffn.modes) if m == "predictor"]
     assert dens and all(0 < d < 1 for d in dens)
+
+
+def test_gate_first_layers_store_their_gates_apart(llama_gate_first_out):
+    """A gate-first layer's gate is a Q4_0 matrix of its own (gguf-py reads it and it
+    decodes to the IR's gate), its bundles hold up and down only, and the runtime reads
+    the gates from it: decoding agrees with the reference executor, in both exact modes."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from sparseforge.kernels import quant, row_tiles
+    from sparseforge.toolchain.runtime_ort import artifact_ir
+
+    out = llama_gate_first_out
+    ir = ModelIR.load(out / "ir")
+    r = GGUFReader(out / "model.gguf")
+    tensors = {t.name: t for t in r.tensors}
+    d, n = ir.spec.hidden_size, ir.spec.intermediate_size
+    for b in ir.blocks:
+        t = tensors[f"blk.{b.layer}.ffn_gate"]
+        assert t.tensor_type.name == "Q4_0"
+        gate = dequantize(t.data, t.tensor_type).reshape(n, d)
+        assert np.array_equal(gate, ir.store.get_f32(b.gate))
+    model = LoadedModel.open(out / "model.gguf")
+    dense_ir = artifact_ir(model)  # onnxruntime's baseline graph takes the gates from their matrices
+    for b, lay in zip(ir.blocks, model.artifact.layouts):
+        assert np.array_equal(dense_ir.store.get_f32(b.gate), ir.store.get_f32(b.gate))
+        two_parts = -(-2 * quant.row_bytes("q4_0", d) // lay.align) * lay.align
+        assert lay.parts == ("up", "down") and tuple(tensors[f"blk.{b.layer}.ffn_bundle"].data.shape) == (n, two_parts)
+    assert model.predictor_modes == ["gate-first"] * ir.spec.num_layers
+    kern = model.kernels[0]
+    assert kern.gate_apart and (kern.gate_matvec is not None) == row_tiles.SUPPORTED
+    x = np.random.default_rng(0).standard_normal(d).astype(np.float32)
+    want_g = quant.roundtrip(x, "q8_0") @ ir.store.get_f32(ir.blocks[0].gate).T
+    assert np.allclose(kern.gates(x), want_g, rtol=1e-4, atol=1e-4 * np.abs(want_g).max())
+    ids = np.random.default_rng(1).integers(0, 100, 12)
+    want = executor_for(ir).forward(ids[None])[0]
+    for mode in ("dense", "gate-first"):
+        rt = runtime_for(model, mode)
+        cache = rt.new_cache()
+        steps = [rt.forward(ids[:7], cache, all_logits=True)] + [rt.forward([t], cache)[None] for t in ids[7:]]
+        assert _rel(np.concatenate(steps), want) < 1e-2, mode
+    assert max(rt.ffn.density()) < 1.0
+
+
+def test_gate_apart_artifact_without_its_gate_is_rejected(llama_gate_first_out, tmp_path):
+    """Written without a gate-apart layer's gate matrix, or with it in another format: an
+    InputError naming the tensor (exit 2 in the CLI)."""
+    from sparseforge.kernels import quant
+    from sparseforge.toolchain import artifact_format as F
+    from sparseforge.toolchain.artifact_build import build_metadata, layouts_for, tensor_stream
+    from sparseforge.toolchain.artifact_reader import Artifact
+    from sparseforge.toolchain.artifact_writer import TensorEntry, write_artifact
+    from sparseforge.toolchain.errors import InputError
+
+    ir = ModelIR.load(llama_gate_first_out / "ir")
+    layouts = layouts_for(ir, 64)
+    meta = build_metadata(ir, layouts, {}, target="t", seed=0, pack_options={}, tokenizer=False)
+
+    def q8_gate(t):
+        x = quant.decode(t.data, "q4_0")
+        return TensorEntry(t.name, int(F.GGML_TYPES["q8_0"]), t.shape, quant.encode(x, "q8_0"))
+
+    for name, edit, problem in (("nogate", lambda t: None, "tensor blk.0.ffn_gate is missing"),
+                                ("q8gate", q8_gate, "tensor blk.0.ffn_gate is not q4_0")):
+        stream = (edit(t) if t.name == F.gate_name(0) else t for t in tensor_stream(ir, layouts, {}))
+        write_artifact(tmp_path / f"{name}.gguf", meta, (t for t in stream if t is not None))
+        with pytest.raises(InputError, match=problem):
+            Artifact.open(tmp_path / f"{name}.gguf")
 
 
 def test_generation_greedy_and_top_p(llama_out):

@@ -20,7 +20,7 @@ import numpy as np
 from gguf import GGUFValueType as T
 
 from sparseforge.kernels import quant
-from sparseforge.kernels.bundle import BundleLayout, pack_bundles, unpack_bundles
+from sparseforge.kernels.bundle import BundleLayout, encode_gate, pack_bundles, unpack_bundles
 
 from . import artifact_format as F
 from .artifact_writer import TensorEntry
@@ -43,10 +43,21 @@ def weight_names(ir: ModelIR) -> list[str]:
     return [n for n in ir.store.names() if n not in skip and not n.startswith(ANNOTATION_PREFIX)]
 
 
+def gate_apart(b) -> bool:
+    """Whether block ``b``'s gate is stored apart from its bundles: the predictors pass
+    chose gate-first for it, so every decode step reads the whole gate."""
+    return b.gate is not None and (b.annotations.get("predictor") or {}).get("mode") == "gate-first"
+
+
+def block_layout(ir: ModelIR, b, align: int) -> BundleLayout:
+    """Block ``b``'s bundle layout: its quantize format, the gate apart or not."""
+    return BundleLayout(fmt=(b.annotations.get("quant") or {}).get("format", "f32"), d_model=ir.spec.hidden_size,
+                        n_neurons=ir.spec.intermediate_size, gated=b.gate is not None, align=align,
+                        gate_apart=gate_apart(b))
+
+
 def layouts_for(ir: ModelIR, align: int) -> list[BundleLayout]:
-    d, n = ir.spec.hidden_size, ir.spec.intermediate_size
-    return [BundleLayout(fmt=(b.annotations.get("quant") or {}).get("format", "f32"), d_model=d, n_neurons=n,
-                         gated=b.gate is not None, align=align) for b in ir.blocks]
+    return [block_layout(ir, b, align) for b in ir.blocks]
 
 
 def _check_same(name: str, want: np.ndarray, got: np.ndarray) -> None:
@@ -115,14 +126,29 @@ def tensor_stream(ir: ModelIR, layouts: list[BundleLayout], formats: dict[str, s
             mats = [ir.store.get_f32(b.gate) if b.gate else None, ir.store.get_f32(b.up), ir.store.get_f32(b.down)]
             blob = pack_bundles(*mats, layout)
             for part, want, got in zip(("gate", "up", "down"), mats, unpack_bundles(blob, layout)):
-                if want is not None:
+                if got is not None:
                     _check_same(f"{getattr(b, part)} (layer {b.layer} bundles)", want, got)
             del mats
         yield TensorEntry(F.bundle_name(b.layer), int(F.BLOB_TYPE), (layout.n_neurons, layout.stride), blob)
+        del blob
+        if layout.gate_apart:
+            yield _gate_entry(ir, b, layout)
         for what, tensor in sorted(((b.annotations.get("predictor") or {}).get("tensors") or {}).items()):
             x = ir.store.get_f32(tensor)
             yield TensorEntry(F.predictor_name(b.layer, what), int(F.GGML_TYPES[predictor_format]), tuple(x.shape),
                               x if predictor_format == "f32" else x.astype(np.float16))
+
+
+def _gate_entry(ir: ModelIR, b, layout: BundleLayout) -> TensorEntry:
+    """A gate-apart block's gate matrix in the layer's format (checked like the bundles)."""
+    shape = (layout.n_neurons, layout.d_model)
+    rows = _encoded_rows(ir, b.gate, layout.fmt, False) if layout.fmt in quant.QUANTIZED else None
+    if rows is None:
+        want = ir.store.get_f32(b.gate)
+        rows = encode_gate(want, layout)
+        got = rows.astype(np.float32) if layout.fmt in ("f32", "f16") else quant.decode(rows, layout.fmt)
+        _check_same(f"{b.gate} (layer {b.layer} gate)", want, got)
+    return TensorEntry(F.gate_name(b.layer), int(F.GGML_TYPES[layout.fmt]), shape, rows)
 
 
 def strip_volatile(obj: Any) -> Any:

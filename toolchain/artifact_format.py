@@ -65,6 +65,11 @@ def bundle_name(layer: int) -> str:
     return f"blk.{layer}.ffn_bundle"
 
 
+def gate_name(layer: int) -> str:
+    """The gate matrix of a layer whose bundle layout is ``gate_apart``."""
+    return f"blk.{layer}.ffn_gate"
+
+
 def predictor_name(layer: int, what: str) -> str:
     return f"blk.{layer}.predictor.{what}"
 

@@ -81,6 +81,10 @@ class Artifact:
     def bundles(self, layer: int) -> np.ndarray:
         return self.tensor(F.bundle_name(layer))
 
+    def ffn_gate(self, layer: int) -> np.ndarray | None:
+        """A ``gate_apart`` layer's gate matrix as :meth:`tensor` gives it (None otherwise)."""
+        return self.tensor(F.gate_name(layer)) if self.layouts[layer].gate_apart else None
+
     def neuron_order(self, layer: int) -> np.ndarray:
         """Original index of each stored neuron (position i holds neuron ``order[i]``)."""
         return np.asarray(self.metadata[F.neuron_order_key(layer)], dtype=np.int64)

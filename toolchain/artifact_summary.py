@@ -22,7 +22,7 @@ def describe_artifact(art: Artifact) -> dict[str, Any]:
     layers = []
     for i, lay in enumerate(art.layouts):
         layers.append({
-            "layer": i, "format": lay.fmt, "stride": lay.stride, "gated": lay.gated,
+            "layer": i, "format": lay.fmt, "stride": lay.stride, "gated": lay.gated, "gate_apart": lay.gate_apart,
             "sparsity": _num(m[F.K_SPARSITY][i]), "output_threshold": m[F.K_OUTPUT_THRESHOLDS][i],
             "activation": m[F.K_BLOCKS][i]["activation"], "predictor": m[F.K_PREDICTOR_MODES][i],
             "rank": m[F.K_PREDICTOR_RANKS][i],
@@ -58,7 +58,8 @@ def format_artifact(d: dict[str, Any]) -> str:
     for row in d["layers"]:
         sp = "   n/a" if row["sparsity"] is None else f"{row['sparsity']:.3f}"
         pred = row["predictor"] + (f" r{row['rank']}" if row["predictor"] == "predictor" else "")
-        lines.append(f"  layer {row['layer']:2d}  {row['format']:<5} bundles of {row['stride']} B  "
+        bundles = f"bundles of {row['stride']} B" + (" + gate" if row["gate_apart"] else "")
+        lines.append(f"  layer {row['layer']:2d}  {row['format']:<5} {bundles:<22} "
                      f"sparsity {sp}  {row['activation']:<8} predictor {pred:<12} "
                      f"{'hot-first' if row['reordered'] else 'original order'}")
     return "\n".join(lines)

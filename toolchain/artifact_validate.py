@@ -112,6 +112,8 @@ def check_spec(g: GGUFFile, meta: dict[str, Any]) -> tuple[ArchSpec, list[Bundle
         if (layout.d_model, layout.n_neurons, layout.gated) != (spec.hidden_size, spec.intermediate_size, spec.gated):
             raise InputError(g.path, f"layer {layer}: bundle layout {layout.to_dict()} does not fit the model spec")
         required[F.bundle_name(layer)] = (layout.n_neurons, layout.stride)
+        if layout.gate_apart:
+            required[F.gate_name(layer)] = (layout.n_neurons, layout.d_model)
         order = meta.get(F.neuron_order_key(layer))
         if order is None or sorted(order) != list(range(layout.n_neurons)):
             raise InputError(g.path, f"layer {layer}: metadata {F.neuron_order_key(layer)} is missing or "
@@ -135,6 +137,9 @@ def check_spec(g: GGUFFile, meta: dict[str, Any]) -> tuple[ArchSpec, list[Bundle
             raise InputError(g.path, f"tensor {name} is not part of the model")
         if info.shape != tuple(shapes[name]):
             raise InputError(g.path, f"tensor {name} has shape {info.shape}, the model spec needs {tuple(shapes[name])}")
+    for layer, layout in enumerate(layouts):
+        if layout.gate_apart and present[F.gate_name(layer)].ggml_type != F.GGML_TYPES[layout.fmt]:
+            raise InputError(g.path, f"tensor {F.gate_name(layer)} is not {layout.fmt}, its layer's format")
     return spec, layouts
 
 

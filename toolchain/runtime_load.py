@@ -13,7 +13,9 @@
   copy); a :class:`LinearGroup` multiplies several matrices of one input in one call. ``auto`` keeps decoders quantized
   (decode steps are bound by the bytes read) and dequantizes encoders (batched);
 * each FFN layer as :class:`~sparseforge.kernels.runtime.LayerKernels` over its
-  bundles (a view into the map) with the block's activation fields and biases;
+  bundles (a view into the map) with the block's activation fields and biases, and a
+  gate-apart layer's gate matrix (a view too; a Q4_0 gate's pass over every neuron goes
+  through a :class:`Linear`'s 8-row tiles on the x86 vector paths);
 * each ``predictor`` layer's :class:`~sparseforge.kernels.runtime.Predictor`.
 
 :class:`FFNRunner` runs a layer's FFN in one of the modes: ``dense`` (no neuron
@@ -268,11 +270,15 @@ class LoadedModel:
         kernels, predictors = [], []
         for layer, (doc, layout) in enumerate(zip(blocks, art.layouts)):
             bias = {p: (art.weight(doc[f"{p}_bias"]) if doc.get(f"{p}_bias") else None) for p in ("gate", "up", "down")}
-            kernels.append(LayerKernels(
+            gate = art.ffn_gate(layer)
+            kern = LayerKernels(
                 art.bundles(layer), layout, activation=doc["activation"], up_activation=doc.get("up_activation"),
                 activation_threshold=float(doc.get("activation_threshold") or 0.0),
                 output_threshold=float(doc.get("output_threshold") or 0.0), gate_bias=bias["gate"],
-                up_bias=bias["up"], down_bias=bias["down"], nchunks=nchunks))
+                up_bias=bias["up"], down_bias=bias["down"], nchunks=nchunks, gate=gate)
+            if gate is not None and layout.fmt == "q4_0" and row_tiles.SUPPORTED:
+                kern.gate_matvec = Linear(gate, "q4_0", (layout.n_neurons, layout.d_model), dequantize=False).matvec
+            kernels.append(kern)
             if modes[layer] == "predictor":
                 w = {k: art.weight(F.predictor_name(layer, k)) for k in ("w1", "w2", "b1", "b2")
                      if art.has(F.predictor_name(layer, k))}

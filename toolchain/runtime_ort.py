@@ -1,7 +1,8 @@
 """The same model's dense onnxruntime baseline: an artifact turned back into an IR.
 
 :func:`artifact_ir` decodes every weight of an artifact to float32 (FFN matrices
-unpacked from the bundles, in the stored neuron order: an FFN's output does not depend
+unpacked from the bundles, and a gate-apart layer's gate matrix, in the stored neuron
+order: an FFN's output does not depend
 on the order of its neurons) under the family's canonical names, with the blocks'
 activation fields, so :func:`~.onnx_builder.build_onnx` can write a float32 graph that
 computes what the artifact computes, densely. :func:`ort_session` builds and opens it.
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from sparseforge.kernels.bundle import unpack_bundles
 
+from . import artifact_format as F
 from .ir import ModelIR
 from .tensors import TensorStore
 
@@ -28,6 +30,8 @@ def artifact_ir(model) -> ModelIR:
     blocks = family_named(spec.family).blocks(spec)
     for b, doc, layout in zip(blocks, model.blocks, art.layouts):
         gate, up, down = unpack_bundles(art.bundles(b.layer), layout)
+        if layout.gate_apart:
+            gate = art.weight(F.gate_name(b.layer))
         if gate is not None:
             store.set(b.gate, gate)
         store.set(b.up, up)
