@@ -1343,9 +1343,10 @@ def select_topk(vals, k, idx_out):
 # ------------------------------------------------------------------------------ prefill
 @njit(parallel=True, **_FLAGS)
 def ffn_prefill_sparse(X, wf, wq, union, mask, fmt, d, gated, act, act_t, up_relu, out_t, po_g, po_u, po_d,
-                       bg, bu, bd, lut, nchunks, Y):
+                       bg, bu, bd, lut, nchunks, gwf, gwq, gate_apart, Y):
     """T tokens: every neuron of ``union`` is read once and applied to the tokens whose
-    ``mask[t, i]`` is set (``mask`` empty: every token)."""
+    ``mask[t, i]`` is set (``mask`` empty: every token). ``gate_apart``: the gate rows are
+    rows of ``gwf`` / ``gwq`` (at ``po_g``), not parts of the bundles."""
     fmt = _spec(SPEC_FMT, fmt)
     d = _spec(SPEC_D, d)
     gated = _spec(SPEC_GATED, gated)
@@ -1366,8 +1367,13 @@ def ffn_prefill_sparse(X, wf, wq, union, mask, fmt, d, gated, act, act_t, up_rel
             for t in range(T):
                 if has_mask and not mask[t, i]:
                     continue
+                g = np.float32(0)
+                if gate_apart:
+                    g = row_dot(fmt, gwf, gwq, i, po_g, X[t], XQ[t], XD[t], lut, d)
+                    if bg.shape[0] > 0:
+                        g += bg[i]
                 h = neuron(fmt, wf, wq, i, X[t], XQ[t], XD[t], lut, d, gated, act, act_t, up_relu, out_t,
-                           po_g, po_u, bg, bu, np.float32(0), False)
+                           po_g, po_u, bg, bu, g, gate_apart)
                 if h != np.float32(0):
                     row_axpy(fmt, wf, wq, i, po_d, h, part[c, t], lut, d)
     for t in range(T):

@@ -14,8 +14,7 @@ widened to ``f32`` once), and the gate matrix of a ``gate_apart`` layout, and ru
   and computes it for the tokens whose mask is set, or switches to dense tiles (BLAS
   sgemm on the f32 bundles in place, or on dequantized rows) when the mask density
   (token-neuron pairs set / ``T n``) is at least :meth:`LayerKernels.dense_density` of
-  ``T`` (:func:`measure_crossover` measures the switch point on the machine); a
-  gate-apart layer always runs dense tiles (masks applied).
+  ``T`` (:func:`measure_crossover` measures the switch point on the machine).
 
 ``Predictor(w1, b1, w2, b2, threshold)`` evaluates the low-rank MLP and selects the
 neurons whose logit is ``>= threshold`` (or the top k). It runs in Q8_0 when ``d`` is a
@@ -228,14 +227,14 @@ class LayerKernels:
             density = np.count_nonzero(masks) / max(T * self.n, 1)
         else:
             density = 1.0
-        if mode == "dense" or self.gate_apart or (mode == "auto" and density >= self.dense_density(T, threads)):
+        if mode == "dense" or (mode == "auto" and density >= self.dense_density(T, threads)):
             return self._prefill_dense(X, masks)
         union = np.flatnonzero(masks.any(axis=0)).astype(np.int64) if masks is not None else self._all
         Y = np.empty_like(X)
         ffn.ffn_prefill_sparse(X, self.wf, self.wq, union, masks if masks is not None else np.zeros((0, 0), np.bool_),
                                self.fmt, self.d, int(self.gated), self.act, np.float32(self.act_t), self.up_relu,
                                np.float32(self.out_t), self.po_g, self.po["up"], self.po["down"], self.bg, self.bu,
-                               self.bd, _LUT, self.nchunks, Y)
+                               self.bd, _LUT, self.nchunks, self.gf, self.gq, self.gate_apart, Y)
         return Y
 
     def _part_tile(self, lo: int, hi: int, po: int, buf: np.ndarray, gate: bool = False) -> np.ndarray:

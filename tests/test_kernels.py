@@ -120,7 +120,8 @@ def test_rows_axpy_output_threshold_and_gate_first(fmt):
 def test_gate_apart_layout(fmt):
     """A gate-apart layer (bundles of up and down, the gate a matrix of its own) against
     the numpy reference of the same weights: one token dense, sparse and gate-first, the
-    gate rows, a ``gate_matvec`` hook, and prefill (dense tiles, with and without masks)."""
+    gate rows, a ``gate_matvec`` hook, and prefill (the sparse kernel and dense tiles,
+    with and without masks)."""
     blob, lay, bias = _layer(fmt, True, seed=6, bias=True)
     g, u, dn = unpack_bundles(blob, lay)
     apart = BundleLayout(fmt, D, N, True, gate_apart=True)
@@ -144,7 +145,8 @@ def test_gate_apart_layout(fmt):
     for m in (None, masks):
         want = np.stack([_ref(blob, lay, X[t], "relu", True, idx=None if m is None else np.flatnonzero(m[t]),
                               bias=bias)[0] for t in range(6)])
-        _close(k.prefill(X, m, mode="sparse"), want, tol=1e-3)
+        for mode in ("sparse", "dense"):
+            _close(k.prefill(X, m, mode=mode), want, tol=1e-3)
     with pytest.raises(ValueError, match="gate_apart"):
         LayerKernels(pack_bundles(None, u, dn, apart), apart, activation="drelu")
     with pytest.raises(ValueError, match="gated"):
