@@ -112,7 +112,7 @@ def pack_bundles(gate: np.ndarray | None, up: np.ndarray, down: np.ndarray, layo
     """Encode one layer: ``gate``/``up`` ``[n, d]``, ``down`` ``[d, n]`` -> ``uint8[n, stride]``
     (a ``gate_apart`` layout leaves the gate out: :func:`encode_gate`)."""
     n, d = layout.n_neurons, layout.d_model
-    if gate is None and "gate" in layout.parts or gate is not None and not layout.gated:
+    if (gate is None and "gate" in layout.parts) or (gate is not None and not layout.gated):
         raise ValueError("gate must be given exactly when the layout is gated (optional when apart)")
     rows = {"up": np.asarray(up), "down": np.asarray(down).T}
     if gate is not None and not layout.gate_apart:

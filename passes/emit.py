@@ -145,11 +145,11 @@ class Emit(Pass):
             store = ir.store
             gate = store.get_f32(block.gate) if block.gate else None
             blob = pack_bundles(gate, store.get_f32(block.up), store.get_f32(block.down), spec.layout)
-            biases = {k: store.get_f32(getattr(block, k)) for k in ("gate_bias", "up_bias", "down_bias")
-                      if getattr(block, k)}
+            tensors = {k: store.get_f32(getattr(block, k)) for k in ("gate_bias", "up_bias", "down_bias")
+                       if getattr(block, k)}
             if spec.layout.gate_apart:
-                biases["gate"] = encode_gate(gate, spec.layout)
-            kern = module.load_layer(len(rows), blob, **biases)
+                tensors["gate"] = encode_gate(gate, spec.layout)
+            kern = module.load_layer(len(rows), blob, **tensors)
             x = rng.standard_normal(spec.layout.d_model).astype(np.float32)
             xk = quant.roundtrip(x, "q8_0") if spec.layout.fmt in quant.QUANTIZED else x
             ref = ffn_forward(store, block, xk[None])[0]
