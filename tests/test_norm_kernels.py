@@ -1,10 +1,15 @@
-"""The runtimes' norm and softmax kernels against numpy (float64); numpy and the kernels
-only, so that ``make test-arm`` runs them on emulated aarch64 too."""
+"""The runtimes' norm and softmax kernels against numpy (float64), and the decode-step
+attention kernel against the decoders' numpy reference (apply_rope, softmax, grouped-query
+attention over a KVCache); numpy, the kernels and the numpy reference only, so that
+``make test-arm`` runs them on emulated aarch64 too."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from sparseforge.kernels.attention import add_layer_norm_rows, rms_norm_into, softmax_rows
+from sparseforge.kernels.attention import add_layer_norm_rows, attention_step, rms_norm_into, softmax_rows
+from sparseforge.toolchain.reference.bert import softmax
+from sparseforge.toolchain.reference.llama import KVCache, apply_rope, rope_cos_sin
 
 
 def test_rms_norm_into():
@@ -45,3 +50,35 @@ def test_softmax_rows_against_float64_numpy():
     assert np.all(got[3, 50:] == 0) and np.all(got[4, 1:] == 0)
     tiny = got[(got != 0)]
     assert tiny.min() >= np.finfo(np.float32).tiny  # no subnormals (slow in the BLAS calls after)
+
+
+H, KV, HD = 8, 2, 16
+
+
+@pytest.mark.parametrize("past", [0, 1, 5, 40])
+def test_attention_step(past):
+    rng = np.random.default_rng(past)
+    q = rng.standard_normal(H * HD).astype(np.float32)
+    k = rng.standard_normal(KV * HD).astype(np.float32)
+    v = rng.standard_normal(KV * HD).astype(np.float32)
+    cos, sin = rope_cos_sin(np.array([past]), HD, 10000.0)
+    cache = KVCache(1, 1, KV, HD)
+    cache.append(0, *(rng.standard_normal((2, 1, KV, past, HD)).astype(np.float32)))
+    past_k, past_v = cache.keys(0)[0].copy(), cache.values(0)[0].copy()
+    k_store, v_store, pos = cache.reserve(0)
+    assert pos == past and cache.length == past + 1
+    ctx = np.empty_like(q)
+    q0, k0, v0 = q.copy(), k.copy(), v.copy()
+    attention_step(q, k, v, cos[0], sin[0], k_store[0], v_store[0], pos, np.float32(HD ** -0.5), ctx)
+    assert (q == q0).all() and (k == k0).all() and (v == v0).all()
+
+    # reference: the decoders' numpy attention over [past keys, new key]
+    qr = apply_rope(q.reshape(H, 1, HD), cos, sin)
+    kr = apply_rope(k.reshape(KV, 1, HD), cos, sin)
+    keys = np.concatenate([past_k, kr], axis=1)  # [KV, S, hd]
+    vals = np.concatenate([past_v, v.reshape(KV, 1, HD)], axis=1)
+    np.testing.assert_allclose(cache.keys(0)[0], keys, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(cache.values(0)[0], vals)
+    scores = (qr.reshape(KV, H // KV, 1, HD) @ keys[:, None].transpose(0, 1, 3, 2)) * np.float32(HD ** -0.5)
+    want = (softmax(scores) @ vals[:, None]).reshape(H * HD)
+    np.testing.assert_allclose(ctx, want, rtol=1e-5, atol=1e-5)

@@ -244,3 +244,34 @@ def test_run_command(llama_out, bert_out, tmp_path, capsys):
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
     code, _, err = call("run", str(tmp_path / "nope.gguf"), "--embed", "x")
     assert code == 2 and err.startswith("error:") and "not found" in err
+
+
+def test_decode_steps_with_attention_biases(tiny_model, tmp_path):
+    """Qwen2 (q/k/v biases, tied embeddings) packed without sparsification: the decode
+    steps (the step loop's weights looked up once, the three biases added end to end)
+    against transformers' logits of the whole sequence."""
+    import torch
+
+    from sparseforge.toolchain.pipeline import convert_model
+
+    ckpt, hf = tiny_model("qwen2")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[[pass]]\nname = "quantize"\n[pass.options]\n'
+                      'ffn = "f32"\nattention = "f32"\nembeddings = "f32"\n[[pass]]\nname = "pack"\n')
+    convert_model(ckpt, tmp_path / "out", recipe=recipe)
+    rt = load_runtime(tmp_path / "out" / "model.gguf", mode="dense")
+    assert rt.model.has("model.layers.0.self_attn.q_proj.bias") and not rt.model.has("lm_head.weight")
+    ids = np.random.default_rng(3).integers(0, 110, 9)
+    with torch.no_grad():
+        want = hf(torch.from_numpy(ids)[None]).logits[0].numpy()
+    cache = rt.new_cache()
+    got = [rt.forward(ids[:3], cache, all_logits=True)] + [rt.forward([t], cache, all_logits=True) for t in ids[3:]]
+    assert cache.length == ids.size
+    assert _rel(np.concatenate(got), want) < 1e-4
+    # projections that cannot share a kernel call (told so through the group cache) run one by one
+    apart = load_runtime(tmp_path / "out" / "model.gguf", mode="dense")
+    for i in range(2):
+        apart.model._groups[tuple(f"model.layers.{i}.self_attn.{n}_proj.weight" for n in "qkv")] = None
+    cache = apart.new_cache()
+    apart.forward(ids[:3], cache)
+    assert _rel(np.stack([apart.forward([t], cache) for t in ids[3:]]), want[3:]) < 1e-4

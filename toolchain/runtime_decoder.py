@@ -11,7 +11,8 @@ RMSNorms are Numba kernels (:mod:`sparseforge.kernels.attention`).
 """
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -20,10 +21,24 @@ from sparseforge.kernels.attention import attention_step, rms_norm_into
 from .errors import InputError
 from .reference.bert import softmax
 from .reference.llama import KVCache, apply_rope, rms_norm, rope_cos_sin
-from .runtime_load import FFNRunner, LoadedModel, blas_one_thread
+from .runtime_load import FFNRunner, Linear, LoadedModel, blas_one_thread
 from .runtime_sampling import Sampler
 
 _NEG = np.float32(np.finfo(np.float32).min)
+
+
+@dataclass
+class _StepLayer:
+    """A layer's weights as a decode step reads them, looked up once: the RMSNorm weights
+    ``[d]``, the q/k/v projections writing ``[q | k | v]`` into one buffer (their biases
+    concatenated, or None) and the output projection (bias or None)."""
+
+    input_norm: np.ndarray
+    post_norm: np.ndarray
+    qkv: Callable[[np.ndarray, np.ndarray], None]
+    qkv_bias: np.ndarray | None
+    o_proj: Linear
+    o_bias: np.ndarray | None
 
 
 class DecoderRuntime:
@@ -43,6 +58,7 @@ class DecoderRuntime:
             self.lm_head = "model.embed_tokens.weight"
         else:
             raise InputError(model.artifact.path, "no lm_head.weight and the embeddings are not tied")
+        self._steps: list[_StepLayer] | None = None  # made on the first decode step
 
     @property
     def mode(self) -> str:
@@ -97,6 +113,9 @@ class DecoderRuntime:
             raise ValueError("forward needs at least one token")
         if ids.min() < 0 or ids.max() >= s.vocab_size:
             raise ValueError(f"token ids must be in [0, {s.vocab_size})")
+        if T == 1 and cache is not None:
+            logits = self._decode_step(ids, cache)
+            return logits[None] if all_logits else logits
         past = 0 if cache is None else cache.length
         H, KV, hd = s.num_heads, s.num_kv_heads, s.head_dim
         G = H // KV
@@ -110,22 +129,17 @@ class DecoderRuntime:
             p = f"model.layers.{i}."
             h = self._norm(x, p + "input_layernorm.weight")
             q, k, v = self._qkv(h, p + "self_attn.")
-            if T == 1 and cache is not None:  # decode step: one kernel, the cache written in place
-                k_store, v_store, pos = cache.reserve(i)
-                ctx = np.empty_like(q)
-                attention_step(q[0], k[0], v[0], cos[0], sin[0], k_store[0], v_store[0], pos, scale, ctx[0])
-            else:
-                q = apply_rope(q.reshape(T, H, hd).transpose(1, 0, 2), cos, sin)
-                k = apply_rope(k.reshape(T, KV, hd).transpose(1, 0, 2), cos, sin)
-                v = v.reshape(T, KV, hd).transpose(1, 0, 2)
-                if cache is not None:
-                    k, v = cache.append(i, k[None], v[None])
-                    k, v = k[0], v[0]
-                qg = q.reshape(KV, G, T, hd)
-                scores = (qg @ k[:, None].transpose(0, 1, 3, 2)) * scale  # [KV, G, T, S]
-                if T > 1:
-                    scores = np.where(causal, scores, _NEG)
-                ctx = (softmax(scores) @ v[:, None]).reshape(H, T, hd).transpose(1, 0, 2).reshape(T, H * hd)
+            q = apply_rope(q.reshape(T, H, hd).transpose(1, 0, 2), cos, sin)
+            k = apply_rope(k.reshape(T, KV, hd).transpose(1, 0, 2), cos, sin)
+            v = v.reshape(T, KV, hd).transpose(1, 0, 2)
+            if cache is not None:
+                k, v = cache.append(i, k[None], v[None])
+                k, v = k[0], v[0]
+            qg = q.reshape(KV, G, T, hd)
+            scores = (qg @ k[:, None].transpose(0, 1, 3, 2)) * scale  # [KV, G, T, S]
+            if T > 1:
+                scores = np.where(causal, scores, _NEG)
+            ctx = (softmax(scores) @ v[:, None]).reshape(H, T, hd).transpose(1, 0, 2).reshape(T, H * hd)
             x = x + self._proj(ctx, p + "self_attn.o_proj")
             h = self._norm(x, p + "post_attention_layernorm.weight")
             x = x + (self.ffn.many(i, h) if T > 1 else self.ffn.one(i, h[0])[None])
@@ -133,6 +147,72 @@ class DecoderRuntime:
         head = m.linear(self.lm_head)
         logits = head.matvec(x[0])[None] if x.shape[0] == 1 else head.matmul(x)
         return logits if all_logits else logits[-1]
+
+    def _step_layers(self) -> list[_StepLayer]:
+        """Every layer's :class:`_StepLayer`, made on the first decode step (a prompt-only
+        use never packs the grouped projections)."""
+        if self._steps is None:
+            m, steps = self.model, []
+            for i in range(self.spec.num_layers):
+                p = f"model.layers.{i}."
+                names = tuple(f"{p}self_attn.{n}_proj" for n in "qkv")
+                steps.append(_StepLayer(m.vector(p + "input_layernorm.weight"),
+                                        m.vector(p + "post_attention_layernorm.weight"), self._qkv_into(names),
+                                        self._bias_of(names), m.linear(p + "self_attn.o_proj.weight"),
+                                        self._bias_of((p + "self_attn.o_proj",))))
+            self._steps = steps
+        return self._steps
+
+    def _qkv_into(self, names: tuple[str, ...]) -> Callable[[np.ndarray, np.ndarray], None]:
+        """``f(h [d], out)``: ``out = [W_q h | W_k h | W_v h]``, one kernel call when the three
+        are stored alike (a :class:`~.runtime_load.LinearGroup`), else one each."""
+        group = self.model.linear_group(tuple(n + ".weight" for n in names))
+        if group is not None:
+            return group.matvec_into
+        linears = [self.model.linear(n + ".weight") for n in names]
+        ends = np.cumsum([lin.shape[0] for lin in linears]).tolist()
+
+        def each(h: np.ndarray, out: np.ndarray) -> None:
+            for lin, a, b in zip(linears, [0] + ends[:-1], ends):
+                lin.matvec_into(h, out[a:b])
+        return each
+
+    def _bias_of(self, names: tuple[str, ...]) -> np.ndarray | None:
+        """The biases of the projections ``names`` end to end (None when they have none)."""
+        if not any(self.model.has(n + ".bias") for n in names):
+            return None
+        return np.concatenate([self.model.vector(n + ".bias") if self.model.has(n + ".bias")
+                               else np.zeros(self.model.linear(n + ".weight").shape[0], np.float32) for n in names])
+
+    def _decode_step(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """The logits ``[vocab]`` of one new token ``ids [1]`` at position ``cache.length``
+        (the cache extended): each layer's norms, projections, attention (one kernel, the
+        cache written in place) and FFN through the Numba kernels, into buffers made once
+        per step, with the weights of :meth:`_step_layers`."""
+        s, m = self.spec, self.model
+        hd, eps = s.head_dim, s.norm_eps
+        nq, nkv = s.num_heads * hd, s.num_kv_heads * hd
+        cos, sin = rope_cos_sin(np.array([cache.length]), hd, s.rope_theta)
+        scale = np.float32(hd ** -0.5)
+        x = m.linear("model.embed_tokens.weight").take(ids)[0]
+        h, proj = np.empty_like(x), np.empty_like(x)
+        qkv, ctx = np.empty(nq + 2 * nkv, np.float32), np.empty(nq, np.float32)
+        q, k, v = qkv[:nq], qkv[nq:nq + nkv], qkv[nq + nkv:]
+        for i, layer in enumerate(self._step_layers()):
+            rms_norm_into(x, layer.input_norm, eps, h)
+            layer.qkv(h, qkv)
+            if layer.qkv_bias is not None:
+                qkv += layer.qkv_bias
+            k_store, v_store, pos = cache.reserve(i)
+            attention_step(q, k, v, cos[0], sin[0], k_store[0], v_store[0], pos, scale, ctx)
+            layer.o_proj.matvec_into(ctx, proj)
+            if layer.o_bias is not None:
+                proj += layer.o_bias
+            x += proj
+            rms_norm_into(x, layer.post_norm, eps, h)
+            x += self.ffn.one(i, h)
+        rms_norm_into(x, m.vector("model.norm.weight"), eps, h)
+        return m.linear(self.lm_head).matvec(h)
 
     def stream(self, prompt_ids, max_new_tokens: int, sampler: Sampler | None = None,
                stop_at_eos: bool = True) -> Iterator[int]:

@@ -150,11 +150,15 @@ class Linear:
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         """``W x`` for ``x [cols]`` (the Numba dense matvec kernel, on the kernels' threads)."""
+        out = np.empty(self.shape[0], np.float32)
+        self.matvec_into(x, out)
+        return out
+
+    def matvec_into(self, x: np.ndarray, out: np.ndarray) -> None:
+        """``out [rows] = W x`` (:meth:`matvec` into a caller's buffer)."""
         if self._alone is None:
             self._alone = LinearGroup([self])
-        out = np.empty(self.shape[0], np.float32)
         self._alone.matvec_into(x, out)
-        return out
 
     def matmul(self, X: np.ndarray) -> np.ndarray:
         """``X W^T`` for ``X [T, cols]``; quantized weights: per-token kernels for a few

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Set up emulated aarch64 execution of the kernel tests (idempotent):
 # qemu-user + debootstrap (apt, as root), a Debian bookworm arm64 rootfs with python3.11,
-# and aarch64 wheels of numba/numpy/pytest in a site directory. Everything lives in
+# and aarch64 wheels of numba/numpy/pytest/gguf/ml_dtypes in a site directory. Everything lives in
 # $SPARSEFORGE_ARM_DIR (default ~/.cache/sparseforge/arm).
 set -eu
 ARM_DIR="${SPARSEFORGE_ARM_DIR:-$HOME/.cache/sparseforge/arm}"
@@ -27,11 +27,11 @@ if [ ! -x "$ROOTFS/usr/bin/python3.11" ]; then
     mv "$ROOTFS.tmp" "$ROOTFS"
 fi
 
-if [ ! -f "$SITE/.complete" ]; then
+if [ ! -f "$SITE/.complete" ] || [ ! -d "$SITE/ml_dtypes" ]; then
     rm -rf "$SITE"
     "$PY" -m pip install --quiet --target "$SITE" --platform manylinux2014_aarch64 \
         --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 --python-version 3.11 \
-        --implementation cp --abi cp311 --only-binary=:all: numba pytest gguf
+        --implementation cp --abi cp311 --only-binary=:all: numba pytest gguf ml_dtypes
     touch "$SITE/.complete"
 fi
 echo "$ARM_DIR"
