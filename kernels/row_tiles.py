@@ -20,6 +20,9 @@ about a third of the instructions per row-block. Rows are padded with zero rows 
 multiple of 8; the -8 offset of the nibbles is the lane seed ``-8 * sum(x_block)``
 (``prepare_input``'s minus-block-sum, shifted left by 3).
 
+:func:`matvec_q4_0x8_par` multiplies one token (a decode step's projections),
+:func:`matmul_q4_0x8_par` several (a decoder's prompt), reading each tile once for all.
+
 Only on x86 with AVX2/FMA/F16C (:data:`SUPPORTED`; the row kernels of :mod:`.ffn`
 everywhere else). Not part of the emitted kernels module: the runtime packs at load.
 """
@@ -226,3 +229,29 @@ def matvec_q4_0x8_ser(x, ws, rows, nchunks, out):
     """:func:`matvec_q4_0x8_par` in the calling thread."""
     xq, xd = ffn._operand(x, ffn.Q4_0)
     _matvec_chunk(ws, rows, xq, xd, x.shape[0] // QK, 0, _tile_count(rows), out)
+
+
+@njit(parallel=True, **_FLAGS)
+def matmul_q4_0x8_par(X, w, rows, nchunks, out):
+    """``out [T, rows] = X W^T`` for the tokens ``X [T, d]`` (float32, d a multiple of
+    32) and one packed Q4_0 matrix ``w`` (:func:`pack_q4_0x8`; ``rows`` its row count):
+    each token's input quantized to Q8_0 once, then per tile every token in turn, so a
+    tile (``d/32 * 144`` bytes: 9 KB at d 2048) comes from memory once and from L1 for
+    the other tokens. The tiles are split evenly over the chunks; each token's row sums
+    are the same floats as :func:`matvec_q4_0x8_par`'s single-tile path."""
+    T, d = X.shape
+    nb = d // QK
+    xq = np.empty((T, 2 * d), np.int8)
+    xd = np.empty((T, 2 * max(nb, 1)), np.float32)
+    for t in range(T):
+        ffn.prepare_input(ffn.Q4_0, X[t], xq[t], xd[t])
+    tiles = (rows + TILE - 1) // TILE
+    for c in prange(nchunks):
+        tmp = np.empty(TILE, np.float32)
+        for k in range((c * tiles) // nchunks, ((c + 1) * tiles) // nchunks):
+            r0 = k * TILE
+            n = min(TILE, rows - r0)
+            for t in range(T):
+                _tile(w, k, xq[t], xd[t], nb, tmp)
+                for i in range(n):
+                    out[t, r0 + i] = tmp[i]

@@ -1,6 +1,6 @@
-"""kernels.row_tiles: the 8-row tiled Q4_0 layout (checked against gguf-py's values) and
-its dense matvec (against numpy on gguf-py-dequantized weights), and the runtime's
-LinearGroup using it."""
+"""kernels.row_tiles: the 8-row tiled Q4_0 layout (checked against gguf-py's values), its
+dense matvec and multi-token matmul (against numpy on gguf-py-dequantized weights), and the
+runtime's LinearGroup using it."""
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
@@ -74,6 +74,26 @@ def test_matvec_same_result_for_any_chunking():
     np.testing.assert_allclose(outs[0], want, rtol=0, atol=1e-5 * np.abs(want).max())
     for out in outs[1:]:
         np.testing.assert_array_equal(out, outs[0])
+
+
+@pytest.mark.parametrize("T", [1, 5, 33])
+def test_matmul_matches_numpy_and_matvec(T):
+    """The multi-token kernel: every token against numpy on gguf-py's dequantized weights
+    (odd block count, rows not a multiple of 8) and bit for bit the matvec of that token,
+    for any chunking."""
+    d, rows = 96, 61
+    q = _matrix(rows, d, 7)
+    tiles = row_tiles.pack_q4_0x8(q)
+    X = np.random.default_rng(T).standard_normal((T, d)).astype(np.float32)
+    want = quant.roundtrip(X, "q8_0").astype(np.float64) @ gg_dequantize(q, Q4).astype(np.float64).T
+    per_token = np.empty((T, rows), np.float32)
+    for t in range(T):
+        row_tiles.matvec_q4_0x8_par(X[t], (tiles,), np.array([rows], np.int64), 3, per_token[t])
+    for nchunks in (1, 2, 7):
+        out = np.full((T, rows), np.nan, np.float32)
+        row_tiles.matmul_q4_0x8_par(X, tiles, rows, nchunks, out)
+        np.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * np.abs(want).max())
+        np.testing.assert_array_equal(out, per_token)
 
 
 def test_linear_group_uses_tiles_and_matches_row_kernel():

@@ -195,22 +195,33 @@ def test_thread_ownership(bert_out, llama_out, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
-def test_linear_matmul_quantized(fmt, monkeypatch):
-    """A quantized Linear times a few tokens (per-token kernels) and times many (sgemm
-    on tiles dequantized by the kernels; the last tile short) against numpy on the
-    decoded matrix."""
-    from sparseforge.kernels import quant
+@pytest.mark.parametrize("blas", [1, 64])
+def test_linear_matmul_quantized(fmt, blas, monkeypatch):
+    """A quantized Linear times a few tokens and times many against numpy on the decoded
+    matrix. With the Numba kernels owning the cores (``blas`` 1 BLAS thread), Q4_0 on the
+    x86 vector paths runs the tiles' multi-token kernel for any count, bit for bit the
+    per-token matvec; otherwise a few tokens run the per-token kernels and many sgemm on
+    tiles dequantized by the kernels (the last tile short)."""
+    from sparseforge.kernels import quant, row_tiles
+    from sparseforge.toolchain import runtime_load
     from sparseforge.toolchain.runtime_load import Linear
 
+    monkeypatch.setattr(runtime_load, "blas_threads", lambda: blas)
     rng = np.random.default_rng(4)
     data = quant.encode(rng.standard_normal((37, 64)).astype(np.float32), fmt)
     lin = Linear(data, fmt, (37, 64), dequantize=False)
     monkeypatch.setattr(Linear, "TILE_ROWS", 8)
     w = quant.decode(data, fmt).astype(np.float64)
+    tiled = lin.tiled and blas == 1
+    assert tiled == (fmt == "q4_0" and row_tiles.SUPPORTED and blas == 1)
     for T in (Linear.MATVEC_MAX, Linear.MATVEC_MAX + 3):
         X = rng.standard_normal((T, 64)).astype(np.float32)
-        want = quant.roundtrip(X, "q8_0") @ w.T if T <= Linear.MATVEC_MAX else X @ w.T  # the kernels quantize x
-        np.testing.assert_allclose(lin.matmul(X), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        got = lin.matmul(X)
+        kernels = tiled or T <= Linear.MATVEC_MAX
+        want = quant.roundtrip(X, "q8_0") @ w.T if kernels else X @ w.T  # the kernels quantize x
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        if tiled:
+            np.testing.assert_array_equal(got, np.stack([lin.matvec(x) for x in X]))
 
 
 def test_run_command(llama_out, bert_out, tmp_path, capsys):

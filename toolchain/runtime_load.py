@@ -161,10 +161,18 @@ class Linear:
         self._alone.matvec_into(x, out)
 
     def matmul(self, X: np.ndarray) -> np.ndarray:
-        """``X W^T`` for ``X [T, cols]``; quantized weights: per-token kernels for a few
-        tokens, else sgemm on the matrix dequantized ``TILE_ROWS`` rows at a time."""
+        """``X W^T`` for ``X [T, cols]``; quantized weights: the 8-row tiles' multi-token
+        kernel when tiled and the Numba kernels own the cores (a decoder's prompt; a
+        TinyLlama-shaped Q4_0 prompt of 16 / 256 tokens: 332 -> 165 / 2500 -> 1960 ms
+        against sgemm on one BLAS thread), else per-token kernels for a few tokens, else
+        sgemm on the matrix dequantized ``TILE_ROWS`` rows at a time."""
         if self.w is not None:
             return X @ self.w.T
+        if self.tiled and numba.get_num_threads() >= blas_threads():
+            out = np.empty((X.shape[0], self.shape[0]), np.float32)
+            row_tiles.matmul_q4_0x8_par(np.ascontiguousarray(X, np.float32), self.tiles(), self.shape[0],
+                                        K.default_chunks(), out)
+            return out
         if X.shape[0] <= self.MATVEC_MAX:
             return np.stack([self.matvec(x) for x in X]) if X.shape[0] else np.zeros((0, self.shape[0]), np.float32)
         rows, cols = self.shape
