@@ -286,3 +286,13 @@ def test_decode_steps_with_attention_biases(tiny_model, tmp_path):
     cache = apart.new_cache()
     apart.forward(ids[:3], cache)
     assert _rel(np.stack([apart.forward([t], cache) for t in ids[3:]]), want[3:]) < 1e-4
+
+
+def test_decoder_decode_steps_match_full_forward(llama_out):
+    rt = load_runtime(llama_out / "model.gguf", mode="dense", linear="dequantize")
+    ids = np.random.default_rng(3).integers(0, 100, 20)
+    want = rt.forward(ids, all_logits=True)
+    cache = rt.new_cache()  # 16 positions, grown at the 17th (a decode step)
+    got = [rt.forward(ids[:12], cache, all_logits=True)] + [rt.forward([t], cache)[None] for t in ids[12:]]
+    assert cache.length == ids.size
+    np.testing.assert_allclose(np.concatenate(got), want, rtol=0, atol=1e-4 * np.abs(want).max())

@@ -76,18 +76,9 @@ class DecoderRuntime:
         return y
 
     def _qkv(self, h: np.ndarray, prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The q, k, v projections ``[T, rows]`` of ``h [T, d]``; one token: one kernel call
-        (a :class:`~.runtime_load.LinearGroup`) when the three are stored alike."""
-        names = tuple(f"{prefix}{n}_proj" for n in "qkv")
-        group = self.model.linear_group(tuple(n + ".weight" for n in names)) if h.shape[0] == 1 else None
-        if group is None:
-            return tuple(self._proj(h, n) for n in names)
-        out = []
-        for n, y in zip(names, group.matvec(h[0])):
-            if self.model.has(n + ".bias"):
-                y += self.model.vector(n + ".bias")
-            out.append(y[None])
-        return tuple(out)
+        """The q, k, v projections ``[T, rows]`` of ``h [T, d]`` (a decode step groups them:
+        :meth:`_qkv_into`)."""
+        return tuple(self._proj(h, f"{prefix}{n}_proj") for n in "qkv")
 
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
         """RMSNorm of ``x [T, d]`` with the weight ``name`` (one token: the Numba kernel)."""
