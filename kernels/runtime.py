@@ -38,6 +38,7 @@ from . import ffn, quant
 from .bundle import BundleLayout, pack_bundles, unpack_bundles
 
 _EMPTY = np.zeros(0, np.float32)
+_NO_F32_ROWS = np.zeros((0, 0), np.float32)  # the float32 operand of a kernel given quantized rows
 _LUT = quant.F16_TO_F32
 
 
@@ -387,36 +388,63 @@ def predictor_logits_numpy(w1: np.ndarray, w2: np.ndarray, b1: np.ndarray | None
     return z
 
 
+class Scratch:
+    """Named float32 work buffers that calls made one at a time share (one set per
+    runtime): decoded weights live only while a call uses them, and fresh pages are not
+    faulted in again for every layer (decoding a predictor's 2 + 5.8 MB of float32 into
+    new arrays cost 4-7 ms here, into these buffers 0.2 ms)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 ``shape`` array (contents undefined), grown when too small."""
+        size = int(np.prod(shape))
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < size:
+            buf = self._buffers[name] = np.empty(size, np.float32)
+        return buf[:size].reshape(shape)
+
+
+PREDICTOR_TOKEN_BY_TOKEN = 48
+"""Tokens up to which a Q8_0 predictor's prefill calls the one-token kernel per token."""
+
+
 @dataclass
 class Predictor:
     """A layer's neuron predictor: ``logits = relu(x W1^T + b1) W2^T + b2``; a neuron is
-    predicted active when its logit is ``>= threshold``."""
+    predicted active when its logit is ``>= threshold``.
 
-    w1: np.ndarray
-    w2: np.ndarray
+    ``w1 [r, d]`` and ``w2 [n, r]`` are read once here. A Q8_0 predictor keeps only its
+    Q8_0 rows (a quarter of the float32 bytes) and sets ``w1``/``w2`` to None; a float32
+    one keeps them as given (a memory-mapped artifact's tensors stay in the file)."""
+
+    w1: np.ndarray | None
+    w2: np.ndarray | None
     threshold: float = 0.0
     b1: np.ndarray | None = None
     b2: np.ndarray | None = None
     serial_below: int = 1 << 18  # bytes of W2 below which evaluation stays in the calling thread
 
     def __post_init__(self) -> None:
-        self.w1 = np.ascontiguousarray(self.w1, np.float32)
-        self.w2 = np.ascontiguousarray(self.w2, np.float32)
-        r, n = self.w1.shape[0], self.w2.shape[0]
-        if self.w2.shape[1] != r:
-            raise ValueError(f"w2 must be [n, {r}]")
-        self.b1 = _bias(self.b1, r, "b1")
-        self.b2 = _bias(self.b2, n, "b2")
-        self._hidden = np.empty(r, np.float32)
-        self._idx = np.empty(n, np.int64)
-        self.fmt = predictor_format(self.w1.shape[1])
+        w1 = np.ascontiguousarray(self.w1, np.float32)
+        w2 = np.ascontiguousarray(self.w2, np.float32)
+        self.rank, self.d, self.n = w1.shape[0], w1.shape[1], w2.shape[0]
+        if w2.shape[1] != self.rank:
+            raise ValueError(f"w2 must be [n, {self.rank}]")
+        self.b1 = _bias(self.b1, self.rank, "b1")
+        self.b2 = _bias(self.b2, self.n, "b2")
+        self._hidden = np.empty(self.rank, np.float32)
+        self._idx = np.empty(self.n, np.int64)
+        self.fmt = predictor_format(self.d)
         if self.fmt == "q8_0":
-            self._q1 = quant.quantize_q8_0(self.w1).view(np.int8)
-            self._q2t = predictor_w2t_q8_0(self.w2)
-            self._acc = np.empty(_padded(n), np.float32)
+            self._q1 = quant.quantize_q8_0(w1).view(np.int8)
+            self._q2t = predictor_w2t_q8_0(w2)
+            self._acc = np.empty(_padded(self.n), np.float32)
+            self.w1 = self.w2 = None
         else:
-            self._logits = np.empty(n, np.float32)
-        self._effective: tuple[np.ndarray, np.ndarray] | None = None
+            self.w1, self.w2 = w1, w2
+            self._logits = np.empty(self.n, np.float32)
 
     @property
     def nbytes(self) -> int:
@@ -436,7 +464,7 @@ class Predictor:
         x = np.ascontiguousarray(x, np.float32)
         if self.fmt == "q8_0":
             self._select_q8_0(x, np.float32(np.inf))
-            return self._acc[:self.w2.shape[0]]
+            return self._acc[:self.n]
         kernel = ffn.predictor_logits_ser if self.serial else ffn.predictor_logits_par
         kernel(x, self.w1, self.b1, self.w2, self.b2, ffn.default_chunks(), self._hidden, self._logits)
         return self._logits
@@ -445,15 +473,26 @@ class Predictor:
         """One fused kernel call: hidden units, logits (into ``_acc``) and the neurons
         with ``logit >= t`` (into ``_idx``, ascending); returns their count."""
         kernel = ffn.predictor_select_q8_0_ser if self.serial else ffn.predictor_select_q8_0_par
-        return kernel(x, self._q1, self.b1, self._q2t, self.b2, self.w2.shape[0], t, _LUT,
+        return kernel(x, self._q1, self.b1, self._q2t, self.b2, self.n, t, _LUT,
                       numba.get_num_threads(), self._hidden, self._acc, self._idx)
 
-    def logits_batch(self, X: np.ndarray) -> np.ndarray:
-        """Logits ``[T, n]`` of ``X [T, d]`` in numpy (prefill), the arithmetic of
-        :meth:`logits`; the decoded weights are made once and kept."""
-        if self._effective is None:
-            self._effective = predictor_effective_weights(self.w1, self.w2)
-        return predictor_logits_numpy(*self._effective, self.b1, self.b2, X, effective=True)
+    def logits_batch(self, X: np.ndarray, scratch: Scratch | None = None) -> np.ndarray:
+        """Logits ``[T, n]`` of ``X [T, d]`` (prefill), the arithmetic of :meth:`logits`.
+        A Q8_0 predictor runs up to :data:`PREDICTOR_TOKEN_BY_TOKEN` tokens through the
+        one-token kernel; more, its rows are decoded into float32 buffers of ``scratch``
+        (the predictors of a model share one; None: a new one) and
+        :func:`predictor_logits_numpy` multiplies (BLAS sgemm)."""
+        X = np.ascontiguousarray(X, np.float32)
+        if self.fmt != "q8_0":
+            return predictor_logits_numpy(self.w1, self.w2, self.b1, self.b2, X, effective=True)
+        if X.shape[0] <= PREDICTOR_TOKEN_BY_TOKEN:
+            return np.stack([self.logits(x).copy() for x in X]) if X.shape[0] else np.zeros((0, self.n), np.float32)
+        scratch = scratch if scratch is not None else Scratch()
+        w1 = scratch.buffer("predictor.w1", (self.rank, self.d))
+        w2t = scratch.buffer("predictor.w2t", (self.rank, _padded(self.n)))
+        ffn.dequantize_rows(_NO_F32_ROWS, self._q1, 0, self.rank, ffn.Q8_0, self.d, 0, _LUT, w1)
+        ffn.dequantize_rows(_NO_F32_ROWS, self._q2t, 0, self.rank, ffn.Q8_0, w2t.shape[1], 0, _LUT, w2t)
+        return predictor_logits_numpy(w1, w2t[:, :self.n].T, self.b1, self.b2, X, effective=True)
 
     def select(self, x: np.ndarray, top_k: int | None = None) -> np.ndarray:
         """Active neuron indices (ascending): logits >= threshold, or the ``top_k`` largest."""

@@ -79,6 +79,9 @@ def test_convert_writes_one_deterministic_artifact(converted, tiny_bert_tokenize
         assert np.array_equal(art.neuron_order(blk.layer), ir.store.get(blk.annotations["reorder"]["order"]))
         assert lay.fmt == "q4_0" and art.bundles(blk.layer).shape == (128, lay.stride)
         assert np.array_equal(art.weight(blk.up_bias), ir.store.get_f32(blk.up_bias))
+        # a float32 weight is the file's bytes, read-only, not a copy in memory
+        assert art.format_of(blk.up_bias) == "f32" and np.shares_memory(art.weight(blk.up_bias), art.tensor(blk.up_bias))
+        assert not art.weight(blk.up_bias).flags.writeable
     assert art.format_of("embeddings.word_embeddings.weight") == "q8_0"
     art.close()
 

@@ -13,8 +13,8 @@ from gguf.quants import quantize as gg_quantize
 
 from sparseforge.kernels import ffn, quant
 from sparseforge.kernels.bundle import BundleLayout, encode_gate, pack_bundles, unpack_bundles
-from sparseforge.kernels.runtime import (CROSSOVER_TOKENS, LayerKernels, Predictor, measure_crossover,
-                                         predictor_logits_numpy)
+from sparseforge.kernels.runtime import (CROSSOVER_TOKENS, PREDICTOR_TOKEN_BY_TOKEN, LayerKernels, Predictor,
+                                         Scratch, measure_crossover, predictor_logits_numpy)
 
 D, N = 96, 80
 
@@ -291,12 +291,25 @@ def test_predictor_eval_and_selection():
         return gg_dequantize(gg_quantize(np.ascontiguousarray(a), GGMLQuantizationType.Q8_0),
                              GGMLQuantizationType.Q8_0).astype(np.float64)
 
-    hid = np.maximum(gg_q8(w1) @ gg_q8(x) + b1, 0)
-    lg = hid @ gg_q8(np.pad(w2.T, ((0, 0), (0, 16))))[:, :N] + b2
+    assert p.w1 is None and p.w2 is None  # only the Q8_0 rows are kept
+
+    def reference(w1, w2, b1, b2, X):
+        hid = np.maximum(gg_q8(X) @ gg_q8(w1).T + b1, 0)
+        return hid @ gg_q8(np.pad(w2.T, ((0, 0), (0, -w2.shape[0] % 32))))[:, :w2.shape[0]] + b2
+
+    lg = reference(w1, w2, b1, b2, x[None])[0]
     _close(p.logits(x), lg, tol=1e-5)
     _close(Predictor(w1, w2, 0.5, b1, b2, serial_below=0).logits(x), lg, tol=1e-5)  # thread-pool path
     _close(predictor_logits_numpy(w1, w2, b1, b2, x[None])[0], lg, tol=1e-5)
-    _close(p.logits_batch(np.stack([x, x]))[1], lg, tol=1e-5)  # prefill (numpy) path
+    # prefill: token by token, then (more tokens) the rows decoded into the shared
+    # scratch buffers and sgemm; a predictor of another shape reuses the buffers
+    X = rng.standard_normal((PREDICTOR_TOKEN_BY_TOKEN + 3, D)).astype(np.float32)
+    scratch = Scratch()
+    for T in (0, 2, PREDICTOR_TOKEN_BY_TOKEN, PREDICTOR_TOKEN_BY_TOKEN + 3):
+        _close(p.logits_batch(X[:T], scratch), reference(w1, w2, b1, b2, X[:T]), tol=1e-5)
+    for rr in (5, 40):
+        w1b, w2b = rng.standard_normal((rr, D)).astype(np.float32), rng.standard_normal((N, rr)).astype(np.float32)
+        _close(Predictor(w1b, w2b).logits_batch(X, scratch), reference(w1b, w2b, 0, 0, X), tol=1e-5)
     # a width that is not a multiple of 32 runs in float32
     pf = Predictor(w1[:, :40], w2, 0.5, b1, b2)
     assert pf.fmt == "f32"

@@ -73,10 +73,11 @@ class Artifact:
         return F.FORMAT_OF_TYPE.get(self.info(name).ggml_type, "blob")
 
     def weight(self, name: str) -> np.ndarray:
-        """A weight tensor decoded to float32 (what the runtime computes with)."""
+        """A weight tensor decoded to float32 (what the runtime computes with): an F32
+        tensor is the read-only view of the file itself (no copy), others are decoded."""
         fmt = self.format_of(name)
         data = self.tensor(name)
-        return data.astype(np.float32) if fmt in ("f32", "f16") else quant.decode(data, fmt)
+        return data.astype(np.float32, copy=False) if fmt in ("f32", "f16") else quant.decode(data, fmt)
 
     def bundles(self, layer: int) -> np.ndarray:
         return self.tensor(F.bundle_name(layer))

@@ -51,7 +51,7 @@ from threadpoolctl import ThreadpoolController
 
 from sparseforge.kernels import ffn as K
 from sparseforge.kernels import quant, row_tiles
-from sparseforge.kernels.runtime import LayerKernels, Predictor
+from sparseforge.kernels.runtime import LayerKernels, Predictor, Scratch
 
 from . import artifact_format as F
 from .artifact_reader import Artifact
@@ -390,6 +390,7 @@ class FFNRunner:
         self.model = model
         self.mode = mode
         self.modes = layer_modes(model, mode)
+        self.scratch = Scratch()  # the predictors' decoded weights during a prefill
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -433,7 +434,7 @@ class FFNRunner:
         self.tokens[layer] += T
         if mode == "predictor":
             t0 = time.perf_counter()
-            masks = predict_masks(self.model.predictors[layer], X)
+            masks = predict_masks(self.model.predictors[layer], X, self.scratch)
             self.predictor_s += time.perf_counter() - t0
             self.neurons[layer] += int(masks.sum())
         else:
@@ -442,6 +443,7 @@ class FFNRunner:
         return kern.prefill(X, masks, threads=(numba.get_num_threads(), blas_threads()))
 
 
-def predict_masks(pred: Predictor, X: np.ndarray) -> np.ndarray:
-    """``[T, n]`` bool: the predictor's selection (``logit >= threshold``) for each token."""
-    return pred.logits_batch(X) >= np.float32(pred.threshold)
+def predict_masks(pred: Predictor, X: np.ndarray, scratch: Scratch | None = None) -> np.ndarray:
+    """``[T, n]`` bool: the predictor's selection (``logit >= threshold``) for each token
+    (``scratch``: :meth:`Predictor.logits_batch`'s buffers)."""
+    return pred.logits_batch(X, scratch) >= np.float32(pred.threshold)
