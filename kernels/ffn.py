@@ -1346,7 +1346,18 @@ def ffn_prefill_sparse(X, wf, wq, union, mask, fmt, d, gated, act, act_t, up_rel
                        bg, bu, bd, lut, nchunks, gwf, gwq, gate_apart, Y):
     """T tokens: every neuron of ``union`` is read once and applied to the tokens whose
     ``mask[t, i]`` is set (``mask`` empty: every token). ``gate_apart``: the gate rows are
-    rows of ``gwf`` / ``gwq`` (at ``po_g``), not parts of the bundles."""
+    rows of ``gwf`` / ``gwq`` (at ``po_g``), not parts of the bundles.
+
+    Neuron by neuron (the union split over the chunks), the activations of the listed
+    tokens, the gate and up parts read from memory once for all of them. A float32 layer
+    adds each activation times the neuron's down row to its chunk's partial sum of the
+    token at once (``[nchunks, T, d]``, added in chunk order at the end: the long down row
+    is read once). A quantized layer prefetches the next neuron's gate and up parts into
+    L2 and keeps the activations (``H [T, len(union)]``); then, token by token
+    (:func:`_prefill_down_token`), ``Y[t] = bd + sum_p H[t, p] down[union[p]]``: the
+    token's sum stays in L1 and the short quantized down rows come from the caches
+    (TinyLlama shape Q4_0, 16 / 64 / 256 tokens: 2.5 / 7.5 / 32 -> 2.1 / 6.7 / 26.5 ms per
+    layer against the float32 scheme; float32 rows read twice this way were slower)."""
     fmt = _spec(SPEC_FMT, fmt)
     d = _spec(SPEC_D, d)
     gated = _spec(SPEC_GATED, gated)
@@ -1360,13 +1371,25 @@ def ffn_prefill_sparse(X, wf, wq, union, mask, fmt, d, gated, act, act_t, up_rel
         prepare_input(fmt, X[t], XQ[t], XD[t])
     has_mask = mask.shape[0] > 0
     cnt = union.shape[0]
-    part = np.zeros((nchunks, T, d), np.float32)
+    f32 = fmt == F32
+    part = np.zeros((nchunks if f32 else 0, T, d), np.float32)
+    H = np.zeros((0 if f32 else T, cnt), np.float32)
+    gq = gwq if gate_apart else wq
     for c in prange(nchunks):
+        tokens = np.empty(T, np.int64)
         for p in range((c * cnt) // nchunks, ((c + 1) * cnt) // nchunks):
             i = union[p]
+            if not f32 and p + 1 < cnt:
+                if gated:
+                    prefetch_part(fmt, gq, union[p + 1], po_g, d)
+                prefetch_part(fmt, wq, union[p + 1], po_u, d)
+            m = 0
             for t in range(T):
-                if has_mask and not mask[t, i]:
-                    continue
+                if not has_mask or mask[t, i]:
+                    tokens[m] = t
+                    m += 1
+            for k in range(m):
+                t = tokens[k]
                 g = np.float32(0)
                 if gate_apart:
                     g = row_dot(fmt, gwf, gwq, i, po_g, X[t], XQ[t], XD[t], lut, d)
@@ -1374,8 +1397,14 @@ def ffn_prefill_sparse(X, wf, wq, union, mask, fmt, d, gated, act, act_t, up_rel
                         g += bg[i]
                 h = neuron(fmt, wf, wq, i, X[t], XQ[t], XD[t], lut, d, gated, act, act_t, up_relu, out_t,
                            po_g, po_u, bg, bu, g, gate_apart)
-                if h != np.float32(0):
+                if not f32:
+                    H[t, p] = h
+                elif h != np.float32(0):
                     row_axpy(fmt, wf, wq, i, po_d, h, part[c, t], lut, d)
+    if not f32:
+        for t in prange(T):
+            _prefill_down_token(H[t], wf, wq, union, fmt, d, po_d, bd, lut, Y[t])
+        return
     for t in range(T):
         for k in range(d):
             Y[t, k] = bd[k] if bd.shape[0] > 0 else np.float32(0)
@@ -1383,6 +1412,24 @@ def ffn_prefill_sparse(X, wf, wq, union, mask, fmt, d, gated, act, act_t, up_rel
         for t in range(T):
             for k in range(d):
                 Y[t, k] += part[c, t, k]
+
+
+@njit(**_FLAGS)
+def _prefill_down_token(h, wf, wq, union, fmt, d, po_d, bd, lut, y):
+    """``y = bd + sum_p h[p] down[union[p]]`` over the nonzero ``h [len(union)]``, in
+    order, each next down row prefetched (:func:`row_axpy_next`)."""
+    cnt = union.shape[0]
+    pos = np.empty(cnt, np.int64)
+    m = 0
+    for p in range(cnt):
+        if h[p] != np.float32(0):
+            pos[m] = p
+            m += 1
+    for k in range(d):
+        y[k] = bd[k] if bd.shape[0] > 0 else np.float32(0)
+    for s in range(m):
+        nxt = union[pos[s + 1]] if s + 1 < m else union[pos[s]]
+        row_axpy_next(fmt, wf, wq, union[pos[s]], nxt, po_d, h[pos[s]], y, lut, d)
 
 
 @njit(parallel=True, **_FLAGS)
