@@ -1135,6 +1135,33 @@ def matvec_ser(x, wfs, wqs, fmt, lut, nchunks, out):
     _matvec_chunk(x, xq, xd, wfs, wqs, fmt, d, 0, out.shape[0], lut, out)
 
 
+@njit(parallel=True, **_FLAGS)
+def matmul_q_par(X, wq, fmt, lut, nchunks, out):
+    """``out [T, rows] = X W^T`` for the tokens ``X [T, d]`` (float32) and one quantized
+    matrix ``wq [rows, d/32 * block bytes]`` (Q8_0/Q4_0, int8 view): each token's input
+    quantized once, then, per pair of rows (from the two halves of each chunk's range,
+    as :func:`qrows_dot` reads them, the next pair prefetched), every token in turn, so
+    the pair comes from memory once and from L1 for the other tokens. Each token's row
+    sums are the same floats as :func:`matvec_par`'s."""
+    T, d = X.shape
+    XQ = np.empty((T, 2 * d), np.int8)
+    XD = np.empty((T, 2 * max(d // QK, 1)), np.float32)
+    for t in range(T):
+        prepare_input(fmt, X[t], XQ[t], XD[t])
+    rows = wq.shape[0]
+    for c in prange(nchunks):
+        lo, hi = (c * rows) // nchunks, ((c + 1) * rows) // nchunks
+        half = (hi - lo) // 2
+        for r in range(lo, lo + half):
+            nr = min(r + 1, lo + half - 1)
+            for t in range(T):
+                out[t, r], out[t, r + half] = qrow_dot2_next(fmt, wq, r, r + half, nr, nr + half, 0, XQ[t], XD[t],
+                                                             lut, d)
+        if (hi - lo) % 2:
+            for t in range(T):
+                out[t, hi - 1] = _qdot(fmt, wq[hi - 1], 0, XQ[t], XD[t], lut, d // QK, wq[hi - 1], False)
+
+
 @njit(**_FLAGS)
 def _axpy_chunk(h, wf, wq, idx, lo, hi, fmt, d, po, lut, acc):
     fmt = _spec(SPEC_FMT, fmt)

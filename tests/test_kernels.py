@@ -185,6 +185,27 @@ def test_matvec_of_stacked_matrices(fmt, chunks):
         _close(out, want)
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_matmul_of_quantized_rows(fmt):
+    """The multi-token row kernel (a prompt's quantized projections): every token against
+    gguf-py's dequantized rows times the token's Q8_0 round trip, and against the matvec;
+    19 rows over 1 / 3 / 8 chunks (pairs from each chunk's halves, odd remainders)."""
+    rng = np.random.default_rng(10)
+    kind = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}[fmt]
+    q = gg_quantize(rng.standard_normal((19, 96)).astype(np.float32), kind)
+    X = rng.standard_normal((6, 96)).astype(np.float32)
+    want = quant.roundtrip(X, "q8_0").astype(np.float64) @ gg_dequantize(q, kind).astype(np.float64).T
+    code = ffn.FORMAT_CODES[fmt]
+    for chunks in (1, 3, 8):
+        out = np.full((6, 19), np.nan, np.float32)
+        ffn.matmul_q_par(X, q.view(np.int8), code, quant.F16_TO_F32, chunks, out)
+        _close(out, want)
+        for t in range(6):
+            mv = np.empty(19, np.float32)
+            ffn.matvec_ser(X[t], (np.zeros((1, 1), np.float32),), (q.view(np.int8),), code, quant.F16_TO_F32, 1, mv)
+            _close(out[t], mv, tol=1e-6)
+
+
 def test_activation_quantization_matches_ggml():
     x = np.random.default_rng(6).standard_normal((8, 256)).astype(np.float32) * np.float32(3)
     x[0, :32] = 0

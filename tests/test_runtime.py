@@ -200,8 +200,9 @@ def test_linear_matmul_quantized(fmt, blas, monkeypatch):
     """A quantized Linear times a few tokens and times many against numpy on the decoded
     matrix. With the Numba kernels owning the cores (``blas`` 1 BLAS thread), Q4_0 on the
     x86 vector paths runs the tiles' multi-token kernel for any count, bit for bit the
-    per-token matvec; otherwise a few tokens run the per-token kernels and many sgemm on
-    tiles dequantized by the kernels (the last tile short)."""
+    per-token matvec, and other quantized matrices the row kernel up to ROW_KERNEL_MAX
+    tokens; otherwise the row kernel runs up to MATVEC_MAX tokens. Beyond, sgemm on tiles
+    dequantized by the kernels (the last tile short)."""
     from sparseforge.kernels import quant, row_tiles
     from sparseforge.toolchain import runtime_load
     from sparseforge.toolchain.runtime_load import Linear
@@ -211,17 +212,21 @@ def test_linear_matmul_quantized(fmt, blas, monkeypatch):
     data = quant.encode(rng.standard_normal((37, 64)).astype(np.float32), fmt)
     lin = Linear(data, fmt, (37, 64), dequantize=False)
     monkeypatch.setattr(Linear, "TILE_ROWS", 8)
+    monkeypatch.setattr(Linear, "ROW_KERNEL_MAX", 9)
     w = quant.decode(data, fmt).astype(np.float64)
     tiled = lin.tiled and blas == 1
     assert tiled == (fmt == "q4_0" and row_tiles.SUPPORTED and blas == 1)
-    for T in (Linear.MATVEC_MAX, Linear.MATVEC_MAX + 3):
+    for T in (1, Linear.MATVEC_MAX, Linear.MATVEC_MAX + 3, Linear.ROW_KERNEL_MAX + 1):
         X = rng.standard_normal((T, 64)).astype(np.float32)
         got = lin.matmul(X)
-        kernels = tiled or T <= Linear.MATVEC_MAX
+        kernels = tiled or T <= (Linear.ROW_KERNEL_MAX if blas == 1 else Linear.MATVEC_MAX)
         want = quant.roundtrip(X, "q8_0") @ w.T if kernels else X @ w.T  # the kernels quantize x
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        matvecs = np.stack([lin.matvec(x) for x in X])
         if tiled:
-            np.testing.assert_array_equal(got, np.stack([lin.matvec(x) for x in X]))
+            np.testing.assert_array_equal(got, matvecs)
+        elif kernels:
+            np.testing.assert_allclose(got, matvecs, rtol=0, atol=1e-6 * np.abs(matvecs).max())
 
 
 def test_run_command(llama_out, bert_out, tmp_path, capsys):

@@ -110,8 +110,15 @@ class Linear:
     """A weight matrix ``W [rows, cols]`` (``y = x W^T``) from the artifact."""
 
     MATVEC_MAX = 4
-    """Quantized weights times at most this many tokens run the per-token Numba kernels;
-    more tokens, the matrix dequantized and BLAS sgemm."""
+    """Quantized weights times at most this many tokens run the Numba kernels whoever owns
+    the cores; more tokens, the matrix dequantized and BLAS sgemm, unless the Numba
+    kernels own the cores (:meth:`matmul`)."""
+    ROW_KERNEL_MAX = 128
+    """Tokens up to which a quantized matrix without tiles runs the multi-token row kernel
+    (:func:`~sparseforge.kernels.ffn.matmul_q_par`) when the Numba kernels own the cores:
+    2048 x 2048 Q8_0 on 2 threads, 5 / 16 / 64 / 256 tokens 0.58 / 1.3 / 4.7 / 18.6 ms
+    against 3.2 / 3.5 / 5.6 / 14 ms dequantizing 512-row tiles for sgemm on one BLAS
+    thread."""
     TILE_ROWS = 512
     """Rows dequantized per sgemm in :meth:`matmul` (a 4 MB float32 tile at 2048 columns:
     the whole matrix is never held in float32)."""
@@ -161,22 +168,24 @@ class Linear:
         self._alone.matvec_into(x, out)
 
     def matmul(self, X: np.ndarray) -> np.ndarray:
-        """``X W^T`` for ``X [T, cols]``; quantized weights: the 8-row tiles' multi-token
-        kernel when tiled and the Numba kernels own the cores (a decoder's prompt; a
+        """``X W^T`` for ``X [T, cols]``. Quantized weights, when the Numba kernels own the
+        cores (a decoder's prompt): the 8-row tiles' multi-token kernel when tiled (a
         TinyLlama-shaped Q4_0 prompt of 16 / 256 tokens: 332 -> 165 / 2500 -> 1960 ms
-        against sgemm on one BLAS thread), else per-token kernels for a few tokens, else
-        sgemm on the matrix dequantized ``TILE_ROWS`` rows at a time."""
+        against sgemm on one BLAS thread), else the row kernel up to
+        :data:`ROW_KERNEL_MAX` tokens; otherwise the row kernel up to :data:`MATVEC_MAX`
+        tokens. Beyond: sgemm on the matrix dequantized ``TILE_ROWS`` rows at a time."""
         if self.w is not None:
             return X @ self.w.T
-        if self.tiled and numba.get_num_threads() >= blas_threads():
-            out = np.empty((X.shape[0], self.shape[0]), np.float32)
-            row_tiles.matmul_q4_0x8_par(np.ascontiguousarray(X, np.float32), self.tiles(), self.shape[0],
-                                        K.default_chunks(), out)
+        X = np.ascontiguousarray(X, np.float32)
+        numba_owns = numba.get_num_threads() >= blas_threads()
+        out = np.empty((X.shape[0], self.shape[0]), np.float32)
+        if self.tiled and numba_owns:
+            row_tiles.matmul_q4_0x8_par(X, self.tiles(), self.shape[0], K.default_chunks(), out)
             return out
-        if X.shape[0] <= self.MATVEC_MAX:
-            return np.stack([self.matvec(x) for x in X]) if X.shape[0] else np.zeros((0, self.shape[0]), np.float32)
+        if X.shape[0] <= (self.ROW_KERNEL_MAX if numba_owns else self.MATVEC_MAX):
+            K.matmul_q_par(X, self.q, self.code, quant.F16_TO_F32, K.default_chunks(), out)
+            return out
         rows, cols = self.shape
-        out = np.empty((X.shape[0], rows), np.float32)
         buf = np.empty((min(self.TILE_ROWS, rows), cols), np.float32)
         for lo in range(0, rows, self.TILE_ROWS):
             w = buf[:min(rows, lo + self.TILE_ROWS) - lo]
