@@ -1142,7 +1142,8 @@ def matmul_q_par(X, wq, fmt, lut, nchunks, out):
     quantized once, then, per pair of rows (from the two halves of each chunk's range,
     as :func:`qrows_dot` reads them, the next pair prefetched), every token in turn, so
     the pair comes from memory once and from L1 for the other tokens. Each token's row
-    sums are the same floats as :func:`matvec_par`'s."""
+    sums agree with :func:`matvec_par`'s to the last bit or so (LLVM compiles the same
+    dot differently inside the token loop)."""
     T, d = X.shape
     XQ = np.empty((T, 2 * d), np.int8)
     XD = np.empty((T, 2 * max(d // QK, 1)), np.float32)
