@@ -10,7 +10,8 @@
   int8-dot row kernel (``linear="quantized"``: ``kernels.ffn.matvec_*``, the input
   quantized to Q8_0 as ggml does; on the x86 vector paths a Q4_0 matrix is re-laid once,
   on first use, in 8-row tiles, ``kernels.row_tiles``, and the decode step reads that
-  copy); a :class:`LinearGroup` multiplies several matrices of one input in one call. ``auto`` keeps decoders quantized
+  copy; a decoder's prompt multiplies the tiles, or the rows, several tokens at a time:
+  :meth:`Linear.matmul`); a :class:`LinearGroup` multiplies several matrices of one input in one call. ``auto`` keeps decoders quantized
   (decode steps are bound by the bytes read) and dequantizes encoders (batched);
 * each FFN layer as :class:`~sparseforge.kernels.runtime.LayerKernels` over its
   bundles (a view into the map) with the block's activation fields and biases, and a
@@ -18,7 +19,9 @@
   :class:`Linear`'s matvec (11008 x 4096, weights cold: 0.80 of the bandwidth probe
   against the row kernel's 0.72 in Q8_0, 0.89 against 0.86 in f32; Q4_0 through the
   8-row tiles on the x86 vector paths);
-* each ``predictor`` layer's :class:`~sparseforge.kernels.runtime.Predictor`.
+* each ``predictor`` layer's :class:`~sparseforge.kernels.runtime.Predictor` (in Q8_0,
+  when d is a multiple of 32, it keeps only the rows it quantized at load from the map's
+  F32 tensors; a float32 one keeps the views).
 
 :class:`FFNRunner` runs a layer's FFN in one of the modes: ``dense`` (no neuron
 selection; the kernels still skip the down column of an exactly-zero activation),
