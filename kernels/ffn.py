@@ -1374,7 +1374,8 @@ def ffn_prefill_sparse(X, wf, wq, union, mask, fmt, d, gated, act, act_t, up_rel
                        bg, bu, bd, lut, nchunks, gwf, gwq, gate_apart, Y):
     """T tokens: every neuron of ``union`` is read once and applied to the tokens whose
     ``mask[t, i]`` is set (``mask`` empty: every token). ``gate_apart``: the gate rows are
-    rows of ``gwf`` / ``gwq`` (at ``po_g``), not parts of the bundles.
+    rows of ``gwf`` / ``gwq`` (at ``po_g``), not parts of the bundles (otherwise ``gwf`` /
+    ``gwq`` are ``wf`` / ``wq``, as :class:`~.runtime.LayerKernels` passes them).
 
     Neuron by neuron (the union split over the chunks), the activations of the listed
     tokens, the gate and up parts read from memory once for all of them. A float32 layer
@@ -1402,14 +1403,13 @@ def ffn_prefill_sparse(X, wf, wq, union, mask, fmt, d, gated, act, act_t, up_rel
     f32 = fmt == F32
     part = np.zeros((nchunks if f32 else 0, T, d), np.float32)
     H = np.zeros((0 if f32 else T, cnt), np.float32)
-    gq = gwq if gate_apart else wq
     for c in prange(nchunks):
         tokens = np.empty(T, np.int64)
         for p in range((c * cnt) // nchunks, ((c + 1) * cnt) // nchunks):
             i = union[p]
             if not f32 and p + 1 < cnt:
                 if gated:
-                    prefetch_part(fmt, gq, union[p + 1], po_g, d)
+                    prefetch_part(fmt, gwq, union[p + 1], po_g, d)
                 prefetch_part(fmt, wq, union[p + 1], po_u, d)
             m = 0
             for t in range(T):

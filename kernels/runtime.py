@@ -486,7 +486,10 @@ class Predictor:
         if self.fmt != "q8_0":
             return predictor_logits_numpy(self.w1, self.w2, self.b1, self.b2, X, effective=True)
         if X.shape[0] <= PREDICTOR_TOKEN_BY_TOKEN:
-            return np.stack([self.logits(x).copy() for x in X]) if X.shape[0] else np.zeros((0, self.n), np.float32)
+            Z = np.empty((X.shape[0], self.n), np.float32)
+            for t in range(X.shape[0]):
+                Z[t] = self.logits(X[t])
+            return Z
         scratch = scratch if scratch is not None else Scratch()
         w1 = scratch.buffer("predictor.w1", (self.rank, self.d))
         w2t = scratch.buffer("predictor.w2t", (self.rank, _padded(self.n)))
