@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sparseforge.kernels.attention import add_layer_norm_rows, attention_step, rms_norm_into, softmax_rows
+from sparseforge.kernels.attention import add_layer_norm_rows, attention_step, rms_norm_into, row_max, softmax_rows
 from sparseforge.toolchain.reference.bert import softmax
 from sparseforge.toolchain.reference.llama import KVCache, apply_rope, rope_cos_sin
 
@@ -34,6 +34,18 @@ def test_add_layer_norm_rows_against_float64_numpy():
         out = np.empty_like(x)
         add_layer_norm_rows(x, np.zeros((0, 0), np.float32) if res is None else res, w, b, 1e-12, out)
         np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_row_max_every_length_and_position():
+    """The eight running maxima and the tail: the largest value at every position of rows
+    of 1 to 19 floats (whole eights, tails, both)."""
+    rng = np.random.default_rng(1)
+    for n in range(1, 20):
+        for at in range(n):
+            x = -rng.random(n + 3).astype(np.float32)  # 3 values beyond n, larger than any within
+            x[n:] = 5.0
+            x[at] = 0.5
+            assert row_max(x, n) == np.float32(0.5), (n, at)
 
 
 def test_softmax_rows_against_float64_numpy():
