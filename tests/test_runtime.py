@@ -160,6 +160,61 @@ def test_encoder_matches_reference(bert_out):
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
 
+def test_split_sequences_balances_real_tokens():
+    from sparseforge.toolchain.runtime_encoder import split_sequences
+
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        tokens = rng.integers(1, 50, rng.integers(1, 12))
+        parts = int(rng.integers(1, 6))
+        ranges = split_sequences(tokens, parts)
+        assert len(ranges) == min(parts, len(tokens))
+        assert ranges[0][0] == 0 and ranges[-1][1] == len(tokens)
+        assert all(lo < hi for lo, hi in ranges) and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        shares = [int(tokens[lo:hi].sum()) for lo, hi in ranges]
+        assert max(shares) <= tokens.sum() / len(ranges) + tokens.max()
+
+
+def test_encoder_batch_split_across_threads(bert_out, monkeypatch):
+    """A batch split into groups of sequences, one per thread (BLAS and Numba on one
+    thread in each, the FFN counters merged), gives the hidden states of the whole batch
+    and the reference's embeddings; padding included."""
+    import threading
+
+    import numba
+
+    from sparseforge.toolchain import runtime_encoder
+
+    ir = ModelIR.load(bert_out / "ir")
+    rt = load_runtime(bert_out / "model.gguf", mode="dense")
+    rng = np.random.default_rng(5)
+    ids = rng.integers(5, 100, (5, 12))
+    mask = np.ones_like(ids)
+    mask[1, 7:] = mask[3, 4:] = 0
+    real = mask.astype(bool)
+    whole = rt.hidden_states(ids, mask)  # 47 real tokens: below SPLIT_MIN_TOKENS, one batch
+    assert rt.ffn.tokens.tolist() == [real.sum()] * len(rt.ffn.tokens)
+    rt.ffn.reset_stats()
+    monkeypatch.setattr(runtime_encoder, "SPLIT_MIN_TOKENS", 10)
+    monkeypatch.setattr(runtime_encoder, "blas_threads", lambda: 3)  # three cores, whatever this machine has
+    seen = []
+    inner = rt._hidden_states
+
+    def spy(ids_, mask_, ffn):
+        seen.append((threading.get_ident(), len(ids_), numba.get_num_threads(), _blas_threads(), id(ffn)))
+        return inner(ids_, mask_, ffn)
+
+    monkeypatch.setattr(rt, "_hidden_states", spy)
+    split = rt.hidden_states(ids, mask)
+    assert sorted(n for _, n, *_ in seen) == [1, 2, 2] and len({t for t, *_ in seen}) == 3
+    assert all(threads == (1, 1) for *_, nb, bl, _ in seen for threads in [(nb, bl)])
+    assert len({f for *_, f in seen}) == 3 and id(rt.ffn) not in {f for *_, f in seen}
+    assert rt.ffn.tokens.tolist() == [real.sum()] * len(rt.ffn.tokens)
+    np.testing.assert_allclose(split[real], whole[real], rtol=0, atol=1e-5 * np.abs(whole[real]).max())
+    want = executor_for(ir).embed(ids, mask)
+    assert float((want * rt.embed_ids(ids, mask)).sum(1).min()) > 0.9999
+
+
 def _blas_threads() -> int:
     from threadpoolctl import threadpool_info
 

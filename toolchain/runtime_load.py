@@ -36,7 +36,9 @@ the cores while an executor runs. A decoder holds BLAS to one thread
 (:func:`blas_one_thread`) for every call, its prompt included: BLAS workers left spinning
 by a prompt slowed the decode steps after it by a quarter. An encoder call of more than
 :data:`~Linear.MATVEC_MAX` tokens (a batch: the linears are sgemm) holds the Numba
-kernels to one thread instead (:func:`encoder_thread_owner`). Each FFN of a call of
+kernels to one thread instead (:func:`encoder_thread_owner`), or, with enough tokens, is
+split into groups of sequences run in threads of their own, each with both pools on one
+thread (:mod:`.runtime_encoder`). Each FFN of a call of
 several tokens picks the sparse prefill kernel or dense tiles for its mask density, token
 count and the two pools' thread counts (``LayerKernels.dense_density``).
 """
@@ -410,6 +412,12 @@ class FFNRunner:
         self.tokens = np.zeros(n, np.int64)
         self.neurons = np.zeros(n, np.int64)
         self.predictor_s = 0.0
+
+    def add_stats(self, other: "FFNRunner") -> None:
+        """Add ``other``'s counters (a runner of the same model and mode) to this one's."""
+        self.tokens += other.tokens
+        self.neurons += other.neurons
+        self.predictor_s += other.predictor_s
 
     def density(self) -> list[float]:
         """Per layer: neurons computed / (tokens x n_ff) since the last reset."""
