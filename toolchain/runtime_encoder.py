@@ -16,10 +16,13 @@ into groups of whole sequences, one per core, each run in its own thread with BL
 the Numba kernels on one thread (the kernels release the GIL; no layer with a predictor,
 whose buffers are shared). One batch with BLAS owning the cores runs its sgemm calls at
 the cores' pace but everything between them (attention, softmax, LayerNorms, the
-activations' Q8_0 rounding) on one core. all-MiniLM-L6-v2 demo artifact, 2 cores, 8
-sequences of 128 tokens: 121 -> 89 ms a batch; 8 x 32: 29.8 -> 26.5 ms; 8 x 16 (64
-tokens a core): 17.8 -> 18.3 ms, hence the threshold. Smaller batches run whole
-(:func:`~.runtime_load.encoder_thread_owner`).
+activations' Q8_0 rounding) on one core. all-MiniLM-L6-v2 demo artifact, 2 cores, whole
+-> split, ms a batch (best of 15): 8 x 128 tokens 118.7 -> 94.7, 2 x 128 38.5 -> 29.7;
+at 64 tokens a core 2 x 64 19.6 -> 16.6 and 8 x 16 18.6 -> 16.0, but ``sparseforge bench``
+(best of 5) then read 8 x 16 anywhere from 0.43x to 0.62x onnxruntime against a steady
+0.58x whole: the threads wait for each other's GIL between many small calls, and more so
+the smaller the calls (2 x 16: 9.5 -> 15.9 ms), hence the threshold. Smaller batches run
+whole (:func:`~.runtime_load.encoder_thread_owner`).
 """
 from __future__ import annotations
 
