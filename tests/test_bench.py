@@ -71,7 +71,7 @@ def test_synthetic_decode_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["shape"] == "smoke" and abs(r["mean_measured_density"] - 0.10) < 0.05
-    for fmt, ort in (("f32", "ort_f32"), ("q4_0", "ort_matmulnbits_q4")):
+    for fmt, ort in (("f32", "ort_f32"), ("q8_0", "ort_matmulnbits_q8"), ("q4_0", "ort_matmulnbits_q4")):
         f = r["formats"][fmt]
         f = next(iter(f.values()))  # one thread count
         assert f["ort_baseline"] == ort and f["sparse_vs_ort"] > 0
@@ -85,3 +85,10 @@ def test_synthetic_decode_smoke(tmp_path):
         art = Artifact.open(f["gate_first_artifact"])  # gate-first mode ran on gates stored apart
         assert all(lay.gate_apart for lay in art.layouts) and not any(".predictor." in n for n in art.tensor_names)
         art.close()
+    import onnx
+
+    for bits in (4, 8):  # each quantized format against MatMulNBits of its own width
+        graph = next((tmp_path / "cache" / "models").glob(f"*/work-density*/ort-q{bits}/model.onnx"))
+        nodes = [n for n in onnx.load(str(graph), load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+        assert nodes and all(onnx.helper.get_attribute_value(a) == bits
+                             for n in nodes for a in n.attribute if a.name == "bits")
