@@ -27,8 +27,9 @@ of the same part's code-warm repetitions); so does the predictor's share of the 
 
 Baselines in the same run: numpy dense f32 GEMV of the ``[n, d]`` matrix (OpenBLAS),
 onnxruntime dense f32 FFN, onnxruntime MatMulNBits 4-bit (block 32, int8 compute) FFN, and a memory
-bandwidth probe (a parallel read of 512 MB) right before every repetition of the code-warm
-timings. Roofline time = bytes touched / bandwidth; each repetition is compared with the
+bandwidth probe (parallel reads of 512 MB, in 4 KB and in 2 MB pages) right before every
+repetition of the code-warm timings. The weights are in memory advised for 2 MB pages
+(:func:`huge_zeros`), as the runtime's artifact map is. Roofline time = bytes touched / bandwidth; each repetition is compared with the
 probe read just before it, and a roofline fraction is the median over the repetitions. The
 bandwidth of this shared machine jumps between about 32 and 50 GB/s from one second to the
 next (a run's probes: 27-57 GB/s, rarely lower), so a probe read minutes or even seconds
