@@ -494,6 +494,34 @@ def dot8_f32(w1, w2, w3, w4, w5, w6, w7, w8, off, x, d):
 
 
 @njit(**_FLAGS)
+def dot4x4_f32(w1, w2, w3, w4, x1, x2, x3, x4, d):
+    """The 16 dots of four float32 rows with four inputs in one loop (``[x1 . w1, x1 .
+    w2, ..., x4 . w4]``): each element loaded serves four products."""
+    a1 = a2 = a3 = a4 = b1 = b2 = b3 = b4 = np.float32(0)
+    c1 = c2 = c3 = c4 = e1 = e2 = e3 = e4 = np.float32(0)
+    for k in range(d):
+        p, q, s, u = x1[k], x2[k], x3[k], x4[k]
+        v1, v2, v3, v4 = w1[k], w2[k], w3[k], w4[k]
+        a1 += v1 * p
+        a2 += v2 * p
+        a3 += v3 * p
+        a4 += v4 * p
+        b1 += v1 * q
+        b2 += v2 * q
+        b3 += v3 * q
+        b4 += v4 * q
+        c1 += v1 * s
+        c2 += v2 * s
+        c3 += v3 * s
+        c4 += v4 * s
+        e1 += v1 * u
+        e2 += v2 * u
+        e3 += v3 * u
+        e4 += v4 * u
+    return a1, a2, a3, a4, b1, b2, b3, b4, c1, c2, c3, c4, e1, e2, e3, e4
+
+
+@njit(**_FLAGS)
 def dot_q8_0(w, off, xq, xd, lut, nb):
     """Dot of a Q8_0 row (int8 view, byte offset ``off``) with Q8_0 activations (the ARM
     form: a per-block int8 reduction LLVM turns into two ``sdot`` + ``addv``)."""
@@ -1161,6 +1189,38 @@ def matmul_q_par(X, wq, fmt, lut, nchunks, out):
         if (hi - lo) % 2:
             for t in range(T):
                 out[t, hi - 1] = _qdot(fmt, wq[hi - 1], 0, XQ[t], XD[t], lut, d // QK, wq[hi - 1], False)
+
+
+@njit(parallel=True, **_FLAGS)
+def matmul_f32_par(X, w, nchunks, out):
+    """``out [T, rows] = X W^T`` for the tokens ``X [T, d]`` and one float32 matrix
+    ``w [rows, d]``: four rows at a time (from memory once, 32 KB at d = 2048, then from
+    L1) times four tokens at a time (:func:`dot4x4_f32`). 22 matrices of 2048 x 2048
+    from memory, 2 threads on the 2-vCPU Xeon, 4 / 16 / 32 / 128 / 256 tokens: 11.7 /
+    24.8 / 40.7 / 121 / 328 ms against sgemm on one BLAS thread's 57 / 69 / 87 / 181 /
+    304 ms."""
+    T, d = X.shape
+    rows = w.shape[0]
+    for c in prange(nchunks):
+        lo, hi = (c * rows) // nchunks, ((c + 1) * rows) // nchunks
+        r = lo
+        while r + 4 <= hi:
+            t = 0
+            while t + 4 <= T:
+                v = dot4x4_f32(w[r], w[r + 1], w[r + 2], w[r + 3], X[t], X[t + 1], X[t + 2], X[t + 3], d)
+                for j in range(4):
+                    for k in range(4):
+                        out[t + j, r + k] = v[4 * j + k]
+                t += 4
+            while t < T:
+                out[t, r], out[t, r + 1], out[t, r + 2], out[t, r + 3] = dot4_f32(w[r], w[r + 1], w[r + 2],
+                                                                                  w[r + 3], 0, X[t], d)
+                t += 1
+            r += 4
+        while r < hi:
+            for t in range(T):
+                out[t, r] = dot_f32(w[r], 0, X[t], d)
+            r += 1
 
 
 @njit(**_FLAGS)

@@ -13,8 +13,8 @@ from gguf.quants import quantize as gg_quantize
 
 from sparseforge.kernels import ffn, quant
 from sparseforge.kernels.bundle import BundleLayout, encode_gate, pack_bundles, unpack_bundles
-from sparseforge.kernels.runtime import (CROSSOVER_TOKENS, PREDICTOR_TOKEN_BY_TOKEN, LayerKernels, Predictor,
-                                         Scratch, measure_crossover, predictor_logits_numpy)
+from sparseforge.kernels.runtime import (CROSSOVER_TOKENS, PREDICTOR_TOKEN_BY_TOKEN, TILE_NEURONS, LayerKernels,
+                                         Predictor, Scratch, measure_crossover, predictor_logits_numpy)
 
 D, N = 96, 80
 
@@ -206,6 +206,21 @@ def test_matmul_of_quantized_rows(fmt):
             _close(out[t], mv, tol=1e-6)
 
 
+def test_matmul_of_f32_rows():
+    """The float32 multi-token row kernel (a prompt's f32 projections) against numpy in
+    float64: 19 rows (four at a time, three left over) times 1 / 3 / 4 / 6 / 9 tokens
+    (four at a time, the rest one by one) over 1 / 3 / 8 chunks."""
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((19, 96)).astype(np.float32)
+    for T in (1, 3, 4, 6, 9):
+        X = rng.standard_normal((T, 96)).astype(np.float32)
+        want = X.astype(np.float64) @ w.astype(np.float64).T
+        for chunks in (1, 3, 8):
+            out = np.full((T, 19), np.nan, np.float32)
+            ffn.matmul_f32_par(X, w, chunks, out)
+            _close(out, want, tol=1e-5)
+
+
 def test_activation_quantization_matches_ggml():
     x = np.random.default_rng(6).standard_normal((8, 256)).astype(np.float32) * np.float32(3)
     x[0, :32] = 0
@@ -268,6 +283,27 @@ def test_prefill_sparse_dense_and_crossover(fmt):
     scale = (4 / CROSSOVER_TOKENS) ** k.slope * 2  # restated at CROSSOVER_TOKENS tokens, equal threads
     assert any(c == pytest.approx(v * scale) for v in (0.1, 0.5, 1.0)) and k.crossover == c
     assert k.dense_density(4, threads=(1, 2)) == pytest.approx(c / scale)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_prefill_dense_with_kept_float32_parts(fmt):
+    """``keep_float32``: the dense tiles multiply float32 copies of the parts made once
+    (each the part's rows decoded), in one tile, and give what the per-tile path gives."""
+    blob, lay, bias = _layer(fmt, True, seed=11, bias=True)
+    kept = LayerKernels(blob, lay, activation="silu", keep_float32=True, **bias)
+    plain = LayerKernels(blob, lay, activation="silu", **bias)
+    X = np.random.default_rng(12).standard_normal((6, D)).astype(np.float32)
+    ref = np.stack([_ref(blob, lay, X[t], "silu", bias=bias)[0] for t in range(6)])
+    _close(kept.prefill(X, None, mode="dense"), ref)
+    np.testing.assert_allclose(kept.prefill(X, None, mode="dense"), plain._prefill_dense(X, None, tile=32),
+                               rtol=1e-5, atol=1e-5)
+    g, u, dn = unpack_bundles(blob, lay)  # numpy's decoding of the parts
+    parts = {(kept.po_g, True): g, (kept.po["up"], False): u, (kept.po["down"], False): dn.T}
+    assert set(kept._float32) == set(parts)
+    for key, w in parts.items():
+        np.testing.assert_array_equal(kept._float32[key], w)
+    assert plain._float32 == {} and plain.dense_tile(6) == TILE_NEURONS
+    assert kept.dense_tile(6) == N  # the whole layer in one tile
 
 
 def test_prefill_auto_switches_on_mask_density_and_tokens(monkeypatch):

@@ -284,6 +284,35 @@ def test_linear_matmul_quantized(fmt, blas, monkeypatch):
             np.testing.assert_allclose(got, matvecs, rtol=0, atol=1e-6 * np.abs(matvecs).max())
 
 
+@pytest.mark.parametrize("threads", [(2, 1), (1, 1), (1, 64)])
+def test_linear_matmul_f32(threads, monkeypatch):
+    """A float32 Linear times tokens against numpy in float64: the multi-token row kernel
+    up to ROW_KERNEL_MAX tokens when Numba has more threads than BLAS (``threads`` =
+    (Numba's, BLAS's)), up to F32_EQUAL_THREADS_MAX when as many, sgemm beyond it or when
+    BLAS has more."""
+    import types
+
+    from sparseforge.kernels import ffn
+    from sparseforge.toolchain import runtime_load
+    from sparseforge.toolchain.runtime_load import Linear
+
+    monkeypatch.setattr(runtime_load, "numba", types.SimpleNamespace(get_num_threads=lambda: threads[0]))
+    monkeypatch.setattr(runtime_load, "blas_threads", lambda: threads[1])
+    monkeypatch.setattr(Linear, "ROW_KERNEL_MAX", 9)
+    monkeypatch.setattr(Linear, "F32_EQUAL_THREADS_MAX", 3)
+    calls = []
+    kernel = ffn.matmul_f32_par
+    monkeypatch.setattr(ffn, "matmul_f32_par", lambda X, *a: calls.append(len(X)) or kernel(X, *a))
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((37, 64)).astype(np.float32)
+    lin = Linear(w, "f32", (37, 64), dequantize=False)
+    for T in (2, 3, 4, 9, 10):
+        X = rng.standard_normal((T, 64)).astype(np.float32)
+        want = X.astype(np.float64) @ w.astype(np.float64).T
+        np.testing.assert_allclose(lin.matmul(X), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert calls == {(2, 1): [2, 3, 4, 9], (1, 1): [2, 3], (1, 64): []}[threads]
+
+
 def test_run_command(llama_out, bert_out, tmp_path, capsys):
     from sparseforge.toolchain.cli import main
 

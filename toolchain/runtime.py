@@ -37,7 +37,8 @@ def load_runtime(path: str | Path, mode: str = "sparse", *, linear: str = "auto"
 
     ``mode``: ``sparse`` (each layer as the predictors pass chose), ``predictor``,
     ``gate-first`` or ``dense``; ``linear``: ``auto``, ``dequantize`` or ``quantized``
-    (how attention/embedding/LM-head matrices are multiplied; see :mod:`.runtime_load`)."""
+    (how attention/embedding/LM-head matrices are multiplied, and whether a quantized
+    FFN keeps its parts in float32 after its first dense prefill; see :mod:`.runtime_load`)."""
     return runtime_for(LoadedModel.open(path, linear=linear, verify_checksums=verify_checksums), mode, **kwargs)
 
 

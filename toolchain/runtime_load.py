@@ -13,6 +13,9 @@
   copy; a decoder's prompt multiplies the tiles, or the rows, several tokens at a time:
   :meth:`Linear.matmul`); a :class:`LinearGroup` multiplies several matrices of one input in one call. ``auto`` keeps decoders quantized
   (decode steps are bound by the bytes read) and dequantizes encoders (batched);
+  ``dequantize`` also has each quantized FFN keep its parts in float32 once its first
+  dense prefill has decoded them (``LayerKernels(keep_float32=True)``: all-MiniLM-L6-v2
+  Q8_0, 8 x 16 tokens 18.1 -> 15.0 ms a batch, the FFNs 28 MB of float32);
 * each FFN layer as :class:`~sparseforge.kernels.runtime.LayerKernels` over its
   bundles (a view into the map) with the block's activation fields and biases, and a
   gate-apart layer's gate matrix (a view too), whose pass over every neuron is a
@@ -120,10 +123,19 @@ class Linear:
     kernels own the cores (:meth:`matmul`)."""
     ROW_KERNEL_MAX = 128
     """Tokens up to which a quantized matrix without tiles runs the multi-token row kernel
-    (:func:`~sparseforge.kernels.ffn.matmul_q_par`) when the Numba kernels own the cores:
+    (:func:`~sparseforge.kernels.ffn.matmul_q_par`) when the Numba kernels own the cores
+    (a float32 matrix too, when Numba has more threads than BLAS; see
+    :data:`F32_EQUAL_THREADS_MAX`):
     2048 x 2048 Q8_0 on 2 threads, 5 / 16 / 64 / 256 tokens 0.58 / 1.3 / 4.7 / 18.6 ms
     against 3.2 / 3.5 / 5.6 / 14 ms dequantizing 512-row tiles for sgemm on one BLAS
     thread."""
+    F32_EQUAL_THREADS_MAX = 32
+    """Tokens up to which a float32 matrix runs the multi-token row kernel when the Numba
+    kernels and BLAS have as many threads (a one-thread run; more Numba threads:
+    :data:`ROW_KERNEL_MAX`): 22 matrices of 2048 x 2048 from memory, one thread each, 16
+    / 32 / 48 / 64 tokens 49.7 / 81.0 / 112.6 / 124.6 ms against sgemm's 70.8 / 88.1 /
+    101.0 / 117.2 ms; on two Numba threads against one BLAS thread, 128 / 256 tokens
+    121 / 328 ms against 181 / 304 ms."""
     TILE_ROWS = 512
     """Rows dequantized per sgemm in :meth:`matmul` (a 4 MB float32 tile at 2048 columns:
     the whole matrix is never held in float32)."""
@@ -173,16 +185,28 @@ class Linear:
         self._alone.matvec_into(x, out)
 
     def matmul(self, X: np.ndarray) -> np.ndarray:
-        """``X W^T`` for ``X [T, cols]``. Quantized weights, when the Numba kernels own the
-        cores (a decoder's prompt): the 8-row tiles' multi-token kernel when tiled (a
-        TinyLlama-shaped Q4_0 prompt of 16 / 256 tokens: 332 -> 165 / 2500 -> 1960 ms
-        against sgemm on one BLAS thread), else the row kernel up to
-        :data:`ROW_KERNEL_MAX` tokens; otherwise the row kernel up to :data:`MATVEC_MAX`
-        tokens. Beyond: sgemm on the matrix dequantized ``TILE_ROWS`` rows at a time."""
+        """``X W^T`` for ``X [T, cols]``. When the Numba kernels own the cores (a decoder's
+        prompt), float32 weights run the multi-token row kernel
+        (:func:`~sparseforge.kernels.ffn.matmul_f32_par`) up to :data:`ROW_KERNEL_MAX`
+        tokens, or :data:`F32_EQUAL_THREADS_MAX` when BLAS has as many threads (a
+        TinyLlama-shaped f32 prompt of 16 tokens on 2 threads: 291 -> 196 ms, its
+        projections 150 -> 54 ms against sgemm on one BLAS thread); quantized weights
+        the multi-token row kernel up to :data:`ROW_KERNEL_MAX` tokens
+        (:func:`~sparseforge.kernels.ffn.matmul_q_par`), or, when tiled, the 8-row tiles'
+        multi-token kernel at any count (a TinyLlama-shaped Q4_0 prompt of 16 / 256
+        tokens: 332 -> 165 / 2500 -> 1960 ms against sgemm on one BLAS thread).
+        Otherwise quantized weights take the row kernel up to :data:`MATVEC_MAX` tokens.
+        Beyond: sgemm, on the matrix dequantized ``TILE_ROWS`` rows at a time when
+        quantized."""
+        nt, bt = numba.get_num_threads(), blas_threads()
+        numba_owns = nt >= bt
         if self.w is not None:
+            if numba_owns and X.shape[0] <= (self.ROW_KERNEL_MAX if nt > bt else self.F32_EQUAL_THREADS_MAX):
+                out = np.empty((X.shape[0], self.shape[0]), np.float32)
+                K.matmul_f32_par(np.ascontiguousarray(X, np.float32), self.w, K.default_chunks(), out)
+                return out
             return X @ self.w.T
         X = np.ascontiguousarray(X, np.float32)
-        numba_owns = numba.get_num_threads() >= blas_threads()
         out = np.empty((X.shape[0], self.shape[0]), np.float32)
         if self.tiled and numba_owns:
             row_tiles.matmul_q4_0x8_par(X, self.tiles(), self.shape[0], K.default_chunks(), out)
@@ -303,7 +327,8 @@ class LoadedModel:
                 art.bundles(layer), layout, activation=doc["activation"], up_activation=doc.get("up_activation"),
                 activation_threshold=float(doc.get("activation_threshold") or 0.0),
                 output_threshold=float(doc.get("output_threshold") or 0.0), gate_bias=bias["gate"],
-                up_bias=bias["up"], down_bias=bias["down"], nchunks=nchunks, gate=gate)
+                up_bias=bias["up"], down_bias=bias["down"], nchunks=nchunks, gate=gate,
+                keep_float32=linear == "dequantize")
             if gate is not None:  # the dense gate pass: a Linear's matvec (f16 gates as the kernels widened them)
                 data, fmt = (kern.gf, "f32") if kern.fmt == K.F32 else (gate, layout.fmt)
                 kern.gate_matvec = Linear(data, fmt, (layout.n_neurons, layout.d_model), dequantize=False).matvec
