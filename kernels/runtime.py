@@ -303,7 +303,7 @@ class LayerKernels:
 
 TILE_NEURONS = 512
 """Neurons per dense prefill tile dequantized per call (a ``[512, d]`` float32 buffer:
-the layer is never held whole in float32 unless ``keep_float32``)."""
+a quantized layer is never held whole in float32 unless ``keep_float32``)."""
 TILE_FLOATS = 1 << 21
 """Bound on a dense prefill tile's ``[T, tile]`` activations (8 MB) when its weights need
 no dequantization (:meth:`LayerKernels.dense_tile`)."""
