@@ -148,17 +148,7 @@ def _attend_group(q, kc, vc, cos, sin, S, scale, g, G, ctx):
             for c in range(hd):
                 s += qg[r, c] * kc[j, c]
             p[r, j] = s
-    for r in range(G):
-        pr = p[r]
-        m = row_max(pr, S)
-        total = np.float32(0.0)
-        for j in range(S):
-            e = exp_nonpos(pr[j] - m)
-            pr[j] = e
-            total += e
-        inv = np.float32(1.0) / total
-        for j in range(S):
-            pr[j] *= inv
+    softmax_rows(p)
     out = ctx[g * G * hd:(g + 1) * G * hd].reshape((G, hd))
     out[:] = 0.0
     for j in range(S):

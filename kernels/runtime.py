@@ -264,13 +264,19 @@ class LayerKernels:
         ffn.dequantize_rows(wf, wq, lo, hi, self.fmt, self.d, po, _LUT, w)
         return w
 
+    @property
+    def _dequantizes_tiles(self) -> bool:
+        """Whether each dense prefill tile is dequantized into a buffer (quantized parts
+        not kept in float32)."""
+        return self.fmt != ffn.F32 and not self.keep_float32
+
     def dense_tile(self, tokens: int) -> int:
         """Neurons per dense prefill tile of ``tokens`` tokens: :data:`TILE_NEURONS` when
         each tile is dequantized into a buffer; otherwise as many as keep the ``[tokens,
         tile]`` activations within :data:`TILE_FLOATS` (at least :data:`TILE_NEURONS`, at
         most the layer), fewer and larger sgemm calls (all-MiniLM-L6-v2 Q8_0 kept in
         float32, 8 x 16 tokens: 16.2 -> 15.0 ms a batch for 512 -> 1536)."""
-        if self.fmt != ffn.F32 and not self.keep_float32:
+        if self._dequantizes_tiles:
             return TILE_NEURONS
         return int(min(self.n, max(TILE_NEURONS, TILE_FLOATS // max(int(tokens), 1))))
 
@@ -281,7 +287,7 @@ class LayerKernels:
         tile = tile or self.dense_tile(X.shape[0])
         Xk = X if self.fmt == ffn.F32 else roundtrip_q8_0(X)
         Y = np.zeros_like(X) + (self.bd if self.bd.size else 0)
-        buf = np.empty((tile, self.d), np.float32) if self.fmt != ffn.F32 and not self.keep_float32 else _NO_F32_ROWS
+        buf = np.empty((tile, self.d), np.float32) if self._dequantizes_tiles else _NO_F32_ROWS
         empty_mask = np.zeros((0, 0), np.bool_)
         for lo in range(0, self.n, tile):
             hi = min(self.n, lo + tile)

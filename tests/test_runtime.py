@@ -207,7 +207,7 @@ def test_encoder_batch_split_across_threads(bert_out, monkeypatch):
     monkeypatch.setattr(rt, "_hidden_states", spy)
     split = rt.hidden_states(ids, mask)
     assert sorted(n for _, n, *_ in seen) == [1, 2, 2] and len({t for t, *_ in seen}) == 3
-    assert all(threads == (1, 1) for *_, nb, bl, _ in seen for threads in [(nb, bl)])
+    assert all((nb, bl) == (1, 1) for *_, nb, bl, _ in seen)
     assert len({f for *_, f in seen}) == 3 and id(rt.ffn) not in {f for *_, f in seen}
     assert rt.ffn.tokens.tolist() == [real.sum()] * len(rt.ffn.tokens)
     np.testing.assert_allclose(split[real], whole[real], rtol=0, atol=1e-5 * np.abs(whole[real]).max())
