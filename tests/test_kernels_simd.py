@@ -44,11 +44,18 @@ w2 = np.ascontiguousarray(dn[:40].T)
 p = Predictor(g[:40], w2, 0.0)
 errs["predictor"] = float(np.abs(p.logits(x) - predictor_logits_numpy(g[:40], w2, None, None, x[None])[0]).max())
 if row_tiles.SUPPORTED:
-    q = quant.encode(g[:37], "q4_0").reshape(37, -1)
-    out = np.empty(37, np.float32)
-    row_tiles.matvec_q4_0x8_par(x, (row_tiles.pack_q4_0x8(q),), np.array([37], np.int64), 2, out)
-    want = quant.roundtrip(g[:37], "q4_0").astype(np.float64) @ quant.roundtrip(x, "q8_0").astype(np.float64)
-    errs["tiles"] = float(np.abs(out - want).max() / np.abs(want).max())
+    for fmt in ("q8_0", "q4_0"):
+        q = quant.encode(g[:37], fmt).reshape(37, -1)
+        out = np.empty(37, np.float32)
+        code = ffn.FORMAT_CODES[fmt]
+        row_tiles.matvec_x8_par(x, (row_tiles.pack_x8(q, code),), np.array([37], np.int64), code, 2, out)
+        want = quant.roundtrip(g[:37], fmt).astype(np.float64) @ quant.roundtrip(x, "q8_0").astype(np.float64)
+        errs["tiles_" + fmt] = float(np.abs(out - want).max() / np.abs(want).max())
+        X = rng.standard_normal((6, d)).astype(np.float32)  # four tokens at a time, then two
+        outs = np.empty((6, 37), np.float32)
+        row_tiles.matmul_x8_par(X, row_tiles.pack_x8(q, code), 37, code, 2, outs)
+        want = quant.roundtrip(X, "q8_0").astype(np.float64) @ quant.roundtrip(g[:37], fmt).astype(np.float64).T
+        errs["tiles_matmul_" + fmt] = float(np.abs(outs - want).max() / np.abs(want).max())
 print(json.dumps({"simd": ffn.SIMD, "gfni": ffn.GFNI, "tiles": row_tiles.SUPPORTED, "errs": errs}))
 """
 
@@ -83,6 +90,6 @@ def test_quantized_kernels_on_each_x86_path(path, tmp_path):
         assert out["errs"][fmt]["forward"] < 1e-4, out
         assert out["errs"][fmt]["rows"] < 1e-4 and out["errs"][fmt]["axpy"] < 1e-4, out
     assert out["errs"]["predictor"] < 1e-4, out
-    assert out["tiles"] == (path > 0)  # the tiled Q4_0 matvec runs on both vector paths
+    assert out["tiles"] == (path > 0)  # the tiled matvecs run on both vector paths
     if path:
-        assert out["errs"]["tiles"] < 1e-5, out
+        assert max(out["errs"][k] for k in ("tiles_q8_0", "tiles_q4_0", "tiles_matmul_q8_0", "tiles_matmul_q4_0")) < 1e-5, out

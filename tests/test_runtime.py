@@ -253,10 +253,9 @@ def test_thread_ownership(bert_out, llama_out, monkeypatch):
 @pytest.mark.parametrize("blas", [1, 64])
 def test_linear_matmul_quantized(fmt, blas, monkeypatch):
     """A quantized Linear times a few tokens and times many against numpy on the decoded
-    matrix. With the Numba kernels owning the cores (``blas`` 1 BLAS thread), Q4_0 on the
-    x86 vector paths runs the tiles' multi-token kernel for any count, bit for bit the
-    per-token matvec, and other quantized matrices the row kernel up to ROW_KERNEL_MAX
-    tokens; otherwise the row kernel runs up to MATVEC_MAX tokens. Beyond, sgemm on tiles
+    matrix. With the Numba kernels owning the cores (``blas`` 1 BLAS thread), Q4_0 and Q8_0
+    on the x86 vector paths run the tiles' multi-token kernel for any count, bit for bit
+    the per-token matvec, and elsewhere the row kernel up to ROW_KERNEL_MAX tokens; otherwise the row kernel runs up to MATVEC_MAX tokens. Beyond, sgemm on tiles
     dequantized by the kernels (the last tile short)."""
     from sparseforge.kernels import quant, row_tiles
     from sparseforge.toolchain import runtime_load
@@ -270,7 +269,7 @@ def test_linear_matmul_quantized(fmt, blas, monkeypatch):
     monkeypatch.setattr(Linear, "ROW_KERNEL_MAX", 9)
     w = quant.decode(data, fmt).astype(np.float64)
     tiled = lin.tiled and blas == 1
-    assert tiled == (fmt == "q4_0" and row_tiles.SUPPORTED and blas == 1)
+    assert tiled == (row_tiles.SUPPORTED and blas == 1)  # both formats have tiles
     for T in (1, Linear.MATVEC_MAX, Linear.MATVEC_MAX + 3, Linear.ROW_KERNEL_MAX + 1):
         X = rng.standard_normal((T, 64)).astype(np.float32)
         got = lin.matmul(X)

@@ -8,9 +8,9 @@
   map (one token: the Numba row kernel, several: BLAS), F16 are widened once; Q8_0/Q4_0 matrices are either dequantized once at load
   (``linear="dequantize"``) or kept as their ggml bytes and multiplied by the Numba
   int8-dot row kernel (``linear="quantized"``: ``kernels.ffn.matvec_*``, the input
-  quantized to Q8_0 as ggml does; on the x86 vector paths a Q4_0 matrix is re-laid once,
-  on first use, in 8-row tiles, ``kernels.row_tiles``, and the decode step reads that
-  copy; a decoder's prompt multiplies the tiles, or the rows, several tokens at a time:
+  quantized to Q8_0 as ggml does; on the x86 vector paths a Q4_0 or Q8_0 matrix is
+  re-laid once, on first use, in 8-row tiles, ``kernels.row_tiles``, and the decode step
+  reads that copy; a decoder's prompt multiplies the tiles, or the rows, several tokens at a time:
   :meth:`Linear.matmul`); a :class:`LinearGroup` multiplies several matrices of one input in one call. ``auto`` keeps decoders quantized
   (decode steps are bound by the bytes read) and dequantizes encoders (batched);
   ``dequantize`` also has each quantized FFN keep its parts in float32 once its first
@@ -20,8 +20,8 @@
   bundles (a view into the map) with the block's activation fields and biases, and a
   gate-apart layer's gate matrix (a view too), whose pass over every neuron is a
   :class:`Linear`'s matvec (11008 x 4096, weights cold: 0.80 of the bandwidth probe
-  against the row kernel's 0.72 in Q8_0, 0.89 against 0.86 in f32; Q4_0 through the
-  8-row tiles on the x86 vector paths);
+  against the row kernel's 0.72 in Q8_0, 0.89 against 0.86 in f32; Q4_0 and Q8_0
+  through the 8-row tiles on the x86 vector paths);
 * each ``predictor`` layer's :class:`~sparseforge.kernels.runtime.Predictor` (in Q8_0,
   when d is a multiple of 32, it keeps only the rows it quantized at load from the map's
   F32 tensors; a float32 one keeps the views).
@@ -162,14 +162,14 @@ class Linear:
 
     @property
     def tiled(self) -> bool:
-        """Whether matvecs use the 8-row tiled copy (Q4_0 on the x86 vector paths)."""
-        return self.code == K.Q4_0 and row_tiles.SUPPORTED
+        """Whether matvecs use the 8-row tiled copy (Q4_0 and Q8_0 on the x86 vector paths)."""
+        return self.code in row_tiles.TILE_BLOCK_BYTES and row_tiles.SUPPORTED
 
     def tiles(self) -> np.ndarray:
-        """The 8-row tiled copy of a Q4_0 matrix (:func:`~sparseforge.kernels.row_tiles.pack_q4_0x8`),
+        """The 8-row tiled copy of a quantized matrix (:func:`~sparseforge.kernels.row_tiles.pack_x8`),
         made on first use: the decode step reads it instead of the mapped ggml rows."""
         if self._tiles is None:
-            self._tiles = row_tiles.pack_q4_0x8(self.q)
+            self._tiles = row_tiles.pack_x8(self.q, self.code)
         return self._tiles
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
@@ -194,7 +194,8 @@ class Linear:
         the multi-token row kernel up to :data:`ROW_KERNEL_MAX` tokens
         (:func:`~sparseforge.kernels.ffn.matmul_q_par`), or, when tiled, the 8-row tiles'
         multi-token kernel at any count (a TinyLlama-shaped Q4_0 prompt of 16 / 256
-        tokens: 332 -> 165 / 2500 -> 1960 ms against sgemm on one BLAS thread).
+        tokens: 332 -> 165 / 2500 -> 1960 ms against sgemm on one BLAS thread; Q8_0, 16 /
+        64 tokens: 106 -> 134 / 120 -> 173 tokens/s against the row kernel).
         Otherwise quantized weights take the row kernel up to :data:`MATVEC_MAX` tokens.
         Beyond: sgemm, on the matrix dequantized ``TILE_ROWS`` rows at a time when
         quantized."""
@@ -209,7 +210,7 @@ class Linear:
         X = np.ascontiguousarray(X, np.float32)
         out = np.empty((X.shape[0], self.shape[0]), np.float32)
         if self.tiled and numba_owns:
-            row_tiles.matmul_q4_0x8_par(X, self.tiles(), self.shape[0], K.default_chunks(), out)
+            row_tiles.matmul_x8_par(X, self.tiles(), self.shape[0], self.code, K.default_chunks(), out)
             return out
         if X.shape[0] <= (self.ROW_KERNEL_MAX if numba_owns else self.MATVEC_MAX):
             K.matmul_q_par(X, self.q, self.code, quant.F16_TO_F32, K.default_chunks(), out)
@@ -243,16 +244,16 @@ class LinearGroup:
         n = len(linears)
         serial = sum(lin.nbytes for lin in linears) < SERIAL_BELOW
         self._tiles: tuple[np.ndarray, ...] | None = None
+        self._code = linears[0].code
         if linears[0].tiled:
             self._tiles = tuple(lin.tiles() for lin in linears)
             self._tile_rows = np.array([lin.shape[0] for lin in linears], np.int64)
-            self._kernel = row_tiles.matvec_q4_0x8_ser if serial else row_tiles.matvec_q4_0x8_par
+            self._kernel = row_tiles.matvec_x8_ser if serial else row_tiles.matvec_x8_par
         else:
             if linears[0].w is not None:
                 self._wfs, self._wqs = tuple(lin.w for lin in linears), (_DUMMY_Q,) * n
             else:
                 self._wfs, self._wqs = (_DUMMY_F,) * n, tuple(lin.q for lin in linears)
-            self._code = linears[0].code
             self._kernel = K.matvec_ser if serial else K.matvec_par
         ends = np.cumsum([lin.shape[0] for lin in linears]).tolist()
         self._bounds = list(zip([0] + ends[:-1], ends))  # each matrix's rows in the output
@@ -267,7 +268,8 @@ class LinearGroup:
     def matvec_into(self, x: np.ndarray, out: np.ndarray) -> None:
         """``out [sum of rows] = [W_0 x, W_1 x, ...]`` (the Numba dense matvec kernel)."""
         if self._tiles is not None:
-            self._kernel(np.ascontiguousarray(x, np.float32), self._tiles, self._tile_rows, K.default_chunks(), out)
+            self._kernel(np.ascontiguousarray(x, np.float32), self._tiles, self._tile_rows, self._code, K.default_chunks(),
+                         out)
             return
         self._kernel(np.ascontiguousarray(x, np.float32), self._wfs, self._wqs, self._code, quant.F16_TO_F32,
                      K.default_chunks(), out)
