@@ -64,11 +64,14 @@ def test_softmax_rows_against_float64_numpy():
     assert tiny.min() >= np.finfo(np.float32).tiny  # no subnormals (slow in the BLAS calls after)
 
 
-H, KV, HD = 8, 2, 16
+HD = 16
 
 
-@pytest.mark.parametrize("past", [0, 1, 5, 40])
-def test_attention_step(past):
+# heads per kv group: 4; 7 (scores: three pairs and one alone; values: four, then three alone)
+@pytest.mark.parametrize("heads", [(8, 2), (7, 1)])
+@pytest.mark.parametrize("past", [0, 1, 5, 40])  # 1, 2, 6, 41 keys: four at a time, then the rest
+def test_attention_step(past, heads):
+    H, KV = heads
     rng = np.random.default_rng(past)
     q = rng.standard_normal(H * HD).astype(np.float32)
     k = rng.standard_normal(KV * HD).astype(np.float32)
