@@ -258,3 +258,38 @@ def test_predictors_and_modes_in_the_artifact(converted, tmp_path):
     assert np.array_equal(art.tensor("blk.1.predictor.w2"), ir.store.get(names["w2"]))
     assert "blk.0.predictor.w1" not in art.tensor_names
     art.close()
+
+
+def _mapped_rss_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of ``path`` (``/proc/self/smaps``)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_release_drops_pages_from_the_resident_set(tmp_path):
+    """GGUFFile.release (what the runtime calls for weights it copied): the range leaves
+    the map's resident set, and reading it again gives the same bytes."""
+    import mmap
+
+    from sparseforge.toolchain.artifact_gguf import GGUFFile
+
+    path = tmp_path / "blob.bin"
+    data = np.random.default_rng(0).integers(0, 256, 4 << 20, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    with open(path, "rb") as fh:
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    g = GGUFFile(path, buf, 3)
+    assert int(g.bytes_at(0, data.size).sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))  # all resident
+    before = _mapped_rss_kb(path)
+    g.release(8192 + 100, 2 << 20)
+    after = _mapped_rss_kb(path)
+    assert before >= 4096 - 8 and before - after >= 2048 - 8, (before, after)
+    np.testing.assert_array_equal(g.bytes_at(0, data.size), data)
+    del g
+    buf.close()

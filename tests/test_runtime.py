@@ -384,3 +384,38 @@ def test_decoder_decode_steps_match_full_forward(llama_out):
     got = [rt.forward(ids[:12], cache, all_logits=True)] + [rt.forward([t], cache)[None] for t in ids[12:]]
     assert cache.length == ids.size
     np.testing.assert_allclose(np.concatenate(got), want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_runtime_releases_only_the_mapped_bytes_it_copied(llama_out, monkeypatch):
+    """The runtime lets go of the mapped pages of weights it keeps a copy of (a Q8_0
+    predictor's rows, a quantized projection's 8-row tiles, a decoded linear), never of a
+    float32 view it reads in place, and computes the same logits as without releasing."""
+    from sparseforge.toolchain import artifact_format as F
+    from sparseforge.toolchain.artifact_reader import Artifact
+
+    ids = np.array([5, 17, 3, 9, 44, 2])
+    released: list[str] = []
+    real = Artifact.release
+    for linear in ("quantized", "dequantize"):
+        monkeypatch.setattr(Artifact, "release", lambda self, name: None)  # nothing released
+        keep = load_runtime(llama_out / "model.gguf", mode="sparse", linear=linear)
+        want = keep.forward(ids, keep.new_cache(), all_logits=True)
+        released.clear()
+        monkeypatch.setattr(Artifact, "release", lambda self, name: (released.append(name), real(self, name)))
+        rt = load_runtime(llama_out / "model.gguf", mode="sparse", linear=linear)
+        art = rt.model.artifact
+        np.testing.assert_array_equal(rt.forward(ids, rt.new_cache(), all_logits=True), want)
+        predictors = {F.predictor_name(layer, k) for layer, mode in enumerate(rt.model.predictor_modes)
+                      if mode == "predictor" for k in ("w1", "w2")}
+        assert predictors and predictors <= set(released)  # d = 64: Q8_0 predictors
+        copies = set(released) - predictors
+        assert all(art.format_of(name) in ("q8_0", "q4_0", "f16") for name in copies), copies
+        assert len(released) == len(set(released))  # each once
+        if linear == "dequantize" or row_tiles_supported():
+            assert {art.format_of(n) for n in copies} & {"q8_0", "q4_0"}  # the projections' bytes went
+
+
+def row_tiles_supported() -> bool:
+    from sparseforge.kernels import row_tiles
+
+    return row_tiles.SUPPORTED

@@ -69,6 +69,13 @@ class Artifact:
         return V.as_array(self.gguf, self.data_start, name, t.ggml_type, t.shape,
                           F.tensor_nbytes(t.ggml_type, t.shape), t.offset)
 
+    def release(self, name: str) -> None:
+        """Let the mapped pages of tensor ``name`` leave the resident set (a caller that
+        keeps a copy of its own, e.g. the runtime's 8-row tiles or decoded weights, no
+        longer reads them; a later read faults them in again from the page cache)."""
+        t = self.info(name)
+        self.gguf.release(self.data_start + t.offset, F.tensor_nbytes(t.ggml_type, t.shape))
+
     def format_of(self, name: str) -> str:
         return F.FORMAT_OF_TYPE.get(self.info(name).ggml_type, "blob")
 

@@ -11,7 +11,8 @@
   quantized to Q8_0 as ggml does; on the x86 vector paths a Q4_0 or Q8_0 matrix is
   re-laid once, on first use, in 8-row tiles, ``kernels.row_tiles``, and the decode step
   reads that copy; a decoder's prompt multiplies the tiles, or the rows, several tokens at a time:
-  :meth:`Linear.matmul`); a :class:`LinearGroup` multiplies several matrices of one input in one call. ``auto`` keeps decoders quantized
+  :meth:`Linear.matmul`; the mapped bytes of a matrix the runtime holds a copy of, tiles
+  or decoded, are released from the resident set, :meth:`~.artifact_reader.Artifact.release`); a :class:`LinearGroup` multiplies several matrices of one input in one call. ``auto`` keeps decoders quantized
   (decode steps are bound by the bytes read) and dequantizes encoders (batched);
   ``dequantize`` also has each quantized FFN keep its parts in float32 once its first
   dense prefill has decoded them (``LayerKernels(keep_float32=True)``: all-MiniLM-L6-v2
@@ -24,7 +25,7 @@
   through the 8-row tiles on the x86 vector paths);
 * each ``predictor`` layer's :class:`~sparseforge.kernels.runtime.Predictor` (in Q8_0,
   when d is a multiple of 32, it keeps only the rows it quantized at load from the map's
-  F32 tensors; a float32 one keeps the views).
+  F32 tensors, whose pages are then released; a float32 one keeps the views).
 
 :class:`FFNRunner` runs a layer's FFN in one of the modes: ``dense`` (no neuron
 selection; the kernels still skip the down column of an exactly-zero activation),
@@ -48,10 +49,11 @@ count and the two pools' thread counts (``LayerKernels.dense_density``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numba
 import numpy as np
@@ -148,6 +150,7 @@ class Linear:
         self.code = K.F32  # the kernels' format code of the stored matrix
         self._alone: LinearGroup | None = None  # this matrix as a group of one (matvec)
         self._tiles: np.ndarray | None = None
+        self.release_source: Callable[[], None] | None = None  # called once, after the tiles are packed
         if fmt == "f32":
             self.w = np.ascontiguousarray(data).reshape(shape[0], -1)
         elif fmt == "f16" or dequantize:
@@ -161,15 +164,24 @@ class Linear:
         return self.q is not None
 
     @property
+    def copied(self) -> bool:
+        """Whether the weights are a float32 copy (F16 widened, Q8_0/Q4_0 decoded): the
+        given data is not read again."""
+        return self.fmt != "f32" and self.w is not None
+
+    @property
     def tiled(self) -> bool:
         """Whether matvecs use the 8-row tiled copy (Q4_0 and Q8_0 on the x86 vector paths)."""
         return self.code in row_tiles.TILE_BLOCK_BYTES and row_tiles.SUPPORTED
 
     def tiles(self) -> np.ndarray:
         """The 8-row tiled copy of a quantized matrix (:func:`~sparseforge.kernels.row_tiles.pack_x8`),
-        made on first use: the decode step reads it instead of the mapped ggml rows."""
+        made on first use: the decode step reads it instead of the mapped ggml rows, which
+        ``release_source`` (when set) then lets go of."""
         if self._tiles is None:
             self._tiles = row_tiles.pack_x8(self.q, self.code)
+            if self.release_source is not None:
+                self.release_source()
         return self._tiles
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
@@ -338,7 +350,11 @@ class LoadedModel:
             if modes[layer] == "predictor":
                 w = {k: art.weight(F.predictor_name(layer, k)) for k in ("w1", "w2", "b1", "b2")
                      if art.has(F.predictor_name(layer, k))}
-                predictors.append(Predictor(w["w1"], w["w2"], float(thresholds[layer]), w.get("b1"), w.get("b2")))
+                pred = Predictor(w["w1"], w["w2"], float(thresholds[layer]), w.get("b1"), w.get("b2"))
+                if pred.fmt == "q8_0":  # it kept only its Q8_0 rows
+                    for k in ("w1", "w2"):
+                        art.release(F.predictor_name(layer, k))
+                predictors.append(pred)
             else:
                 predictors.append(None)
         return cls(art, spec, linear, blocks, kernels, predictors, modes)
@@ -353,6 +369,10 @@ class LoadedModel:
             info = self.artifact.info(name)
             lin = Linear(self.artifact.tensor(name), self.artifact.format_of(name), info.shape,
                          dequantize=self.linear_mode == "dequantize")
+            if lin.copied:  # the mapped bytes are not read again
+                self.artifact.release(name)
+            else:
+                lin.release_source = functools.partial(self.artifact.release, name)
             self._linears[name] = lin
         return lin
 
