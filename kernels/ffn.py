@@ -1578,6 +1578,24 @@ def apply_activation_2d(G, U, mask, gated, act, act_t, up_relu, out_t):
                     U[t, i] = np.float32(0)
 
 
+@njit  # not cached: it reads the threading layer through ctypes pointers
+def num_threads():
+    """Numba's thread count (``numba.get_num_threads()``), read in compiled code: called
+    from Python, ``get_num_threads`` takes two locks each time (2-6 us; a decode step asks
+    for it once per kernel call, 67 times per TinyLlama-shaped token)."""
+    return numba.get_num_threads()
+
+
+@njit(cache=True)
+def indices_within(idx, n):
+    """Whether every entry of ``idx`` (1-d int64) is in ``[0, n)``: one pass (numpy's
+    ``min`` and ``max`` cost 3-6 us each on a few hundred indices)."""
+    for i in range(idx.shape[0]):
+        if idx[i] < 0 or idx[i] >= n:
+            return False
+    return True
+
+
 def default_chunks() -> int:
     """Work chunks per parallel kernel: a few per thread for balance."""
-    return max(1, 4 * numba.get_num_threads())
+    return max(1, 4 * num_threads())

@@ -31,7 +31,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
 from . import ffn, quant
@@ -77,7 +76,7 @@ def roundtrip_q8_0(X: np.ndarray) -> np.ndarray:
 
 def _idx(idx, n):
     idx = np.ascontiguousarray(idx, dtype=np.int64)
-    if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= n)):
+    if idx.ndim != 1 or not ffn.indices_within(idx, n):
         raise ValueError(f"neuron indices must be a 1-D array within [0, {n})")
     return idx
 
@@ -106,6 +105,7 @@ class LayerKernels:
             if gate is not None:
                 gate = np.asarray(gate, np.float16).astype(np.float32)
         self.layout = layout
+        self._part_bytes = layout.part_bytes
         self.blob = blob
         self.fmt = ffn.FORMAT_CODES[layout.fmt]
         self.d, self.n, self.gated = layout.d_model, layout.n_neurons, layout.gated
@@ -142,7 +142,7 @@ class LayerKernels:
 
     def _serial(self, idx: np.ndarray, parts: int) -> bool:
         """Run in the calling thread when the weights touched are fewer than ``serial_below`` bytes."""
-        return idx.shape[0] * parts * self.layout.part_bytes < self.serial_below
+        return idx.shape[0] * parts * self._part_bytes < self.serial_below
 
     # -- one token -------------------------------------------------------------------
     def forward(self, x: np.ndarray, idx: np.ndarray | None = None, return_h: bool = False, _gpre=_EMPTY):
@@ -512,7 +512,7 @@ class Predictor:
         with ``logit >= t`` (into ``_idx``, ascending); returns their count."""
         kernel = ffn.predictor_select_q8_0_ser if self.serial else ffn.predictor_select_q8_0_par
         return kernel(x, self._q1, self.b1, self._q2t, self.b2, self.n, t, _LUT,
-                      numba.get_num_threads(), self._hidden, self._acc, self._idx)
+                      ffn.num_threads(), self._hidden, self._acc, self._idx)
 
     def logits_batch(self, X: np.ndarray, scratch: Scratch | None = None) -> np.ndarray:
         """Logits ``[T, n]`` of ``X [T, d]`` (prefill), the arithmetic of :meth:`logits`.

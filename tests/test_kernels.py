@@ -114,6 +114,10 @@ def test_rows_axpy_output_threshold_and_gate_first(fmt):
         k.rows(x, "down")
     with pytest.raises(ValueError, match="gate-first"):
         LayerKernels(*_layer(fmt, False)[:2]).gate_first(x)
+    _close(k.forward(x, [0, N - 1]), _ref(blob, lay, x, "relu", True, out_t=0.002, idx=np.array([0, N - 1]))[0])
+    for bad in ([0, N], [-1, 3], [[1, 2]]):  # neuron indices outside [0, N), or not 1-D
+        with pytest.raises(ValueError, match="neuron indices"):
+            k.forward(x, bad)
 
 
 @pytest.mark.parametrize("fmt", ["f32", "f16", "q8_0", "q4_0"])
