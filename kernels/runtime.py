@@ -444,8 +444,11 @@ class Scratch:
         return buf[:size].reshape(shape)
 
 
-PREDICTOR_TOKEN_BY_TOKEN = 48
-"""Tokens up to which a Q8_0 predictor's prefill calls the one-token kernel per token."""
+PREDICTOR_BATCH_MAX = 96
+"""Tokens up to which a Q8_0 predictor's prefill runs its multi-token kernel
+(:func:`~.ffn.predictor_logits_q8_0_batch`; more: decoded rows and sgemm)."""
+PREDICTOR_STEP_BYTES = 1 << 17
+"""Bytes of weights the multi-token predictor kernel reads for every token before the next step."""
 
 
 @dataclass
@@ -516,18 +519,20 @@ class Predictor:
 
     def logits_batch(self, X: np.ndarray, scratch: Scratch | None = None) -> np.ndarray:
         """Logits ``[T, n]`` of ``X [T, d]`` (prefill), the arithmetic of :meth:`logits`.
-        A Q8_0 predictor runs up to :data:`PREDICTOR_TOKEN_BY_TOKEN` tokens through the
-        one-token kernel; more, its rows are decoded into float32 buffers of ``scratch``
+        A Q8_0 predictor runs up to :data:`PREDICTOR_BATCH_MAX` tokens through its
+        multi-token kernel (each token the one-token kernel's arithmetic); more, its
+        rows are decoded into float32 buffers of ``scratch``
         (the predictors of a model share one; None: a new one) and
         :func:`predictor_logits_numpy` multiplies (BLAS sgemm)."""
         X = np.ascontiguousarray(X, np.float32)
         if self.fmt != "q8_0":
             return predictor_logits_numpy(self.w1, self.w2, self.b1, self.b2, X, effective=True)
-        if X.shape[0] <= PREDICTOR_TOKEN_BY_TOKEN:
-            Z = np.empty((X.shape[0], self.n), np.float32)
-            for t in range(X.shape[0]):
-                Z[t] = self.logits(X[t])
-            return Z
+        if X.shape[0] <= PREDICTOR_BATCH_MAX:
+            T = X.shape[0]
+            Z = np.empty((T, self._acc.shape[0]), np.float32)
+            ffn.predictor_logits_q8_0_batch(X, self._q1, self.b1, self._q2t, self.b2, self.n, _LUT, ffn.default_chunks(),
+                                            PREDICTOR_STEP_BYTES, np.empty((T, self.rank), np.float32), Z)
+            return Z[:, :self.n]
         scratch = scratch if scratch is not None else Scratch()
         w1 = scratch.buffer("predictor.w1", (self.rank, self.d))
         w2t = scratch.buffer("predictor.w2t", (self.rank, _padded(self.n)))

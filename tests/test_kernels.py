@@ -13,7 +13,7 @@ from gguf.quants import quantize as gg_quantize
 
 from sparseforge.kernels import ffn, quant
 from sparseforge.kernels.bundle import BundleLayout, encode_gate, pack_bundles, unpack_bundles
-from sparseforge.kernels.runtime import (CROSSOVER_TOKENS, PREDICTOR_TOKEN_BY_TOKEN, TILE_NEURONS, LayerKernels,
+from sparseforge.kernels.runtime import (CROSSOVER_TOKENS, PREDICTOR_BATCH_MAX, TILE_NEURONS, LayerKernels,
                                          Predictor, Scratch, measure_crossover, predictor_logits_numpy)
 
 D, N = 96, 80
@@ -362,12 +362,21 @@ def test_predictor_eval_and_selection():
     _close(p.logits(x), lg, tol=1e-5)
     _close(Predictor(w1, w2, 0.5, b1, b2, serial_below=0).logits(x), lg, tol=1e-5)  # thread-pool path
     _close(predictor_logits_numpy(w1, w2, b1, b2, x[None])[0], lg, tol=1e-5)
-    # prefill: token by token, then (more tokens) the rows decoded into the shared
+    # prefill: the batch kernel, then (more tokens) the rows decoded into the shared
     # scratch buffers and sgemm; a predictor of another shape reuses the buffers
-    X = rng.standard_normal((PREDICTOR_TOKEN_BY_TOKEN + 3, D)).astype(np.float32)
+    X = rng.standard_normal((PREDICTOR_BATCH_MAX + 3, D)).astype(np.float32)
     scratch = Scratch()
-    for T in (0, 2, PREDICTOR_TOKEN_BY_TOKEN, PREDICTOR_TOKEN_BY_TOKEN + 3):
+    for T in (0, 2, PREDICTOR_BATCH_MAX, PREDICTOR_BATCH_MAX + 3):
         _close(p.logits_batch(X[:T], scratch), reference(w1, w2, b1, b2, X[:T]), tol=1e-5)
+    # the batch kernel on one or three chunks, in steps of two W1 rows and one block of
+    # W2^T, or of 12 rows and two blocks (steps that do not divide the ranges): each
+    # token as the one-token kernel computes it
+    one = np.stack([p.logits(x).copy() for x in X[:5]])
+    for nchunks, step in ((1, 1), (1, 2 * r * 34), (3, 1), (3, 2 * r * 34)):
+        Z = np.full((5, 96), np.nan, np.float32)
+        ffn.predictor_logits_q8_0_batch(X[:5], p._q1, p.b1, p._q2t, p.b2, N, quant.F16_TO_F32, nchunks, step,
+                                        np.empty((5, r), np.float32), Z)
+        _close(Z[:, :N], one, tol=1e-6)
     for rr in (5, 40):
         w1b, w2b = rng.standard_normal((rr, D)).astype(np.float32), rng.standard_normal((N, rr)).astype(np.float32)
         _close(Predictor(w1b, w2b).logits_batch(X, scratch), reference(w1b, w2b, 0, 0, X), tol=1e-5)
