@@ -260,7 +260,8 @@ def test_linear_matmul_quantized(fmt, blas, monkeypatch):
     """A quantized Linear times a few tokens and times many against numpy on the decoded
     matrix. With the Numba kernels owning the cores (``blas`` 1 BLAS thread), Q4_0 and Q8_0
     on the x86 vector paths run the tiles' multi-token kernel for any count, bit for bit
-    the per-token matvec, and elsewhere the row kernel up to ROW_KERNEL_MAX tokens; otherwise the row kernel runs up to MATVEC_MAX tokens. Beyond, sgemm on tiles
+    the per-token matvec, and elsewhere the row kernel up to ROW_KERNEL_MAX tokens;
+    otherwise the row kernel runs up to MATVEC_MAX tokens. Beyond, sgemm on tiles
     dequantized by the kernels (the last tile short)."""
     from sparseforge.kernels import quant, row_tiles
     from sparseforge.toolchain import runtime_load

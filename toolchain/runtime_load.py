@@ -4,19 +4,21 @@
 (:class:`~.artifact_reader.Artifact`) and prepares what the executors
 (:mod:`.runtime_encoder`, :mod:`.runtime_decoder`) compute with:
 
-* every non-FFN weight as a :class:`Linear`: F32 tensors stay zero-copy views into the
-  map (one token: the Numba row kernel, several: BLAS), F16 are widened once; Q8_0/Q4_0 matrices are either dequantized once at load
-  (``linear="dequantize"``) or kept as their ggml bytes and multiplied by the Numba
-  int8-dot row kernel (``linear="quantized"``: ``kernels.ffn.matvec_*``, the input
-  quantized to Q8_0 as ggml does; on the x86 vector paths a Q4_0 or Q8_0 matrix is
-  re-laid once, on first use, in 8-row tiles, ``kernels.row_tiles``, and the decode step
-  reads that copy; a decoder's prompt multiplies the tiles, or the rows, several tokens at a time:
-  :meth:`Linear.matmul`; the mapped bytes of a matrix the runtime holds a copy of, tiles
-  or decoded, are released from the resident set, :meth:`~.artifact_reader.Artifact.release`); a :class:`LinearGroup` multiplies several matrices of one input in one call. ``auto`` keeps decoders quantized
-  (decode steps are bound by the bytes read) and dequantizes encoders (batched);
-  ``dequantize`` also has each quantized FFN keep its parts in float32 once its first
-  dense prefill has decoded them (``LayerKernels(keep_float32=True)``: all-MiniLM-L6-v2
-  Q8_0, 8 x 16 tokens 18.1 -> 15.0 ms a batch, the FFNs 28 MB of float32);
+* every non-FFN weight as a :class:`Linear`. F32 tensors stay zero-copy views into the
+  map (one token: the Numba row kernel, several: BLAS); F16 are widened once. Q8_0/Q4_0
+  matrices are either dequantized once at load (``linear="dequantize"``) or kept as their
+  ggml bytes and multiplied by the Numba int8-dot row kernel (``linear="quantized"``:
+  ``kernels.ffn.matvec_*``, the input quantized to Q8_0 as ggml does). On the x86 vector
+  paths a quantized matrix is re-laid once, on first use, in 8-row tiles
+  (``kernels.row_tiles``), and the decode step reads that copy; a decoder's prompt
+  multiplies the tiles, or the rows, several tokens at a time (:meth:`Linear.matmul`).
+  The mapped bytes of a matrix the runtime holds a copy of, tiles or decoded, are
+  released from the resident set (:meth:`~.artifact_reader.Artifact.release`). A
+  :class:`LinearGroup` multiplies several matrices of one input in one call. ``auto``
+  keeps decoders quantized (decode steps are bound by the bytes read) and dequantizes
+  encoders (batched); ``dequantize`` also has each quantized FFN keep its parts in
+  float32 once its first dense prefill has decoded them (``LayerKernels(keep_float32=True)``:
+  all-MiniLM-L6-v2 Q8_0, 8 x 16 tokens 18.1 -> 15.0 ms a batch, the FFNs 28 MB of float32);
 * each FFN layer as :class:`~sparseforge.kernels.runtime.LayerKernels` over its
   bundles (a view into the map) with the block's activation fields and biases, and a
   gate-apart layer's gate matrix (a view too), whose pass over every neuron is a
