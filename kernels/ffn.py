@@ -1417,11 +1417,11 @@ def predictor_select_q8_0_ser(x, q1, b1, q2t, b2, n, t, lut, nchunks, hidden, ac
 
 
 @njit(parallel=True, **_FLAGS)
-def predictor_logits_q8_0_batch(X, q1, b1, q2t, b2, n, lut, nchunks, step_bytes, hidden, logits):
+def predictor_logits_q8_0_batch(X, q1, b1, q2t, b2, n, lut, nchunks, step_bytes, logits):
     """The Q8_0 predictor of :func:`predictor_select_q8_0_par` for the tokens ``X [T, d]``
-    (a prompt): ``hidden [T, r]`` and ``logits [T, n_pad]`` (``n_pad`` the width of
-    ``q2t``'s rows), each token's through the one-token kernel's functions (the same
-    floats, unless a step splits the first layer's pairs of rows differently). The
+    (a prompt): ``logits [T, n_pad]`` (``n_pad`` the width of ``q2t``'s rows), each
+    token's through the one-token kernel's functions (the same floats, unless a step
+    splits the first layer's pairs of rows differently). The
     weights are read in steps of about ``step_bytes`` (rows of ``W1``; blocks of the
     ``W2^T`` rows, sized for all ``r`` of them), each step for every token in turn, so
     that it comes from memory once and from the core's cache for the other tokens
@@ -1434,6 +1434,7 @@ def predictor_logits_q8_0_batch(X, q1, b1, q2t, b2, n, lut, nchunks, step_bytes,
     xd = np.empty((T, 2 * max(d // QK, 1)), np.float32)
     for t in prange(T):
         prepare_input(Q8_0, X[t], xq[t], xd[t])
+    hidden = np.empty((T, r), np.float32)
     rows = max(2, step_bytes // q1.shape[1])
     for c in prange(nchunks):
         for a in range((c * r) // nchunks, ((c + 1) * r) // nchunks, rows):

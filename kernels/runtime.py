@@ -531,7 +531,7 @@ class Predictor:
             T = X.shape[0]
             Z = np.empty((T, self._acc.shape[0]), np.float32)
             ffn.predictor_logits_q8_0_batch(X, self._q1, self.b1, self._q2t, self.b2, self.n, _LUT, ffn.default_chunks(),
-                                            PREDICTOR_STEP_BYTES, np.empty((T, self.rank), np.float32), Z)
+                                            PREDICTOR_STEP_BYTES, Z)
             return Z[:, :self.n]
         scratch = scratch if scratch is not None else Scratch()
         w1 = scratch.buffer("predictor.w1", (self.rank, self.d))

@@ -374,8 +374,7 @@ def test_predictor_eval_and_selection():
     one = np.stack([p.logits(x).copy() for x in X[:5]])
     for nchunks, step in ((1, 1), (1, 2 * r * 34), (3, 1), (3, 2 * r * 34)):
         Z = np.full((5, 96), np.nan, np.float32)
-        ffn.predictor_logits_q8_0_batch(X[:5], p._q1, p.b1, p._q2t, p.b2, N, quant.F16_TO_F32, nchunks, step,
-                                        np.empty((5, r), np.float32), Z)
+        ffn.predictor_logits_q8_0_batch(X[:5], p._q1, p.b1, p._q2t, p.b2, N, quant.F16_TO_F32, nchunks, step, Z)
         _close(Z[:, :N], one, tol=1e-6)
     for rr in (5, 40):
         w1b, w2b = rng.standard_normal((rr, D)).astype(np.float32), rng.standard_normal((N, rr)).astype(np.float32)
