@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sparseforge.kernels import quant
+from sparseforge.kernels.runtime import activation_spec
 from sparseforge.toolchain.artifact_build import build_metadata, layouts_for, tensor_stream, weight_names
 from sparseforge.toolchain.artifact_format import ARTIFACT_KEY as ARTIFACT
 from sparseforge.toolchain.artifact_format import MAX_NAME_BYTES
@@ -78,6 +79,10 @@ class Pack(Pass):
         if long:
             raise PassError(f"pack: tensor name {long[0]!r} is longer than GGUF's {MAX_NAME_BYTES} bytes")
         for b in ir.blocks:
+            try:  # the runtime's kernels compute these activations only
+                activation_spec(b.activation, b.gate is not None, b.up_activation)
+            except ValueError as exc:
+                raise PassError(f"pack: layer {b.layer}: {exc}") from None
             fmt = (b.annotations.get("quant") or {}).get("format", "f32")
             if fmt in quant.QUANTIZED and ir.spec.hidden_size % quant.BLOCK:
                 raise PassError(f"pack: layer {b.layer}: {fmt} bundles need d_model to be a multiple of 32")

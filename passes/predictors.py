@@ -120,10 +120,8 @@ class Predictors(Pass):
             raise PassError(f"predictors: recall must be in (0, 1], got {o.recall}")
         if not o.ranks or any(r < 1 for r in o.ranks):
             raise PassError(f"predictors: ranks must be a non-empty list of ranks >= 1, got {list(o.ranks)}")
-        if o.density_factor <= 0 or o.budget <= 0:
-            raise PassError("predictors: density_factor and budget must be > 0")
-        if o.max_epochs < 1 or o.patience < 1 or o.batch_size < 1 or o.lr <= 0 or o.weight_decay < 0:
-            raise PassError("predictors: max_epochs, patience and batch_size must be >= 1, lr > 0, weight_decay >= 0")
+        self.require_positive("density_factor", "budget", "lr")
+        self.require_at_least(max_epochs=1, patience=1, batch_size=1, weight_decay=0)
         if not 0.0 < o.heldout_fraction < 1.0:
             raise PassError(f"predictors: heldout_fraction must be in (0, 1), got {o.heldout_fraction}")
         if o.max_pos_weight < 1:

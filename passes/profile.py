@@ -88,12 +88,15 @@ class Profile(Pass):
 
     def check_options(self) -> None:
         o = self.options
-        if o.batch_size < 1 or o.max_samples < 0 or o.shard_size < 1 or o.eps < 0:
-            raise PassError("profile: batch_size and shard_size must be >= 1, max_samples and eps >= 0")
-        if o.streaming not in STREAMING or o.memory_budget_mb <= 0:
-            raise PassError(f"profile: streaming must be one of {', '.join(STREAMING)} and memory_budget_mb > 0")
+        self.require_at_least(batch_size=1, shard_size=1, max_samples=0, eps=0, threads=0, seq_len=2,
+                              num_sequences=1, heldout_fraction=0)
+        self.require_positive("memory_budget_mb")
+        if o.heldout_fraction >= 1:
+            raise PassError(f"profile: heldout_fraction = {o.heldout_fraction} is out of range (must be < 1)")
+        if o.streaming not in STREAMING:
+            raise PassError(f"profile: streaming = {o.streaming!r}: expected one of {', '.join(STREAMING)}")
 
-    def requires(self, ir: ModelIR) -> None:
+    def check_model(self, ir: ModelIR) -> None:
         if self.options.seq_len > ir.spec.max_positions:
             raise PassError(f"profile: seq_len {self.options.seq_len} exceeds the model's "
                             f"{ir.spec.max_positions} positions")

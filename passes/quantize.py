@@ -119,7 +119,7 @@ class Quantize(Pass):
         if o.executor not in executor_names():
             raise PassError(f"quantize: unknown executor {o.executor!r} (known: {', '.join(executor_names())})")
 
-    def requires(self, ir: ModelIR) -> None:
+    def check_model(self, ir: ModelIR) -> None:
         bad = [k for k in self.options.ffn_layers if int(k) >= len(ir.blocks)]
         if bad:
             raise PassError(f"quantize: ffn_layers names layer {bad[0]}, the model has {len(ir.blocks)}")

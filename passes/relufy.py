@@ -122,21 +122,25 @@ class Relufy(Pass):
                             f"got {o.layer_sparsity[bad_sparsity[0]]}")
         if any(not 0.0 < s < 1.0 for s in o.sweep):
             raise PassError("relufy: sweep sparsities must be in (0, 1)")
-        if o.steps < 0 or o.lr <= 0 or o.batch_size < 1:
-            raise PassError("relufy: steps must be >= 0, lr > 0, batch_size >= 1")
+        self.require_at_least(steps=0, batch_size=1, local_steps=0, local_sequences=1, warmup_steps=0,
+                              weight_decay=0, l1=0, l1_warmup=0, lm_weight=0, hidden_weight=0, checkpoint_every=1,
+                              threads=0, eval_sequences=0)
+        self.require_positive("lr", "local_lr")
 
     def layer_targets(self, ir: ModelIR) -> dict[int, float]:
         """Target sparsity per layer: ``layer_sparsity`` overrides, else ``target_sparsity``."""
         o = self.options
         return {b.layer: float(o.layer_sparsity.get(str(b.layer), o.target_sparsity)) for b in ir.blocks}
 
-    def requires(self, ir: ModelIR) -> None:
+    def check_model(self, ir: ModelIR) -> None:
         layers = {str(b.layer) for b in ir.blocks}
         for key in ("layer_modes", "layer_sparsity"):
             unknown = sorted(set(getattr(self.options, key)) - layers)
             if unknown:
                 raise PassError(f"relufy: {key} names layers {unknown} the model does not have")
         self.layer_modes(ir)
+
+    def requires(self, ir: ModelIR) -> None:
         if not all("profile" in b.annotations for b in ir.blocks) or "calibration/train.safetensors" not in ir.files:
             raise PassError("relufy needs a profiled model: run the 'profile' pass first")
 

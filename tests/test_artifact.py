@@ -15,11 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sparseforge.passes.pack import Pack
 from sparseforge.toolchain import artifact_format as F
 from sparseforge.toolchain import artifact_writer
 from sparseforge.toolchain.artifact_build import build_metadata, layouts_for, tensor_stream
 from sparseforge.toolchain.artifact_reader import Artifact
-from sparseforge.toolchain.errors import InputError
+from sparseforge.toolchain.errors import InputError, PassError
 from sparseforge.toolchain.ir import ModelIR
 from sparseforge.toolchain.pipeline import convert_model
 
@@ -188,6 +189,17 @@ def test_missing_key_and_wrong_format_version_exit_2(converted, tmp_path, capsys
     monkeypatch.setattr(artifact_writer, "FORMAT_VERSION", 99)
     _rewrite(ir, tmp_path / "v99.gguf")
     _assert_exit_2(capsys, tmp_path / "v99.gguf", "artifact format version 99 is not supported")
+
+
+def test_an_activation_the_kernels_do_not_compute_is_refused(converted, tmp_path, capsys):
+    """An edited IR's unknown activation: the pack pass refuses it, and an artifact that
+    carries one anyway fails validation (exit 2) rather than the runtime (exit 1)."""
+    ir = ModelIR.load(converted[0] / "ir")
+    ir.blocks[1].activation = "bogus"
+    with pytest.raises(PassError, match="pack: layer 1: unsupported activation 'bogus'"):
+        Pack().requires(ir)
+    _rewrite(ir, tmp_path / "bogus.gguf")
+    _assert_exit_2(capsys, tmp_path / "bogus.gguf", "layer 1: unsupported activation 'bogus'")
 
 
 @pytest.fixture(scope="module")

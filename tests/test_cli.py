@@ -161,6 +161,83 @@ def test_bad_recipe_and_options(tiny_model, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_out_of_range_options_name_the_recipe_and_the_option(tiny_model, tmp_path):
+    ckpt, _ = tiny_model("bert")
+    r = tmp_path / "r.toml"
+    r.write_text("[[pass]]\nname = 'profile'\n[[pass]]\nname = 'relufy'\n[pass.options]\nlocal_steps = -3\n")
+    assert_input_error(run("convert", str(ckpt), "-r", str(r), "-o", str(tmp_path / "o")), str(r),
+                       "relufy: local_steps = -3 is out of range (must be >= 0)")
+    assert_input_error(run("profile", str(ckpt), "--seq-len", "0", "-o", str(tmp_path / "o")), "seq_len = 0")
+    # an option that does not fit the model fails before the passes ahead of it run
+    res = run("relufy", str(ckpt), "--seq-len", "16", "--layer-sparsity", "99=0.5", "-o", str(tmp_path / "o"))
+    assert_input_error(res, "layer_sparsity names layers ['99']")
+    assert "profile" not in res.stdout
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs a directory no one can create files in (sysfs)")
+def test_unwritable_output_fails_before_the_run(tiny_model, tmp_path):
+    ckpt, _ = tiny_model("bert")
+    out = "/sys/sparseforge-test-output"  # sysfs refuses new files, root's too
+    res = run("convert", str(ckpt), "-o", out, cwd=tmp_path)
+    assert_input_error(res, out, "cannot be written")
+    assert "weight-stats" not in res.stdout  # no pass ran
+    res = run("convert", str(ckpt), "-o", str(tmp_path / "o"), "--cache-dir", "/sys/sparseforge-test-cache")
+    assert_input_error(res, "/sys/sparseforge-test-cache", "cannot be written")
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_and_tokenizer_values_that_do_not_parse(tiny_model, tmp_path):
+    ckpt, _ = tiny_model("bert")
+    m = _copy(ckpt, tmp_path / "m")
+    cfg = json.loads((m / "config.json").read_text())
+    for key, value, kind in (("num_hidden_layers", True, "int"), ("hidden_size", 384.5, "int"),
+                             ("layer_norm_eps", False, "float")):
+        (m / "config.json").write_text(json.dumps({**cfg, key: value}))
+        assert_input_error(run("inspect", str(m)), "config.json", f"{key!r} = {json.dumps(value)} is not a valid {kind}")
+    (m / "config.json").write_text(json.dumps(cfg))
+    (m / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    assert_input_error(run("import", str(m), "-o", str(tmp_path / "ir")), str(m / "tokenizer.json"),
+                       "not a readable tokenizer.json")
+    assert not (tmp_path / "ir").exists()
+
+
+def test_text_that_is_not_utf8():
+    res = subprocess.run([SPARSEFORGE, "run", "model.gguf", "--embed", b"ok \xc3("], capture_output=True, text=True,
+                         timeout=120)
+    assert_input_error(res, "--embed", "not valid UTF-8")
+
+
+def test_a_swallowed_ctrl_c_still_ends_the_run_as_interrupted(tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt that a ctypes callback swallowed while Numba compiled: the
+    handler saw the signal, so the CLI reports the run interrupted (130) whether the
+    command then failed with another error or finished."""
+    import signal
+
+    from sparseforge.toolchain import cli, interrupt
+
+    old = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(interrupt, "_RECEIVED", [signal.SIGINT])
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))  # main() wraps it
+    try:
+        for argv in (["inspect", str(tmp_path / "nothing")], ["targets"]):
+            with pytest.raises(SystemExit) as exc:
+                cli.main(argv)
+            assert exc.value.code == 130, argv
+            assert capsys.readouterr().err.strip().endswith("interrupted")
+        # what the callback swallowed is not printed as "Exception ignored in ..."; other errors are
+        from types import SimpleNamespace
+
+        errors = [interrupt.Interrupted(signal.SIGINT), RuntimeError("boom")]
+        for exc in errors:
+            sys.unraisablehook(SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None,
+                                               err_msg="Exception ignored in", object=None))
+        assert seen == errors[1:]
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def test_debug_shows_traceback(tmp_path):
     res = run("--debug", "inspect", str(tmp_path / "nothing"))
     assert res.returncode != 0 and "Traceback" in res.stderr

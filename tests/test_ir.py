@@ -4,7 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import struct
 
 import ml_dtypes
 import numpy as np
@@ -48,6 +50,22 @@ def test_reader_matches_safetensors_library_and_is_memory_mapped(tmp_path):
         got = f.get(k)
         assert got.shape == v.shape and got.dtype == v.dtype and np.array_equal(got, v)
     assert isinstance(f.get("b.weight"), np.memmap)
+
+
+def test_overlapping_tensor_data_is_refused_as_the_safetensors_library_does(tmp_path):
+    header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+              "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}  # b's first half is a's second
+    raw = json.dumps(header).encode()
+    path = tmp_path / "overlap.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(24))
+    with pytest.raises(Exception, match="invalid offset"):  # the library's own check
+        safetensors.numpy.load_file(path)
+    with pytest.raises(InputError, match="'a' and 'b' overlap"):
+        SafetensorsFile(path)
+    header["b"]["data_offsets"] = [16, 32]  # adjacent: fine
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(32))
+    assert SafetensorsFile(path).keys() == ["a", "b"]
 
 
 def test_bf16_round_trip_and_deterministic_bytes(tmp_path):
@@ -132,6 +150,27 @@ def test_ir_load_errors(tiny_model, tmp_path):
         ModelIR.load(tmp_path / "ir")
     with pytest.raises(InputError, match="not a sparseforge IR"):
         ModelIR.load(tmp_path)
+
+
+def test_ir_load_refuses_an_edited_manifest(tiny_model, tmp_path):
+    ir = load_hf_checkpoint(tiny_model("bert")[0])
+    ir.save(tmp_path / "ir")
+    manifest = tmp_path / "ir" / "manifest.json"
+    good = json.loads(manifest.read_text())
+    edits = {
+        "no checksum for": lambda d: d.update(checksums={}),  # would switch the integrity check off
+        "names the tensor 'nope.weight'": lambda d: d["blocks"][0].update(up="nope.weight"),
+        "'hidden_size' = \"big\" is not of type int": lambda d: d["spec"].update(hidden_size="big"),
+        "'causal' = 1 is not of type bool": lambda d: d["spec"].update(causal=1),
+    }
+    for message, edit in edits.items():
+        doc = json.loads(json.dumps(good))
+        edit(doc)
+        manifest.write_text(json.dumps(doc))
+        with pytest.raises(InputError, match=re.escape(message)):
+            ModelIR.load(tmp_path / "ir")
+    manifest.write_text(json.dumps(good))
+    assert ModelIR.load(tmp_path / "ir").spec == ir.spec
 
 
 def _flip_last_byte(path) -> None:

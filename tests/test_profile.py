@@ -175,6 +175,25 @@ def test_calibration_is_deterministic_and_split(tiny_bert_tokenized, tmp_path):
     assert len(a.train) == len(windows) - len(a.heldout)
 
 
+def test_long_text_is_tokenized_in_pieces_and_capped(tiny_bert_tokenized, tmp_path, monkeypatch):
+    from sparseforge.toolchain import calibration
+
+    tok = str(tiny_bert_tokenized / "tokenizer.json")
+    calib = tmp_path / "c.txt"
+    calib.write_text((TEXT + "\n") * 40)
+    kw = dict(tokenizer=tok, vocab_size=120, seq_len=10, num_sequences=1000, heldout_fraction=0.25, seed=1)
+    whole = build_calibration(calib, **kw)
+    monkeypatch.setattr(calibration, "PIECE_CHARS", 3 * len(TEXT) // 2)  # pieces of one or two lines
+    pieces = build_calibration(calib, **kw)
+    np.testing.assert_array_equal(pieces.train.ids, whole.train.ids)  # cut at line breaks: the same tokens
+    np.testing.assert_array_equal(pieces.heldout.ids, whole.heldout.ids)
+    monkeypatch.setattr(calibration, "MAX_TEXT_BYTES", calib.stat().st_size - 1)
+    with pytest.raises(InputError, match="more than"):
+        build_calibration(calib, **kw)
+    with pytest.raises(InputError, match="/dev/zero: more than"):  # read no further than the cap
+        build_calibration("/dev/zero", **kw)
+
+
 def _run(*args, cwd):
     env = {**os.environ, "SPARSEFORGE_CACHE_DIR": str(cwd / ".cache")}
     return subprocess.run([SPARSEFORGE, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)

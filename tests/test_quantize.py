@@ -104,7 +104,7 @@ def test_format_choice_overrides_and_fallback(tiny_model):
         Quantize(QuantizeOptions(fallback="q8_0")).check_options()
     ir = load_model(tiny_model("llama")[0])
     with pytest.raises(PassError, match="ffn_layers names layer 5"):
-        Quantize(QuantizeOptions(ffn_layers={"5": "f16"})).requires(ir)
+        Quantize(QuantizeOptions(ffn_layers={"5": "f16"})).check_model(ir)
 
 
 def test_stats_and_pack_refuses_changed_weights(packed, tmp_path):

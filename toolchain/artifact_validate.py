@@ -14,6 +14,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from sparseforge.kernels.bundle import BundleLayout
+from sparseforge.kernels.runtime import activation_spec
 
 from . import artifact_format as F
 from .artifact_gguf import GGUFFile
@@ -73,7 +74,8 @@ def check_table(g: GGUFFile, table: list[dict[str, Any]]) -> int:
         offset += F.padded(row["nbytes"])
     if g.size != data_start + offset:
         what = "truncated" if g.size < data_start + offset else "has trailing bytes"
-        raise InputError(g.path, f"{what}: {g.size} bytes, the header and tensor table need {data_start + offset}")
+        raise InputError(g.path, f"{what}: {g.size} bytes, where the header ({data_start} bytes) and the tensor "
+                                 f"data its table lists ({offset} bytes) make {data_start + offset}")
     _check_zero(g, g.header_end, data_start, "header padding")
     for info, row in zip(g.tensors, table):
         start = data_start + info.offset
@@ -122,6 +124,11 @@ def check_spec(g: GGUFFile, meta: dict[str, Any]) -> tuple[ArchSpec, list[Bundle
             d, r, n = spec.hidden_size, ranks[layer], spec.intermediate_size
             required.update({F.predictor_name(layer, "w1"): (r, d), F.predictor_name(layer, "w2"): (n, r)})
             optional.update({F.predictor_name(layer, "b1"): (r,), F.predictor_name(layer, "b2"): (n,)})
+    for layer, doc in enumerate(meta[F.K_BLOCKS]):
+        try:  # what the runtime's kernels compute
+            activation_spec(doc.get("activation"), spec.gated, doc.get("up_activation"))
+        except ValueError as exc:
+            raise InputError(g.path, f"layer {layer}: {exc}") from None
     for doc in meta[F.K_BLOCKS]:  # FFN biases a pass added (e.g. relufy's mean correction on a Llama)
         for key, size in (("gate_bias", spec.intermediate_size), ("up_bias", spec.intermediate_size),
                           ("down_bias", spec.hidden_size)):

@@ -22,12 +22,40 @@ def check_output_file(path: str | Path) -> Path:
 
 
 def _check_parent(path: Path) -> None:
-    """The nearest existing parent of ``path`` must be a directory."""
+    """The nearest existing parent of ``path`` must be a directory sparseforge can create
+    files in (:func:`_check_writable`)."""
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise InputError(parent, f"is not a directory, so the output {path} cannot be created in it")
+            _check_writable(parent, path)
             return
+
+
+def _check_writable(directory: Path, output: Path) -> None:
+    """Create and remove a file in ``directory`` (the permission bits do not tell: root
+    ignores them, an immutable or read-only mount refuses anyway), so that an output that
+    cannot be written fails before the run rather than after it."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sparseforge-probe.", dir=directory)
+    except OSError as exc:
+        raise InputError(output, f"cannot be written: {directory} refuses new files ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_writable_dir(path: str | Path) -> Path:
+    """``path`` as a directory sparseforge writes into (a pass cache, a dump directory):
+    a directory or absent, and files can be created in it or in its nearest existing
+    parent (else an :class:`InputError`)."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(path, "is not a directory")
+        _check_writable(path, path)
+    else:
+        _check_parent(path)
+    return path
 
 
 @contextlib.contextmanager

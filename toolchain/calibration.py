@@ -82,11 +82,27 @@ def default_calibration_path() -> Path:
     return Path(str(resources.files("sparseforge.toolchain.data") / "calibration.jsonl"))
 
 
-def _read_text(path: Path) -> str:
+MAX_TEXT_BYTES = 32 << 20
+"""Calibration text read at most (all files of a source together): more is refused
+rather than read and tokenized whole (50 MB took 40 s and 6.9 GB; the calibration uses
+``num_sequences`` windows, a few MB of text at most)."""
+PIECE_CHARS = 1 << 20
+"""Characters a document is tokenized in at most (cut at a line break): the tokenizer's
+per-token records of one long document would otherwise take gigabytes."""
+
+
+def _read_text(path: Path, budget: int | None = None) -> str:
+    """``path`` decoded as UTF-8; an :class:`InputError` when it holds more than ``budget``
+    bytes (default :data:`MAX_TEXT_BYTES`; read no further: ``/dev/zero`` never ends)."""
+    budget = MAX_TEXT_BYTES if budget is None else budget
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            data = fh.read(budget + 1)
     except OSError as exc:
         raise InputError(path, f"cannot read: {exc.strerror}") from None
+    if len(data) > budget:
+        raise InputError(path, f"more than {MAX_TEXT_BYTES / 2**20:g} MiB of calibration text; give a sample of it "
+                               "(the calibration uses num_sequences windows of seq_len tokens)")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -101,7 +117,10 @@ def load_documents(path: Path) -> list[str]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
             raise InputError(path, f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) in the directory")
-        docs = [_read_text(f) for f in files]
+        docs, budget = [], MAX_TEXT_BYTES  # for all the files together
+        for f in files:
+            docs.append(_read_text(f, budget))
+            budget -= len(docs[-1].encode("utf-8"))
     elif path.suffix.lower() in {".jsonl", ".ndjson"}:
         docs = []
         for n, line in enumerate(_read_text(path).splitlines(), 1):
@@ -147,13 +166,42 @@ def tokenize_windows(docs: list[str], tokenizer_path: str, seq_len: int, source:
     if body < 1:
         raise InputError(source, f"seq_len {seq_len} leaves no room next to {len(prefix) + len(suffix)} special tokens")
     windows = []
-    for enc in tok.encode_batch(docs, add_special_tokens=False):
-        ids = enc.ids
+    for ids in _token_ids(tok, docs):
         for start in range(0, len(ids), body):
             windows.append(np.asarray(prefix + ids[start : start + body] + suffix, dtype=np.int64))
     if not windows:
         raise InputError(source, "every text is shorter than one token")
     return windows
+
+
+def _token_ids(tok, docs: list[str]) -> Iterator[list[int]]:
+    """Each document's token ids (no special tokens), in order. Documents go to
+    ``encode_batch`` (every core) in batches of at most :data:`PIECE_CHARS` characters, a
+    longer document as its :func:`_pieces` one at a time, so that the tokenizer's
+    per-token records never cover much more than that much text."""
+    group: list[str] = []
+    size = 0
+    for doc in docs:
+        if group and size + len(doc) > PIECE_CHARS:
+            yield from (enc.ids for enc in tok.encode_batch(group, add_special_tokens=False))
+            group, size = [], 0
+        if len(doc) > PIECE_CHARS:
+            yield [i for piece in _pieces(doc) for i in tok.encode(piece, add_special_tokens=False).ids]
+        else:
+            group.append(doc)
+            size += len(doc)
+    yield from (enc.ids for enc in tok.encode_batch(group, add_special_tokens=False))
+
+
+def _pieces(doc: str) -> Iterator[str]:
+    """``doc`` in pieces of at most :data:`PIECE_CHARS` characters, each cut after a line
+    break where there is one (a document that short is one piece)."""
+    start = 0
+    while len(doc) - start > PIECE_CHARS:
+        cut = doc.rfind("\n", start, start + PIECE_CHARS) + 1 or start + PIECE_CHARS
+        yield doc[start:cut]
+        start = cut
+    yield doc[start:]
 
 
 def load_token_ids(path: Path, vocab_size: int, seq_len: int) -> list[np.ndarray]:
@@ -176,7 +224,7 @@ def load_token_ids(path: Path, vocab_size: int, seq_len: int) -> list[np.ndarray
     else:
         if arr.shape[1] > seq_len:
             raise InputError(path, f"sequences of {arr.shape[1]} tokens are longer than seq_len {seq_len}")
-        rows = [r[: int(np.argmax(r < 0))] if (r < 0).any() else r for r in arr]
+        rows = [r[: int(np.argmax(r == -1))] if (r == -1).any() else r for r in arr]
     rows = [r for r in rows if len(r)]
     if not rows:
         raise InputError(path, "no token ids")

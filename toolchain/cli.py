@@ -1,8 +1,9 @@
 """The ``sparseforge`` command line (click).
 
 Exit codes: 0 success; 1 a quality gate failed or an internal error; 2 bad input
-(missing, corrupt, truncated or unsupported files, bad options) with one message on
-stderr naming the file and the problem. ``--debug`` shows tracebacks.
+(missing, corrupt, truncated or unsupported files, bad options, outputs that cannot be
+written) with one message on stderr naming the file and the problem; 128 + the signal
+number when interrupted. ``--debug`` shows tracebacks.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import click
 
 from . import __version__
 from .errors import InputError, SparseforgeError
-from .interrupt import exit_code, install_handlers
+from .interrupt import exit_code, install_handlers, received
 
 _STATE = {"debug": False}
 
@@ -336,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     install_handlers()  # SIGTERM / SIGHUP end a run as Ctrl-C does
     try:
         cli.main(args=argv, prog_name="sparseforge", standalone_mode=False)
+        if received() is not None:  # a Ctrl-C that a ctypes callback swallowed (interrupt.received)
+            raise received()
     except click.exceptions.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -348,14 +351,18 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         click.echo("interrupted", err=True)
         sys.exit(exit_code(exc.__cause__ or exc))  # click turns the KeyboardInterrupt into Abort
-    except SparseforgeError as exc:
+    except Exception as exc:
+        if received() is not None:  # the error came from a swallowed Ctrl-C (interrupt.received)
+            click.echo("interrupted", err=True)
+            sys.exit(exit_code(received()))
         if _STATE["debug"]:
             raise
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # a bug: say so plainly
-        if _STATE["debug"]:
-            raise
+        if isinstance(exc, SparseforgeError):
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        if isinstance(exc, OSError) and exc.filename is not None:  # a file it could not read or write (disk full)
+            click.echo(f"error: {exc.filename}: {exc.strerror or exc}", err=True)
+            sys.exit(InputError.exit_code)
         click.echo(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
         sys.exit(1)
     sys.exit(0)

@@ -85,6 +85,12 @@ def run(artifact: Path, prompt: str | None, texts: tuple[str, ...], mode: str, m
     """Run ARTIFACT: embed texts (encoders) or generate from a prompt (decoders)."""
     from .runtime import Sampler, load_runtime
 
+    for option, values in (("--prompt", [] if prompt is None else [prompt]), ("--embed", texts)):
+        for text in values:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # bytes the locale could not decode (surrogate escapes)
+                raise InputError(None, f"{option}: the text is not valid UTF-8 (character {exc.start})") from None
     rt = load_runtime(artifact, mode=mode)
     _reject_other_kind(artifact, rt.spec.causal, decoder_only=("max_new_tokens", "top_p", "temperature", "seed"))
     if rt.spec.causal:

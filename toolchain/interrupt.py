@@ -1,6 +1,6 @@
 """Interruption: SIGTERM (and SIGHUP) end a run the way Ctrl-C does.
 
-:func:`install_handlers` makes those signals raise :class:`Interrupted` (a
+:func:`install_handlers` makes those signals, and SIGINT, raise :class:`Interrupted` (a
 ``KeyboardInterrupt``) in the main thread, so every ``finally`` block and context
 manager on the way out runs: temporary outputs are removed (``toolchain.atomic``),
 executor workers are stopped (``toolchain.executors``), and the pass cache keeps only
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,16 +40,39 @@ def exit_code(exc: BaseException) -> int:
     return 128 + int(getattr(exc, "signum", signal.SIGINT))
 
 
+_RECEIVED: list[int] = []  # the signals :func:`_raise` has seen, in order
+
+
 def _raise(signum: int, frame: Any) -> None:
+    _RECEIVED.append(signum)
     raise Interrupted(signum)
 
 
 def install_handlers() -> None:
-    """SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread (call from it)."""
-    for name in ("SIGTERM", "SIGHUP"):
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread (call
+    from it), and are remembered (:func:`received`); an :class:`Interrupted` that a
+    callback swallows is not printed as "Exception ignored ..." with its traceback."""
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         sig = getattr(signal, name, None)
         if sig is not None:
             signal.signal(sig, _raise)
+    if not getattr(sys.unraisablehook, "quiet_interrupts", False):
+        default = sys.unraisablehook
+
+        def quiet(unraisable: Any) -> None:
+            if not isinstance(unraisable.exc_value, Interrupted):
+                default(unraisable)
+        quiet.quiet_interrupts = True
+        sys.unraisablehook = quiet
+
+
+def received() -> Interrupted | None:
+    """The first signal :func:`install_handlers`' handler has seen, as an
+    :class:`Interrupted` (None: none). A ``KeyboardInterrupt`` raised while Numba
+    compiles can be swallowed by a ctypes callback in llvmlite (the compilation then
+    fails with an unrelated error, or carries on): the CLI asks here whether the run was
+    interrupted all the same."""
+    return Interrupted(_RECEIVED[0]) if _RECEIVED else None
 
 
 def hold(point: str) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_dir
-from .errors import InputError
+from .errors import InputError, describe
 from .fingerprint import file_digest
 from .safetensors_io import write_safetensors
 from .tensors import TensorRef, TensorStore, open_tensor_file
@@ -80,8 +80,17 @@ class ArchSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ArchSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """The spec of a manifest's or an artifact's ``d``; a ValueError names a field whose
+        value is not of its type (a ``"big"`` hidden size would fail far from here)."""
+        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+        fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        for k, v in d.items():
+            kind = fields.get(k, "").removesuffix(" | None")
+            if v is None and fields.get(k, "").endswith("| None"):
+                continue
+            if kind in kinds and (not isinstance(v, kinds[kind]) or (kind != "bool" and isinstance(v, bool))):
+                raise ValueError(f"spec field {k!r} = {json.dumps(v)} is not of type {kind}")
+        return cls(**{k: v for k, v in d.items() if k in fields})
 
 
 @dataclass
@@ -286,12 +295,24 @@ class ModelIR:
         except InputError:
             raise
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise InputError(path, f"corrupt IR manifest: {exc!r}") from None
+            raise InputError(path, f"corrupt IR manifest: {describe(exc)}") from None
+        for b in ir.blocks:
+            unknown = [n for n in b.weight_names() if n not in refs]
+            if unknown:
+                raise InputError(path, f"the FFN block of layer {b.layer} names the tensor {unknown[0]!r}, which "
+                                       "the manifest does not list")
         for ref in {r.file for r in refs.values()}:
             if not Path(ref).is_file():
                 raise InputError(path, f"the IR references {ref}, which does not exist")
         if verify:
-            _verify_checksums(directory, m.get("checksums", {}))
+            checksums = m.get("checksums")
+            unlisted = [p for p in _read_paths(directory, m["tensors"], m.get("tokenizer"), m.get("files") or {},
+                                               m.get("graph"))
+                        if p not in (checksums if isinstance(checksums, dict) else {})]
+            if unlisted:
+                raise InputError(path, f"the manifest has no checksum for {unlisted[0]}, which the IR reads "
+                                       "(an edited manifest?)")
+            _verify_checksums(directory, checksums)
         return ir
 
 
@@ -299,6 +320,12 @@ def _checksums(directory: Path, refs: dict[str, dict], tokenizer: str | None, fi
                graph: str | None) -> dict[str, str]:
     """sha256 of every file an IR saved in ``directory`` reads, keyed by its path as the
     manifest writes it (relative inside the directory, absolute outside)."""
+    return {p: file_digest(directory / p) for p in _read_paths(directory, refs, tokenizer, files, graph)}
+
+
+def _read_paths(directory: Path, refs: dict[str, dict], tokenizer: str | None, files: dict[str, str],
+                graph: str | None) -> list[str]:
+    """The paths, as the manifest writes them, of the files an IR in ``directory`` reads."""
     paths: set[str] = set(files.values())
     if tokenizer:
         paths.add(tokenizer)
@@ -308,7 +335,7 @@ def _checksums(directory: Path, refs: dict[str, dict], tokenizer: str | None, fi
         for f in open_tensor_file(directory / file, fmt).data_files():  # an absolute file stays as it is
             f = Path(f)
             paths.add(f.relative_to(directory).as_posix() if f.is_relative_to(directory) else str(f))
-    return {p: file_digest(directory / p) for p in sorted(paths)}
+    return sorted(paths)
 
 
 def _verify_checksums(directory: Path, checksums: dict[str, str]) -> None:

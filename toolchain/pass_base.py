@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .errors import InputError
+from .errors import InputError, PassError
 from .ir import ModelIR
 
 
@@ -65,6 +65,28 @@ class Pass:
         """Raise :class:`~sparseforge.toolchain.errors.PassError` for option values out of
         range; the PassManager calls it for every pass before running any."""
 
+    def require_at_least(self, **minimums: float) -> None:
+        """A :class:`~sparseforge.toolchain.errors.PassError` naming the first option
+        (keyword) whose value is below its minimum."""
+        for name, low in minimums.items():
+            value = getattr(self.options, name)
+            if value < low:
+                raise PassError(f"{self.name}: {name} = {value} is out of range (must be >= {low})")
+
+    def require_positive(self, *names: str) -> None:
+        """A :class:`~sparseforge.toolchain.errors.PassError` naming the first option of
+        ``names`` that is not > 0."""
+        for name in names:
+            value = getattr(self.options, name)
+            if not value > 0:
+                raise PassError(f"{self.name}: {name} = {value} is out of range (must be > 0)")
+
+    def check_model(self, ir: ModelIR) -> None:
+        """Raise :class:`~sparseforge.toolchain.errors.PassError` for options that do not fit
+        the model in what no pass changes (its layers, positions, gates): the PassManager
+        calls it for every pass on the input IR before running any, so that a bad option
+        of the last pass fails before the first runs. :meth:`__call__` calls it too."""
+
     def requires(self, ir: ModelIR) -> None:
         """Raise :class:`~sparseforge.toolchain.errors.PassError` if ``ir`` can't be processed."""
 
@@ -75,6 +97,7 @@ class Pass:
         """Raise if the pass's output breaks what it promises (a bug, not bad input)."""
 
     def __call__(self, ir: ModelIR, ctx: PassContext) -> PassResult:
+        self.check_model(ir)
         self.requires(ir)
         result = self.run(ir, ctx)
         self.ensures(result.ir)

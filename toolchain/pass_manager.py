@@ -24,7 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Sequence
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, check_writable_dir
 from .executors import result_options
 from .instruments import MemoryTimer
 from .interrupt import hold
@@ -93,11 +93,13 @@ class PassManager:
         on_record: Callable[[PassRecord], None] | None = None,
     ) -> None:
         self.passes = list(passes)
-        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.cache_dir = check_writable_dir(cache_dir) if cache_dir else None  # fails now, not after the run
         self.dump_after = set(dump_after)
         self.dump_dir = Path(dump_dir) if dump_dir else None
         if self.dump_after and self.dump_dir is None:
             raise ValueError("dump_after needs dump_dir")
+        if self.dump_after:
+            check_writable_dir(self.dump_dir)
         self.seed = seed
         self.progress = progress
         self.on_record = on_record
@@ -112,6 +114,8 @@ class PassManager:
     def run(self, ir: ModelIR) -> PipelineResult:
         for p in self.passes:
             p.check_options()
+        for p in self.passes:
+            p.check_model(ir)
         records: list[PassRecord] = []
         self._scratch = None if self.cache_dir else tempfile.TemporaryDirectory(prefix="sparseforge-")
         for index, p in enumerate(self.passes):

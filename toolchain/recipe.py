@@ -37,7 +37,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, PassError
 from .pass_base import Pass, get_pass, make_options
 
 
@@ -69,7 +69,12 @@ class Recipe:
             for key, value in (("executor", self.executor), ("workers", self.workers), *self.verify.items()):
                 if value is not None and key not in options and _has_option(cls, key):
                     options[key] = value
-            out.append(cls(make_options(cls, options, self.source)))
+            p = cls(make_options(cls, options, self.source))
+            try:
+                p.check_options()
+            except PassError as exc:  # out of range in this recipe: name the file
+                raise InputError(self.source, str(exc)) from None
+            out.append(p)
         return out
 
     def to_dict(self) -> dict[str, Any]:

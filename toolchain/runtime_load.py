@@ -410,7 +410,10 @@ class LoadedModel:
         if self._tokenizer is None and self.artifact.tokenizer_json:
             from tokenizers import Tokenizer
 
-            self._tokenizer = Tokenizer.from_str(self.artifact.tokenizer_json)
+            try:
+                self._tokenizer = Tokenizer.from_str(self.artifact.tokenizer_json)
+            except Exception as exc:  # the Rust library raises a plain Exception
+                raise InputError(self.artifact.path, f"the tokenizer.json it carries does not parse: {exc}") from None
         return self._tokenizer
 
     def require_tokenizer(self):

@@ -81,13 +81,21 @@ class SafetensorsFile:
         self.data_start = 8 + n
         data_len = size - self.data_start
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
+        spans = []
         for name, entry in header.items():
+            if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+                raise InputError(self.path, f"corrupt safetensors entry for tensor {name!r}: "
+                                            "expected the fields dtype, shape and data_offsets")
+            if entry["dtype"] not in DTYPES:
+                raise InputError(self.path, f"tensor {name!r} has the unsupported safetensors dtype "
+                                            f"{entry['dtype']!r} (supported: {', '.join(DTYPES)})")
+            dt = DTYPES[entry["dtype"]]
             try:
-                dt = DTYPES[entry["dtype"]]
                 shape = tuple(int(s) for s in entry["shape"])
                 begin, end = (int(o) for o in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise InputError(self.path, f"corrupt safetensors entry for tensor {name!r}: {exc!r}") from None
+            except (TypeError, ValueError):
+                raise InputError(self.path, f"corrupt safetensors entry for tensor {name!r}: shape and "
+                                            "data_offsets must be lists of integers (two offsets)") from None
             count = int(np.prod(shape, dtype=np.int64))
             if any(s < 0 for s in shape) or end - begin != count * dt.itemsize or begin < 0:
                 raise InputError(
@@ -100,6 +108,12 @@ class SafetensorsFile:
                     f"but the file has {size} bytes",
                 )
             self._entries[name] = (dt, shape, begin)
+            spans.append((begin, end, name))
+        spans.sort()
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+            if begin < end:  # the safetensors library refuses these too
+                raise InputError(self.path, f"corrupt safetensors header: the data of tensors {first!r} and "
+                                            f"{second!r} overlap")
 
     def keys(self) -> list[str]:
         return sorted(self._entries)

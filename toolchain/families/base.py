@@ -1,6 +1,7 @@
 """The :class:`ModelFamily` contract and the registry that maps HF names to families."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -97,10 +98,15 @@ def config_value(config: dict[str, Any], key: str, path: Path, kind: type = int,
         if default is ...:
             raise InputError(path, f"config.json has no {key!r}")
         return default
+    raw = config[key]
+    # JSON true/false and 384.5 are not counts: int() and float() would take them (as 1, 0, 384)
+    exact = not isinstance(raw, bool) and (kind is not int or not isinstance(raw, float) or raw.is_integer())
     try:
-        value = kind(config[key])
+        value = kind(raw) if exact else None
     except (TypeError, ValueError):
-        raise InputError(path, f"config.json: {key!r} = {config[key]!r} is not a valid {kind.__name__}") from None
+        value = None
+    if value is None:
+        raise InputError(path, f"config.json: {key!r} = {json.dumps(raw)} is not a valid {kind.__name__}")
     if kind is int and value <= 0 and key not in {"pad_token_id", "bos_token_id", "eos_token_id"}:
         raise InputError(path, f"config.json: {key!r} must be positive, got {value}")
     return value

@@ -31,3 +31,18 @@ def check_weights(family: type[ModelFamily], spec: ArchSpec, store: TensorStore,
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise InputError(path, f"missing weights {', '.join(missing[:3])}{more}")
+
+
+def tokenizer_file(path: Path) -> str | None:
+    """``path`` (a model's ``tokenizer.json``) when it exists and the ``tokenizers``
+    library reads it; None when there is none; an :class:`InputError` when it does not
+    parse (checked at import, not when a later pass or the runtime first tokenizes)."""
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust library raises a plain Exception
+        raise InputError(path, f"not a readable tokenizer.json: {exc}") from None
+    return str(path)

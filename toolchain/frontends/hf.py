@@ -9,13 +9,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, describe
 from ..families import family_for_architecture
 from ..fingerprint import file_digest
 from ..ir import ModelIR
 from ..safetensors_io import SafetensorsFile
 from ..tensors import TensorRef, TensorStore
-from .common import check_weights
+from .common import check_weights, tokenizer_file
 
 INDEX = "model.safetensors.index.json"
 
@@ -44,7 +44,7 @@ def shard_files(directory: Path) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = sorted(set(weight_map.values()))
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise InputError(index, f"corrupt safetensors index: {exc!r}") from None
+            raise InputError(index, f"corrupt safetensors index: {describe(exc)}") from None
         shards = [directory / n for n in names]
         for s in shards:
             if not s.is_file():
@@ -77,7 +77,6 @@ def load_hf_checkpoint(directory: str | Path) -> ModelIR:
     wanted = set(family.expected_shapes(spec)) | set(family.optional_shapes(spec))
     store = TensorStore({k: v for k, v in refs.items() if k in wanted})
     check_weights(family, spec, store, directory)
-    tokenizer = directory / "tokenizer.json"
     return ModelIR(
         spec=spec,
         store=store,
@@ -88,5 +87,5 @@ def load_hf_checkpoint(directory: str | Path) -> ModelIR:
             "config_sha256": file_digest(directory / "config.json"),
             "ignored_tensors": sorted(set(refs) - wanted),
         },
-        tokenizer=str(tokenizer) if tokenizer.is_file() else None,
+        tokenizer=tokenizer_file(directory / "tokenizer.json"),
     )

@@ -30,7 +30,7 @@ from ..families.llama import Llama
 from ..fingerprint import file_digest
 from ..ir import ArchSpec, ModelIR
 from ..tensors import TensorRef, TensorStore, open_tensor_file
-from .common import check_weights
+from .common import check_weights, tokenizer_file
 from .hf import read_config
 from .onnx_graph import (
     FFN, Attention, Graph, Linear, Norm, Weight, attr, find_attention, find_ffns, find_linears, find_norms,
@@ -75,9 +75,8 @@ def load_onnx(path: str | Path) -> ModelIR:
     blocks = family.blocks(spec)
     for block, ffn in zip(blocks, ffns):
         block.input_value, block.activation_value = ffn.input, ffn.activation_value
-    tokenizer = path.parent / "tokenizer.json"
     return ModelIR(spec=spec, store=store, blocks=blocks, source=source,
-                   tokenizer=str(tokenizer) if tokenizer.is_file() else None, graph=str(path))
+                   tokenizer=tokenizer_file(path.parent / "tokenizer.json"), graph=str(path))
 
 
 class _Matcher:
