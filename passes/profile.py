@@ -36,7 +36,7 @@ import numpy as np
 
 from sparseforge.toolchain.activation_stats import HIST_EDGES, LayerStats
 from sparseforge.toolchain.calibration import CalibrationSet, Sequences, build_calibration
-from sparseforge.toolchain.errors import PassError
+from sparseforge.toolchain.errors import InputError, PassError
 from sparseforge.toolchain.ffn_tap import FFNTap
 from sparseforge.toolchain.fingerprint import path_digest
 from sparseforge.toolchain.ir import ANNOTATION_PREFIX, FFNBlock, ModelIR
@@ -100,6 +100,11 @@ class Profile(Pass):
         if self.options.seq_len > ir.spec.max_positions:
             raise PassError(f"profile: seq_len {self.options.seq_len} exceeds the model's "
                             f"{ir.spec.max_positions} positions")
+        calib = self.options.calib
+        if ir.tokenizer is None and (calib is None or not str(calib).lower().endswith(".npy")):
+            raise InputError(ir.source.get("path"), "the model has no tokenizer.json, which text calibration "
+                                                    f"({calib or 'the default text'}) needs; give token ids as a "
+                                                    ".npy file (--calib, recipe option calib)")
 
     def run(self, ir: ModelIR, ctx: PassContext) -> PassResult:
         o = self.options

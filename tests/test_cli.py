@@ -161,7 +161,7 @@ def test_bad_recipe_and_options(tiny_model, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_out_of_range_options_name_the_recipe_and_the_option(tiny_model, tmp_path):
+def test_out_of_range_options_name_the_recipe_and_the_option(tiny_model, tiny_bert_tokenized, tmp_path):
     ckpt, _ = tiny_model("bert")
     r = tmp_path / "r.toml"
     r.write_text("[[pass]]\nname = 'profile'\n[[pass]]\nname = 'relufy'\n[pass.options]\nlocal_steps = -3\n")
@@ -169,9 +169,13 @@ def test_out_of_range_options_name_the_recipe_and_the_option(tiny_model, tmp_pat
                        "relufy: local_steps = -3 is out of range (must be >= 0)")
     assert_input_error(run("profile", str(ckpt), "--seq-len", "0", "-o", str(tmp_path / "o")), "seq_len = 0")
     # an option that does not fit the model fails before the passes ahead of it run
-    res = run("relufy", str(ckpt), "--seq-len", "16", "--layer-sparsity", "99=0.5", "-o", str(tmp_path / "o"))
+    res = run("relufy", str(tiny_bert_tokenized), "--seq-len", "16", "--layer-sparsity", "99=0.5",
+              "-o", str(tmp_path / "o"))
     assert_input_error(res, "layer_sparsity names layers ['99']")
     assert "profile" not in res.stdout
+    # text calibration without the model's tokenizer: the model named, before any pass
+    assert_input_error(run("relufy", str(ckpt), "--seq-len", "16", "-o", str(tmp_path / "o")), str(ckpt),
+                       "the model has no tokenizer.json")
     assert not (tmp_path / "o").exists()
 
 
