@@ -208,12 +208,13 @@ def test_bad_calibration_input_exits_2(tiny_bert_tokenized, tiny_model, tmp_path
         "controls.txt": b"\x01\x02\x03\n\x04\n",
         "floats.npy": np.ones((2, 4), np.float32),
         "big.npy": np.array([[1, 2, 500]], np.int64),
+        "negative.npy": np.array([[4, -5, 6]], np.int64),  # only -1 pads
         "notes.jsonl": b'{"txt": "hello"}\n',
         "random.npy": bytes(range(256)),
     }
     expect = {"missing.txt": "not found", "empty.txt": "empty", "latin1.txt": "not UTF-8",
               "controls.txt": "shorter than one token", "floats.npy": "dtype float32",
-              "big.npy": "token id 500", "notes.jsonl": "line 1 has no string field 'text'",
+              "big.npy": "token id 500", "negative.npy": "token id -5 is outside the vocabulary", "notes.jsonl": "line 1 has no string field 'text'",
               "random.npy": "not a .npy file"}
     for name, content in cases.items():
         path = tmp_path / name
