@@ -1421,8 +1421,8 @@ def predictor_logits_q8_0_batch(X, q1, b1, q2t, b2, n, lut, nchunks, step_bytes,
     """The Q8_0 predictor of :func:`predictor_select_q8_0_par` for the tokens ``X [T, d]``
     (a prompt): ``logits [T, n_pad]`` (``n_pad`` the width of ``q2t``'s rows), each
     token's through the one-token kernel's functions (the same floats, unless a step
-    splits the first layer's pairs of rows differently). The
-    weights are read in steps of about ``step_bytes`` (rows of ``W1``; blocks of the
+    splits the first layer's pairs of rows differently). The weights are read in steps
+    of about ``step_bytes`` (rows of ``W1``; blocks of the
     ``W2^T`` rows, sized for all ``r`` of them), each step for every token in turn, so
     that it comes from memory once and from the core's cache for the other tokens
     (TinyLlama shape, r 256, 2 threads, BLAS on one: 16 / 64 tokens 0.65 / 2.61 ms per

@@ -337,8 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     install_handlers()  # SIGTERM / SIGHUP end a run as Ctrl-C does
     try:
         cli.main(args=argv, prog_name="sparseforge", standalone_mode=False)
-        if received() is not None:  # a Ctrl-C that a ctypes callback swallowed (interrupt.received)
-            raise received()
+        swallowed = received()  # a Ctrl-C that a ctypes callback swallowed (interrupt.received)
+        if swallowed is not None:
+            raise swallowed
     except click.exceptions.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -352,9 +353,10 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("interrupted", err=True)
         sys.exit(exit_code(exc.__cause__ or exc))  # click turns the KeyboardInterrupt into Abort
     except Exception as exc:
-        if received() is not None:  # the error came from a swallowed Ctrl-C (interrupt.received)
+        swallowed = received()  # the error came from a swallowed Ctrl-C (interrupt.received)
+        if swallowed is not None:
             click.echo("interrupted", err=True)
-            sys.exit(exit_code(received()))
+            sys.exit(exit_code(swallowed))
         if _STATE["debug"]:
             raise
         if isinstance(exc, SparseforgeError):
