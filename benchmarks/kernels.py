@@ -62,6 +62,7 @@ from sparseforge.kernels import quant
 from sparseforge.kernels.bundle import BundleLayout
 from sparseforge.kernels.runtime import LayerKernels, Predictor
 from sparseforge.toolchain.artifact_gguf import advise_huge_pages
+from sparseforge.toolchain.bench import cpu_description
 from sparseforge.toolchain.runtime_load import Linear
 
 SHAPES = {"llama-2-7b": (4096, 11008), "mistral-7b": (4096, 14336)}
@@ -108,12 +109,7 @@ def flush_mb() -> int:
     least 64. On a 2-vCPU slice of a host with a 504 MB L3, a 64 MB flush left the Q8_0
     11008 x 4096 matrix (48 MB) in L3, and its "cold" matvec read 52 GB/s against a DRAM
     probe of 38."""
-    sizes = []
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip()
-        if text[:-1].isdigit() and text[-1] in "KMG":
-            sizes.append(int(text[:-1]) << {"K": 0, "M": 10, "G": 20}[text[-1]] >> 10)
-    return max(64, 2 * max(sizes, default=0))
+    return max(64, 2 * (max(cpu_description()["cache_bytes"].values(), default=0) >> 20))
 
 
 def huge_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -437,9 +433,8 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(args.seed)
     probe = Probe(32 if args.smoke else 512)
     print(f"{numba.get_num_threads()} threads", flush=True)
-    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                           "cpus": os.cpu_count(), "threads": numba.get_num_threads(),
-                           "load_average": list(os.getloadavg()), "flush_mb": flush},
+    results = {"machine": {"platform": platform.platform(), "cpu": cpu_description(), "cpus": os.cpu_count(),
+                           "threads": numba.get_num_threads(), "load_average": list(os.getloadavg()), "flush_mb": flush},
                "reps": reps, "smoke": args.smoke, "shapes": {}}
     for name, (d, n) in shapes.items():
         results["shapes"][name] = bench_shape(name, d, n, timer, args, rng, probe)

@@ -11,7 +11,7 @@ import pytest
 from _runtime_artifacts import bert_out, llama_out  # noqa: F401 (fixtures)
 
 from sparseforge.toolchain.artifact_reader import Artifact
-from sparseforge.toolchain.bench import bench
+from sparseforge.toolchain.bench import bench, cpu_description
 from sparseforge.toolchain.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +30,28 @@ def test_bench_decoder(llama_out):
     assert r["peak_rss_mb"] >= r["rss_after_runtime_load_mb"] > 0
     with pytest.raises(InputError, match="100 prompt \\+ 29 decode tokens are beyond the model's 128 positions"):
         bench(llama_out / "model.gguf", prompt_tokens=100, decode_tokens=29, repeats=1)
+
+
+@pytest.mark.skipif(not Path("/sys/devices/system/cpu/cpu0/cache").is_dir(), reason="no sysfs cache description")
+def test_cpu_description_agrees_with_glibc():
+    """The per-core cache sizes read from sysfs agree with glibc's (``getconf``, from
+    CPUID) where glibc knows them (not L3: glibc reports the socket's, sysfs the one cpu0
+    shares); LLVM's host CPU name is the one llvmlite reports."""
+    import llvmlite.binding as llvm
+
+    cpu = cpu_description()
+    assert cpu["llvm_cpu"] == llvm.get_host_cpu_name()
+    checked = 0
+    for level, name in (("L1d", "LEVEL1_DCACHE_SIZE"), ("L2", "LEVEL2_CACHE_SIZE")):
+        try:
+            glibc = int(subprocess.run(["getconf", name], capture_output=True, text=True, check=True).stdout or 0)
+        except (OSError, ValueError, subprocess.CalledProcessError):
+            continue
+        if glibc > 0 and level in cpu["cache_bytes"]:
+            assert cpu["cache_bytes"][level] == glibc, level
+            checked += 1
+    if checked == 0:
+        pytest.skip("glibc does not report the cache sizes here")
 
 
 def test_bench_encoder_default_lengths_fit_the_model(bert_out):

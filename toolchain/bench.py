@@ -48,6 +48,31 @@ def _best(fn: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
+def cpu_description() -> dict[str, Any]:
+    """What the figures were measured on: the CPU's model name (``/proc/cpuinfo``, else
+    ``platform.processor()``; None when neither says), LLVM's name for the host CPU (what
+    Numba compiles for, e.g. ``znver4``) and the per-core data cache sizes in bytes by
+    level (``L1d``, ``L2``, ``L3``: the caches cpu0 uses, from sysfs; empty where it is
+    absent; glibc's L3 is the whole socket's)."""
+    import llvmlite.binding as llvm
+
+    model = platform.processor() or None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    caches: dict[str, int] = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        if kind != "Instruction" and size[:-1].isdigit() and size[-1] in "KMG":
+            caches[f"L{level}d" if kind == "Data" else f"L{level}"] = int(size[:-1]) << {"K": 10, "M": 20, "G": 30}[size[-1]]
+    return {"model": model, "llvm_cpu": llvm.get_host_cpu_name(), "cache_bytes": caches}
+
+
 def machine() -> dict[str, Any]:
     import numba
     import onnxruntime
@@ -56,8 +81,9 @@ def machine() -> dict[str, Any]:
         load = os.getloadavg()[0]
     except OSError:
         load = None
-    return {"cpu_count": os.cpu_count(), "processor": platform.machine(), "numba_threads": numba.get_num_threads(),
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "load_average_1m": load}
+    return {"cpu_count": os.cpu_count(), "processor": platform.machine(), "cpu": cpu_description(),
+            "numba_threads": numba.get_num_threads(), "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+            "load_average_1m": load}
 
 
 def _prompt_ids(model, n: int, seed: int) -> np.ndarray:
