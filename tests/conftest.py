@@ -23,6 +23,14 @@ TINY_CONFIGS = {
         max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu",
         tie_word_embeddings=False,
     ),
+    "llama3": dict(  # Llama 3.1-style RoPE scaling, short enough to change every position's angles
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+        max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=500000.0, hidden_act="silu",
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=16),
+        tie_word_embeddings=True,
+    ),
     "mistral": dict(
         architectures=["MistralForCausalLM"], model_type="mistral", hidden_size=64, intermediate_size=96,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, vocab_size=100,

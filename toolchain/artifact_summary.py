@@ -8,6 +8,7 @@ from typing import Any
 from . import artifact_format as F
 from .artifact_reader import Artifact
 from .fingerprint import file_digest
+from .reference.llama import rope_scaling_text
 
 
 def _num(x: float) -> float | None:
@@ -48,7 +49,8 @@ def format_artifact(d: dict[str, Any]) -> str:
         f"sparseforge format {d['format_version']}; all checks passed)",
         f"sha256       {d['sha256']}",
         f"model        {s['architecture']} (family {s['family']}), d_model {s['hidden_size']}, "
-        f"d_ff {s['intermediate_size']}, layers {s['num_layers']}, vocab {s['vocab_size']}",
+        f"d_ff {s['intermediate_size']}, layers {s['num_layers']}, vocab {s['vocab_size']}"
+        + (f", rope {rope_scaling_text(s['rope_scaling'])}" if s.get("rope_scaling") else ""),
         f"source       {(d['source'] or {}).get('name', '?')} sha256 {d['source_sha256'][:16]}...",
         f"recipe       {', '.join(d['passes'])} (seed {d['seed']}); target {d['target']}",
         f"tensors      {d['tensors']}: " + ", ".join(f"{k} {v:,} B" for k, v in d["bytes_by_type"].items()),

@@ -101,7 +101,10 @@ def check_spec(g: GGUFFile, meta: dict[str, Any]) -> tuple[ArchSpec, list[Bundle
     """Every tensor's shape against the architecture spec, bundle layouts, neuron orders."""
     from .families import family_named
 
-    spec = ArchSpec.from_dict(meta[F.K_ARCH])
+    try:
+        spec = ArchSpec.from_dict(meta[F.K_ARCH])
+    except ValueError as exc:  # a field of the wrong type, RoPE scaling the runtime does not compute
+        raise InputError(g.path, f"model spec: {exc}") from None
     family = family_named(spec.family)
     ffn_matrices = {n for b in family.blocks(spec) for n in (b.gate, b.up, b.down) if n}
     required = {k: v for k, v in family.expected_shapes(spec).items() if k not in ffn_matrices}

@@ -48,7 +48,10 @@ class ArchSpec:
 
     ``activation`` is the FFN activation (``gelu``, ``gelu_tanh``, ``silu``, ``relu``);
     ``gated`` FFNs compute ``act(x Wg^T) * (x Wu^T)``; ``norm`` is ``layernorm`` or
-    ``rmsnorm``. Decoder-only fields (rope) are None for encoders.
+    ``rmsnorm``. Decoder-only fields (rope) are None for encoders. ``rope_scaling`` is
+    None (unscaled RoPE) or ``{"type": "linear" | "llama3", ...}`` with the numbers of
+    :data:`~.reference.llama.ROPE_SCALING_KEYS`; it is left out of :meth:`to_dict` when
+    None, so unscaled models keep the manifests and artifacts they had before it existed.
     """
 
     family: str
@@ -74,14 +77,19 @@ class ArchSpec:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    rope_scaling: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["rope_scaling"] is None:
+            del d["rope_scaling"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ArchSpec":
         """The spec of a manifest's or an artifact's ``d``; a ValueError names a field whose
-        value is not of its type (a ``"big"`` hidden size would fail far from here)."""
+        value is not of its type (a ``"big"`` hidden size would fail far from here) or what is
+        wrong with ``rope_scaling``."""
         kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
         fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
         for k, v in d.items():
@@ -90,6 +98,10 @@ class ArchSpec:
                 continue
             if kind in kinds and (not isinstance(v, kinds[kind]) or (kind != "bool" and isinstance(v, bool))):
                 raise ValueError(f"spec field {k!r} = {json.dumps(v)} is not of type {kind}")
+        if d.get("rope_scaling") is not None:
+            from .reference.llama import check_rope_scaling
+
+            check_rope_scaling(d["rope_scaling"])
         return cls(**{k: v for k, v in d.items() if k in fields})
 
 

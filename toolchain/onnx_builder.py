@@ -129,7 +129,7 @@ def _decoder(g: Graph, ir: ModelIR) -> int:
     """Pre-norm Llama/Mistral/Qwen2 decoder -> ``logits`` [B, S, vocab]; returns vocab."""
     spec, store, eps = ir.spec, ir.store, ir.spec.norm_eps
     x = g.op("Gather", g.weight("model.embed_tokens.weight"), "input_ids", name="embeddings")
-    cos_sin = rope_tables(g, spec.head_dim, spec.rope_theta)
+    cos_sin = rope_tables(g, spec.head_dim, spec.rope_theta, spec.rope_scaling)
     mask = attention_mask(g, causal=True)
     for block in ir.blocks:
         p, i = f"model.layers.{block.layer}.", block.layer

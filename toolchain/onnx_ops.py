@@ -14,12 +14,13 @@ one more entry.
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from .ir import FFNBlock
+from .reference.llama import rope_inv_freq
 
 OPSET = 20
 NEG = float(np.finfo(np.float32).min)
@@ -127,10 +128,10 @@ def rms_norm(g: Graph, x: str, weight: str, eps: float, name: str | None = None)
     return g.op("Mul", g.op("Mul", x, inv), g.weight(weight), name=name)
 
 
-def rope_tables(g: Graph, head_dim: int, theta: float) -> tuple[str, str]:
+def rope_tables(g: Graph, head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> tuple[str, str]:
     """``cos, sin`` [S, hd] for positions 0..S-1 (HF: angles ``pos * inv_freq`` in float32,
-    each half of the head repeated)."""
-    inv_freq = (1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+    :func:`~.reference.llama.rope_inv_freq`, each half of the head repeated)."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     pos = g.op("Unsqueeze", g.op("Cast", g.positions, to=TensorProto.FLOAT), g.ints([1], "ax1"))
     freqs = g.op("Mul", pos, g.const(inv_freq, "inv_freq"))  # [S, hd/2]
     emb = g.op("Concat", freqs, freqs, axis=-1, name="rope.angles")

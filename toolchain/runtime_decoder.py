@@ -111,7 +111,7 @@ class DecoderRuntime:
         H, KV, hd = s.num_heads, s.num_kv_heads, s.head_dim
         G = H // KV
         positions = np.arange(past, past + T)
-        cos, sin = rope_cos_sin(positions, hd, s.rope_theta)
+        cos, sin = rope_cos_sin(positions, hd, s.rope_theta, s.rope_scaling)
         scale = np.float32(hd ** -0.5)
         causal = (np.arange(past + T)[None, :] <= positions[:, None])[None, None]  # [1, 1, T, S]
         m = self.model
@@ -183,7 +183,7 @@ class DecoderRuntime:
         s, m = self.spec, self.model
         hd, eps = s.head_dim, s.norm_eps
         nq, nkv = s.num_heads * hd, s.num_kv_heads * hd
-        cos, sin = rope_cos_sin(np.array([cache.length]), hd, s.rope_theta)
+        cos, sin = rope_cos_sin(np.array([cache.length]), hd, s.rope_theta, s.rope_scaling)
         scale = np.float32(hd ** -0.5)
         x = m.linear("model.embed_tokens.weight").take(ids)[0]
         h, proj = np.empty_like(x), np.empty_like(x)

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from .ir import ANNOTATION_PREFIX, ModelIR
+from .reference.llama import rope_scaling_text
 
 
 def describe(ir: ModelIR) -> dict[str, Any]:
@@ -62,7 +63,8 @@ def format_summary(d: dict[str, Any]) -> str:
         f"heads {s['num_heads']} (kv {s['num_kv_heads']}, head_dim {s['head_dim']}), vocab {s['vocab_size']}",
         f"ffn          {'gated ' if s['gated'] else ''}{s['activation']} in the source; now "
         f"{_activations(d['blocks'])}; norm {s['norm']} (eps {s['norm_eps']:g})"
-        + (f", rope theta {s['rope_theta']:g}" if s.get("rope_theta") else ""),
+        + (f", rope theta {s['rope_theta']:g}" if s.get("rope_theta") else "")
+        + (f" ({rope_scaling_text(s['rope_scaling'])})" if s.get("rope_scaling") else ""),
         f"parameters   {d['parameters']:,} in {d['tensors']} tensors; FFN {d['ffn_parameters']:,} "
         f"({100 * d['ffn_parameters'] / max(d['parameters'], 1):.1f}%)",
         f"dtypes       " + ", ".join(f"{k} {v:,}" for k, v in d["dtypes"].items()),

@@ -280,7 +280,7 @@ class LlamaTorch(TorchModel):
     def rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin [T, head_dim]`` computed exactly as the reference does."""
         if T not in self._rope:
-            cos, sin = rope_cos_sin(np.arange(T), self.spec.head_dim, self.spec.rope_theta)
+            cos, sin = rope_cos_sin(np.arange(T), self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling)
             self._rope[T] = torch.from_numpy(cos), torch.from_numpy(sin)
         return self._rope[T]
 

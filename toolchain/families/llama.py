@@ -1,30 +1,46 @@
 """Llama-style decoders: Llama, Mistral, Qwen2 (RMSNorm, RoPE, GQA, SwiGLU FFN)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
 from ..ir import ArchSpec, FFNBlock
+from ..reference.llama import ROPE_SCALING_KEYS, check_rope_scaling
 from .base import ModelFamily, config_value, register
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
-def _rope_theta(config: dict[str, Any], path: Path) -> float:
-    """RoPE base; only unscaled ('default') RoPE is supported."""
+def _rope(config: dict[str, Any], path: Path) -> tuple[float, dict[str, Any] | None]:
+    """RoPE base and scaling (``ArchSpec.rope_scaling``) from ``rope_parameters``
+    (transformers 5) or ``rope_theta`` / ``rope_scaling`` (earlier configs): unscaled
+    (``default``), ``linear`` or ``llama3``; other types, or rotary embeddings over only
+    part of the head, are an InputError."""
     params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or None
-    rope_type = (params.get("rope_type") or params.get("type") or "default") if params else "default"
-    if scaling:
-        rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise InputError(path, f"unsupported RoPE scaling {rope_type!r} (only unscaled RoPE is supported)")
+    scaling = config.get("rope_scaling") or params
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise InputError(path, "config.json: rope_parameters / rope_scaling is not an object")
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type not in ("default", *ROPE_SCALING_KEYS):
+        raise InputError(path, f"unsupported RoPE scaling {rope_type!r} (supported: unscaled, "
+                               f"{', '.join(repr(t) for t in ROPE_SCALING_KEYS)})")
+    partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise InputError(path, f"config.json: partial_rotary_factor {partial!r} (rotary embeddings over part of "
+                               "each head) is not supported")
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise InputError(path, f"config.json: rope_theta {json.dumps(theta)} is not a number")
+    if rope_type == "default":
+        return float(theta), None
+    rope = {"type": rope_type, **{k: scaling.get(k) for k in ROPE_SCALING_KEYS[rope_type]}}
     try:
-        return float(theta)
-    except (TypeError, ValueError):
-        raise InputError(path, f"config.json: rope_theta {theta!r} is not a number") from None
+        check_rope_scaling(rope)
+    except ValueError as exc:
+        raise InputError(path, f"config.json: {exc}") from None
+    return float(theta), {"type": rope_type, **{k: kind(rope[k]) for k, kind in ROPE_SCALING_KEYS[rope_type].items()}}
 
 
 @register
@@ -49,6 +65,7 @@ class Llama(ModelFamily):
         if arch == "Qwen2ForCausalLM" and not config.get("use_sliding_window", False):
             window = None
         max_pos = config_value(config, "max_position_embeddings", path, int, 2048)
+        theta, rope_scaling = _rope(config, path)
         if window is not None and int(window) < max_pos:
             raise InputError(path, f"sliding-window attention (window {window} < {max_pos} positions) is not supported")
         return ArchSpec(
@@ -67,7 +84,8 @@ class Llama(ModelFamily):
             norm="rmsnorm",
             norm_eps=config_value(config, "rms_norm_eps", path, float, 1e-6),
             causal=True,
-            rope_theta=_rope_theta(config, path),
+            rope_theta=theta,
+            rope_scaling=rope_scaling,
             attention_bias=arch == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),

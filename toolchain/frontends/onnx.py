@@ -29,6 +29,7 @@ from ..families.bert import Bert
 from ..families.llama import Llama
 from ..fingerprint import file_digest
 from ..ir import ArchSpec, ModelIR
+from ..reference.llama import rope_inv_freq, rope_scaling_text
 from ..tensors import TensorRef, TensorStore, open_tensor_file
 from .common import check_weights, tokenizer_file
 from .hf import read_config
@@ -248,7 +249,7 @@ class _Matcher:
                      hidden_size=self.g.shape(embed[0])[1], intermediate_size=f.up.shape[0], num_layers=len(self.ffns),
                      **self.heads(a.q, a.k, freqs), vocab_size=self.rows(embed[0]), max_positions=None,
                      activation=f.activation, gated=True, norm="rmsnorm", norm_eps=first.eps, causal=True,
-                     rope_theta=None if freqs is None else _rope_theta(freqs, self.g.path),
+                     rope_theta=None if freqs is None else _rope_theta(freqs), rope_inv_freq=freqs,
                      attention_bias=a.q.bias is not None, mlp_bias=f.up.bias is not None, tie_word_embeddings=tied)
         return refs, facts
 
@@ -270,20 +271,22 @@ def _canonical(g: Graph, w: Weight) -> np.ndarray:
     return arr.T if w.transpose else arr
 
 
-def _rope_theta(freqs: np.ndarray, path: Path) -> float | None:
+def _rope_theta(freqs: np.ndarray) -> float | None:
     """RoPE base from inverse frequencies ``theta^(-i/k)``, i < k, rounded to 6 significant
-    digits (float32 frequencies carry about 7)."""
+    digits (float32 frequencies carry about 7); None when they are not such a series
+    (scaled RoPE: only ``config.json`` can say how)."""
     k = len(freqs)
     if k < 2:
         return None
     ratios = freqs[1:] / freqs[:-1]
     if not np.isclose(freqs[0], 1.0, rtol=1e-5) or not np.allclose(ratios, ratios[0], rtol=1e-4):
-        raise InputError(path, "RoPE frequencies are not a plain geometric series (scaled RoPE is not supported)")
+        return None
     return float(f"{freqs[-1] ** (-k / (k - 1)):.6g}")
 
 
 def _inferred_spec(family: type[ModelFamily], facts: dict[str, Any], path: Path) -> ArchSpec:
     """The spec from graph facts alone; a fact the graph does not give is an InputError."""
+    facts.pop("rope_inv_freq", None)
     if family is Llama and facts["max_positions"] is None:
         facts["max_positions"] = _LLAMA_MAX_POSITIONS
     missing = sorted(k for k, v in facts.items() if v is None)
@@ -302,6 +305,7 @@ def _config_spec(family: type[ModelFamily], facts: dict[str, Any], directory: Pa
     if described is not family:
         raise InputError(path, f"config.json describes a {described.name} model but the graph is a {family.name} model")
     spec = family.spec_from_config(config, path)
+    freqs = facts.pop("rope_inv_freq", None)
     got = spec.to_dict()
     for key, value in facts.items():
         if value is None or key == "architecture":
@@ -312,4 +316,10 @@ def _config_spec(family: type[ModelFamily], facts: dict[str, Any], directory: Pa
             agrees = got[key] == value
         if not agrees:
             raise InputError(path, f"config.json says {key} = {got[key]!r} but the graph has {value!r}")
+    if freqs is not None and spec.rope_theta is not None and (
+            len(freqs) != spec.head_dim // 2 or not np.allclose(
+                freqs, rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling), rtol=1e-4, atol=0)):
+        raise InputError(path, f"config.json's RoPE (theta {spec.rope_theta:g}, "
+                               f"{rope_scaling_text(spec.rope_scaling) if spec.rope_scaling else 'unscaled'}) does not "
+                               "give the graph's rotary frequencies")
     return spec

@@ -521,8 +521,9 @@ def _lower_triangular(mask: np.ndarray) -> bool:
 
 def rope_frequencies(g: Graph, consts: list[str]) -> np.ndarray | None:
     """RoPE inverse frequencies (``[head_dim / 2]``, float64) from constants met on the
-    query path: an ``inv_freq`` vector (1, decreasing), or cos/sin caches ``[.., P, D]``
-    (row 0 all ones / zeros) read at position 1 as ``atan2(sin, cos)``."""
+    query path: an ``inv_freq`` vector (positive, decreasing from at most 1; scaled RoPE
+    may lower the first), or cos/sin caches ``[.., P, D]`` (row 0 all ones / zeros) read at
+    position 1 as ``atan2(sin, cos)``."""
     cos = sin = None
     for key in consts:
         c = g.const(key)
@@ -530,7 +531,7 @@ def rope_frequencies(g: Graph, consts: list[str]) -> np.ndarray | None:
             continue
         c = c.astype(np.float64)
         flat = c.reshape(-1)
-        if c.squeeze().ndim == 1 and flat[0] == 1.0 and np.all(np.diff(flat) < 0) and flat[-1] > 0:
+        if c.squeeze().ndim == 1 and flat[0] <= 1.0 and np.all(np.diff(flat) < 0) and flat[-1] > 0:
             return flat
         if c.ndim >= 2 and c.size // c.shape[-1] >= 2:
             rows = c.reshape(-1, c.shape[-1])

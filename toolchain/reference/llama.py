@@ -3,7 +3,8 @@
 Token embedding -> ``num_layers`` pre-norm layers
 ``x = x + Attn(RMSNorm(x)); x = x + FFN(RMSNorm(x))`` -> RMSNorm -> LM head.
 Attention is causal multi-head with grouped key/value heads (GQA), rotary position
-embeddings (Hugging Face ``rotate_half`` convention, base ``spec.rope_theta``) and
+embeddings (Hugging Face ``rotate_half`` convention, base ``spec.rope_theta``, scaled as
+``spec.rope_scaling`` says: :func:`rope_inv_freq`) and
 optional q/k/v biases (Qwen2). The LM head is ``lm_head.weight``, or the token embedding
 when the embeddings are tied and the store has no ``lm_head.weight``.
 
@@ -12,6 +13,10 @@ of the :class:`KVCache`, so ``forward(prefix, cache)`` then ``forward(next, cach
 equals ``forward(prefix + next)``. Weights are read from the IR's store on every call.
 """
 from __future__ import annotations
+
+import json
+import math
+from typing import Any
 
 import numpy as np
 
@@ -29,14 +34,72 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(var + np.float32(eps)) * weight
 
 
-def rope_cos_sin(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+ROPE_SCALING_KEYS = {"linear": {"factor": float},
+                     "llama3": {"factor": float, "low_freq_factor": float, "high_freq_factor": float,
+                                "original_max_position_embeddings": int}}
+"""RoPE scaling types the decoders compute (``ArchSpec.rope_scaling["type"]``) and the
+numbers each needs."""
+
+
+def check_rope_scaling(scaling: dict[str, Any] | None) -> None:
+    """A ValueError naming what is wrong with a ``rope_scaling`` dict (None: unscaled)."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict) or scaling.get("type") not in ROPE_SCALING_KEYS:
+        raise ValueError(f"RoPE scaling {json.dumps(scaling)} is not one of the supported types "
+                         f"({', '.join(ROPE_SCALING_KEYS)})")
+    for key, kind in ROPE_SCALING_KEYS[scaling["type"]].items():
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 \
+                or (kind is int and value != int(value)):
+            raise ValueError(f"RoPE scaling {scaling['type']!r}: {key} = {json.dumps(value)} is not a positive "
+                             f"{'integer' if kind is int else 'number'}")
+    if scaling["type"] == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(f"RoPE scaling 'llama3': high_freq_factor {scaling['high_freq_factor']} is not above "
+                         f"low_freq_factor {scaling['low_freq_factor']}")
+
+
+def rope_scaling_text(scaling: dict[str, Any]) -> str:
+    """``rope_scaling`` in a line of ``inspect``: ``llama3 scaling: factor 8, ...``."""
+    keys = ROPE_SCALING_KEYS.get(scaling["type"], {})
+    return f"{scaling['type']} scaling: " + ", ".join(f"{k} {scaling[k]:g}" for k in keys)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> np.ndarray:
+    """Inverse frequencies ``[head_dim / 2]`` float32 (radians per position), as
+    transformers computes them in float32: ``theta^(-2i/head_dim)``, then ``scaling``
+    (:data:`ROPE_SCALING_KEYS`): ``linear`` divides them all by ``factor``; ``llama3``
+    (Llama 3.1-3.3) divides those whose wavelength ``2 pi / f`` exceeds
+    ``original_max_position_embeddings / low_freq_factor`` by ``factor``, keeps those
+    below ``original_max_position_embeddings / high_freq_factor`` and blends the ones
+    between."""
+    check_rope_scaling(scaling)
+    inv = np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    inv = inv.astype(np.float32)
+    if scaling is None:
+        return inv
+    factor = np.float32(scaling["factor"])
+    if scaling["type"] == "linear":
+        return (inv / factor).astype(np.float32)
+    old = float(scaling["original_max_position_embeddings"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    # torch evaluates ``number / tensor`` as ``reciprocal(tensor) * number``; so does this
+    wavelen = ((np.float32(1) / inv) * np.float32(2 * math.pi)).astype(np.float32)
+    scaled = np.where(wavelen > np.float32(old / low), inv / factor, inv).astype(np.float32)
+    smooth = (((np.float32(1) / wavelen) * np.float32(old) - np.float32(low)) / np.float32(high - low)).astype(np.float32)
+    blended = ((np.float32(1) - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+    medium = (wavelen >= np.float32(old / high)) & (wavelen <= np.float32(old / low))
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: np.ndarray, head_dim: int, theta: float,
+                 scaling: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``cos, sin`` tables ``[T, head_dim]`` for integer ``positions [T]``.
 
-    As transformers computes them: inverse frequencies ``theta^(-2i/head_dim)`` and the
-    angles ``position * inv_freq`` in float32, each half of the head repeated
+    As transformers computes them: the angles ``position * inv_freq``
+    (:func:`rope_inv_freq`) in float32, each half of the head repeated
     (``cat(freqs, freqs)``)."""
-    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))))
-    inv_freq = inv_freq.astype(np.float32)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     freqs = np.asarray(positions, dtype=np.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
     emb = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
@@ -218,7 +281,7 @@ class LlamaDecoder:
         H, KV, hd, d = s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size
         G = H // KV
         positions = np.arange(past, past + T)
-        cos, sin = rope_cos_sin(positions, hd, s.rope_theta)
+        cos, sin = rope_cos_sin(positions, hd, s.rope_theta, s.rope_scaling)
         # allowed[b, 0, 0, i, j]: query i (position past+i) may attend to key j
         causal = np.arange(past + T)[None, :] <= positions[:, None]  # [T, S]
         allowed = (causal[None] & key_mask[:, None, :])[:, None, None]  # [B, 1, 1, T, S]
