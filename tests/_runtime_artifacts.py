@@ -53,6 +53,27 @@ name = "pack"
 _CACHE: dict[str, Path] = {}
 
 
+def packed_f32(checkpoint: Path, directory: Path) -> Path:
+    """``checkpoint`` packed without sparsification, every weight float32: the artifact."""
+    from sparseforge.toolchain.pipeline import convert_model
+
+    recipe = directory / "recipe.toml"
+    recipe.write_text('[[pass]]\nname = "quantize"\n[pass.options]\n'
+                      'ffn = "f32"\nattention = "f32"\nembeddings = "f32"\n[[pass]]\nname = "pack"\n')
+    convert_model(checkpoint, directory / "out", recipe=recipe)
+    return directory / "out" / "model.gguf"
+
+
+def stepwise_logits(rt, ids: np.ndarray, prompt: int) -> np.ndarray:
+    """Logits ``[len(ids), vocab]`` of a decoder runtime: the first ``prompt`` tokens as one
+    prefill, then one decode step per token (KV cache)."""
+    cache = rt.new_cache()
+    got = [rt.forward(ids[:prompt], cache, all_logits=True)] + [rt.forward([t], cache, all_logits=True)
+                                                                for t in ids[prompt:]]
+    assert cache.length == ids.size
+    return np.concatenate(got)
+
+
 def converted(kind: str, tiny_model, tiny_bert_tokenized, tmp_path_factory) -> Path:
     """The convert output directory (``model.gguf``, ``ir/``, ``report.json``) of the tiny
     ``llama``, ``llama-gate-first`` or ``bert``; the source checkpoint is

@@ -43,6 +43,12 @@ TINY_CONFIGS = {
         max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1e6, hidden_act="silu",
         tie_word_embeddings=True, use_sliding_window=False,
     ),
+    "qwen3": dict(  # per-head q/k RMSNorms; head_dim 32 is not hidden_size / heads
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=110,
+        max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1e6, hidden_act="silu",
+        tie_word_embeddings=True, use_sliding_window=False, attention_bias=False,
+    ),
 }
 
 

@@ -20,10 +20,10 @@ from sparseforge.toolchain.frontends.onnx import load_onnx
 from sparseforge.toolchain.frontends.onnx_graph import Graph, find_ffns, find_linears
 from sparseforge.toolchain.frontends.onnx_initializers import OnnxInitializers
 
-KINDS = ["bert", "llama", "mistral", "qwen2"]
+KINDS = ["bert", "llama", "mistral", "qwen2", "qwen3"]
 EXACT_FIELDS = ["family", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                 "vocab_size", "activation", "gated", "norm", "causal", "attention_bias", "mlp_bias",
-                "tie_word_embeddings"]
+                "tie_word_embeddings", "qk_norm"]
 BERT_FIELDS = ["architecture", "max_positions", "type_vocab_size", "pad_token_id"]
 
 

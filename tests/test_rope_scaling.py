@@ -42,28 +42,22 @@ def test_llama3_checkpoint_in_the_runtime(tiny_model, tmp_path):
     over positions past ``original_max_position_embeddings`` against transformers."""
     import torch
 
+    from _runtime_artifacts import packed_f32, stepwise_logits
+
     from sparseforge.toolchain.artifact_reader import Artifact
-    from sparseforge.toolchain.pipeline import convert_model
     from sparseforge.toolchain.runtime import load_runtime
 
     ckpt, hf = tiny_model("llama3")
     assert load_hf_checkpoint(ckpt).spec.rope_scaling == {
         "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}
-    recipe = tmp_path / "recipe.toml"
-    recipe.write_text('[[pass]]\nname = "quantize"\n[pass.options]\n'
-                      'ffn = "f32"\nattention = "f32"\nembeddings = "f32"\n[[pass]]\nname = "pack"\n')
-    convert_model(ckpt, tmp_path / "out", recipe=recipe)
-    artifact = tmp_path / "out" / "model.gguf"
+    artifact = packed_f32(ckpt, tmp_path)
     assert Artifact.open(artifact).spec.rope_scaling["type"] == "llama3"
     ids = np.random.default_rng(5).integers(0, 100, 40)
     with torch.no_grad():
         want = hf(torch.from_numpy(ids)[None]).logits[0].numpy()
-    rt = load_runtime(artifact, mode="dense")
-    cache = rt.new_cache()
-    got = [rt.forward(ids[:20], cache, all_logits=True)] + [rt.forward([t], cache, all_logits=True) for t in ids[20:]]
-    err = np.abs(np.concatenate(got) - want).max() / np.abs(want).max()
-    assert err < 1e-4
+    got = stepwise_logits(load_runtime(artifact, mode="dense"), ids, 20)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
 
 
 def _config(ckpt, tmp_path, **changes):

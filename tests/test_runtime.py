@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from _runtime_artifacts import bert_out, llama_gate_first_out, llama_out  # noqa: F401 (fixtures)
+from _runtime_artifacts import packed_f32, stepwise_logits
 
 from sparseforge.toolchain.ir import ModelIR
 from sparseforge.toolchain.reference import executor_for
@@ -357,29 +358,65 @@ def test_decode_steps_with_attention_biases(tiny_model, tmp_path):
     against transformers' logits of the whole sequence."""
     import torch
 
-    from sparseforge.toolchain.pipeline import convert_model
-
     ckpt, hf = tiny_model("qwen2")
-    recipe = tmp_path / "recipe.toml"
-    recipe.write_text('[[pass]]\nname = "quantize"\n[pass.options]\n'
-                      'ffn = "f32"\nattention = "f32"\nembeddings = "f32"\n[[pass]]\nname = "pack"\n')
-    convert_model(ckpt, tmp_path / "out", recipe=recipe)
-    rt = load_runtime(tmp_path / "out" / "model.gguf", mode="dense")
+    artifact = packed_f32(ckpt, tmp_path)
+    rt = load_runtime(artifact, mode="dense")
     assert rt.model.has("model.layers.0.self_attn.q_proj.bias") and not rt.model.has("lm_head.weight")
     ids = np.random.default_rng(3).integers(0, 110, 9)
     with torch.no_grad():
         want = hf(torch.from_numpy(ids)[None]).logits[0].numpy()
-    cache = rt.new_cache()
-    got = [rt.forward(ids[:3], cache, all_logits=True)] + [rt.forward([t], cache, all_logits=True) for t in ids[3:]]
-    assert cache.length == ids.size
-    assert _rel(np.concatenate(got), want) < 1e-4
+    assert _rel(stepwise_logits(rt, ids, 3), want) < 1e-4
     # projections that cannot share a kernel call (told so through the group cache) run one by one
-    apart = load_runtime(tmp_path / "out" / "model.gguf", mode="dense")
+    apart = load_runtime(artifact, mode="dense")
     for i in range(2):
         apart.model._groups[tuple(f"model.layers.{i}.self_attn.{n}_proj.weight" for n in "qkv")] = None
     cache = apart.new_cache()
     apart.forward(ids[:3], cache)
     assert _rel(np.stack([apart.forward([t], cache) for t in ids[3:]]), want[3:]) < 1e-4
+
+
+def test_decode_steps_with_head_norms(tiny_model, tmp_path):
+    """Qwen3 (per-head query/key RMSNorms before RoPE, head_dim 32 with hidden size 64)
+    packed without sparsification: prefill and decode steps against transformers'
+    logits of the whole sequence."""
+    import torch
+
+    ckpt, hf = tiny_model("qwen3")
+    rt = load_runtime(packed_f32(ckpt, tmp_path), mode="dense")
+    assert rt.spec.qk_norm and rt.model.has("model.layers.1.self_attn.k_norm.weight")
+    ids = np.random.default_rng(4).integers(0, 110, 11)
+    with torch.no_grad():
+        want = hf(torch.from_numpy(ids)[None]).logits[0].numpy()
+    assert _rel(stepwise_logits(rt, ids, 4), want) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen3"])
+def test_whole_recipe_on_scaled_rope_and_head_norms(tiny_model, tmp_path, kind):
+    """Llama 3-style scaled RoPE and Qwen3's per-head norms through every pass (profile on
+    onnxruntime, relufy's torch fine-tuning, predictors, Q8_0, reorder, pack): the
+    runtime's dense and predictor modes against the numpy reference on the final IR."""
+    from _runtime_artifacts import PROFILE, RECIPE
+
+    from sparseforge.toolchain.pipeline import convert_model
+
+    ckpt, _ = tiny_model(kind)
+    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, vocab, size=(60, 16)))
+    (tmp_path / "recipe.toml").write_text(RECIPE.format(verify="", profile=PROFILE.format(calib=tmp_path / "ids.npy"),
+                                                        gate_first="never", ffn="q8_0"))
+    convert_model(ckpt, tmp_path / "out", recipe=tmp_path / "recipe.toml")
+    ir = ModelIR.load(tmp_path / "out" / "ir")
+    assert all(b.activation == "relu" for b in ir.blocks)
+    ids = np.random.default_rng(2).integers(0, vocab, 24)
+    want = executor_for(ir).forward(ids[None])[0]
+    model = LoadedModel.open(tmp_path / "out" / "model.gguf", linear="dequantize")
+    assert (model.spec.rope_scaling is not None) == (kind == "llama3") and model.spec.qk_norm == (kind == "qwen3")
+    dense = runtime_for(model, "dense")
+    cache = dense.new_cache()
+    steps = [dense.forward(ids[:10], cache, all_logits=True)] + [dense.forward([t], cache)[None] for t in ids[10:]]
+    assert _rel(np.concatenate(steps), want) < 1e-2
+    predicted = runtime_for(model, "predictor").forward(ids, all_logits=True)
+    assert np.mean(predicted.argmax(-1) == want.argmax(-1)) > 0.8
 
 
 def test_decoder_decode_steps_match_full_forward(llama_out):

@@ -50,8 +50,11 @@ class ArchSpec:
     ``gated`` FFNs compute ``act(x Wg^T) * (x Wu^T)``; ``norm`` is ``layernorm`` or
     ``rmsnorm``. Decoder-only fields (rope) are None for encoders. ``rope_scaling`` is
     None (unscaled RoPE) or ``{"type": "linear" | "llama3", ...}`` with the numbers of
-    :data:`~.reference.llama.ROPE_SCALING_KEYS`; it is left out of :meth:`to_dict` when
-    None, so unscaled models keep the manifests and artifacts they had before it existed.
+    :data:`~.reference.llama.ROPE_SCALING_KEYS`. ``qk_norm``: each head's query and key
+    are RMS-normalised (weights ``self_attn.q_norm`` / ``k_norm``, ``[head_dim]``) before
+    RoPE (Qwen3). Both are left out of :meth:`to_dict` at their defaults
+    (:data:`LATER_FIELDS`), so other models keep the manifests and artifacts they had
+    before these fields existed.
     """
 
     family: str
@@ -78,11 +81,13 @@ class ArchSpec:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     rope_scaling: dict[str, Any] | None = None
+    qk_norm: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if d["rope_scaling"] is None:
-            del d["rope_scaling"]
+        for name, default in LATER_FIELDS.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
@@ -103,6 +108,11 @@ class ArchSpec:
 
             check_rope_scaling(d["rope_scaling"])
         return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+LATER_FIELDS = {"rope_scaling": None, "qk_norm": False}
+"""``ArchSpec`` fields added after artifacts existed, with the defaults at which
+:meth:`ArchSpec.to_dict` leaves them out."""
 
 
 @dataclass

@@ -126,7 +126,7 @@ def _bert(g: Graph, ir: ModelIR) -> int:
 
 
 def _decoder(g: Graph, ir: ModelIR) -> int:
-    """Pre-norm Llama/Mistral/Qwen2 decoder -> ``logits`` [B, S, vocab]; returns vocab."""
+    """Pre-norm Llama/Mistral/Qwen2/Qwen3 decoder -> ``logits`` [B, S, vocab]; returns vocab."""
     spec, store, eps = ir.spec, ir.store, ir.spec.norm_eps
     x = g.op("Gather", g.weight("model.embed_tokens.weight"), "input_ids", name="embeddings")
     cos_sin = rope_tables(g, spec.head_dim, spec.rope_theta, spec.rope_scaling)
@@ -138,7 +138,9 @@ def _decoder(g: Graph, ir: ModelIR) -> int:
             bias = f"{p}self_attn.{k}_proj.bias"
             proj[k] = (f"{p}self_attn.{k}_proj.weight", bias if bias in store else None)
         h = rms_norm(g, x, f"{p}input_layernorm.weight", eps)
-        x = g.op("Add", x, attention(g, h, proj, spec.num_heads, spec.num_kv_heads, spec.head_dim, mask, cos_sin))
+        norms = {k: f"{p}self_attn.{k}_norm.weight" for k in "qk"} if spec.qk_norm else None
+        x = g.op("Add", x, attention(g, h, proj, spec.num_heads, spec.num_kv_heads, spec.head_dim, mask, cos_sin,
+                                     norms, eps))
         h = rms_norm(g, x, f"{p}post_attention_layernorm.weight", eps, name=f"ffn.{i}.input")
         x = g.op("Add", x, ffn(g, block, h, f"ffn.{i}.act"), name=f"layer.{i}.out")
     x = rms_norm(g, x, "model.norm.weight", eps, name="final_norm")

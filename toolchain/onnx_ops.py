@@ -158,17 +158,21 @@ def attention_mask(g: Graph, causal: bool) -> str:
 
 
 def attention(g: Graph, x: str, proj: dict[str, tuple[str, str | None]], heads: int, kv_heads: int,
-              head_dim: int, mask: str, rope_cs: tuple[str, str] | None) -> str:
+              head_dim: int, mask: str, rope_cs: tuple[str, str] | None,
+              head_norms: dict[str, str] | None = None, eps: float = 0.0) -> str:
     """Multi-head attention with grouped key/value heads: x [B, S, d] -> [B, S, d].
 
     ``proj`` maps q/k/v/o to (weight, bias or None). Queries are grouped [B, K, R, S, hd]
-    against keys/values [B, K, 1, S, hd] (broadcast = HF ``repeat_kv``).
+    against keys/values [B, K, 1, S, hd] (broadcast = HF ``repeat_kv``). ``head_norms``
+    maps q/k to the weight of an RMSNorm (``eps``) over each head, before RoPE (Qwen3).
     """
     rep = heads // kv_heads
 
     def split(name: str, group: int) -> str:  # [B, S, K*group*hd] -> [B, K, group, S, hd]
         y = g.op("Reshape", linear(g, x, *proj[name]), g.ints([0, 0, kv_heads, group, head_dim], f"heads{group}"))
         y = g.op("Transpose", y, perm=[0, 2, 3, 1, 4], name=f"{proj[name][0]}.heads")
+        if head_norms and name in head_norms:
+            y = rms_norm(g, y, head_norms[name], eps)
         return rope(g, y, *rope_cs, head_dim) if rope_cs and name in ("q", "k") else y
 
     q, k, v = split("q", rep), split("k", 1), split("v", 1)

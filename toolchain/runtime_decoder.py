@@ -1,4 +1,4 @@
-"""Decoder runtime (``llama`` family: Llama, Mistral, Qwen2): logits and generation.
+"""Decoder runtime (``llama`` family: Llama, Mistral, Qwen2, Qwen3): logits and generation.
 
 The forward pass mirrors :class:`~.reference.llama.LlamaDecoder` (pre-norm layers,
 RoPE, grouped-query attention, RMSNorm, LM head or tied embeddings) for one sequence
@@ -31,7 +31,8 @@ _NEG = np.float32(np.finfo(np.float32).min)
 class _StepLayer:
     """A layer's weights as a decode step reads them, looked up once: the RMSNorm weights
     ``[d]``, the q/k/v projections writing ``[q | k | v]`` into one buffer (their biases
-    concatenated, or None) and the output projection (bias or None)."""
+    concatenated, or None), the output projection (bias or None) and the per-head
+    query/key RMSNorm weights ``[head_dim]`` (Qwen3; else None)."""
 
     input_norm: np.ndarray
     post_norm: np.ndarray
@@ -39,6 +40,8 @@ class _StepLayer:
     qkv_bias: np.ndarray | None
     o_proj: Linear
     o_bias: np.ndarray | None
+    q_norm: np.ndarray | None
+    k_norm: np.ndarray | None
 
 
 class DecoderRuntime:
@@ -120,8 +123,12 @@ class DecoderRuntime:
             p = f"model.layers.{i}."
             h = self._norm(x, p + "input_layernorm.weight")
             q, k, v = self._qkv(h, p + "self_attn.")
-            q = apply_rope(q.reshape(T, H, hd).transpose(1, 0, 2), cos, sin)
-            k = apply_rope(k.reshape(T, KV, hd).transpose(1, 0, 2), cos, sin)
+            q, k = q.reshape(T, H, hd), k.reshape(T, KV, hd)
+            if s.qk_norm:
+                q = rms_norm(q, m.vector(p + "self_attn.q_norm.weight"), s.norm_eps)
+                k = rms_norm(k, m.vector(p + "self_attn.k_norm.weight"), s.norm_eps)
+            q = apply_rope(q.transpose(1, 0, 2), cos, sin)
+            k = apply_rope(k.transpose(1, 0, 2), cos, sin)
             v = v.reshape(T, KV, hd).transpose(1, 0, 2)
             if cache is not None:
                 k, v = cache.append(i, k[None], v[None])
@@ -147,10 +154,11 @@ class DecoderRuntime:
             for i in range(self.spec.num_layers):
                 p = f"model.layers.{i}."
                 names = tuple(f"{p}self_attn.{n}_proj" for n in "qkv")
+                norms = [m.vector(f"{p}self_attn.{n}_norm.weight") if self.spec.qk_norm else None for n in "qk"]
                 steps.append(_StepLayer(m.vector(p + "input_layernorm.weight"),
                                         m.vector(p + "post_attention_layernorm.weight"), self._qkv_into(names),
                                         self._bias_of(names), m.linear(p + "self_attn.o_proj.weight"),
-                                        self._bias_of((p + "self_attn.o_proj",))))
+                                        self._bias_of((p + "self_attn.o_proj",)), *norms))
             self._steps = steps
         return self._steps
 
@@ -194,6 +202,9 @@ class DecoderRuntime:
             layer.qkv(h, qkv)
             if layer.qkv_bias is not None:
                 qkv += layer.qkv_bias
+            if layer.q_norm is not None:  # each head over head_dim (Qwen3)
+                q[:] = rms_norm(q.reshape(-1, hd), layer.q_norm, eps).reshape(-1)
+                k[:] = rms_norm(k.reshape(-1, hd), layer.k_norm, eps).reshape(-1)
             k_store, v_store, pos = cache.reserve(i)
             attention_step(q, k, v, cos[0], sin[0], k_store[0], v_store[0], pos, scale, ctx)
             layer.o_proj.matvec_into(ctx, proj)

@@ -227,6 +227,8 @@ class LlamaLayer(nn.Module):
         self.k = nn.Linear(d, self.kv_heads * hd, bias=bias)
         self.v = nn.Linear(d, self.kv_heads * hd, bias=bias)
         self.o = nn.Linear(self.heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, spec.norm_eps) if spec.qk_norm else None  # per head (Qwen3)
+        self.k_norm = RMSNorm(hd, spec.norm_eps) if spec.qk_norm else None
         self.ffn_norm = RMSNorm(d, spec.norm_eps)
         self.ffn = FFN(block, d, n_ff)
 
@@ -237,6 +239,8 @@ class LlamaLayer(nn.Module):
         q = self.q(a).view(B, T, self.heads, -1).transpose(1, 2)
         k = self.k(a).view(B, T, self.kv_heads, -1).transpose(1, 2)
         v = self.v(a).view(B, T, self.kv_heads, -1).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         ctx = _attention(q, k, v, allowed).transpose(1, 2).reshape(B, T, -1)
         x = x + self.o(ctx)
@@ -245,7 +249,7 @@ class LlamaLayer(nn.Module):
 
 
 class LlamaTorch(TorchModel):
-    """Llama / Mistral / Qwen2 decoder twin (``*ForCausalLM``)."""
+    """Llama / Mistral / Qwen2 / Qwen3 decoder twin (``*ForCausalLM``)."""
 
     def __init__(self, ir: ModelIR) -> None:
         super().__init__(ir)
@@ -273,6 +277,9 @@ class LlamaTorch(TorchModel):
                 self.param_names[f"{p}.{m}.weight"] = f"{q}self_attn.{m}_proj.weight"
                 if m != "o" and s.attention_bias:
                     self.param_names[f"{p}.{m}.bias"] = f"{q}self_attn.{m}_proj.bias"
+            if s.qk_norm:
+                for m in ("q", "k"):
+                    self.param_names[f"{p}.{m}_norm.weight"] = f"{q}self_attn.{m}_norm.weight"
             self._map(f"{p}.ffn", layer.ffn.ir_names())
         self._load(ir)
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

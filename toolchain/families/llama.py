@@ -1,4 +1,5 @@
-"""Llama-style decoders: Llama, Mistral, Qwen2 (RMSNorm, RoPE, GQA, SwiGLU FFN)."""
+"""Llama-style decoders: Llama, Mistral, Qwen2, Qwen3 (RMSNorm, RoPE, GQA, SwiGLU FFN; Qwen3
+also RMS-normalises each head's query and key before RoPE)."""
 from __future__ import annotations
 
 import json
@@ -46,7 +47,7 @@ def _rope(config: dict[str, Any], path: Path) -> tuple[float, dict[str, Any] | N
 @register
 class Llama(ModelFamily):
     name = "llama"
-    architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+    architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
     ignored_tensors = ()
 
     @classmethod
@@ -62,7 +63,7 @@ class Llama(ModelFamily):
         if heads % kv:
             raise InputError(path, f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
         window = config.get("sliding_window")
-        if arch == "Qwen2ForCausalLM" and not config.get("use_sliding_window", False):
+        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not config.get("use_sliding_window", False):
             window = None
         max_pos = config_value(config, "max_position_embeddings", path, int, 2048)
         theta, rope_scaling = _rope(config, path)
@@ -89,6 +90,7 @@ class Llama(ModelFamily):
             attention_bias=arch == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
             pad_token_id=config.get("pad_token_id"),
             bos_token_id=config.get("bos_token_id"),
             eos_token_id=config.get("eos_token_id"),
@@ -128,6 +130,9 @@ class Llama(ModelFamily):
             shapes[f"{p}self_attn.k_proj.weight"] = (kv, d)
             shapes[f"{p}self_attn.v_proj.weight"] = (kv, d)
             shapes[f"{p}self_attn.o_proj.weight"] = (d, q)
+            if spec.qk_norm:
+                shapes[f"{p}self_attn.q_norm.weight"] = (hd,)
+                shapes[f"{p}self_attn.k_norm.weight"] = (hd,)
             if spec.attention_bias:
                 shapes[f"{p}self_attn.q_proj.bias"] = (q,)
                 shapes[f"{p}self_attn.k_proj.bias"] = (kv,)

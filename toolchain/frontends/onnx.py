@@ -11,12 +11,14 @@ weights).
 The spec comes from a ``config.json`` beside the ``.onnx`` file when there is one (the
 graph must agree with it); otherwise it is inferred from the graph. What a graph does
 not say: Llama ``max_position_embeddings`` (2048 is assumed), Mistral vs Llama (both
-become ``LlamaForCausalLM``; q/k/v biases make ``Qwen2ForCausalLM``), sliding windows,
+become ``LlamaForCausalLM``; q/k/v biases make ``Qwen2ForCausalLM``, per-head query/key
+norms ``Qwen3ForCausalLM``), sliding windows,
 special token ids (BERT's pad id is assumed 0) and whether embeddings are tied when the
 graph has no output projection.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,7 @@ class _Matcher:
     def __init__(self, g: Graph, linears: dict[str, Linear], norms: dict[str, Norm],
                  ffns: list[FFN], attns: list[Attention]) -> None:
         self.g, self.linears, self.norms, self.ffns, self.attns = g, linears, norms, ffns, attns
+        self._by_projection: dict[int, list[Norm]] | None = None  # head_norms, made on first use
         self.norm_by_input = {g.strip(n.x): n for n in norms.values()}
 
     # -- family --------------------------------------------------------------------
@@ -219,6 +222,27 @@ class _Matcher:
                     todo.append(n.output[0])
         return [found[k] for k in sorted(found)]
 
+    def head_norms(self, a: Attention) -> dict[str, Norm] | None:
+        """The RMSNorms over each head of the query and of the key (Qwen3): norms whose
+        input comes from the q (k) projection alone, with a weight shorter than it."""
+        if self._by_projection is None:  # each candidate norm traced once
+            self._by_projection = {}
+            for n in self.norms.values():
+                if n.kind == "rmsnorm" and n.bias is None:
+                    upstream = self.g.trace_back(n.x, self.linears)[0]
+                    if len(upstream) == 1 and self.g.shape(n.weight)[0] < upstream[0].shape[0]:
+                        self._by_projection.setdefault(upstream[0].node, []).append(n)
+        found = {}
+        for name, lin in (("q", a.q), ("k", a.k)):
+            norms = self._by_projection.get(lin.node, [])
+            if len(norms) > 1:
+                raise InputError(self.g.path, f"{len(norms)} norms over the heads of one {name} projection")
+            if norms:
+                found[name] = norms[0]
+        if len(found) == 1:
+            raise InputError(self.g.path, "a per-head norm on the queries or the keys but not on both")
+        return found or None
+
     def map_llama(self) -> tuple[dict[str, Weight], dict[str, Any]]:
         refs: dict[str, Weight] = {}
         first = self.norm_before(self.attns[0].q.x, "model.layers.0.input_layernorm")
@@ -227,9 +251,14 @@ class _Matcher:
             raise InputError(self.g.path, "cannot map model.embed_tokens: the first norm's input is not a Gather "
                                           "from a constant table")
         refs["model.embed_tokens.weight"] = embed[0]
+        head_norms = [self.head_norms(a) for a in self.attns]
+        if any(head_norms) and not all(head_norms):
+            raise InputError(self.g.path, "per-head query/key norms in some attention blocks but not in others")
         for i, (a, f) in enumerate(zip(self.attns, self.ffns)):
             p = f"model.layers.{i}."
             _norm(refs, p + "input_layernorm", self.norm_before(a.q.x, p + "input_layernorm"))
+            for name, norm in (head_norms[i] or {}).items():
+                _norm(refs, f"{p}self_attn.{name}_norm", norm)
             _norm(refs, p + "post_attention_layernorm", self.norm_before(f.input, p + "post_attention_layernorm"))
             for name, lin in (("self_attn.q_proj", a.q), ("self_attn.k_proj", a.k), ("self_attn.v_proj", a.v),
                               ("self_attn.o_proj", a.o), ("mlp.gate_proj", f.gate), ("mlp.up_proj", f.up),
@@ -245,7 +274,8 @@ class _Matcher:
             tied = lm.shape == emb.shape and np.array_equal(lm[:1], emb[:1]) and bool(np.array_equal(lm, emb))
         a, f = self.attns[0], self.ffns[0]
         freqs = rope_frequencies(self.g, self.g.trace_back(a.q_side, self.linears)[1])
-        facts = dict(architecture="Qwen2ForCausalLM" if a.q.bias is not None else "LlamaForCausalLM",
+        arch = "Qwen3ForCausalLM" if head_norms[0] else "Qwen2ForCausalLM" if a.q.bias is not None else "LlamaForCausalLM"
+        facts = dict(architecture=arch, qk_norm=bool(head_norms[0]),
                      hidden_size=self.g.shape(embed[0])[1], intermediate_size=f.up.shape[0], num_layers=len(self.ffns),
                      **self.heads(a.q, a.k, freqs), vocab_size=self.rows(embed[0]), max_positions=None,
                      activation=f.activation, gated=True, norm="rmsnorm", norm_eps=first.eps, causal=True,
@@ -306,7 +336,7 @@ def _config_spec(family: type[ModelFamily], facts: dict[str, Any], directory: Pa
         raise InputError(path, f"config.json describes a {described.name} model but the graph is a {family.name} model")
     spec = family.spec_from_config(config, path)
     freqs = facts.pop("rope_inv_freq", None)
-    got = spec.to_dict()
+    got = dataclasses.asdict(spec)  # every field, those to_dict leaves out at their defaults too
     for key, value in facts.items():
         if value is None or key == "architecture":
             continue

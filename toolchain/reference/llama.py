@@ -1,11 +1,11 @@
-"""Reference Llama-style decoder (Llama, Mistral, Qwen2) in numpy float32.
+"""Reference Llama-style decoder (Llama, Mistral, Qwen2, Qwen3) in numpy float32.
 
 Token embedding -> ``num_layers`` pre-norm layers
 ``x = x + Attn(RMSNorm(x)); x = x + FFN(RMSNorm(x))`` -> RMSNorm -> LM head.
 Attention is causal multi-head with grouped key/value heads (GQA), rotary position
 embeddings (Hugging Face ``rotate_half`` convention, base ``spec.rope_theta``, scaled as
-``spec.rope_scaling`` says: :func:`rope_inv_freq`) and
-optional q/k/v biases (Qwen2). The LM head is ``lm_head.weight``, or the token embedding
+``spec.rope_scaling`` says: :func:`rope_inv_freq`), optional q/k/v biases (Qwen2) and
+per-head query/key RMSNorms before RoPE (Qwen3). The LM head is ``lm_head.weight``, or the token embedding
 when the embeddings are tied and the store has no ``lm_head.weight``.
 
 Positions of the tokens passed to :meth:`LlamaDecoder.forward` continue from the length
@@ -192,7 +192,7 @@ class KVCache:
 
 
 class LlamaDecoder:
-    """Numpy forward pass of a ``llama``-family IR (Llama, Mistral, Qwen2 specs).
+    """Numpy forward pass of a ``llama``-family IR (Llama, Mistral, Qwen2, Qwen3 specs).
 
     ``ffn`` replaces the FFN block computation (default :func:`~.ffn.ffn_forward`).
     """
@@ -293,6 +293,9 @@ class LlamaDecoder:
             h = rms_norm(x, self._w(p + "input_layernorm.weight"), s.norm_eps)
             q = self._proj(h, p + "self_attn.q_proj").reshape(B, T, H, hd).transpose(0, 2, 1, 3)
             k = self._proj(h, p + "self_attn.k_proj").reshape(B, T, KV, hd).transpose(0, 2, 1, 3)
+            if s.qk_norm:  # each head's query and key, over head_dim (Qwen3)
+                q = rms_norm(q, self._w(p + "self_attn.q_norm.weight"), s.norm_eps)
+                k = rms_norm(k, self._w(p + "self_attn.k_norm.weight"), s.norm_eps)
             v = self._proj(h, p + "self_attn.v_proj").reshape(B, T, KV, hd).transpose(0, 2, 1, 3)
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
