@@ -50,6 +50,7 @@ TINY_CONFIGS = {
         tie_word_embeddings=True, use_sliding_window=False, attention_bias=False,
     ),
 }
+TINY_CONFIGS["qwen3-mqa"] = dict(TINY_CONFIGS["qwen3"], num_key_value_heads=1)  # k norm as long as the k rows
 
 
 def build_tiny_model(kind: str, directory: Path, seed: int = 0):

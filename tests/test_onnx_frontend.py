@@ -212,6 +212,14 @@ def test_symlinked_snapshot(tiny_model, tiny_onnx, tmp_path):
     assert ir.spec == load_hf_checkpoint(tiny_model("qwen2")[0]).spec
 
 
+def test_head_norms_with_one_key_head(tiny_model, tiny_onnx):
+    """Qwen3 with a single key/value head: the key's norm is as long as the k projection."""
+    hf = load_hf_checkpoint(tiny_model("qwen3-mqa")[0])
+    ir = load_onnx(tiny_onnx("qwen3-mqa"))
+    assert ir.spec.qk_norm and ir.spec.num_kv_heads == 1
+    _assert_same_model(hf, ir)
+
+
 def test_config_disagreeing_with_graph(tiny_model, tiny_onnx, tmp_path):
     directory, _ = tiny_model("mistral")
     path = _copy_export(tiny_onnx("mistral"), tmp_path / "m")

@@ -224,13 +224,14 @@ class _Matcher:
 
     def head_norms(self, a: Attention) -> dict[str, Norm] | None:
         """The RMSNorms over each head of the query and of the key (Qwen3): norms whose
-        input comes from the q (k) projection alone, with a weight shorter than it."""
+        input comes from the q (k) projection alone, with a weight whose length divides its
+        rows (one key head: the norm's weight is as long as the k projection's rows)."""
         if self._by_projection is None:  # each candidate norm traced once
             self._by_projection = {}
             for n in self.norms.values():
                 if n.kind == "rmsnorm" and n.bias is None:
                     upstream = self.g.trace_back(n.x, self.linears)[0]
-                    if len(upstream) == 1 and self.g.shape(n.weight)[0] < upstream[0].shape[0]:
+                    if len(upstream) == 1 and upstream[0].shape[0] % self.g.shape(n.weight)[0] == 0:
                         self._by_projection.setdefault(upstream[0].node, []).append(n)
         found = {}
         for name, lin in (("q", a.q), ("k", a.k)):
