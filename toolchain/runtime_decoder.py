@@ -32,7 +32,8 @@ class _StepLayer:
     """A layer's weights as a decode step reads them, looked up once: the RMSNorm weights
     ``[d]``, the q/k/v projections writing ``[q | k | v]`` into one buffer (their biases
     concatenated, or None), the output projection (bias or None) and the per-head
-    query/key RMSNorm weights ``[head_dim]`` (Qwen3; else None)."""
+    query/key RMSNorm weights, one row per query head then per key head
+    ``[heads + kv_heads, head_dim]`` (Qwen3; else None)."""
 
     input_norm: np.ndarray
     post_norm: np.ndarray
@@ -40,8 +41,7 @@ class _StepLayer:
     qkv_bias: np.ndarray | None
     o_proj: Linear
     o_bias: np.ndarray | None
-    q_norm: np.ndarray | None
-    k_norm: np.ndarray | None
+    qk_norm: np.ndarray | None
 
 
 class DecoderRuntime:
@@ -150,15 +150,16 @@ class DecoderRuntime:
         """Every layer's :class:`_StepLayer`, made on the first decode step (a prompt-only
         use never packs the grouped projections)."""
         if self._steps is None:
-            m, steps = self.model, []
-            for i in range(self.spec.num_layers):
+            m, s, steps = self.model, self.spec, []
+            for i in range(s.num_layers):
                 p = f"model.layers.{i}."
                 names = tuple(f"{p}self_attn.{n}_proj" for n in "qkv")
-                norms = [m.vector(f"{p}self_attn.{n}_norm.weight") if self.spec.qk_norm else None for n in "qk"]
+                qk_norm = np.concatenate([np.tile(m.vector(f"{p}self_attn.{n}_norm.weight"), (heads, 1)) for n, heads
+                                          in (("q", s.num_heads), ("k", s.num_kv_heads))]) if s.qk_norm else None
                 steps.append(_StepLayer(m.vector(p + "input_layernorm.weight"),
                                         m.vector(p + "post_attention_layernorm.weight"), self._qkv_into(names),
                                         self._bias_of(names), m.linear(p + "self_attn.o_proj.weight"),
-                                        self._bias_of((p + "self_attn.o_proj",)), *norms))
+                                        self._bias_of((p + "self_attn.o_proj",)), qk_norm))
             self._steps = steps
         return self._steps
 
@@ -202,9 +203,11 @@ class DecoderRuntime:
             layer.qkv(h, qkv)
             if layer.qkv_bias is not None:
                 qkv += layer.qkv_bias
-            if layer.q_norm is not None:  # each head over head_dim (Qwen3)
-                q[:] = rms_norm(q.reshape(-1, hd), layer.q_norm, eps).reshape(-1)
-                k[:] = rms_norm(k.reshape(-1, hd), layer.k_norm, eps).reshape(-1)
+            if layer.qk_norm is not None:  # each query and key head over head_dim, in place (Qwen3)
+                heads = qkv[:nq + nkv].reshape(-1, hd)
+                heads *= (np.float32(1) / np.sqrt(np.einsum("ij,ij->i", heads, heads) / np.float32(hd)
+                                                  + np.float32(eps)))[:, None]
+                heads *= layer.qk_norm
             k_store, v_store, pos = cache.reserve(i)
             attention_step(q, k, v, cos[0], sin[0], k_store[0], v_store[0], pos, scale, ctx)
             layer.o_proj.matvec_into(ctx, proj)
