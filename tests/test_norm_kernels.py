@@ -9,7 +9,7 @@ import pytest
 
 from sparseforge.kernels.attention import add_layer_norm_rows, attention_step, rms_norm_into, row_max, softmax_rows
 from sparseforge.toolchain.reference.bert import softmax
-from sparseforge.toolchain.reference.llama import KVCache, apply_rope, rope_cos_sin
+from sparseforge.toolchain.reference.llama import KVCache, apply_rope, rope_cos_sin, rope_inv_freq
 
 
 def test_rms_norm_into():
@@ -76,7 +76,7 @@ def test_attention_step(past, heads):
     q = rng.standard_normal(H * HD).astype(np.float32)
     k = rng.standard_normal(KV * HD).astype(np.float32)
     v = rng.standard_normal(KV * HD).astype(np.float32)
-    cos, sin = rope_cos_sin(np.array([past]), HD, 10000.0)
+    cos, sin = rope_cos_sin(np.array([past]), rope_inv_freq(HD, 10000.0))
     cache = KVCache(1, 1, KV, HD)
     cache.append(0, *(rng.standard_normal((2, 1, KV, past, HD)).astype(np.float32)))
     past_k, past_v = cache.keys(0)[0].copy(), cache.values(0)[0].copy()

@@ -20,7 +20,7 @@ from sparseforge.kernels.attention import attention_step, rms_norm_into
 
 from .errors import InputError
 from .reference.bert import softmax
-from .reference.llama import KVCache, apply_rope, rms_norm, rope_cos_sin
+from .reference.llama import KVCache, apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
 from .runtime_load import FFNRunner, Linear, LoadedModel, blas_one_thread
 from .runtime_sampling import Sampler
 
@@ -54,6 +54,7 @@ class DecoderRuntime:
             raise InputError(model.artifact.path, "the artifact's spec has no rope_theta")
         self.model = model
         self.spec = model.spec
+        self.inv_freq = rope_inv_freq(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling)
         self.ffn = FFNRunner(model, mode)
         if model.has("lm_head.weight"):
             self.lm_head = "lm_head.weight"
@@ -114,7 +115,7 @@ class DecoderRuntime:
         H, KV, hd = s.num_heads, s.num_kv_heads, s.head_dim
         G = H // KV
         positions = np.arange(past, past + T)
-        cos, sin = rope_cos_sin(positions, hd, s.rope_theta, s.rope_scaling)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
         scale = np.float32(hd ** -0.5)
         causal = (np.arange(past + T)[None, :] <= positions[:, None])[None, None]  # [1, 1, T, S]
         m = self.model
@@ -192,7 +193,7 @@ class DecoderRuntime:
         s, m = self.spec, self.model
         hd, eps = s.head_dim, s.norm_eps
         nq, nkv = s.num_heads * hd, s.num_kv_heads * hd
-        cos, sin = rope_cos_sin(np.array([cache.length]), hd, s.rope_theta, s.rope_scaling)
+        cos, sin = rope_cos_sin(np.array([cache.length]), self.inv_freq)
         scale = np.float32(hd ** -0.5)
         x = m.linear("model.embed_tokens.weight").take(ids)[0]
         h, proj = np.empty_like(x), np.empty_like(x)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ir import FFNBlock, ModelIR
-from .reference.llama import rope_cos_sin
+from .reference.llama import rope_cos_sin, rope_inv_freq
 
 TorchActivation = Callable[[torch.Tensor, FFNBlock], torch.Tensor]
 
@@ -287,7 +287,8 @@ class LlamaTorch(TorchModel):
     def rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin [T, head_dim]`` computed exactly as the reference does."""
         if T not in self._rope:
-            cos, sin = rope_cos_sin(np.arange(T), self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling)
+            s = self.spec
+            cos, sin = rope_cos_sin(np.arange(T), rope_inv_freq(s.head_dim, s.rope_theta, s.rope_scaling))
             self._rope[T] = torch.from_numpy(cos), torch.from_numpy(sin)
         return self._rope[T]
 

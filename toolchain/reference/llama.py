@@ -61,7 +61,7 @@ def check_rope_scaling(scaling: dict[str, Any] | None) -> None:
 
 def rope_scaling_text(scaling: dict[str, Any]) -> str:
     """``rope_scaling`` in a line of ``inspect``: ``llama3 scaling: factor 8, ...``."""
-    keys = ROPE_SCALING_KEYS.get(scaling["type"], {})
+    keys = ROPE_SCALING_KEYS[scaling["type"]]
     return f"{scaling['type']} scaling: " + ", ".join(f"{k} {scaling[k]:g}" for k in keys)
 
 
@@ -92,14 +92,12 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = 
     return np.where(medium, blended, scaled).astype(np.float32)
 
 
-def rope_cos_sin(positions: np.ndarray, head_dim: int, theta: float,
-                 scaling: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``cos, sin`` tables ``[T, head_dim]`` for integer ``positions [T]``.
+def rope_cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``cos, sin`` tables ``[T, head_dim]`` for integer ``positions [T]`` and the model's
+    ``inv_freq [head_dim / 2]`` (:func:`rope_inv_freq`, computed once per model).
 
-    As transformers computes them: the angles ``position * inv_freq``
-    (:func:`rope_inv_freq`) in float32, each half of the head repeated
-    (``cat(freqs, freqs)``)."""
-    inv_freq = rope_inv_freq(head_dim, theta, scaling)
+    As transformers computes them: the angles ``position * inv_freq`` in float32, each
+    half of the head repeated (``cat(freqs, freqs)``)."""
     freqs = np.asarray(positions, dtype=np.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
     emb = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
@@ -208,6 +206,7 @@ class LlamaDecoder:
         self.store: TensorStore = ir.store
         self.blocks: dict[int, FFNBlock] = {b.layer: b for b in ir.blocks}
         self.ffn = ffn
+        self.inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling)
         if "lm_head.weight" in self.store:
             self.lm_head = "lm_head.weight"
         elif spec.tie_word_embeddings:
@@ -281,7 +280,7 @@ class LlamaDecoder:
         H, KV, hd, d = s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size
         G = H // KV
         positions = np.arange(past, past + T)
-        cos, sin = rope_cos_sin(positions, hd, s.rope_theta, s.rope_scaling)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
         # allowed[b, 0, 0, i, j]: query i (position past+i) may attend to key j
         causal = np.arange(past + T)[None, :] <= positions[:, None]  # [T, S]
         allowed = (causal[None] & key_mask[:, None, :])[:, None, None]  # [B, 1, 1, T, S]
