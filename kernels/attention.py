@@ -265,15 +265,17 @@ def _attend_group(q, kc, vc, cos, sin, S, scale, g, G, ctx):
 
 
 @njit(parallel=True, **_FLAGS)
-def _groups_par(q, k_cache, v_cache, cos, sin, S, scale, G, ctx):
-    """:func:`_attend_group` for every kv group, spread over the Numba threads."""
+def _groups_par(q, k_cache, v_cache, cos, sin, first, end, scale, G, ctx):
+    """:func:`_attend_group` for every kv group over cache positions ``first .. end - 1``,
+    spread over the Numba threads."""
     for g in prange(k_cache.shape[0]):
-        _attend_group(q, k_cache[g], v_cache[g], cos, sin, S, scale, g, G, ctx)
+        _attend_group(q, k_cache[g, first:end], v_cache[g, first:end], cos, sin, end - first, scale, g, G, ctx)
 
 
 @njit(**_FLAGS)
-def attention_step(q, k, v, cos, sin, k_cache, v_cache, pos, scale, ctx):
-    """One token's attention over positions ``0 .. pos``: RoPE on ``q [H*hd]`` and
+def attention_step(q, k, v, cos, sin, k_cache, v_cache, pos, window, scale, ctx):
+    """One token's attention over positions ``0 .. pos`` (the latest ``window`` of them when
+    ``window > 0``: a sliding window, its own position included): RoPE on ``q [H*hd]`` and
     ``k [KV*hd]``, ``k`` (rotated) and ``v`` written to the caches at ``pos`` (the number of
     past positions), then ``ctx [H*hd] = softmax(scale * q_h . K) V`` per query head
     (max-subtracted softmax), the kv groups (:func:`_attend_group`) spread over the Numba
@@ -286,4 +288,5 @@ def attention_step(q, k, v, cos, sin, k_cache, v_cache, pos, scale, ctx):
     for g in range(KV):
         _rope_into(k[g * hd:(g + 1) * hd], cos, sin, k_cache[g, pos])
         v_cache[g, pos, :] = v[g * hd:(g + 1) * hd]
-    _groups_par(q, k_cache, v_cache, cos, sin, pos + 1, scale, q.size // hd // KV, ctx)
+    first = max(pos + 1 - window, 0) if window > 0 else 0
+    _groups_par(q, k_cache, v_cache, cos, sin, first, pos + 1, scale, q.size // hd // KV, ctx)

@@ -59,7 +59,7 @@ def packed_f32(checkpoint: Path, directory: Path) -> Path:
 
     recipe = directory / "recipe.toml"
     recipe.write_text('[[pass]]\nname = "quantize"\n[pass.options]\n'
-                      'ffn = "f32"\nattention = "f32"\nembeddings = "f32"\n[[pass]]\nname = "pack"\n')
+                      'ffn = "f32"\nattention = "f32"\nembeddings = "f32"\nother = "f32"\n[[pass]]\nname = "pack"\n')
     convert_model(checkpoint, directory / "out", recipe=recipe)
     return directory / "out" / "model.gguf"
 

@@ -51,6 +51,8 @@ TINY_CONFIGS = {
     ),
 }
 TINY_CONFIGS["qwen3-mqa"] = dict(TINY_CONFIGS["qwen3"], num_key_value_heads=1)  # k norm as long as the k rows
+# Mistral v0.1-style sliding window: a query attends its own and the 4 positions before it
+TINY_CONFIGS["mistral-swa"] = dict(TINY_CONFIGS["mistral"], sliding_window=5)
 
 
 def build_tiny_model(kind: str, directory: Path, seed: int = 0):

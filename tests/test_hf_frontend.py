@@ -21,7 +21,7 @@ def _state(model) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["bert", "llama", "mistral", "mistral-swa", "qwen2"])
 def test_tiny_checkpoint_imports_with_the_right_spec_and_tensors(tiny_model, kind):
     ckpt, model = tiny_model(kind)
     cfg = model.config
@@ -42,6 +42,7 @@ def test_tiny_checkpoint_imports_with_the_right_spec_and_tensors(tiny_model, kin
         assert s.num_kv_heads == cfg.num_key_value_heads
         assert s.attention_bias == (kind == "qwen2")
         assert s.tie_word_embeddings == bool(cfg.tie_word_embeddings)
+        assert s.sliding_window == (5 if kind == "mistral-swa" else None)
     block = ir.blocks[1]
     n, d = cfg.intermediate_size, cfg.hidden_size
     assert ir.store.shape(block.up) == (n, d) and ir.store.shape(block.down) == (d, n)
@@ -116,3 +117,41 @@ def test_missing_weights_and_shards(tiny_model, tmp_path):
     with pytest.raises(InputError, match="shard listed in") as exc:
         load_hf_checkpoint(d)
     assert "model-00001.safetensors" in str(exc.value)
+
+
+@pytest.mark.parametrize("use, first", [(True, 0), (True, 1), (True, 2), (False, 0)])
+@pytest.mark.parametrize("layer_types", [True, False])  # transformers 5 writes them; earlier configs did not
+def test_qwen2_sliding_window_layers(use, first, layer_types, tmp_path):
+    """Qwen2's window applies from layer ``max_window_layers`` on, with
+    ``use_sliding_window``: transformers' own ``layer_types`` say which layers; a window on
+    every layer is the spec's, on none is None, on some only is refused."""
+    from transformers import Qwen2Config
+
+    from sparseforge.toolchain.families.llama import Llama
+
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=110, max_position_embeddings=128,
+                      use_sliding_window=use, sliding_window=5, max_window_layers=first)
+    kinds = set(cfg.layer_types)
+    config = cfg.to_dict() | {"architectures": ["Qwen2ForCausalLM"]}
+    if not layer_types:
+        config.pop("layer_types")
+    config["sliding_window"] = 5  # transformers drops it without use_sliding_window; a config may keep it
+    if kinds == {"full_attention", "sliding_attention"}:
+        with pytest.raises(InputError, match="sliding window on some layers only"):
+            Llama.spec_from_config(config, tmp_path / "config.json")
+    else:
+        assert Llama.spec_from_config(config, tmp_path / "config.json").sliding_window == (
+            5 if kinds == {"sliding_attention"} else None)
+
+
+@pytest.mark.parametrize("window, want", [(5, 5), (127, 127), (128, None), (4096, None), (None, None)])
+def test_mistral_sliding_window(tiny_model, tmp_path, window, want):
+    """A window shorter than the context is the spec's; one spanning every position (Mistral
+    v0.2's 32768 of 32768, or longer) is no window."""
+    from sparseforge.toolchain.frontends.hf import read_config
+    from sparseforge.toolchain.families.llama import Llama
+
+    config = read_config(tiny_model("mistral")[0]) | {"sliding_window": window}
+    assert config["max_position_embeddings"] == 128
+    assert Llama.spec_from_config(config, tmp_path / "config.json").sliding_window == want

@@ -167,6 +167,8 @@ def test_ir_load_refuses_an_edited_manifest(tiny_model, tmp_path):
         "'llama3': original_max_position_embeddings = 8.5 is not a positive integer": lambda d: d["spec"].update(
             rope_scaling={"type": "llama3", "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4,
                           "original_max_position_embeddings": 8.5}),
+        "sliding_window 0 is not a positive number of positions": lambda d: d["spec"].update(sliding_window=0),
+        "'sliding_window' = 4.5 is not of type int": lambda d: d["spec"].update(sliding_window=4.5),
     }
     for message, edit in edits.items():
         doc = json.loads(json.dumps(good))

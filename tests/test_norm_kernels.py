@@ -70,7 +70,8 @@ HD = 16
 # heads per kv group: 4; 7 (scores: three pairs and one alone; values: four, then three alone)
 @pytest.mark.parametrize("heads", [(8, 2), (7, 1)])
 @pytest.mark.parametrize("past", [0, 1, 5, 40])  # 1, 2, 6, 41 keys: four at a time, then the rest
-def test_attention_step(past, heads):
+@pytest.mark.parametrize("window", [0, 3, 9])  # 0: every position; else the latest `window` keys
+def test_attention_step(past, heads, window):
     H, KV = heads
     rng = np.random.default_rng(past)
     q = rng.standard_normal(H * HD).astype(np.float32)
@@ -84,7 +85,7 @@ def test_attention_step(past, heads):
     assert pos == past and cache.length == past + 1
     ctx = np.empty_like(q)
     q0, k0, v0 = q.copy(), k.copy(), v.copy()
-    attention_step(q, k, v, cos[0], sin[0], k_store[0], v_store[0], pos, np.float32(HD ** -0.5), ctx)
+    attention_step(q, k, v, cos[0], sin[0], k_store[0], v_store[0], pos, window, np.float32(HD ** -0.5), ctx)
     assert (q == q0).all() and (k == k0).all() and (v == v0).all()
 
     # reference: the decoders' numpy attention over [past keys, new key]
@@ -94,6 +95,8 @@ def test_attention_step(past, heads):
     vals = np.concatenate([past_v, v.reshape(KV, 1, HD)], axis=1)
     np.testing.assert_allclose(cache.keys(0)[0], keys, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(cache.values(0)[0], vals)
+    seen = slice(max(past + 1 - window, 0) if window else 0, past + 1)
+    keys, vals = keys[:, seen], vals[:, seen]
     scores = (qr.reshape(KV, H // KV, 1, HD) @ keys[:, None].transpose(0, 1, 3, 2)) * np.float32(HD ** -0.5)
     want = (softmax(scores) @ vals[:, None]).reshape(H * HD)
     np.testing.assert_allclose(ctx, want, rtol=1e-5, atol=1e-5)

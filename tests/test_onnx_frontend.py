@@ -20,10 +20,10 @@ from sparseforge.toolchain.frontends.onnx import load_onnx
 from sparseforge.toolchain.frontends.onnx_graph import Graph, find_ffns, find_linears
 from sparseforge.toolchain.frontends.onnx_initializers import OnnxInitializers
 
-KINDS = ["bert", "llama", "mistral", "qwen2", "qwen3"]
+KINDS = ["bert", "llama", "mistral", "mistral-swa", "qwen2", "qwen3"]
 EXACT_FIELDS = ["family", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                 "vocab_size", "activation", "gated", "norm", "causal", "attention_bias", "mlp_bias",
-                "tie_word_embeddings", "qk_norm"]
+                "tie_word_embeddings", "qk_norm", "sliding_window"]
 BERT_FIELDS = ["architecture", "max_positions", "type_vocab_size", "pad_token_id"]
 
 
@@ -59,7 +59,8 @@ def _assert_same_model(hf, ir, graph_has_pooler: bool = False) -> None:
 def test_onnx_matches_hf(request, kind):
     hf, ir, path = _pair(request, kind)
     _assert_same_model(hf, ir)
-    assert ir.spec.architecture == {"mistral": "LlamaForCausalLM"}.get(kind, hf.spec.architecture)  # same graph
+    assert ir.spec.architecture == {"mistral": "LlamaForCausalLM", "mistral-swa": "LlamaForCausalLM"}.get(
+        kind, hf.spec.architecture)  # same graph
     assert ir.graph == str(path.absolute())
     assert ir.source["format"] == "onnx" and ir.source["path"] == str(path.absolute())
     assert len(ir.source["sha256"]) == 64
@@ -387,3 +388,70 @@ def test_graph_without_ffn(tmp_path):
     with pytest.raises(InputError, match="no feed-forward block") as exc:
         load_onnx(path)
     assert str(path) in str(exc.value)
+
+
+# -- sliding windows -------------------------------------------------------------------
+def _mask_graph(form: str, window: int, tmp_path: Path) -> Path:
+    """A graph computing a sliding-window mask ``keep [S, S]`` over ``positions = Range(S)``
+    in one of the forms exporters write: ``j > i - W``, ``j >= i - (W - 1)``, ``i - W < j``,
+    ``i - j < W``, ``i - j <= W - 1``; or ``none``, causal only."""
+    i64 = lambda name, v: helper.make_tensor(name, TensorProto.INT64, [], [v])  # noqa: E731
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Squeeze", ["shape"], ["s"]),
+             helper.make_node("Range", ["zero", "s", "one"], ["pos"]),
+             helper.make_node("Unsqueeze", ["pos", "ax1"], ["i"]),  # [S, 1]: queries
+             helper.make_node("Unsqueeze", ["pos", "ax0"], ["j"])]  # [1, S]: keys
+    inits = [i64("zero", 0), i64("one", 1), helper.make_tensor("ax0", TensorProto.INT64, [1], [0]),
+             helper.make_tensor("ax1", TensorProto.INT64, [1], [1])]
+    if form == "none":  # causal only
+        op, args = "Identity", ["causal"]
+    elif form in ("gt", "ge", "lt"):
+        shift = window if form != "ge" else window - 1
+        inits.append(i64("w", shift))
+        nodes.append(helper.make_node("Sub", ["i", "w"], ["oldest"]))
+        op, args = {"gt": ("Greater", ["j", "oldest"]), "ge": ("GreaterOrEqual", ["j", "oldest"]),
+                    "lt": ("Less", ["oldest", "j"])}[form]
+    else:
+        inits.append(i64("w", window if form == "diff_lt" else window - 1))
+        nodes.append(helper.make_node("Sub", ["i", "j"], ["back"]))
+        op, args = ("Less" if form == "diff_lt" else "LessOrEqual"), ["back", "w"]
+    nodes += [helper.make_node("LessOrEqual", ["j", "i"], ["causal"]), helper.make_node(op, args, ["win"]),
+              helper.make_node("And", ["win", "causal"], ["keep"])]
+    graph = helper.make_graph(nodes, "mask", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+                              [helper.make_tensor_value_info("keep", TensorProto.BOOL, None)], inits)
+    path = tmp_path / f"{form}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("form", ["gt", "ge", "lt", "diff_lt", "diff_le"])
+def test_sliding_window_forms(form, tmp_path):
+    """The window the detector reads equals the number of keys the last query keeps when
+    onnxruntime evaluates the mask; a causal mask without a window reads None."""
+    import onnxruntime as ort
+
+    from sparseforge.toolchain.frontends.onnx_graph import sliding_window
+
+    path = _mask_graph(form, 6, tmp_path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    keep = sess.run(None, {"x": np.zeros(16, np.float32)})[0]
+    assert keep.shape == (16, 16) and (keep == np.tril(np.ones((16, 16), bool))).sum() < 256  # windowed
+    assert sliding_window(Graph(path, OnnxInitializers(path))) == int(keep[-1].sum()) == 6
+    causal_only = _mask_graph("none", 6, tmp_path)
+    keep = ort.InferenceSession(str(causal_only), providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.zeros(16, np.float32)})[0]
+    assert int(keep[-1].sum()) == 16 and sliding_window(Graph(causal_only, OnnxInitializers(causal_only))) is None
+
+
+def test_sliding_window_config_must_agree(tiny_model, tiny_onnx, tmp_path):
+    """A Mistral export with a 5-position window: config.json's window must be the graph's;
+    one that spans every position is the same as none."""
+    directory, _ = tiny_model("mistral-swa")
+    path = _copy_export(tiny_onnx("mistral-swa"), tmp_path / "m")
+    config = json.loads((directory / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert load_onnx(path).spec == load_hf_checkpoint(directory).spec
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config | {"sliding_window": 7}))
+    with pytest.raises(InputError, match="sliding_window = 7 but the graph has 5"):
+        load_onnx(path)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 5}))
+    assert load_onnx(path).spec.sliding_window is None

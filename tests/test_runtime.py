@@ -375,26 +375,32 @@ def test_decode_steps_with_attention_biases(tiny_model, tmp_path):
     assert _rel(np.stack([apart.forward([t], cache) for t in ids[3:]]), want[3:]) < 1e-4
 
 
-def test_decode_steps_with_head_norms(tiny_model, tmp_path):
-    """Qwen3 (per-head query/key RMSNorms before RoPE, head_dim 32 with hidden size 64)
-    packed without sparsification: prefill and decode steps against transformers'
-    logits of the whole sequence."""
+@pytest.mark.parametrize("kind", ["qwen3", "mistral-swa"])
+def test_decode_steps_with_head_norms_or_sliding_window(tiny_model, tmp_path, kind):
+    """Qwen3 (per-head query/key RMSNorms before RoPE, head_dim 32 with hidden size 64) and
+    Mistral with a sliding window of 5 positions, packed without sparsification: a prefill
+    longer than the window, then decode steps, against transformers' logits of the whole
+    sequence."""
     import torch
 
-    ckpt, hf = tiny_model("qwen3")
+    ckpt, hf = tiny_model(kind)
     rt = load_runtime(packed_f32(ckpt, tmp_path), mode="dense")
-    assert rt.spec.qk_norm and rt.model.has("model.layers.1.self_attn.k_norm.weight")
-    ids = np.random.default_rng(4).integers(0, 110, 11)
+    if kind == "qwen3":
+        assert rt.spec.qk_norm and rt.model.has("model.layers.1.self_attn.k_norm.weight")
+    else:
+        assert rt.spec.sliding_window == 5
+    ids = np.random.default_rng(4).integers(0, hf.config.vocab_size, 15)
     with torch.no_grad():
         want = hf(torch.from_numpy(ids)[None]).logits[0].numpy()
-    assert _rel(stepwise_logits(rt, ids, 4), want) < 1e-4
+    assert _rel(stepwise_logits(rt, ids, 7), want) < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["llama3", "qwen3"])
-def test_whole_recipe_on_scaled_rope_and_head_norms(tiny_model, tmp_path, kind):
-    """Llama 3-style scaled RoPE and Qwen3's per-head norms through every pass (profile on
-    onnxruntime, relufy's torch fine-tuning, predictors, Q8_0, reorder, pack): the
-    runtime's dense and predictor modes against the numpy reference on the final IR."""
+@pytest.mark.parametrize("kind", ["llama3", "qwen3", "mistral-swa"])
+def test_whole_recipe_on_scaled_rope_head_norms_and_windows(tiny_model, tmp_path, kind):
+    """Llama 3-style scaled RoPE, Qwen3's per-head norms and Mistral's sliding window
+    through every pass (profile on onnxruntime, relufy's torch fine-tuning, predictors,
+    Q8_0, reorder, pack): the runtime's dense and predictor modes against the numpy
+    reference on the final IR."""
     from _runtime_artifacts import PROFILE, RECIPE
 
     from sparseforge.toolchain.pipeline import convert_model
@@ -411,6 +417,7 @@ def test_whole_recipe_on_scaled_rope_and_head_norms(tiny_model, tmp_path, kind):
     want = executor_for(ir).forward(ids[None])[0]
     model = LoadedModel.open(tmp_path / "out" / "model.gguf", linear="dequantize")
     assert (model.spec.rope_scaling is not None) == (kind == "llama3") and model.spec.qk_norm == (kind == "qwen3")
+    assert model.spec.sliding_window == (5 if kind == "mistral-swa" else None)
     dense = runtime_for(model, "dense")
     cache = dense.new_cache()
     steps = [dense.forward(ids[:10], cache, all_logits=True)] + [dense.forward([t], cache)[None] for t in ids[10:]]

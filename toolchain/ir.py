@@ -52,7 +52,9 @@ class ArchSpec:
     None (unscaled RoPE) or ``{"type": "linear" | "llama3", ...}`` with the numbers of
     :data:`~.reference.llama.ROPE_SCALING_KEYS`. ``qk_norm``: each head's query and key
     are RMS-normalised (weights ``self_attn.q_norm`` / ``k_norm``, ``[head_dim]``) before
-    RoPE (Qwen3). Both are left out of :meth:`to_dict` at their defaults
+    RoPE (Qwen3). ``sliding_window``: None (every earlier position) or ``W``: a query at
+    position ``i`` attends the keys at positions ``i - W < j <= i`` (Mistral v0.1).
+    These three are left out of :meth:`to_dict` at their defaults
     (:data:`LATER_FIELDS`), so other models keep the manifests and artifacts they had
     before these fields existed.
     """
@@ -82,6 +84,7 @@ class ArchSpec:
     eos_token_id: int | list[int] | None = None
     rope_scaling: dict[str, Any] | None = None
     qk_norm: bool = False
+    sliding_window: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -94,7 +97,7 @@ class ArchSpec:
     def from_dict(cls, d: dict[str, Any]) -> "ArchSpec":
         """The spec of a manifest's or an artifact's ``d``; a ValueError names a field whose
         value is not of its type (a ``"big"`` hidden size would fail far from here) or what is
-        wrong with ``rope_scaling``."""
+        wrong with ``rope_scaling`` or ``sliding_window``."""
         kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
         fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
         for k, v in d.items():
@@ -107,10 +110,12 @@ class ArchSpec:
             from .reference.llama import check_rope_scaling
 
             check_rope_scaling(d["rope_scaling"])
+        if d.get("sliding_window") is not None and d["sliding_window"] < 1:
+            raise ValueError(f"sliding_window {d['sliding_window']} is not a positive number of positions")
         return cls(**{k: v for k, v in d.items() if k in fields})
 
 
-LATER_FIELDS = {"rope_scaling": None, "qk_norm": False}
+LATER_FIELDS = {"rope_scaling": None, "qk_norm": False, "sliding_window": None}
 """``ArchSpec`` fields added after artifacts existed, with the defaults at which
 :meth:`ArchSpec.to_dict` leaves them out."""
 

@@ -130,7 +130,7 @@ def _decoder(g: Graph, ir: ModelIR) -> int:
     spec, store, eps = ir.spec, ir.store, ir.spec.norm_eps
     x = g.op("Gather", g.weight("model.embed_tokens.weight"), "input_ids", name="embeddings")
     cos_sin = rope_tables(g, spec.head_dim, spec.rope_theta, spec.rope_scaling)
-    mask = attention_mask(g, causal=True)
+    mask = attention_mask(g, causal=True, window=spec.sliding_window)
     for block in ir.blocks:
         p, i = f"model.layers.{block.layer}.", block.layer
         proj = {}

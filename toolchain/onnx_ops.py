@@ -147,13 +147,17 @@ def rope(g: Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin), name=f"{x}.rope")
 
 
-def attention_mask(g: Graph, causal: bool) -> str:
+def attention_mask(g: Graph, causal: bool, window: int | None = None) -> str:
     """Additive mask: 0 where a query may attend a key, float32 min elsewhere (padding
-    keys; later keys when causal). [B, 1, 1, 1, S], or [B, 1, 1, S, S] when causal."""
+    keys; later keys when causal, and keys ``window`` or more positions back with a
+    sliding window). [B, 1, 1, 1, S], or [B, 1, 1, S, S] when causal."""
     keep = g.op("Cast", g.op("Unsqueeze", "attention_mask", g.ints([1, 2, 3], "ax123")), to=TensorProto.BOOL)
     if causal:
         rows = g.op("Unsqueeze", g.positions, g.ints([1], "ax1"))
         keep = g.op("And", g.op("LessOrEqual", g.positions, rows, name="causal"), keep)
+        if window is not None:
+            oldest = g.op("Sub", rows, g.const(np.array(window, np.int64), "window"))
+            keep = g.op("And", g.op("Greater", g.positions, oldest, name="sliding_window"), keep)
     return g.op("Where", keep, g.scalar(0.0, "zero"), g.scalar(NEG, "neg"), name="mask")
 
 

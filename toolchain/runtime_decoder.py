@@ -1,10 +1,12 @@
 """Decoder runtime (``llama`` family: Llama, Mistral, Qwen2, Qwen3): logits and generation.
 
 The forward pass mirrors :class:`~.reference.llama.LlamaDecoder` (pre-norm layers,
-RoPE, grouped-query attention, RMSNorm, LM head or tied embeddings) for one sequence
-with a :class:`~.reference.llama.KVCache`. Attention projections and the LM head are the
-artifact's weights (:class:`~.runtime_load.Linear`); FFNs go through
-:class:`~.runtime_load.FFNRunner`: several tokens at once (the prompt: prefill) use
+RoPE, grouped-query attention within the sliding window if the model has one, RMSNorm,
+LM head or tied embeddings) for one sequence with a :class:`~.reference.llama.KVCache`
+(which keeps every position: a sliding window bounds the work of a step, not the
+cache). Attention projections and the LM head are the artifact's weights
+(:class:`~.runtime_load.Linear`); FFNs go through :class:`~.runtime_load.FFNRunner`:
+several tokens at once (the prompt: prefill) use
 ``LayerKernels.prefill``, one token (a decode step) ``forward(x, idx)`` /
 ``gate_first(x)``. A decode step's attention (after the q/k/v projections) and its
 RMSNorms are Numba kernels (:mod:`sparseforge.kernels.attention`).
@@ -20,7 +22,7 @@ from sparseforge.kernels.attention import attention_step, rms_norm_into
 
 from .errors import InputError
 from .reference.bert import softmax
-from .reference.llama import KVCache, apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
+from .reference.llama import KVCache, apply_rope, causal_mask, rms_norm, rope_cos_sin, rope_inv_freq
 from .runtime_load import FFNRunner, Linear, LoadedModel, blas_one_thread
 from .runtime_sampling import Sampler
 
@@ -117,7 +119,7 @@ class DecoderRuntime:
         positions = np.arange(past, past + T)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         scale = np.float32(hd ** -0.5)
-        causal = (np.arange(past + T)[None, :] <= positions[:, None])[None, None]  # [1, 1, T, S]
+        causal = causal_mask(positions, past + T, s.sliding_window)[None, None]  # [1, 1, T, S]
         m = self.model
         x = m.linear("model.embed_tokens.weight").take(ids)
         for i in range(s.num_layers):
@@ -195,6 +197,7 @@ class DecoderRuntime:
         nq, nkv = s.num_heads * hd, s.num_kv_heads * hd
         cos, sin = rope_cos_sin(np.array([cache.length]), self.inv_freq)
         scale = np.float32(hd ** -0.5)
+        window = s.sliding_window or 0
         x = m.linear("model.embed_tokens.weight").take(ids)[0]
         h, proj = np.empty_like(x), np.empty_like(x)
         qkv, ctx = np.empty(nq + 2 * nkv, np.float32), np.empty(nq, np.float32)
@@ -210,7 +213,7 @@ class DecoderRuntime:
                                                   + np.float32(eps)))[:, None]
                 heads *= layer.qk_norm
             k_store, v_store, pos = cache.reserve(i)
-            attention_step(q, k, v, cos[0], sin[0], k_store[0], v_store[0], pos, scale, ctx)
+            attention_step(q, k, v, cos[0], sin[0], k_store[0], v_store[0], pos, window, scale, ctx)
             layer.o_proj.matvec_into(ctx, proj)
             if layer.o_bias is not None:
                 proj += layer.o_bias

@@ -9,9 +9,9 @@ family IR into an ``nn.Module`` that computes what the numpy reference executors
   ``x = LN(x + Attn(x)); x = LN(x + FFN(x))``; padding keys are masked out.
   ``forward`` returns the last hidden state ``[B, T, d]``; ``embed`` the mean-pooled,
   L2-normalised sentence embedding ``[B, d]``.
-* ``llama`` (Llama, Mistral, Qwen2): token embedding -> pre-norm layers with RMSNorm,
-  RoPE (HF ``rotate_half``), grouped-query attention, optional q/k/v biases, causal +
-  padding mask -> RMSNorm -> LM head (tied to the embedding when the spec says so and
+* ``llama`` (Llama, Mistral, Qwen2, Qwen3): token embedding -> pre-norm layers with RMSNorm,
+  RoPE (HF ``rotate_half``), grouped-query attention, optional q/k/v biases and per-head
+  q/k norms, causal (within the sliding window, if any) + padding mask -> RMSNorm -> LM head (tied to the embedding when the spec says so and
   the store has no ``lm_head.weight``). ``forward`` returns logits ``[B, T, V]``.
 
 Each FFN implements :class:`~.ir.FFNBlock` exactly, reading the block's fields when the
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ir import FFNBlock, ModelIR
-from .reference.llama import rope_cos_sin, rope_inv_freq
+from .reference.llama import causal_mask, rope_cos_sin, rope_inv_freq
 
 TorchActivation = Callable[[torch.Tensor, FFNBlock], torch.Tensor]
 
@@ -297,7 +297,7 @@ class LlamaTorch(TorchModel):
         """Logits ``[B, T, V]`` (and the FFN activations ``[B, T, n_ff]`` per layer)."""
         B, T = input_ids.shape
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask != 0
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        causal = torch.from_numpy(causal_mask(np.arange(T), T, self.spec.sliding_window))
         allowed = causal[None, None] & mask[:, None, None, :]
         cos, sin = self.rope(T)
         x = self.embed_tokens(input_ids)

@@ -1,5 +1,6 @@
 """Llama-style decoders: Llama, Mistral, Qwen2, Qwen3 (RMSNorm, RoPE, GQA, SwiGLU FFN; Qwen3
-also RMS-normalises each head's query and key before RoPE)."""
+also RMS-normalises each head's query and key before RoPE; Mistral v0.1 attends a sliding
+window)."""
 from __future__ import annotations
 
 import json
@@ -44,6 +45,28 @@ def _rope(config: dict[str, Any], path: Path) -> tuple[float, dict[str, Any] | N
     return float(theta), {"type": rope_type, **{k: kind(rope[k]) for k, kind in ROPE_SCALING_KEYS[rope_type].items()}}
 
 
+def _sliding_window(config: dict[str, Any], arch: str, layers: int, max_pos: int, path: Path) -> int | None:
+    """``ArchSpec.sliding_window`` from ``sliding_window`` (None when it is absent or spans
+    every position). Qwen2/Qwen3 use it only with ``use_sliding_window``, and then on the
+    layers from ``max_window_layers`` on; ``layer_types`` (transformers 5) names each
+    layer's kind. A window on some layers and full attention on others is an InputError."""
+    window = config_value(config, "sliding_window", path, int, None)
+    qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    if window is None or window >= max_pos or (qwen and not config.get("use_sliding_window", False)):
+        return None
+    kinds = config.get("layer_types")
+    if kinds is None:  # configs before transformers 5
+        first = min(config_value(config, "max_window_layers", path, int, 0) if qwen and config.get(
+            "max_window_layers") else 0, layers)
+        kinds = ["full_attention"] * first + ["sliding_attention"] * (layers - first)
+    if set(kinds) == {"full_attention"}:
+        return None
+    if set(kinds) != {"sliding_attention"}:
+        raise InputError(path, f"config.json: attention of kinds {sorted(set(kinds))} in different layers (a "
+                               "sliding window on some layers only) is not supported")
+    return window
+
+
 @register
 class Llama(ModelFamily):
     name = "llama"
@@ -62,19 +85,15 @@ class Llama(ModelFamily):
         head_dim = config_value(config, "head_dim", path, int, d // heads)
         if heads % kv:
             raise InputError(path, f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
-        window = config.get("sliding_window")
-        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not config.get("use_sliding_window", False):
-            window = None
         max_pos = config_value(config, "max_position_embeddings", path, int, 2048)
+        layers = config_value(config, "num_hidden_layers", path)
         theta, rope_scaling = _rope(config, path)
-        if window is not None and int(window) < max_pos:
-            raise InputError(path, f"sliding-window attention (window {window} < {max_pos} positions) is not supported")
         return ArchSpec(
             family=cls.name,
             architecture=arch,
             hidden_size=d,
             intermediate_size=config_value(config, "intermediate_size", path),
-            num_layers=config_value(config, "num_hidden_layers", path),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=kv,
             head_dim=head_dim,
@@ -91,6 +110,7 @@ class Llama(ModelFamily):
             mlp_bias=bool(config.get("mlp_bias", False)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=_sliding_window(config, arch, layers, max_pos, path),
             pad_token_id=config.get("pad_token_id"),
             bos_token_id=config.get("bos_token_id"),
             eos_token_id=config.get("eos_token_id"),

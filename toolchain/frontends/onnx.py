@@ -12,9 +12,10 @@ The spec comes from a ``config.json`` beside the ``.onnx`` file when there is on
 graph must agree with it); otherwise it is inferred from the graph. What a graph does
 not say: Llama ``max_position_embeddings`` (2048 is assumed), Mistral vs Llama (both
 become ``LlamaForCausalLM``; q/k/v biases make ``Qwen2ForCausalLM``, per-head query/key
-norms ``Qwen3ForCausalLM``), sliding windows,
+norms ``Qwen3ForCausalLM``),
 special token ids (BERT's pad id is assumed 0) and whether embeddings are tied when the
-graph has no output projection.
+graph has no output projection. A sliding attention window is read from the mask's
+comparison of shifted position ranges (:func:`.onnx_graph.sliding_window`).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from .common import check_weights, tokenizer_file
 from .hf import read_config
 from .onnx_graph import (
     FFN, Attention, Graph, Linear, Norm, Weight, attr, find_attention, find_ffns, find_linears, find_norms,
-    is_causal, reshape_heads, rope_frequencies,
+    is_causal, reshape_heads, rope_frequencies, sliding_window,
 )
 
 _LLAMA_MAX_POSITIONS = 2048  # transformers' LlamaConfig default; not visible in a graph
@@ -281,7 +282,8 @@ class _Matcher:
                      **self.heads(a.q, a.k, freqs), vocab_size=self.rows(embed[0]), max_positions=None,
                      activation=f.activation, gated=True, norm="rmsnorm", norm_eps=first.eps, causal=True,
                      rope_theta=None if freqs is None else _rope_theta(freqs), rope_inv_freq=freqs,
-                     attention_bias=a.q.bias is not None, mlp_bias=f.up.bias is not None, tie_word_embeddings=tied)
+                     attention_bias=a.q.bias is not None, mlp_bias=f.up.bias is not None, tie_word_embeddings=tied,
+                     sliding_window=sliding_window(self.g))
         return refs, facts
 
 
@@ -320,7 +322,9 @@ def _inferred_spec(family: type[ModelFamily], facts: dict[str, Any], path: Path)
     facts.pop("rope_inv_freq", None)
     if family is Llama and facts["max_positions"] is None:
         facts["max_positions"] = _LLAMA_MAX_POSITIONS
-    missing = sorted(k for k, v in facts.items() if v is None)
+    if (facts.get("sliding_window") or 0) >= (facts["max_positions"] or 0):  # a window over every position
+        facts["sliding_window"] = None
+    missing = sorted(k for k, v in facts.items() if v is None and k != "sliding_window")
     if missing:
         hint = " (the graph has no output projection after the final norm)" if "tie_word_embeddings" in missing else ""
         raise InputError(path, f"cannot infer {', '.join(missing)} from the graph{hint}; put the model's "
@@ -337,6 +341,8 @@ def _config_spec(family: type[ModelFamily], facts: dict[str, Any], directory: Pa
         raise InputError(path, f"config.json describes a {described.name} model but the graph is a {family.name} model")
     spec = family.spec_from_config(config, path)
     freqs = facts.pop("rope_inv_freq", None)
+    if (facts.get("sliding_window") or 0) >= spec.max_positions:  # a window over every position
+        facts["sliding_window"] = None
     got = dataclasses.asdict(spec)  # every field, those to_dict leaves out at their defaults too
     for key, value in facts.items():
         if value is None or key == "architecture":

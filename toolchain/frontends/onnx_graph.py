@@ -497,6 +497,39 @@ def is_causal(g: Graph) -> bool:
     return False
 
 
+def sliding_window(g: Graph) -> int | None:
+    """The sliding window ``W`` of causal attention (a query at position ``i`` attends keys
+    ``i - W < j <= i``): a comparison of a position range with another shifted by an
+    integer constant (``j > i - W``, ``j >= i - (W - 1)``, either way round), or of the
+    difference of two with a constant (``i - j < W``). None when the graph has neither."""
+    for n in g.nodes:
+        if n.op_type not in ("Less", "LessOrEqual", "Greater", "GreaterOrEqual") or len(n.input) != 2:
+            continue
+        extra = 0 if n.op_type in ("Less", "Greater") else 1
+        for x, y in (n.input, n.input[::-1]):
+            shift, plain = _shifted_range(g, x), g.const(y) is None and _from_range(g, y)
+            if shift and plain:
+                return shift + extra
+            c, diff = g.const(x), g.node(y)
+            if (c is not None and c.size == 1 and c.dtype.kind in "iu" and int(c.reshape(())) > 0 and diff is not None
+                    and diff.op_type == "Sub" and all(g.const(v) is None and _from_range(g, v) for v in diff.input)):
+                return int(c.reshape(())) + extra
+    return None
+
+
+def _shifted_range(g: Graph, value: str) -> int | None:
+    """``|c|`` when ``value`` is a position range plus or minus an integer constant ``c``."""
+    n = g.node(value)
+    if n is None or n.op_type not in ("Add", "Sub") or len(n.input) != 2:
+        return None
+    for c, other in (n.input, n.input[::-1]):
+        arr = g.const(c)
+        if (arr is not None and arr.size == 1 and arr.dtype.kind in "iu" and int(arr.reshape(())) != 0
+                and g.const(other) is None and _from_range(g, other)):
+            return abs(int(arr.reshape(())))
+    return None
+
+
 def _from_range(g: Graph, value: str, limit: int = 12) -> bool:
     todo, seen = [value], 0
     while todo and seen < limit:

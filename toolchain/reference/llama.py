@@ -2,7 +2,8 @@
 
 Token embedding -> ``num_layers`` pre-norm layers
 ``x = x + Attn(RMSNorm(x)); x = x + FFN(RMSNorm(x))`` -> RMSNorm -> LM head.
-Attention is causal multi-head with grouped key/value heads (GQA), rotary position
+Attention is causal (within ``spec.sliding_window`` positions when set: :func:`causal_mask`)
+multi-head with grouped key/value heads (GQA), rotary position
 embeddings (Hugging Face ``rotate_half`` convention, base ``spec.rope_theta``, scaled as
 ``spec.rope_scaling`` says: :func:`rope_inv_freq`), optional q/k/v biases (Qwen2) and
 per-head query/key RMSNorms before RoPE (Qwen3). The LM head is ``lm_head.weight``, or the token embedding
@@ -109,6 +110,17 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     half = x.shape[-1] // 2
     rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rot * sin
+
+
+def causal_mask(positions: np.ndarray, length: int, window: int | None) -> np.ndarray:
+    """``allowed [T, length]`` (bool): the query at ``positions[i]`` may attend the key at
+    position ``j`` when ``j <= positions[i]`` and, with a sliding ``window``,
+    ``j > positions[i] - window`` (the ``window`` latest positions, its own included, as
+    transformers' sliding-window mask)."""
+    keys = np.arange(length)[None, :]
+    query = np.asarray(positions)[:, None]
+    allowed = keys <= query
+    return allowed if window is None else allowed & (keys > query - window)
 
 
 class KVCache:
@@ -282,7 +294,7 @@ class LlamaDecoder:
         positions = np.arange(past, past + T)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         # allowed[b, 0, 0, i, j]: query i (position past+i) may attend to key j
-        causal = np.arange(past + T)[None, :] <= positions[:, None]  # [T, S]
+        causal = causal_mask(positions, past + T, s.sliding_window)  # [T, S]
         allowed = (causal[None] & key_mask[:, None, :])[:, None, None]  # [B, 1, 1, T, S]
         scale = np.float32(hd ** -0.5)
 
