@@ -53,6 +53,13 @@ TINY_CONFIGS = {
 TINY_CONFIGS["qwen3-mqa"] = dict(TINY_CONFIGS["qwen3"], num_key_value_heads=1)  # k norm as long as the k rows
 # Mistral v0.1-style sliding window: a query attends its own and the 4 positions before it
 TINY_CONFIGS["mistral-swa"] = dict(TINY_CONFIGS["mistral"], sliding_window=5)
+# Phi-3: q/k/v stacked in one qkv_proj, gate/up in one gate_up_proj; a sliding window as Phi-3-mini-4k's
+TINY_CONFIGS["phi3"] = dict(
+    architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=64, intermediate_size=96,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+    max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu", sliding_window=6,
+    tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
 
 
 def build_tiny_model(kind: str, directory: Path, seed: int = 0):

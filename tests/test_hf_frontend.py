@@ -155,3 +155,45 @@ def test_mistral_sliding_window(tiny_model, tmp_path, window, want):
     config = read_config(tiny_model("mistral")[0]) | {"sliding_window": window}
     assert config["max_position_embeddings"] == 128
     assert Llama.spec_from_config(config, tmp_path / "config.json").sliding_window == want
+
+
+def test_phi3_fused_matrices_read_as_their_parts(tiny_model, tmp_path):
+    """Phi-3's qkv_proj and gate_up_proj become q/k/v and gate/up: row ranges of the same
+    memory map, equal to transformers' own split (Phi3Attention / Phi3MLP), kept as row
+    references when the IR is saved and loaded; a fused matrix of the wrong height is an
+    InputError naming it."""
+    from safetensors.torch import load_file, save_file
+
+    from sparseforge.toolchain.ir import ModelIR
+
+    ckpt, model = tiny_model("phi3")
+    ir = load_hf_checkpoint(ckpt)
+    s = ir.spec
+    q, kv, n = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.intermediate_size
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    qkv, gate_up = attn.qkv_proj.weight.detach().numpy(), mlp.gate_up_proj.weight.detach().numpy()
+    want = {"self_attn.q_proj": qkv[:q], "self_attn.k_proj": qkv[q:q + kv], "self_attn.v_proj": qkv[q + kv:],
+            "mlp.gate_proj": gate_up[:n], "mlp.up_proj": gate_up[n:]}
+    assert attn.qkv_proj.out_features == q + 2 * kv and mlp.gate_up_proj.out_features == 2 * n
+    for part, arr in want.items():
+        name = f"model.layers.1.{part}.weight"
+        got = ir.store.get(name)
+        assert isinstance(got.base, np.memmap) or isinstance(got, np.memmap), name
+        assert np.array_equal(got, arr), name
+        assert ir.store.ref(name).rows is not None
+    assert ir.blocks[1].gate == "model.layers.1.mlp.gate_proj.weight"
+    ir.save(tmp_path / "ir")
+    back = ModelIR.load(tmp_path / "ir")
+    assert back.store.ref("model.layers.0.self_attn.v_proj.weight").rows == (q + kv, q + 2 * kv)
+    assert back.content_hash() == ir.content_hash()
+    assert np.array_equal(back.store.get("model.layers.1.mlp.up_proj.weight"), want["mlp.up_proj"])
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((ckpt / "config.json").read_text())
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["model.layers.0.mlp.gate_up_proj.weight"] = tensors["model.layers.0.mlp.gate_up_proj.weight"][:-2]
+    save_file(tensors, bad / "model.safetensors")
+    with pytest.raises(InputError, match=r"'model.layers.0.mlp.gate_up_proj.weight' has shape \[190, 64\]; its 2 "
+                                         r"parts \(gate_proj, up_proj\) need 192 rows"):
+        load_hf_checkpoint(bad)

@@ -375,12 +375,12 @@ def test_decode_steps_with_attention_biases(tiny_model, tmp_path):
     assert _rel(np.stack([apart.forward([t], cache) for t in ids[3:]]), want[3:]) < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "mistral-swa"])
-def test_decode_steps_with_head_norms_or_sliding_window(tiny_model, tmp_path, kind):
-    """Qwen3 (per-head query/key RMSNorms before RoPE, head_dim 32 with hidden size 64) and
-    Mistral with a sliding window of 5 positions, packed without sparsification: a prefill
-    longer than the window, then decode steps, against transformers' logits of the whole
-    sequence."""
+@pytest.mark.parametrize("kind", ["qwen3", "mistral-swa", "phi3"])
+def test_decode_steps_against_transformers(tiny_model, tmp_path, kind):
+    """Qwen3 (per-head query/key RMSNorms before RoPE, head_dim 32 with hidden size 64),
+    Mistral with a sliding window of 5 positions and Phi-3 (fused q/k/v and gate/up
+    matrices, a window of 6), packed without sparsification: a prefill longer than the
+    window, then decode steps, against transformers' logits of the whole sequence."""
     import torch
 
     ckpt, hf = tiny_model(kind)
@@ -388,17 +388,17 @@ def test_decode_steps_with_head_norms_or_sliding_window(tiny_model, tmp_path, ki
     if kind == "qwen3":
         assert rt.spec.qk_norm and rt.model.has("model.layers.1.self_attn.k_norm.weight")
     else:
-        assert rt.spec.sliding_window == 5
+        assert rt.spec.sliding_window == hf.config.sliding_window < 15
     ids = np.random.default_rng(4).integers(0, hf.config.vocab_size, 15)
     with torch.no_grad():
         want = hf(torch.from_numpy(ids)[None]).logits[0].numpy()
     assert _rel(stepwise_logits(rt, ids, 7), want) < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["llama3", "qwen3", "mistral-swa"])
-def test_whole_recipe_on_scaled_rope_head_norms_and_windows(tiny_model, tmp_path, kind):
-    """Llama 3-style scaled RoPE, Qwen3's per-head norms and Mistral's sliding window
-    through every pass (profile on onnxruntime, relufy's torch fine-tuning, predictors,
+@pytest.mark.parametrize("kind", ["llama3", "qwen3", "mistral-swa", "phi3"])
+def test_whole_recipe_on_newer_decoders(tiny_model, tmp_path, kind):
+    """Llama 3-style scaled RoPE, Qwen3's per-head norms, Mistral's sliding window and
+    Phi-3's fused matrices through every pass (profile on onnxruntime, relufy's torch fine-tuning, predictors,
     Q8_0, reorder, pack): the runtime's dense and predictor modes against the numpy
     reference on the final IR."""
     from _runtime_artifacts import PROFILE, RECIPE
@@ -417,7 +417,7 @@ def test_whole_recipe_on_scaled_rope_head_norms_and_windows(tiny_model, tmp_path
     want = executor_for(ir).forward(ids[None])[0]
     model = LoadedModel.open(tmp_path / "out" / "model.gguf", linear="dequantize")
     assert (model.spec.rope_scaling is not None) == (kind == "llama3") and model.spec.qk_norm == (kind == "qwen3")
-    assert model.spec.sliding_window == (5 if kind == "mistral-swa" else None)
+    assert model.spec.sliding_window == {"mistral-swa": 5, "phi3": 6}.get(kind)
     dense = runtime_for(model, "dense")
     cache = dense.new_cache()
     steps = [dense.forward(ids[:10], cache, all_logits=True)] + [dense.forward([t], cache)[None] for t in ids[10:]]

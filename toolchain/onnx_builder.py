@@ -179,6 +179,8 @@ class _WeightFiles:
         if ref and ref.format == "safetensors" and not ref.transpose and not ref.encoding and dtype in _DIRECT \
                 and count:
             offset = open_tensor_file(ref.file, "safetensors").offset(ref.key)
+            if ref.rows:  # rows of a fused matrix: they follow each other in the file
+                offset += ref.rows[0] * (count // shape[0]) * dtype.itemsize
             return _external(name, shape, _DIRECT[dtype], self._file(Path(ref.file)), offset, count * dtype.itemsize)
         self._sidecar[name] = _external(name, shape, TensorProto.FLOAT, SIDECAR, 0, count * 4)
         return self._sidecar[name]

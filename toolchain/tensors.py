@@ -12,12 +12,17 @@ transpose when ``transpose`` is set) and ``get`` / ``get_f32`` decode them to fl
 every call (the IR after ``quantize`` keeps its weights this way, so nothing holds a
 float32 copy of the model); ``encoded`` gives the bytes themselves.
 
+A reference may instead name a range of ``rows`` of the stored tensor (its first axis):
+a checkpoint's fused matrix (Phi-3's ``qkv_proj``, ``gate_up_proj``) reads as the
+canonical matrices it holds, each a view into the same memory map.
+
 Passes that produce large tensors write them to files of their own (:meth:`TensorStore.spill`,
 one file per layer or task) instead of holding overlays; the store remembers those files
 as *owned*, and saving the IR links them into the IR directory (``tensor-files/``).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +37,20 @@ from .safetensors_io import SafetensorsFile
 
 @dataclass(frozen=True)
 class TensorRef:
-    """Where a tensor lives: ``key`` inside ``file`` (format ``safetensors`` or ``onnx``)."""
+    """Where a tensor lives: ``key`` inside ``file`` (format ``safetensors`` or ``onnx``);
+    ``rows`` ``(start, stop)``: only those rows of it (not with ``transpose`` or
+    ``encoding``)."""
 
     file: str
     key: str
     format: str = "safetensors"
     transpose: bool = False
     encoding: str | None = None
+    rows: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rows is not None and (self.transpose or self.encoding or not 0 <= self.rows[0] < self.rows[1]):
+            raise ValueError(f"rows {self.rows} of {self.key!r}: a non-empty range, without transpose or encoding")
 
     def to_dict(self) -> dict:
         d = {"file": self.file, "key": self.key, "format": self.format}
@@ -46,12 +58,15 @@ class TensorRef:
             d["transpose"] = True
         if self.encoding:
             d["encoding"] = self.encoding
+        if self.rows:
+            d["rows"] = list(self.rows)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorRef":
+        rows = d.get("rows")
         return cls(d["file"], d["key"], d.get("format", "safetensors"), bool(d.get("transpose", False)),
-                   d.get("encoding"))
+                   d.get("encoding"), None if rows is None else (int(rows[0]), int(rows[1])))
 
 
 class TensorFile(Protocol):
@@ -123,6 +138,8 @@ class TensorStore:
             return tuple(self._overlay[name].shape)
         ref = self._lookup(name)
         shape = tuple(open_tensor_file(ref.file, ref.format).shape(ref.key))
+        if ref.rows:
+            shape = (ref.rows[1] - ref.rows[0], *shape[1:])
         if ref.encoding:
             shape = (*shape[:-1], decoded_row_length(ref.encoding, shape[-1]))
         return tuple(reversed(shape)) if ref.transpose else tuple(shape)
@@ -142,6 +159,8 @@ class TensorStore:
             return self._overlay[name]
         ref = self._lookup(name)
         arr = open_tensor_file(ref.file, ref.format).get(ref.key)
+        if ref.rows:
+            return arr[ref.rows[0]:ref.rows[1]]
         if ref.encoding:
             return decode_rows(arr, ref.encoding, ref.transpose)
         return arr.T if ref.transpose else arr
@@ -208,7 +227,7 @@ class TensorStore:
         """Point references at ``moves[old file]`` instead; the new files are not owned."""
         for name, ref in list(self._refs.items()):
             if ref.file in moves:
-                self._refs[name] = TensorRef(moves[ref.file], ref.key, ref.format, ref.transpose, ref.encoding)
+                self._refs[name] = dataclasses.replace(ref, file=moves[ref.file])
         self._owned -= set(moves)
 
     def delete(self, name: str) -> None:
@@ -223,13 +242,19 @@ class TensorStore:
         doc = "|".join(file_digest(f) for f in files) + f"|{ref.key}|{ref.transpose}"
         if ref.encoding:
             doc += f"|{ref.encoding}"
+        if ref.rows:
+            doc += f"|rows {ref.rows[0]}:{ref.rows[1]}"
         return hashlib.sha256(doc.encode()).hexdigest()
 
     def check(self) -> None:
         """Open every referenced file and check each referenced key is in it (InputError if not)."""
         for name, ref in self._refs.items():
-            if ref.key not in open_tensor_file(ref.file, ref.format).keys():
+            f = open_tensor_file(ref.file, ref.format)
+            if ref.key not in f.keys():
                 raise InputError(ref.file, f"tensor {ref.key!r} (IR name {name!r}) is missing from the file")
+            if ref.rows and ref.rows[1] > f.shape(ref.key)[0]:
+                raise InputError(ref.file, f"tensor {ref.key!r} has {f.shape(ref.key)[0]} rows, fewer than the "
+                                           f"{ref.rows[1]} IR name {name!r} takes")
 
     def overlay_names(self) -> list[str]:
         return sorted(self._overlay)

@@ -47,6 +47,13 @@ class ModelFamily:
         return {}
 
     @classmethod
+    def fused_tensors(cls, spec: ArchSpec) -> dict[str, list[tuple[str, int, int]]]:
+        """Checkpoint tensors that hold several canonical ones stacked along their rows
+        (Phi-3's ``qkv_proj``): ``{name: [(canonical name, first row, end row), ...]}``,
+        the parts in order and covering every row."""
+        return {}
+
+    @classmethod
     def post_ffn_norm(cls, layer: int) -> str | None:
         """Post-norm blocks (BERT): the prefix of the LayerNorm (``<prefix>.weight`` /
         ``.bias``) that normalises ``FFN input + FFN output`` of ``layer`` into the block's

@@ -1,6 +1,7 @@
-"""Llama-style decoders: Llama, Mistral, Qwen2, Qwen3 (RMSNorm, RoPE, GQA, SwiGLU FFN; Qwen3
-also RMS-normalises each head's query and key before RoPE; Mistral v0.1 attends a sliding
-window)."""
+"""Llama-style decoders: Llama, Mistral, Qwen2, Qwen3, Phi-3 (RMSNorm, RoPE, GQA, SwiGLU FFN;
+Qwen3 also RMS-normalises each head's query and key before RoPE; Mistral v0.1 and Phi-3
+attend a sliding window; Phi-3's checkpoints stack q/k/v and gate/up in one matrix each,
+read as the separate matrices: :meth:`Llama.fused_tensors`)."""
 from __future__ import annotations
 
 import json
@@ -70,7 +71,8 @@ def _sliding_window(config: dict[str, Any], arch: str, layers: int, max_pos: int
 @register
 class Llama(ModelFamily):
     name = "llama"
-    architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                     "Phi3ForCausalLM")
     ignored_tensors = ()
 
     @classmethod
@@ -115,6 +117,21 @@ class Llama(ModelFamily):
             bos_token_id=config.get("bos_token_id"),
             eos_token_id=config.get("eos_token_id"),
         )
+
+    @classmethod
+    def fused_tensors(cls, spec: ArchSpec) -> dict[str, list[tuple[str, int, int]]]:
+        """Phi-3: ``self_attn.qkv_proj`` is q, k, v and ``mlp.gate_up_proj`` gate, up, one
+        after the other along the rows."""
+        if spec.architecture != "Phi3ForCausalLM":
+            return {}
+        q, kv, n = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.intermediate_size
+        fused = {}
+        for i in range(spec.num_layers):
+            a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            fused[a + "qkv_proj.weight"] = [(a + "q_proj.weight", 0, q), (a + "k_proj.weight", q, q + kv),
+                                            (a + "v_proj.weight", q + kv, q + 2 * kv)]
+            fused[m + "gate_up_proj.weight"] = [(m + "gate_proj.weight", 0, n), (m + "up_proj.weight", n, 2 * n)]
+        return fused
 
     @classmethod
     def blocks(cls, spec: ArchSpec) -> list[FFNBlock]:

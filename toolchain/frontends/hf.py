@@ -64,6 +64,7 @@ def load_hf_checkpoint(directory: str | Path) -> ModelIR:
     config = read_config(directory)
     family = family_for_architecture(config["architectures"][0], directory / "config.json")
     spec = family.spec_from_config(config, directory / "config.json")
+    fused = family.fused_tensors(spec)
     refs: dict[str, TensorRef] = {}
     for shard in shard_files(directory):
         st = SafetensorsFile(shard)
@@ -71,9 +72,14 @@ def load_hf_checkpoint(directory: str | Path) -> ModelIR:
             name = family.canonical_name(key)
             if name is None:
                 continue
-            if name in refs:
-                raise InputError(shard, f"tensor {name!r} appears in more than one shard")
-            refs[name] = TensorRef(str(shard), key)
+            parts = fused.get(name, [(name, None, None)])
+            if parts[-1][2] is not None and tuple(st.shape(key))[:1] != (parts[-1][2],):
+                raise InputError(shard, f"tensor {key!r} has shape {list(st.shape(key))}; its {len(parts)} parts "
+                                        f"({', '.join(p[0].split('.')[-2] for p in parts)}) need {parts[-1][2]} rows")
+            for part, start, stop in parts:
+                if part in refs:
+                    raise InputError(shard, f"tensor {part!r} appears in more than one shard")
+                refs[part] = TensorRef(str(shard), key, rows=None if start is None else (start, stop))
     wanted = set(family.expected_shapes(spec)) | set(family.optional_shapes(spec))
     store = TensorStore({k: v for k, v in refs.items() if k in wanted})
     check_weights(family, spec, store, directory)
