@@ -169,6 +169,8 @@ def test_ir_load_refuses_an_edited_manifest(tiny_model, tmp_path):
                           "original_max_position_embeddings": 8.5}),
         "sliding_window 0 is not a positive number of positions": lambda d: d["spec"].update(sliding_window=0),
         "'sliding_window' = 4.5 is not of type int": lambda d: d["spec"].update(sliding_window=4.5),
+        "(rows (5, 2) of 'pooler.dense.weight': a non-empty range":
+            lambda d: d["tensors"]["pooler.dense.weight"].update(rows=[5, 2]),
     }
     for message, edit in edits.items():
         doc = json.loads(json.dumps(good))
