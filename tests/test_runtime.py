@@ -393,6 +393,11 @@ def test_decode_steps_against_transformers(tiny_model, tmp_path, kind):
     with torch.no_grad():
         want = hf(torch.from_numpy(ids)[None]).logits[0].numpy()
     assert _rel(stepwise_logits(rt, ids, 7), want) < 1e-4
+    # a second prompt chunk after the window has moved past the first positions
+    cache = rt.new_cache()
+    got = [rt.forward(ids[:7], cache, all_logits=True), rt.forward(ids[7:8], cache, all_logits=True),
+           rt.forward(ids[8:], cache, all_logits=True)]
+    assert _rel(np.concatenate(got), want) < 1e-4
 
 
 @pytest.mark.parametrize("kind", ["llama3", "qwen3", "mistral-swa", "phi3"])

@@ -3,8 +3,8 @@
 The forward pass mirrors :class:`~.reference.llama.LlamaDecoder` (pre-norm layers,
 RoPE, grouped-query attention within the sliding window if the model has one, RMSNorm,
 LM head or tied embeddings) for one sequence with a :class:`~.reference.llama.KVCache`
-(which keeps every position: a sliding window bounds the work of a step, not the
-cache). Attention projections and the LM head are the artifact's weights
+(which keeps every position: a sliding window bounds the attention work of a step or a
+prompt chunk, which read only the cached keys the window reaches, not the cache). Attention projections and the LM head are the artifact's weights
 (:class:`~.runtime_load.Linear`); FFNs go through :class:`~.runtime_load.FFNRunner`:
 several tokens at once (the prompt: prefill) use
 ``LayerKernels.prefill``, one token (a decode step) ``forward(x, idx)`` /
@@ -119,7 +119,9 @@ class DecoderRuntime:
         positions = np.arange(past, past + T)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         scale = np.float32(hd ** -0.5)
-        causal = causal_mask(positions, past + T, s.sliding_window)[None, None]  # [1, 1, T, S]
+        # the oldest key a query of these tokens attends (past keys before it stay unread)
+        first = max(past + 1 - s.sliding_window, 0) if s.sliding_window else 0
+        causal = causal_mask(positions, past + T, s.sliding_window)[None, None, :, first:]  # [1, 1, T, S]
         m = self.model
         x = m.linear("model.embed_tokens.weight").take(ids)
         for i in range(s.num_layers):
@@ -135,7 +137,7 @@ class DecoderRuntime:
             v = v.reshape(T, KV, hd).transpose(1, 0, 2)
             if cache is not None:
                 k, v = cache.append(i, k[None], v[None])
-                k, v = k[0], v[0]
+                k, v = k[0, :, first:], v[0, :, first:]
             qg = q.reshape(KV, G, T, hd)
             scores = (qg @ k[:, None].transpose(0, 1, 3, 2)) * scale  # [KV, G, T, S]
             if T > 1:
