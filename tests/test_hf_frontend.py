@@ -197,3 +197,26 @@ def test_phi3_fused_matrices_read_as_their_parts(tiny_model, tmp_path):
     with pytest.raises(InputError, match=r"'model.layers.0.mlp.gate_up_proj.weight' has shape \[190, 64\]; its 2 "
                                          r"parts \(gate_proj, up_proj\) need 192 rows"):
         load_hf_checkpoint(bad)
+
+
+def test_phi3_sharded_bf16_checkpoint(tiny_model, tmp_path):
+    """Phi-3 in bf16 across several shards: every part of a fused matrix reads as the rows
+    of transformers' bf16 parameter, from the shard that holds it."""
+    _, model = tiny_model("phi3")
+    bf16 = type(model)(model.config).to(torch.bfloat16)
+    bf16.load_state_dict(model.state_dict())
+    bf16.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    ir = load_hf_checkpoint(tmp_path)
+    state = {k: v.float().numpy() for k, v in bf16.state_dict().items()}
+    s = ir.spec
+    q, kv, n = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.intermediate_size
+    for i in range(s.num_layers):
+        p = f"model.layers.{i}."
+        qkv, gate_up = state[p + "self_attn.qkv_proj.weight"], state[p + "mlp.gate_up_proj.weight"]
+        for part, arr in (("self_attn.q_proj", qkv[:q]), ("self_attn.k_proj", qkv[q:q + kv]),
+                          ("self_attn.v_proj", qkv[q + kv:]), ("mlp.gate_proj", gate_up[:n]),
+                          ("mlp.up_proj", gate_up[n:])):
+            assert ir.store.dtype(p + part + ".weight").name == "bfloat16"
+            assert np.array_equal(ir.store.get_f32(p + part + ".weight"), arr), p + part
+    assert len({ir.store.ref(n).file for n in ir.store.names()}) > 2
