@@ -126,7 +126,7 @@ def _bert(g: Graph, ir: ModelIR) -> int:
 
 
 def _decoder(g: Graph, ir: ModelIR) -> int:
-    """Pre-norm Llama/Mistral/Qwen2/Qwen3 decoder -> ``logits`` [B, S, vocab]; returns vocab."""
+    """Pre-norm Llama/Mistral/Qwen2/Qwen3/Phi-3 decoder -> ``logits`` [B, S, vocab]; returns vocab."""
     spec, store, eps = ir.spec, ir.store, ir.spec.norm_eps
     x = g.op("Gather", g.weight("model.embed_tokens.weight"), "input_ids", name="embeddings")
     cos_sin = rope_tables(g, spec.head_dim, spec.rope_theta, spec.rope_scaling)

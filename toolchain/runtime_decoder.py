@@ -1,10 +1,11 @@
-"""Decoder runtime (``llama`` family: Llama, Mistral, Qwen2, Qwen3): logits and generation.
+"""Decoder runtime (``llama`` family: Llama, Mistral, Qwen2, Qwen3, Phi-3): logits and generation.
 
 The forward pass mirrors :class:`~.reference.llama.LlamaDecoder` (pre-norm layers,
 RoPE, grouped-query attention within the sliding window if the model has one, RMSNorm,
 LM head or tied embeddings) for one sequence with a :class:`~.reference.llama.KVCache`
 (which keeps every position: a sliding window bounds the attention work of a step or a
-prompt chunk, which read only the cached keys the window reaches, not the cache). Attention projections and the LM head are the artifact's weights
+prompt chunk, which read only the cached keys the window reaches, not the cache).
+Attention projections and the LM head are the artifact's weights
 (:class:`~.runtime_load.Linear`); FFNs go through :class:`~.runtime_load.FFNRunner`:
 several tokens at once (the prompt: prefill) use
 ``LayerKernels.prefill``, one token (a decode step) ``forward(x, idx)`` /

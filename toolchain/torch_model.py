@@ -9,10 +9,11 @@ family IR into an ``nn.Module`` that computes what the numpy reference executors
   ``x = LN(x + Attn(x)); x = LN(x + FFN(x))``; padding keys are masked out.
   ``forward`` returns the last hidden state ``[B, T, d]``; ``embed`` the mean-pooled,
   L2-normalised sentence embedding ``[B, d]``.
-* ``llama`` (Llama, Mistral, Qwen2, Qwen3): token embedding -> pre-norm layers with RMSNorm,
-  RoPE (HF ``rotate_half``), grouped-query attention, optional q/k/v biases and per-head
-  q/k norms, causal (within the sliding window, if any) + padding mask -> RMSNorm -> LM head (tied to the embedding when the spec says so and
-  the store has no ``lm_head.weight``). ``forward`` returns logits ``[B, T, V]``.
+* ``llama`` (Llama, Mistral, Qwen2, Qwen3, Phi-3): token embedding -> pre-norm layers
+  with RMSNorm, RoPE (HF ``rotate_half``), grouped-query attention, optional q/k/v biases
+  and per-head q/k norms, causal (within the sliding window, if any) + padding mask ->
+  RMSNorm -> LM head (tied to the embedding when the spec says so and the store has no
+  ``lm_head.weight``). ``forward`` returns logits ``[B, T, V]``.
 
 Each FFN implements :class:`~.ir.FFNBlock` exactly, reading the block's fields when the
 module is built: ``h = act(gate(x)) * up_act(up(x))`` (gated) or ``act(up(x))``, then

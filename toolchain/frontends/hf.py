@@ -72,14 +72,15 @@ def load_hf_checkpoint(directory: str | Path) -> ModelIR:
             name = family.canonical_name(key)
             if name is None:
                 continue
-            parts = fused.get(name, [(name, None, None)])
-            if parts[-1][2] is not None and tuple(st.shape(key))[:1] != (parts[-1][2],):
+            parts = fused.get(name)
+            if parts and tuple(st.shape(key))[:1] != (parts[-1][2],):
                 raise InputError(shard, f"tensor {key!r} has shape {list(st.shape(key))}; its {len(parts)} parts "
                                         f"({', '.join(p[0].split('.')[-2] for p in parts)}) need {parts[-1][2]} rows")
-            for part, start, stop in parts:
+            pieces = [(part, (start, stop)) for part, start, stop in parts] if parts else [(name, None)]
+            for part, rows in pieces:
                 if part in refs:
                     raise InputError(shard, f"tensor {part!r} appears in more than one shard")
-                refs[part] = TensorRef(str(shard), key, rows=None if start is None else (start, stop))
+                refs[part] = TensorRef(str(shard), key, rows=rows)
     wanted = set(family.expected_shapes(spec)) | set(family.optional_shapes(spec))
     store = TensorStore({k: v for k, v in refs.items() if k in wanted})
     check_weights(family, spec, store, directory)

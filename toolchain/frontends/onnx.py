@@ -317,19 +317,25 @@ def _rope_theta(freqs: np.ndarray) -> float | None:
     return float(f"{freqs[-1] ** (-k / (k - 1)):.6g}")
 
 
+def _graph_window(facts: dict[str, Any], max_positions: int | None) -> int | None:
+    """The graph's sliding window, taken out of ``facts``; None when it has none or its
+    window spans all ``max_positions``."""
+    window = facts.pop("sliding_window", None)
+    return window if window is not None and window < max_positions else None
+
+
 def _inferred_spec(family: type[ModelFamily], facts: dict[str, Any], path: Path) -> ArchSpec:
     """The spec from graph facts alone; a fact the graph does not give is an InputError."""
     facts.pop("rope_inv_freq", None)
     if family is Llama and facts["max_positions"] is None:
         facts["max_positions"] = _LLAMA_MAX_POSITIONS
-    if (facts.get("sliding_window") or 0) >= (facts["max_positions"] or 0):  # a window over every position
-        facts["sliding_window"] = None
-    missing = sorted(k for k, v in facts.items() if v is None and k != "sliding_window")
+    window = _graph_window(facts, facts["max_positions"])
+    missing = sorted(k for k, v in facts.items() if v is None)
     if missing:
         hint = " (the graph has no output projection after the final norm)" if "tie_word_embeddings" in missing else ""
         raise InputError(path, f"cannot infer {', '.join(missing)} from the graph{hint}; put the model's "
                                "config.json beside the .onnx file")
-    return ArchSpec(family=family.name, pad_token_id=0 if family is Bert else None, **facts)
+    return ArchSpec(family=family.name, pad_token_id=0 if family is Bert else None, sliding_window=window, **facts)
 
 
 def _config_spec(family: type[ModelFamily], facts: dict[str, Any], directory: Path) -> ArchSpec:
@@ -341,8 +347,9 @@ def _config_spec(family: type[ModelFamily], facts: dict[str, Any], directory: Pa
         raise InputError(path, f"config.json describes a {described.name} model but the graph is a {family.name} model")
     spec = family.spec_from_config(config, path)
     freqs = facts.pop("rope_inv_freq", None)
-    if (facts.get("sliding_window") or 0) >= spec.max_positions:  # a window over every position
-        facts["sliding_window"] = None
+    window = _graph_window(facts, spec.max_positions)
+    if window is not None and window != spec.sliding_window:
+        raise InputError(path, f"config.json says sliding_window = {spec.sliding_window!r} but the graph has {window}")
     got = dataclasses.asdict(spec)  # every field, those to_dict leaves out at their defaults too
     for key, value in facts.items():
         if value is None or key == "architecture":

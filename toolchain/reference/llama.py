@@ -1,12 +1,12 @@
-"""Reference Llama-style decoder (Llama, Mistral, Qwen2, Qwen3) in numpy float32.
+"""Reference Llama-style decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3) in numpy float32.
 
 Token embedding -> ``num_layers`` pre-norm layers
 ``x = x + Attn(RMSNorm(x)); x = x + FFN(RMSNorm(x))`` -> RMSNorm -> LM head.
 Attention is causal (within ``spec.sliding_window`` positions when set: :func:`causal_mask`)
-multi-head with grouped key/value heads (GQA), rotary position
-embeddings (Hugging Face ``rotate_half`` convention, base ``spec.rope_theta``, scaled as
-``spec.rope_scaling`` says: :func:`rope_inv_freq`), optional q/k/v biases (Qwen2) and
-per-head query/key RMSNorms before RoPE (Qwen3). The LM head is ``lm_head.weight``, or the token embedding
+multi-head with grouped key/value heads (GQA), rotary position embeddings (Hugging Face
+``rotate_half`` convention, base ``spec.rope_theta``, scaled as ``spec.rope_scaling``
+says: :func:`rope_inv_freq`), optional q/k/v biases (Qwen2) and per-head query/key
+RMSNorms before RoPE (Qwen3). The LM head is ``lm_head.weight``, or the token embedding
 when the embeddings are tied and the store has no ``lm_head.weight``.
 
 Positions of the tokens passed to :meth:`LlamaDecoder.forward` continue from the length
@@ -202,7 +202,7 @@ class KVCache:
 
 
 class LlamaDecoder:
-    """Numpy forward pass of a ``llama``-family IR (Llama, Mistral, Qwen2, Qwen3 specs).
+    """Numpy forward pass of a ``llama``-family IR (Llama, Mistral, Qwen2, Qwen3, Phi-3 specs).
 
     ``ffn`` replaces the FFN block computation (default :func:`~.ffn.ffn_forward`).
     """
