@@ -60,6 +60,13 @@ TINY_CONFIGS["phi3"] = dict(
     max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu", sliding_window=6,
     tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
+# Phi-3 128k / Phi-3.5-style LongRoPE: per-frequency factors, the long ones for sequences
+# past 16 positions, tables scaled by sqrt(1 + ln(64 / 16) / ln 16)
+TINY_CONFIGS["phi3-longrope"] = dict(
+    TINY_CONFIGS["phi3"], sliding_window=None, max_position_embeddings=64, original_max_position_embeddings=16,
+    rope_scaling=dict(type="longrope", short_factor=[1.0, 1.0, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5],
+                      long_factor=[1.0, 1.3, 1.8, 2.5, 3.5, 4.5, 5.5, 7.0]),
+)
 
 
 def build_tiny_model(kind: str, directory: Path, seed: int = 0):

@@ -1,6 +1,7 @@
-"""Scaled RoPE (Llama 3.1-3.3 ``llama3``, ``linear``): the inverse frequencies against
-transformers', a converted checkpoint in the runtime against transformers' logits, and
-clear errors for scaling the decoders do not compute."""
+"""Scaled RoPE (Llama 3.1-3.3 ``llama3``, ``linear``, Phi-3 128k / Phi-3.5 ``longrope``):
+the inverse frequencies against transformers', converted checkpoints in the reference, the
+ONNX graph, the torch twin and the runtime against transformers' logits, and clear errors
+for scaling the decoders do not compute."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ import pytest
 
 from sparseforge.toolchain.errors import InputError
 from sparseforge.toolchain.frontends.hf import load_hf_checkpoint
-from sparseforge.toolchain.reference.llama import rope_inv_freq
+from sparseforge.toolchain.families.llama import Llama
+from sparseforge.toolchain.reference.llama import Rope, rope_inv_freq
 
 LLAMA31 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                original_max_position_embeddings=8192)
@@ -60,6 +62,117 @@ def test_llama3_checkpoint_in_the_runtime(tiny_model, tmp_path):
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
 
 
+def _factors(n: int, top: float) -> list[float]:
+    return [round(float(v), 4) for v in np.geomspace(1.0, top, n)]
+
+
+@pytest.mark.parametrize("arch, config", [
+    # Phi-3-mini-128k's form: the original length at the top level, the factor from the lengths
+    ("Phi3ForCausalLM", dict(hidden_size=3072, num_attention_heads=32, max_position_embeddings=131072,
+                             original_max_position_embeddings=4096, rope_theta=10000.0,
+                             rope_scaling=dict(type="longrope", short_factor=_factors(48, 1.2),
+                                               long_factor=_factors(48, 60.0)))),
+    # Phi-3-medium-128k's earlier name "su" (transformers 5 renames it to longrope only after
+    # validating the config, and then misses the original length: it is compared as longrope)
+    ("Phi3ForCausalLM", dict(hidden_size=5120, num_attention_heads=40, max_position_embeddings=131072,
+                             original_max_position_embeddings=4096, rope_theta=10000.0,
+                             rope_scaling=dict(type="su", short_factor=_factors(64, 1.1),
+                                               long_factor=_factors(64, 30.0)))),
+    # no top-level original length: Phi3Config's default, 4096
+    ("Phi3ForCausalLM", dict(hidden_size=1024, num_attention_heads=8, max_position_embeddings=32768,
+                             rope_theta=10000.0, rope_scaling=dict(type="longrope", short_factor=_factors(64, 1.1),
+                                                                   long_factor=_factors(64, 30.0)))),
+    # another family: the original length and the attention factor inside the scaling
+    ("LlamaForCausalLM", dict(hidden_size=512, num_attention_heads=8, max_position_embeddings=8192,
+                              rope_theta=500000.0, rope_scaling=dict(
+                                  rope_type="longrope", short_factor=_factors(32, 1.5), long_factor=_factors(32, 8.0),
+                                  original_max_position_embeddings=1024, attention_factor=1.1))),
+    ("LlamaForCausalLM", dict(hidden_size=512, num_attention_heads=8, max_position_embeddings=8192,
+                              rope_theta=500000.0, rope_scaling=dict(
+                                  rope_type="longrope", short_factor=_factors(32, 1.5), long_factor=_factors(32, 8.0),
+                                  factor=4.0))),
+])
+def test_longrope_tables_match_transformers(arch, config, tmp_path):
+    """The short and long inverse frequencies and the attention factor read from a
+    config.json against transformers' own reading of it, on both sides of the switch."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    raw = {"architectures": [arch], "intermediate_size": 64, "num_hidden_layers": 1, "vocab_size": 32, **config}
+    as_longrope = dict(raw, rope_scaling=dict(raw["rope_scaling"], type="longrope"))
+    hf_config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**as_longrope)
+    spec = Llama.spec_from_config(json.loads(json.dumps(raw)), tmp_path / "config.json")
+    assert spec.rope_scaling["type"] == "longrope"
+    rope = Rope(spec.head_dim, spec.rope_theta, spec.rope_scaling)
+    original = hf_config.rope_parameters["original_max_position_embeddings"]
+    assert rope.switch == original
+    for seq_len, got in ((None, rope.inv_freq), (original, rope.inv_freq), (original + 1, rope.long_inv_freq)):
+        want, factor = ROPE_INIT_FUNCTIONS["longrope"](hf_config, "cpu", seq_len=seq_len)
+        np.testing.assert_allclose(got, want.numpy(), rtol=4e-7, atol=0)
+        assert rope.attention_factor == np.float32(factor)
+    assert not np.allclose(rope.inv_freq, rope.long_inv_freq, rtol=1e-3)
+    positions = np.arange(original - 2, original + 1)
+    cos, sin = rope.cos_sin(positions[:2])
+    cos_long, _ = rope.cos_sin(positions)  # the call reaching past the original length
+    assert np.abs(cos[:, 0]).max() <= rope.attention_factor and not np.allclose(cos, cos_long[:2], rtol=1e-3)
+    np.testing.assert_allclose(cos * cos + sin * sin, np.float32(factor) ** 2, rtol=1e-5)
+
+
+def test_longrope_checkpoint_against_transformers(tiny_model, tmp_path):
+    """A Phi-3 with LongRoPE (the long factors past 16 positions) against transformers,
+    below and past the switch: the numpy reference, the ONNX graph in onnxruntime and the
+    torch twin over whole sequences; the runtime over a whole sequence, and as a prompt
+    of 12 then decode steps, against transformers with its KV cache (its tokens past the
+    switch use the long tables, the cached keys keep the short ones)."""
+    import inspect
+
+    import onnxruntime as ort
+    import torch
+    from transformers import DynamicCache
+
+    from _runtime_artifacts import packed_f32
+
+    from sparseforge.toolchain.onnx_builder import build_onnx
+    from sparseforge.toolchain.reference import LlamaDecoder
+    from sparseforge.toolchain.runtime import load_runtime
+    from sparseforge.toolchain.torch_model import build_torch_model
+
+    ckpt, hf = tiny_model("phi3-longrope")
+    ir = load_hf_checkpoint(ckpt)
+    assert ir.spec.rope_scaling["attention_factor"] == pytest.approx(hf.model.rotary_emb.attention_scaling)
+    ids = np.random.default_rng(7).integers(3, hf.config.vocab_size, 40)
+
+    def rel(got, want) -> float:
+        return float(np.abs(got - want).max() / np.abs(want).max())
+
+    built = build_onnx(ir, tmp_path / "onnx")
+    session = ort.InferenceSession(str(built.path), providers=["CPUExecutionProvider"])
+    twin = build_torch_model(ir)
+    for T in (12, 40):
+        batch = ids[None, :T]
+        with torch.no_grad():
+            want = hf(torch.from_numpy(batch)).logits[0].numpy()
+            got_twin = twin(torch.from_numpy(batch)).numpy()[0]
+        assert rel(LlamaDecoder(ir).forward(batch)[0], want) < 1e-4, T
+        onnx_out = session.run([built.output], {"input_ids": batch, "attention_mask": np.ones_like(batch)})[0][0]
+        assert rel(onnx_out, want) < 1e-4 and rel(got_twin, want) < 1e-4, T
+
+    rt = load_runtime(packed_f32(ckpt, tmp_path), mode="dense")
+    with torch.no_grad():
+        whole = hf(torch.from_numpy(ids[None])).logits[0].numpy()
+        # transformers 5 calls it ``cache``, and warns of the earlier ``past_key_values``
+        kv = {"cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values":
+              DynamicCache(config=hf.config)}
+        steps = [hf(torch.from_numpy(ids[None, :12]), **kv).logits[0]]
+        steps += [hf(torch.tensor([[t]]), **kv).logits[0] for t in ids[12:24]]
+        stepwise = torch.cat(steps).numpy()
+    assert rel(rt.forward(ids, all_logits=True), whole) < 1e-4
+    cache = rt.new_cache()
+    got = [rt.forward(ids[:12], cache, all_logits=True)] + [rt.forward([t], cache, all_logits=True) for t in ids[12:24]]
+    assert rel(np.concatenate(got), stepwise) < 1e-4
+    assert rel(stepwise, whole[:24]) > 1e-3  # the switch shows in the logits
+
+
 def _config(ckpt, tmp_path, **changes):
     d = tmp_path / "m"
     shutil.copytree(ckpt, d)
@@ -80,6 +193,15 @@ def _config(ckpt, tmp_path, **changes):
      None),  # older configs: ``rope_scaling`` with ``type``; keys a type does not use are ignored
     (dict(rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5)),
      "partial_rotary_factor 0.5"),
+    (dict(rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 7, long_factor=[2.0] * 8,
+                               original_max_position_embeddings=16)),
+     "short_factor has 7 values, not one per rotary frequency \\(8\\)"),
+    (dict(rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 8,
+                               long_factor=[2.0] * 7 + [0.0], original_max_position_embeddings=16)),
+     "long_factor is not a list of positive numbers"),
+    (dict(rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 8, long_factor=[2.0] * 8,
+                               original_max_position_embeddings=16, factor="big")),
+     "factor = \"big\" is not a positive number"),
 ])
 def test_unsupported_rope_is_refused(tiny_model, tmp_path, changes, message):
     d = _config(tiny_model("llama3")[0], tmp_path, **changes)
@@ -116,6 +238,24 @@ def test_scaled_rope_onnx_export_takes_its_config(tiny_model, tiny_onnx, tmp_pat
         load_onnx(path)
 
 
+def test_longrope_onnx_export_is_refused(tiny_model, tiny_onnx, tmp_path):
+    """An ONNX export whose config.json has LongRoPE: the graph's tables would have to
+    switch with the sequence length, so the checkpoint is asked for instead."""
+    from sparseforge.toolchain.frontends.onnx import load_onnx
+
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in (tiny_onnx("llama3"), tiny_onnx("llama3").with_name("model.onnx.data")):
+        if f.exists():
+            shutil.copy(f, d / f.name)
+    config = json.loads((tiny_model("llama3")[0] / "config.json").read_text())
+    config["rope_parameters"] = dict(rope_type="longrope", rope_theta=5e5, short_factor=[1.0] * 8,
+                                     long_factor=[2.0] * 8, original_max_position_embeddings=16)
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="'longrope' RoPE scaling .* is read from checkpoints, not from ONNX exports"):
+        load_onnx(d / tiny_onnx("llama3").name)
+
+
 def test_artifact_with_unsupported_rope_scaling_exits_2(tiny_model, tmp_path, capsys):
     """``inspect`` shows an artifact's RoPE scaling, and refuses (exit 2) an artifact whose
     spec carries scaling the runtime does not compute."""
@@ -145,4 +285,4 @@ def test_artifact_with_unsupported_rope_scaling_exits_2(tiny_model, tmp_path, ca
     artifact_writer.write_artifact(tmp_path / "bad.gguf", meta, tensor_stream(ir, layouts, formats))
     code, _, err = inspect(tmp_path / "bad.gguf")
     assert code == 2 and err.startswith(f"error: {tmp_path / 'bad.gguf'}: model spec: RoPE scaling ") \
-        and "is not one of the supported types (linear, llama3)" in err
+        and "is not one of the supported types (linear, llama3, longrope)" in err

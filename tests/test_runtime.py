@@ -400,10 +400,10 @@ def test_decode_steps_against_transformers(tiny_model, tmp_path, kind):
     assert _rel(np.concatenate(got), want) < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["llama3", "qwen3", "mistral-swa", "phi3"])
+@pytest.mark.parametrize("kind", ["llama3", "qwen3", "mistral-swa", "phi3", "phi3-longrope"])
 def test_whole_recipe_on_newer_decoders(tiny_model, tmp_path, kind):
-    """Llama 3-style scaled RoPE, Qwen3's per-head norms, Mistral's sliding window and
-    Phi-3's fused matrices through every pass (profile on onnxruntime, relufy's torch fine-tuning, predictors,
+    """Llama 3-style scaled RoPE, Qwen3's per-head norms, Mistral's sliding window,
+    Phi-3's fused matrices and LongRoPE through every pass (profile on onnxruntime, relufy's torch fine-tuning, predictors,
     Q8_0, reorder, pack): the runtime's dense and predictor modes against the numpy
     reference on the final IR."""
     from _runtime_artifacts import PROFILE, RECIPE
@@ -421,12 +421,17 @@ def test_whole_recipe_on_newer_decoders(tiny_model, tmp_path, kind):
     ids = np.random.default_rng(2).integers(0, vocab, 24)
     want = executor_for(ir).forward(ids[None])[0]
     model = LoadedModel.open(tmp_path / "out" / "model.gguf", linear="dequantize")
-    assert (model.spec.rope_scaling is not None) == (kind == "llama3") and model.spec.qk_norm == (kind == "qwen3")
+    assert (model.spec.rope_scaling is not None) == (kind in ("llama3", "phi3-longrope")) \
+        and model.spec.qk_norm == (kind == "qwen3")
     assert model.spec.sliding_window == {"mistral-swa": 5, "phi3": 6}.get(kind)
     dense = runtime_for(model, "dense")
-    cache = dense.new_cache()
+    ref = executor_for(ir)
+    cache, ref_cache = dense.new_cache(), ref.new_cache()
     steps = [dense.forward(ids[:10], cache, all_logits=True)] + [dense.forward([t], cache)[None] for t in ids[10:]]
-    assert _rel(np.concatenate(steps), want) < 1e-2
+    # against the reference in the same calls (LongRoPE's tables depend on them)
+    want_steps = [ref.forward(ids[None, :10], ref_cache)[0]] + [ref.forward(ids[None, t:t + 1], ref_cache)[0]
+                                                               for t in range(10, ids.size)]
+    assert _rel(np.concatenate(steps), np.concatenate(want_steps)) < 1e-2
     predicted = runtime_for(model, "predictor").forward(ids, all_logits=True)
     assert np.mean(predicted.argmax(-1) == want.argmax(-1)) > 0.8
 

@@ -49,10 +49,10 @@ class ArchSpec:
     ``activation`` is the FFN activation (``gelu``, ``gelu_tanh``, ``silu``, ``relu``);
     ``gated`` FFNs compute ``act(x Wg^T) * (x Wu^T)``; ``norm`` is ``layernorm`` or
     ``rmsnorm``. Decoder-only fields (rope) are None for encoders. ``rope_scaling`` is
-    None (unscaled RoPE) or ``{"type": "linear" | "llama3", ...}`` with the numbers of
-    :data:`~.reference.llama.ROPE_SCALING_KEYS`. ``qk_norm``: each head's query and key
-    are RMS-normalised (weights ``self_attn.q_norm`` / ``k_norm``, ``[head_dim]``) before
-    RoPE (Qwen3). ``sliding_window``: None (every earlier position) or ``W``: a query at
+    None (unscaled RoPE) or ``{"type": "linear" | "llama3" | "longrope", ...}`` with the
+    values of :data:`~.reference.llama.ROPE_SCALING_KEYS`. ``qk_norm``: each head's query
+    and key are RMS-normalised (weights ``self_attn.q_norm`` / ``k_norm``, ``[head_dim]``)
+    before RoPE (Qwen3). ``sliding_window``: None (every earlier position) or ``W``: a query at
     position ``i`` attends the keys at positions ``i - W < j <= i`` (Mistral v0.1).
     These three are left out of :meth:`to_dict` at their defaults
     (:data:`LATER_FIELDS`), so other models keep the manifests and artifacts they had
@@ -109,7 +109,7 @@ class ArchSpec:
         if d.get("rope_scaling") is not None:
             from .reference.llama import check_rope_scaling
 
-            check_rope_scaling(d["rope_scaling"])
+            check_rope_scaling(d["rope_scaling"], d.get("head_dim"))
         if d.get("sliding_window") is not None and d["sliding_window"] < 1:
             raise ValueError(f"sliding_window {d['sliding_window']} is not a positive number of positions")
         return cls(**{k: v for k, v in d.items() if k in fields})

@@ -20,7 +20,7 @@ import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from .ir import FFNBlock
-from .reference.llama import rope_inv_freq
+from .reference.llama import Rope
 
 OPSET = 20
 NEG = float(np.finfo(np.float32).min)
@@ -35,8 +35,8 @@ class WeightSource(Protocol):
 class Graph:
     """Nodes, initializers and unique value names of a graph being built.
 
-    ``input_ids`` [B, S] is expected as a graph input; ``dims`` ([B, S]) and ``positions``
-    ([S], 0..S-1) are derived from it once.
+    ``input_ids`` [B, S] is expected as a graph input; ``dims`` ([B, S]), ``seq`` (S, a
+    scalar) and ``positions`` ([S], 0..S-1) are derived from it once.
     """
 
     def __init__(self, weights: WeightSource) -> None:
@@ -47,8 +47,8 @@ class Graph:
         self._values: dict[tuple, str] = {}  # constants, cast weights, shapes: built once
         self.shapes: dict[str, tuple[int, ...]] = {}  # of the weights added so far
         self.dims = self.op("Shape", "input_ids", name="dims")
-        seq = self.op("Gather", self.dims, self.const(np.array(1, np.int64), "one"), axis=0, name="seq")
-        self.positions = self.op("Range", self.const(np.array(0, np.int64), "zero"), seq,
+        self.seq = self.op("Gather", self.dims, self.const(np.array(1, np.int64), "one"), axis=0, name="seq")
+        self.positions = self.op("Range", self.const(np.array(0, np.int64), "zero"), self.seq,
                                  self.const(np.array(1, np.int64), "one"), name="positions")
 
     def fresh(self, hint: str) -> str:
@@ -129,13 +129,23 @@ def rms_norm(g: Graph, x: str, weight: str, eps: float, name: str | None = None)
 
 
 def rope_tables(g: Graph, head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> tuple[str, str]:
-    """``cos, sin`` [S, hd] for positions 0..S-1 (HF: angles ``pos * inv_freq`` in float32,
-    :func:`~.reference.llama.rope_inv_freq`, each half of the head repeated)."""
-    inv_freq = rope_inv_freq(head_dim, theta, scaling)
+    """``cos, sin`` [S, hd] for positions 0..S-1, as :class:`~.reference.llama.Rope` makes
+    them for one call over the S tokens (HF: angles ``pos * inv_freq`` in float32, each
+    half of the head repeated; ``longrope``: the long factors' frequencies when S exceeds
+    ``original_max_position_embeddings``, the tables times ``attention_factor``)."""
+    rope = Rope(head_dim, theta, scaling)
+    inv_freq = g.const(rope.inv_freq, "inv_freq")
+    if rope.longrope:
+        longer = g.op("Greater", g.seq, g.const(np.array(rope.switch, np.int64), "rope_switch"), name="rope.long")
+        inv_freq = g.op("Where", longer, g.const(rope.long_inv_freq, "long_inv_freq"), inv_freq, name="rope.inv_freq")
     pos = g.op("Unsqueeze", g.op("Cast", g.positions, to=TensorProto.FLOAT), g.ints([1], "ax1"))
-    freqs = g.op("Mul", pos, g.const(inv_freq, "inv_freq"))  # [S, hd/2]
+    freqs = g.op("Mul", pos, inv_freq)  # [S, hd/2]
     emb = g.op("Concat", freqs, freqs, axis=-1, name="rope.angles")
-    return g.op("Cos", emb, name="rope.cos"), g.op("Sin", emb, name="rope.sin")
+    cos, sin = g.op("Cos", emb, name="rope.cos"), g.op("Sin", emb, name="rope.sin")
+    if not rope.longrope:
+        return cos, sin
+    factor = g.scalar(float(rope.attention_factor), "attention_factor")
+    return g.op("Mul", cos, factor, name="rope.cos_scaled"), g.op("Mul", sin, factor, name="rope.sin_scaled")
 
 
 def rope(g: Graph, x: str, cos: str, sin: str, head_dim: int) -> str:

@@ -23,7 +23,7 @@ from sparseforge.kernels.attention import attention_step, rms_norm_into
 
 from .errors import InputError
 from .reference.bert import softmax
-from .reference.llama import KVCache, apply_rope, causal_mask, rms_norm, rope_cos_sin, rope_inv_freq
+from .reference.llama import KVCache, Rope, apply_rope, causal_mask, rms_norm
 from .runtime_load import FFNRunner, Linear, LoadedModel, blas_one_thread
 from .runtime_sampling import Sampler
 
@@ -57,7 +57,7 @@ class DecoderRuntime:
             raise InputError(model.artifact.path, "the artifact's spec has no rope_theta")
         self.model = model
         self.spec = model.spec
-        self.inv_freq = rope_inv_freq(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling)
+        self.rope = Rope(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling)
         self.ffn = FFNRunner(model, mode)
         if model.has("lm_head.weight"):
             self.lm_head = "lm_head.weight"
@@ -118,7 +118,7 @@ class DecoderRuntime:
         H, KV, hd = s.num_heads, s.num_kv_heads, s.head_dim
         G = H // KV
         positions = np.arange(past, past + T)
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        cos, sin = self.rope.cos_sin(positions)
         scale = np.float32(hd ** -0.5)
         # the oldest key a query of these tokens attends (past keys before it stay unread)
         first = max(past + 1 - s.sliding_window, 0) if s.sliding_window else 0
@@ -198,7 +198,7 @@ class DecoderRuntime:
         s, m = self.spec, self.model
         hd, eps = s.head_dim, s.norm_eps
         nq, nkv = s.num_heads * hd, s.num_kv_heads * hd
-        cos, sin = rope_cos_sin(np.array([cache.length]), self.inv_freq)
+        cos, sin = self.rope.cos_sin(np.array([cache.length]))
         scale = np.float32(hd ** -0.5)
         window = s.sliding_window or 0
         x = m.linear("model.embed_tokens.weight").take(ids)[0]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ir import FFNBlock, ModelIR
-from .reference.llama import causal_mask, rope_cos_sin, rope_inv_freq
+from .reference.llama import Rope, causal_mask
 
 TorchActivation = Callable[[torch.Tensor, FFNBlock], torch.Tensor]
 
@@ -289,7 +289,7 @@ class LlamaTorch(TorchModel):
         """``cos, sin [T, head_dim]`` computed exactly as the reference does."""
         if T not in self._rope:
             s = self.spec
-            cos, sin = rope_cos_sin(np.arange(T), rope_inv_freq(s.head_dim, s.rope_theta, s.rope_scaling))
+            cos, sin = Rope(s.head_dim, s.rope_theta, s.rope_scaling).cos_sin(np.arange(T))
             self._rope[T] = torch.from_numpy(cos), torch.from_numpy(sin)
         return self._rope[T]
 

@@ -5,6 +5,7 @@ read as the separate matrices: :meth:`Llama.fused_tensors`)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +17,20 @@ from .base import ModelFamily, config_value, register
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
-def _rope(config: dict[str, Any], path: Path) -> tuple[float, dict[str, Any] | None]:
+def _rope(config: dict[str, Any], arch: str, head_dim: int, max_pos: int,
+          path: Path) -> tuple[float, dict[str, Any] | None]:
     """RoPE base and scaling (``ArchSpec.rope_scaling``) from ``rope_parameters``
     (transformers 5) or ``rope_theta`` / ``rope_scaling`` (earlier configs): unscaled
-    (``default``), ``linear`` or ``llama3``; other types, or rotary embeddings over only
-    part of the head, are an InputError."""
+    (``default``), ``linear``, ``llama3`` or ``longrope`` (:func:`_longrope`; Phi-3 also
+    names it ``su`` or ``yarn``); other types, or rotary embeddings over only part of the
+    head, are an InputError."""
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or params
     if not isinstance(params, dict) or not isinstance(scaling, dict):
         raise InputError(path, "config.json: rope_parameters / rope_scaling is not an object")
     rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    if arch == "Phi3ForCausalLM" and rope_type in ("su", "yarn"):  # as transformers' Phi3Config reads them
+        rope_type = "longrope"
     if rope_type not in ("default", *ROPE_SCALING_KEYS):
         raise InputError(path, f"unsupported RoPE scaling {rope_type!r} (supported: unscaled, "
                                f"{', '.join(repr(t) for t in ROPE_SCALING_KEYS)})")
@@ -38,12 +43,36 @@ def _rope(config: dict[str, Any], path: Path) -> tuple[float, dict[str, Any] | N
         raise InputError(path, f"config.json: rope_theta {json.dumps(theta)} is not a number")
     if rope_type == "default":
         return float(theta), None
-    rope = {"type": rope_type, **{k: scaling.get(k) for k in ROPE_SCALING_KEYS[rope_type]}}
+    rope = {"type": rope_type, **(_longrope(config, scaling, arch, max_pos, path) if rope_type == "longrope" else
+                                  {k: scaling.get(k) for k in ROPE_SCALING_KEYS[rope_type]})}
     try:
-        check_rope_scaling(rope)
+        check_rope_scaling(rope, head_dim)
     except ValueError as exc:
         raise InputError(path, f"config.json: {exc}") from None
-    return float(theta), {"type": rope_type, **{k: kind(rope[k]) for k, kind in ROPE_SCALING_KEYS[rope_type].items()}}
+    return float(theta), {"type": rope_type, **{k: [float(v) for v in rope[k]] if kind is list else kind(rope[k])
+                                                for k, kind in ROPE_SCALING_KEYS[rope_type].items()}}
+
+
+def _longrope(config: dict[str, Any], scaling: dict[str, Any], arch: str, max_pos: int, path: Path) -> dict[str, Any]:
+    """``longrope``'s values as transformers derives them: ``original_max_position_embeddings``
+    from the config's top level (Phi-3's default 4096), else from the scaling, else
+    ``max_position_embeddings``; ``attention_factor`` as given, else ``sqrt(1 + ln(factor) /
+    ln(original_max_position_embeddings))`` where ``factor`` (as given, else
+    ``max_position_embeddings / original_max_position_embeddings``) exceeds 1, else 1."""
+    original = config.get("original_max_position_embeddings", 4096 if arch == "Phi3ForCausalLM" else
+                          scaling.get("original_max_position_embeddings", max_pos))
+    values = {"short_factor": scaling.get("short_factor"), "long_factor": scaling.get("long_factor"),
+              "original_max_position_embeddings": original, "attention_factor": scaling.get("attention_factor")}
+    if values["attention_factor"] is None and isinstance(original, int) and not isinstance(original, bool) \
+            and original > 1:
+        factor = scaling.get("factor")
+        if factor is None:
+            factor = max_pos / original
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise InputError(path, f"config.json: RoPE scaling 'longrope': factor = {json.dumps(factor)} is not a "
+                                   "positive number")
+        values["attention_factor"] = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+    return values
 
 
 def _sliding_window(config: dict[str, Any], arch: str, layers: int, max_pos: int, path: Path) -> int | None:
@@ -89,7 +118,7 @@ class Llama(ModelFamily):
             raise InputError(path, f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
         max_pos = config_value(config, "max_position_embeddings", path, int, 2048)
         layers = config_value(config, "num_hidden_layers", path)
-        theta, rope_scaling = _rope(config, path)
+        theta, rope_scaling = _rope(config, arch, head_dim, max_pos, path)
         return ArchSpec(
             family=cls.name,
             architecture=arch,

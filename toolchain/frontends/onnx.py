@@ -346,6 +346,9 @@ def _config_spec(family: type[ModelFamily], facts: dict[str, Any], directory: Pa
     if described is not family:
         raise InputError(path, f"config.json describes a {described.name} model but the graph is a {family.name} model")
     spec = family.spec_from_config(config, path)
+    if spec.rope_scaling is not None and spec.rope_scaling["type"] == "longrope":
+        raise InputError(path, "config.json: 'longrope' RoPE scaling (tables that change with the sequence length) "
+                               "is read from checkpoints, not from ONNX exports; convert the checkpoint")
     freqs = facts.pop("rope_inv_freq", None)
     window = _graph_window(facts, spec.max_positions)
     if window is not None and window != spec.sliding_window:

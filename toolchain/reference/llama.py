@@ -5,7 +5,7 @@ Token embedding -> ``num_layers`` pre-norm layers
 Attention is causal (within ``spec.sliding_window`` positions when set: :func:`causal_mask`)
 multi-head with grouped key/value heads (GQA), rotary position embeddings (Hugging Face
 ``rotate_half`` convention, base ``spec.rope_theta``, scaled as ``spec.rope_scaling``
-says: :func:`rope_inv_freq`), optional q/k/v biases (Qwen2) and per-head query/key
+says: :class:`Rope`), optional q/k/v biases (Qwen2) and per-head query/key
 RMSNorms before RoPE (Qwen3). The LM head is ``lm_head.weight``, or the token embedding
 when the embeddings are tied and the store has no ``lm_head.weight``.
 
@@ -37,13 +37,21 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 ROPE_SCALING_KEYS = {"linear": {"factor": float},
                      "llama3": {"factor": float, "low_freq_factor": float, "high_freq_factor": float,
-                                "original_max_position_embeddings": int}}
+                                "original_max_position_embeddings": int},
+                     "longrope": {"short_factor": list, "long_factor": list, "original_max_position_embeddings": int,
+                                  "attention_factor": float}}
 """RoPE scaling types the decoders compute (``ArchSpec.rope_scaling["type"]``) and the
-numbers each needs."""
+values each needs (``list``: one positive number per rotary frequency, ``head_dim / 2``)."""
 
 
-def check_rope_scaling(scaling: dict[str, Any] | None) -> None:
-    """A ValueError naming what is wrong with a ``rope_scaling`` dict (None: unscaled)."""
+def _positive(value: Any, kind: type) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0 \
+        and (kind is not int or value == int(value))
+
+
+def check_rope_scaling(scaling: dict[str, Any] | None, head_dim: int | None = None) -> None:
+    """A ValueError naming what is wrong with a ``rope_scaling`` dict (None: unscaled);
+    with ``head_dim``, also a factor list whose length is not ``head_dim / 2``."""
     if scaling is None:
         return
     if not isinstance(scaling, dict) or scaling.get("type") not in ROPE_SCALING_KEYS:
@@ -51,8 +59,13 @@ def check_rope_scaling(scaling: dict[str, Any] | None) -> None:
                          f"({', '.join(ROPE_SCALING_KEYS)})")
     for key, kind in ROPE_SCALING_KEYS[scaling["type"]].items():
         value = scaling.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 \
-                or (kind is int and value != int(value)):
+        if kind is list:
+            if not isinstance(value, list) or not value or not all(_positive(v, float) for v in value):
+                raise ValueError(f"RoPE scaling {scaling['type']!r}: {key} is not a list of positive numbers")
+            if head_dim is not None and len(value) != head_dim // 2:
+                raise ValueError(f"RoPE scaling {scaling['type']!r}: {key} has {len(value)} values, not one per "
+                                 f"rotary frequency ({head_dim // 2})")
+        elif not _positive(value, kind):
             raise ValueError(f"RoPE scaling {scaling['type']!r}: {key} = {json.dumps(value)} is not a positive "
                              f"{'integer' if kind is int else 'number'}")
     if scaling["type"] == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
@@ -61,22 +74,34 @@ def check_rope_scaling(scaling: dict[str, Any] | None) -> None:
 
 
 def rope_scaling_text(scaling: dict[str, Any]) -> str:
-    """``rope_scaling`` in a line of ``inspect``: ``llama3 scaling: factor 8, ...``."""
+    """``rope_scaling`` in a line of ``inspect``: ``llama3 scaling: factor 8, ...``; a
+    factor list as its length and range (``short_factor 48 values 1-1.25``)."""
+    def text(value: Any) -> str:
+        return f"{len(value)} values {min(value):g}-{max(value):g}" if isinstance(value, list) else f"{value:g}"
+
     keys = ROPE_SCALING_KEYS[scaling["type"]]
-    return f"{scaling['type']} scaling: " + ", ".join(f"{k} {scaling[k]:g}" for k in keys)
+    return f"{scaling['type']} scaling: " + ", ".join(f"{k} {text(scaling[k])}" for k in keys)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> np.ndarray:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None,
+                  end: int | None = None) -> np.ndarray:
     """Inverse frequencies ``[head_dim / 2]`` float32 (radians per position), as
     transformers computes them in float32: ``theta^(-2i/head_dim)``, then ``scaling``
     (:data:`ROPE_SCALING_KEYS`): ``linear`` divides them all by ``factor``; ``llama3``
     (Llama 3.1-3.3) divides those whose wavelength ``2 pi / f`` exceeds
     ``original_max_position_embeddings / low_freq_factor`` by ``factor``, keeps those
     below ``original_max_position_embeddings / high_freq_factor`` and blends the ones
-    between."""
-    check_rope_scaling(scaling)
-    inv = np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
-    inv = inv.astype(np.float32)
+    between; ``longrope`` (Phi-3 128k, Phi-3.5) divides frequency ``i`` by
+    ``long_factor[i]`` when ``end`` (one past the last position of the tokens computed
+    together) exceeds ``original_max_position_embeddings``, by ``short_factor[i]``
+    otherwise (:class:`Rope` also scales its tables by ``attention_factor``)."""
+    check_rope_scaling(scaling, head_dim)
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    if scaling is not None and scaling["type"] == "longrope":
+        long = end is not None and end > scaling["original_max_position_embeddings"]
+        ext = np.asarray(scaling["long_factor" if long else "short_factor"], np.float32)
+        return (np.float32(1.0) / (ext * np.float32(theta) ** exponents)).astype(np.float32)
+    inv = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
     if scaling is None:
         return inv
     factor = np.float32(scaling["factor"])
@@ -95,13 +120,40 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = 
 
 def rope_cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``cos, sin`` tables ``[T, head_dim]`` for integer ``positions [T]`` and the model's
-    ``inv_freq [head_dim / 2]`` (:func:`rope_inv_freq`, computed once per model).
+    ``inv_freq [head_dim / 2]`` (:func:`rope_inv_freq`).
 
     As transformers computes them: the angles ``position * inv_freq`` in float32, each
     half of the head repeated (``cat(freqs, freqs)``)."""
     freqs = np.asarray(positions, dtype=np.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
     emb = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+
+class Rope:
+    """A decoder's rotary tables: :meth:`cos_sin` for the positions of the tokens one
+    forward call computes. As transformers: with ``longrope`` scaling, a call whose last
+    position reaches past ``original_max_position_embeddings`` uses the long factors for
+    all its tokens (keys cached by earlier calls keep the tables they were rotated with),
+    and every table is multiplied by ``attention_factor``."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
+        self.longrope = scaling is not None and scaling["type"] == "longrope"
+        self.inv_freq = rope_inv_freq(head_dim, theta, scaling)  # [head_dim / 2]; LongRoPE's short ones
+        self.long_inv_freq: np.ndarray | None = None
+        self.switch = self.attention_factor = None
+        if self.longrope:
+            self.switch = int(scaling["original_max_position_embeddings"])
+            self.long_inv_freq = rope_inv_freq(head_dim, theta, scaling, self.switch + 1)
+            self.attention_factor = np.float32(scaling["attention_factor"])
+
+    def cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``cos, sin [T, head_dim]`` for ``positions [T]`` (integers)."""
+        positions = np.asarray(positions)
+        if not self.longrope:
+            return rope_cos_sin(positions, self.inv_freq)
+        long = positions.size > 0 and int(positions.max()) + 1 > self.switch
+        cos, sin = rope_cos_sin(positions, self.long_inv_freq if long else self.inv_freq)
+        return cos * self.attention_factor, sin * self.attention_factor
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -218,7 +270,7 @@ class LlamaDecoder:
         self.store: TensorStore = ir.store
         self.blocks: dict[int, FFNBlock] = {b.layer: b for b in ir.blocks}
         self.ffn = ffn
-        self.inv_freq = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling)
+        self.rope = Rope(spec.head_dim, spec.rope_theta, spec.rope_scaling)
         if "lm_head.weight" in self.store:
             self.lm_head = "lm_head.weight"
         elif spec.tie_word_embeddings:
@@ -292,7 +344,7 @@ class LlamaDecoder:
         H, KV, hd, d = s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size
         G = H // KV
         positions = np.arange(past, past + T)
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        cos, sin = self.rope.cos_sin(positions)
         # allowed[b, 0, 0, i, j]: query i (position past+i) may attend to key j
         causal = causal_mask(positions, past + T, s.sliding_window)  # [T, S]
         allowed = (causal[None] & key_mask[:, None, :])[:, None, None]  # [B, 1, 1, T, S]
