@@ -5,9 +5,11 @@ Shapes: ``H`` query heads, ``KV`` key/value heads (grouped-query attention: quer
 ``h`` reads kv head ``h // (H // KV)``), head size ``hd``, ``cap`` cache capacity; all
 arrays float32 and contiguous. Vectors are flat, head-major: ``q [H*hd]``,
 ``k, v [KV*hd]``. RoPE is the Hugging Face ``rotate_half`` convention:
-``x * cos + [-x2, x1] * sin`` with ``x1, x2`` the halves of a head and ``cos, sin [hd]``
-the row of :func:`~sparseforge.toolchain.reference.llama.rope_cos_sin` for the token's
-position. The cache holds keys after RoPE, ``k_cache, v_cache [KV, cap, hd]``.
+``x * cos + [-x2, x1] * sin`` with ``x1, x2`` the halves of a head's first ``dim``
+dimensions (``dim = hd`` unless the model rotates part of each head; the rest pass
+unchanged) and ``cos, sin [dim]`` the row of
+:meth:`~sparseforge.toolchain.reference.llama.Rope.cos_sin` for the token's position. The
+cache holds keys after RoPE, ``k_cache, v_cache [KV, cap, hd]``.
 """
 import math
 
@@ -124,12 +126,16 @@ def softmax_rows(scores):
 
 @njit(**_FLAGS)
 def _rope_into(x, cos, sin, out):
-    """``out [hd] = x * cos + rotate_half(x) * sin`` for one head ``x [hd]``."""
-    half = x.size // 2
+    """``out [hd] = x * cos + rotate_half(x) * sin`` for one head ``x [hd]`` over its first
+    ``cos.size`` dimensions; the rest are copied (partial rotary embeddings)."""
+    dim = cos.size
+    half = dim // 2
     for j in range(half):
         a, b = x[j], x[j + half]
         out[j] = a * cos[j] - b * sin[j]
         out[j + half] = b * cos[j + half] + a * sin[j + half]
+    for j in range(dim, x.size):
+        out[j] = x[j]
 
 
 @njit(inline="always", **_FLAGS)

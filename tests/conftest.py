@@ -67,6 +67,12 @@ TINY_CONFIGS["phi3-longrope"] = dict(
     rope_scaling=dict(type="longrope", short_factor=[1.0, 1.0, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5],
                       long_factor=[1.0, 1.3, 1.8, 2.5, 3.5, 4.5, 5.5, 7.0]),
 )
+# Phi-4-mini-style: RoPE over the first half of each head only (its 0.75 rounds to 12 of
+# 16 dimensions here; half keeps the factor lists short), LongRoPE, tied embeddings
+TINY_CONFIGS["phi4-mini"] = dict(
+    TINY_CONFIGS["phi3-longrope"], partial_rotary_factor=0.5, tie_word_embeddings=True,
+    rope_scaling=dict(type="longrope", short_factor=[1.0, 1.05, 1.2, 1.5], long_factor=[1.0, 2.0, 4.0, 8.0]),
+)
 
 
 def build_tiny_model(kind: str, directory: Path, seed: int = 0):

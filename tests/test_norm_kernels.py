@@ -71,13 +71,14 @@ HD = 16
 @pytest.mark.parametrize("heads", [(8, 2), (7, 1)])
 @pytest.mark.parametrize("past", [0, 1, 5, 40])  # 1, 2, 6, 41 keys: four at a time, then the rest
 @pytest.mark.parametrize("window", [0, 3, 9])  # 0: every position; else the latest `window` keys
-def test_attention_step(past, heads, window):
+@pytest.mark.parametrize("rotary", [HD, HD // 4])  # RoPE over the whole head, or its first quarter
+def test_attention_step(past, heads, window, rotary):
     H, KV = heads
     rng = np.random.default_rng(past)
     q = rng.standard_normal(H * HD).astype(np.float32)
     k = rng.standard_normal(KV * HD).astype(np.float32)
     v = rng.standard_normal(KV * HD).astype(np.float32)
-    cos, sin = rope_cos_sin(np.array([past]), rope_inv_freq(HD, 10000.0))
+    cos, sin = rope_cos_sin(np.array([past]), rope_inv_freq(rotary, 10000.0))
     cache = KVCache(1, 1, KV, HD)
     cache.append(0, *(rng.standard_normal((2, 1, KV, past, HD)).astype(np.float32)))
     past_k, past_v = cache.keys(0)[0].copy(), cache.values(0)[0].copy()

@@ -54,7 +54,9 @@ class ArchSpec:
     and key are RMS-normalised (weights ``self_attn.q_norm`` / ``k_norm``, ``[head_dim]``)
     before RoPE (Qwen3). ``sliding_window``: None (every earlier position) or ``W``: a query at
     position ``i`` attends the keys at positions ``i - W < j <= i`` (Mistral v0.1).
-    These three are left out of :meth:`to_dict` at their defaults
+    ``rotary_dim``: None (RoPE over the whole head) or the even number of leading
+    dimensions of each head RoPE rotates, the rest passing unchanged (Phi-4-mini).
+    These four are left out of :meth:`to_dict` at their defaults
     (:data:`LATER_FIELDS`), so other models keep the manifests and artifacts they had
     before these fields existed.
     """
@@ -85,6 +87,7 @@ class ArchSpec:
     rope_scaling: dict[str, Any] | None = None
     qk_norm: bool = False
     sliding_window: int | None = None
+    rotary_dim: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -109,13 +112,17 @@ class ArchSpec:
         if d.get("rope_scaling") is not None:
             from .reference.llama import check_rope_scaling
 
-            check_rope_scaling(d["rope_scaling"], d.get("head_dim"))
+            check_rope_scaling(d["rope_scaling"], d.get("rotary_dim") or d.get("head_dim"))
         if d.get("sliding_window") is not None and d["sliding_window"] < 1:
             raise ValueError(f"sliding_window {d['sliding_window']} is not a positive number of positions")
+        rot = d.get("rotary_dim")
+        if rot is not None and not (rot % 2 == 0 and 2 <= rot < d.get("head_dim", 0)):
+            raise ValueError(f"rotary_dim {rot} is not an even number of dimensions below head_dim "
+                             f"{d.get('head_dim')}")
         return cls(**{k: v for k, v in d.items() if k in fields})
 
 
-LATER_FIELDS = {"rope_scaling": None, "qk_norm": False, "sliding_window": None}
+LATER_FIELDS = {"rope_scaling": None, "qk_norm": False, "sliding_window": None, "rotary_dim": None}
 """``ArchSpec`` fields added after artifacts existed, with the defaults at which
 :meth:`ArchSpec.to_dict` leaves them out."""
 

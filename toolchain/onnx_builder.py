@@ -34,6 +34,7 @@ from onnx import TensorProto, ValueInfoProto, helper
 from .atomic import atomic_path
 from .ir import ModelIR
 from .onnx_ops import OPSET, Graph, attention, attention_mask, ffn, layer_norm, linear, rms_norm, rope_tables
+from .reference.llama import Rope
 from .tensors import TensorStore, open_tensor_file
 
 MODEL = "model.onnx"
@@ -129,7 +130,7 @@ def _decoder(g: Graph, ir: ModelIR) -> int:
     """Pre-norm Llama/Mistral/Qwen2/Qwen3/Phi-3 decoder -> ``logits`` [B, S, vocab]; returns vocab."""
     spec, store, eps = ir.spec, ir.store, ir.spec.norm_eps
     x = g.op("Gather", g.weight("model.embed_tokens.weight"), "input_ids", name="embeddings")
-    cos_sin = rope_tables(g, spec.head_dim, spec.rope_theta, spec.rope_scaling)
+    cos_sin = rope_tables(g, Rope.for_spec(spec))
     mask = attention_mask(g, causal=True, window=spec.sliding_window)
     for block in ir.blocks:
         p, i = f"model.layers.{block.layer}.", block.layer
@@ -140,7 +141,7 @@ def _decoder(g: Graph, ir: ModelIR) -> int:
         h = rms_norm(g, x, f"{p}input_layernorm.weight", eps)
         norms = {k: f"{p}self_attn.{k}_norm.weight" for k in "qk"} if spec.qk_norm else None
         x = g.op("Add", x, attention(g, h, proj, spec.num_heads, spec.num_kv_heads, spec.head_dim, mask, cos_sin,
-                                     norms, eps))
+                                     norms, eps, spec.rotary_dim))
         h = rms_norm(g, x, f"{p}post_attention_layernorm.weight", eps, name=f"ffn.{i}.input")
         x = g.op("Add", x, ffn(g, block, h, f"ffn.{i}.act"), name=f"layer.{i}.out")
     x = rms_norm(g, x, "model.norm.weight", eps, name="final_norm")

@@ -128,12 +128,11 @@ def rms_norm(g: Graph, x: str, weight: str, eps: float, name: str | None = None)
     return g.op("Mul", g.op("Mul", x, inv), g.weight(weight), name=name)
 
 
-def rope_tables(g: Graph, head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> tuple[str, str]:
-    """``cos, sin`` [S, hd] for positions 0..S-1, as :class:`~.reference.llama.Rope` makes
-    them for one call over the S tokens (HF: angles ``pos * inv_freq`` in float32, each
+def rope_tables(g: Graph, rope: Rope) -> tuple[str, str]:
+    """``cos, sin`` [S, dim] for positions 0..S-1, as ``rope`` makes them for one call over
+    the S tokens (HF: angles ``pos * inv_freq`` in float32, each
     half of the head repeated; ``longrope``: the long factors' frequencies when S exceeds
     ``original_max_position_embeddings``, the tables times ``attention_factor``)."""
-    rope = Rope(head_dim, theta, scaling)
     inv_freq = g.const(rope.inv_freq, "inv_freq")
     if rope.longrope:
         longer = g.op("Greater", g.seq, g.const(np.array(rope.switch, np.int64), "rope_switch"), name="rope.long")
@@ -148,13 +147,20 @@ def rope_tables(g: Graph, head_dim: int, theta: float, scaling: dict[str, Any] |
     return g.op("Mul", cos, factor, name="rope.cos_scaled"), g.op("Mul", sin, factor, name="rope.sin_scaled")
 
 
-def rope(g: Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
-    """``x cos + rotate_half(x) sin`` for x [..., S, hd], ``rotate_half([a, b]) = [-b, a]``."""
-    half, axis = g.ints([head_dim // 2], "half"), g.ints([-1], "last")
-    first = g.op("Slice", x, g.ints([0], "start"), half, axis)
-    second = g.op("Slice", x, half, g.ints([head_dim], "hd"), axis)
+def rope(g: Graph, x: str, cos: str, sin: str, head_dim: int, dim: int) -> str:
+    """``x cos + rotate_half(x) sin`` for x [..., S, hd] and cos, sin [S, dim],
+    ``rotate_half([a, b]) = [-b, a]`` over the first ``dim`` dimensions; those past ``dim``
+    pass unchanged (partial rotary embeddings)."""
+    start, half, end, axis = g.ints([0], "start"), g.ints([dim // 2], "half"), g.ints([dim], "rot"), g.ints([-1], "last")
+    part = x if dim == head_dim else g.op("Slice", x, start, end, axis)
+    first = g.op("Slice", part, start, half, axis)
+    second = g.op("Slice", part, half, end, axis)
     rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
-    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin), name=f"{x}.rope")
+    out = g.op("Add", g.op("Mul", part, cos), g.op("Mul", rotated, sin), name=f"{x}.rope")
+    if dim == head_dim:
+        return out
+    rest = g.op("Slice", x, end, g.ints([head_dim], "hd"), axis)
+    return g.op("Concat", out, rest, axis=-1, name=f"{x}.rope_partial")
 
 
 def attention_mask(g: Graph, causal: bool, window: int | None = None) -> str:
@@ -173,12 +179,13 @@ def attention_mask(g: Graph, causal: bool, window: int | None = None) -> str:
 
 def attention(g: Graph, x: str, proj: dict[str, tuple[str, str | None]], heads: int, kv_heads: int,
               head_dim: int, mask: str, rope_cs: tuple[str, str] | None,
-              head_norms: dict[str, str] | None = None, eps: float = 0.0) -> str:
+              head_norms: dict[str, str] | None = None, eps: float = 0.0, rotary_dim: int | None = None) -> str:
     """Multi-head attention with grouped key/value heads: x [B, S, d] -> [B, S, d].
 
     ``proj`` maps q/k/v/o to (weight, bias or None). Queries are grouped [B, K, R, S, hd]
     against keys/values [B, K, 1, S, hd] (broadcast = HF ``repeat_kv``). ``head_norms``
-    maps q/k to the weight of an RMSNorm (``eps``) over each head, before RoPE (Qwen3).
+    maps q/k to the weight of an RMSNorm (``eps``) over each head, before RoPE (Qwen3);
+    RoPE rotates the first ``rotary_dim`` dimensions of each head (None: all of them).
     """
     rep = heads // kv_heads
 
@@ -187,7 +194,7 @@ def attention(g: Graph, x: str, proj: dict[str, tuple[str, str | None]], heads: 
         y = g.op("Transpose", y, perm=[0, 2, 3, 1, 4], name=f"{proj[name][0]}.heads")
         if head_norms and name in head_norms:
             y = rms_norm(g, y, head_norms[name], eps)
-        return rope(g, y, *rope_cs, head_dim) if rope_cs and name in ("q", "k") else y
+        return rope(g, y, *rope_cs, head_dim, rotary_dim or head_dim) if rope_cs and name in ("q", "k") else y
 
     q, k, v = split("q", rep), split("k", 1), split("v", 1)
     scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 2, 4, 3]))  # [B, K, R, S, S]

@@ -57,7 +57,7 @@ class DecoderRuntime:
             raise InputError(model.artifact.path, "the artifact's spec has no rope_theta")
         self.model = model
         self.spec = model.spec
-        self.rope = Rope(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling)
+        self.rope = Rope.for_spec(self.spec)
         self.ffn = FFNRunner(model, mode)
         if model.has("lm_head.weight"):
             self.lm_head = "lm_head.weight"

@@ -65,7 +65,8 @@ def format_summary(d: dict[str, Any]) -> str:
         f"ffn          {'gated ' if s['gated'] else ''}{s['activation']} in the source; now "
         f"{_activations(d['blocks'])}; norm {s['norm']} (eps {s['norm_eps']:g})"
         + (f", rope theta {s['rope_theta']:g}" if s.get("rope_theta") else "")
-        + (f" ({rope_scaling_text(s['rope_scaling'])})" if s.get("rope_scaling") else ""),
+        + (f" ({rope_scaling_text(s['rope_scaling'])})" if s.get("rope_scaling") else "")
+        + (f", over {s['rotary_dim']} of {s['head_dim']} head dims" if s.get("rotary_dim") else ""),
         f"parameters   {d['parameters']:,} in {d['tensors']} tensors; FFN {d['ffn_parameters']:,} "
         f"({100 * d['ffn_parameters'] / max(d['parameters'], 1):.1f}%)",
         f"dtypes       " + ", ".join(f"{k} {v:,}" for k, v in d["dtypes"].items()),

@@ -213,9 +213,13 @@ class RMSNorm(nn.Module):
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x cos + rotate_half(x) sin`` over the first ``cos.shape[-1]`` dimensions of each
+    head ``x [..., hd]``; the rest pass unchanged (as the reference's ``apply_rope``)."""
+    dim = cos.shape[-1]
+    rot, rest = x[..., :dim], x[..., dim:]
+    half = dim // 2
+    return torch.cat([rot * cos + torch.cat([-rot[..., half:], rot[..., :half]], dim=-1) * sin, rest], dim=-1)
 
 
 class LlamaLayer(nn.Module):
@@ -242,7 +246,7 @@ class LlamaLayer(nn.Module):
         v = self.v(a).view(B, T, self.kv_heads, -1).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         ctx = _attention(q, k, v, allowed).transpose(1, 2).reshape(B, T, -1)
         x = x + self.o(ctx)
         y, h = self.ffn(self.ffn_norm(x))
@@ -286,10 +290,9 @@ class LlamaTorch(TorchModel):
         self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos, sin [T, head_dim]`` computed exactly as the reference does."""
+        """``cos, sin [T, rotary dim]`` computed exactly as the reference does."""
         if T not in self._rope:
-            s = self.spec
-            cos, sin = Rope(s.head_dim, s.rope_theta, s.rope_scaling).cos_sin(np.arange(T))
+            cos, sin = Rope.for_spec(self.spec).cos_sin(np.arange(T))
             self._rope[T] = torch.from_numpy(cos), torch.from_numpy(sin)
         return self._rope[T]
 

@@ -1,7 +1,8 @@
-"""Llama-style decoders: Llama, Mistral, Qwen2, Qwen3, Phi-3 (RMSNorm, RoPE, GQA, SwiGLU FFN;
-Qwen3 also RMS-normalises each head's query and key before RoPE; Mistral v0.1 and Phi-3
-attend a sliding window; Phi-3's checkpoints stack q/k/v and gate/up in one matrix each,
-read as the separate matrices: :meth:`Llama.fused_tensors`)."""
+"""Llama-style decoders: Llama, Mistral, Qwen2, Qwen3, Phi-3 (RMSNorm, RoPE, GQA, SwiGLU
+FFN; Qwen3 also RMS-normalises each head's query and key before RoPE; Mistral v0.1 and
+Phi-3 attend a sliding window; Phi-3's checkpoints stack q/k/v and gate/up in one matrix
+each, read as the separate matrices: :meth:`Llama.fused_tensors`; Phi-4-mini, also
+``Phi3ForCausalLM``, rotates three quarters of each head)."""
 from __future__ import annotations
 
 import json
@@ -18,12 +19,13 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_t
 
 
 def _rope(config: dict[str, Any], arch: str, head_dim: int, max_pos: int,
-          path: Path) -> tuple[float, dict[str, Any] | None]:
-    """RoPE base and scaling (``ArchSpec.rope_scaling``) from ``rope_parameters``
-    (transformers 5) or ``rope_theta`` / ``rope_scaling`` (earlier configs): unscaled
-    (``default``), ``linear``, ``llama3`` or ``longrope`` (:func:`_longrope`; Phi-3 also
-    names it ``su`` or ``yarn``); other types, or rotary embeddings over only part of the
-    head, are an InputError."""
+          path: Path) -> tuple[float, dict[str, Any] | None, int | None]:
+    """RoPE base, scaling (``ArchSpec.rope_scaling``) and ``ArchSpec.rotary_dim`` from
+    ``rope_parameters`` (transformers 5) or ``rope_theta`` / ``rope_scaling`` /
+    ``partial_rotary_factor`` (earlier configs): unscaled (``default``), ``linear``,
+    ``llama3`` or ``longrope`` (:func:`_longrope`; Phi-3 also names it ``su`` or
+    ``yarn``); other types are an InputError. The rotary dimensions are
+    ``int(head_dim * partial_rotary_factor)``, as transformers takes them."""
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or params
     if not isinstance(params, dict) or not isinstance(scaling, dict):
@@ -35,22 +37,26 @@ def _rope(config: dict[str, Any], arch: str, head_dim: int, max_pos: int,
         raise InputError(path, f"unsupported RoPE scaling {rope_type!r} (supported: unscaled, "
                                f"{', '.join(repr(t) for t in ROPE_SCALING_KEYS)})")
     partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise InputError(path, f"config.json: partial_rotary_factor {partial!r} (rotary embeddings over part of "
-                               "each head) is not supported")
+    if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+        raise InputError(path, f"config.json: partial_rotary_factor {json.dumps(partial)} is not a fraction in (0, 1]")
+    dim = int(head_dim * partial)
+    if dim < 2 or dim % 2:
+        raise InputError(path, f"config.json: partial_rotary_factor {partial!r} rotates {dim} of each head's "
+                               f"{head_dim} dimensions, not an even number")
+    rotary_dim = dim if dim < head_dim else None
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     if isinstance(theta, bool) or not isinstance(theta, (int, float)):
         raise InputError(path, f"config.json: rope_theta {json.dumps(theta)} is not a number")
     if rope_type == "default":
-        return float(theta), None
+        return float(theta), None, rotary_dim
     rope = {"type": rope_type, **(_longrope(config, scaling, arch, max_pos, path) if rope_type == "longrope" else
                                   {k: scaling.get(k) for k in ROPE_SCALING_KEYS[rope_type]})}
     try:
-        check_rope_scaling(rope, head_dim)
+        check_rope_scaling(rope, dim)
     except ValueError as exc:
         raise InputError(path, f"config.json: {exc}") from None
     return float(theta), {"type": rope_type, **{k: [float(v) for v in rope[k]] if kind is list else kind(rope[k])
-                                                for k, kind in ROPE_SCALING_KEYS[rope_type].items()}}
+                                                for k, kind in ROPE_SCALING_KEYS[rope_type].items()}}, rotary_dim
 
 
 def _longrope(config: dict[str, Any], scaling: dict[str, Any], arch: str, max_pos: int, path: Path) -> dict[str, Any]:
@@ -118,7 +124,7 @@ class Llama(ModelFamily):
             raise InputError(path, f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
         max_pos = config_value(config, "max_position_embeddings", path, int, 2048)
         layers = config_value(config, "num_hidden_layers", path)
-        theta, rope_scaling = _rope(config, arch, head_dim, max_pos, path)
+        theta, rope_scaling, rotary_dim = _rope(config, arch, head_dim, max_pos, path)
         return ArchSpec(
             family=cls.name,
             architecture=arch,
@@ -142,6 +148,7 @@ class Llama(ModelFamily):
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
             sliding_window=_sliding_window(config, arch, layers, max_pos, path),
+            rotary_dim=rotary_dim,
             pad_token_id=config.get("pad_token_id"),
             bos_token_id=config.get("bos_token_id"),
             eos_token_id=config.get("eos_token_id"),

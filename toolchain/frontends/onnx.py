@@ -276,10 +276,14 @@ class _Matcher:
             tied = lm.shape == emb.shape and np.array_equal(lm[:1], emb[:1]) and bool(np.array_equal(lm, emb))
         a, f = self.attns[0], self.ffns[0]
         freqs = rope_frequencies(self.g, self.g.trace_back(a.q_side, self.linears)[1])
+        dims = self.heads(a.q, a.k, freqs)
+        if freqs is not None and dims["head_dim"] and 2 * len(freqs) != dims["head_dim"]:
+            raise InputError(self.g.path, f"RoPE rotates {2 * len(freqs)} of each head's {dims['head_dim']} "
+                                          "dimensions (partial rotary embeddings): convert the checkpoint")
         arch = "Qwen3ForCausalLM" if head_norms[0] else "Qwen2ForCausalLM" if a.q.bias is not None else "LlamaForCausalLM"
         facts = dict(architecture=arch, qk_norm=bool(head_norms[0]),
                      hidden_size=self.g.shape(embed[0])[1], intermediate_size=f.up.shape[0], num_layers=len(self.ffns),
-                     **self.heads(a.q, a.k, freqs), vocab_size=self.rows(embed[0]), max_positions=None,
+                     **dims, vocab_size=self.rows(embed[0]), max_positions=None,
                      activation=f.activation, gated=True, norm="rmsnorm", norm_eps=first.eps, causal=True,
                      rope_theta=None if freqs is None else _rope_theta(freqs), rope_inv_freq=freqs,
                      attention_bias=a.q.bias is not None, mlp_bias=f.up.bias is not None, tie_word_embeddings=tied,
@@ -349,6 +353,9 @@ def _config_spec(family: type[ModelFamily], facts: dict[str, Any], directory: Pa
     if spec.rope_scaling is not None and spec.rope_scaling["type"] == "longrope":
         raise InputError(path, "config.json: 'longrope' RoPE scaling (tables that change with the sequence length) "
                                "is read from checkpoints, not from ONNX exports; convert the checkpoint")
+    if spec.rotary_dim is not None:
+        raise InputError(path, "config.json: partial rotary embeddings are read from checkpoints, not from ONNX "
+                               "exports; convert the checkpoint")
     freqs = facts.pop("rope_inv_freq", None)
     window = _graph_window(facts, spec.max_positions)
     if window is not None and window != spec.sliding_window:

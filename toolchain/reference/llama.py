@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..ir import FFNBlock, ModelIR
+from ..ir import ArchSpec, FFNBlock, ModelIR
 from ..tensors import TensorStore
 from .bert import FFNFn, softmax, valid_rows_capture
 from .ffn import Capture, ffn_forward
@@ -131,23 +131,29 @@ def rope_cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarra
 
 class Rope:
     """A decoder's rotary tables: :meth:`cos_sin` for the positions of the tokens one
-    forward call computes. As transformers: with ``longrope`` scaling, a call whose last
-    position reaches past ``original_max_position_embeddings`` uses the long factors for
-    all its tokens (keys cached by earlier calls keep the tables they were rotated with),
-    and every table is multiplied by ``attention_factor``."""
+    forward call computes, over the ``dim`` leading dimensions of each head RoPE rotates
+    (``ArchSpec.rotary_dim``, else ``head_dim``: :meth:`for_spec`). As transformers: with
+    ``longrope`` scaling, a call whose last position reaches past
+    ``original_max_position_embeddings`` uses the long factors for all its tokens (keys
+    cached by earlier calls keep the tables they were rotated with), and every table is
+    multiplied by ``attention_factor``."""
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
+    def __init__(self, dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
         self.longrope = scaling is not None and scaling["type"] == "longrope"
-        self.inv_freq = rope_inv_freq(head_dim, theta, scaling)  # [head_dim / 2]; LongRoPE's short ones
+        self.inv_freq = rope_inv_freq(dim, theta, scaling)  # [dim / 2]; LongRoPE's short ones
         self.long_inv_freq: np.ndarray | None = None
         self.switch = self.attention_factor = None
         if self.longrope:
             self.switch = int(scaling["original_max_position_embeddings"])
-            self.long_inv_freq = rope_inv_freq(head_dim, theta, scaling, self.switch + 1)
+            self.long_inv_freq = rope_inv_freq(dim, theta, scaling, self.switch + 1)
             self.attention_factor = np.float32(scaling["attention_factor"])
 
+    @classmethod
+    def for_spec(cls, spec: ArchSpec) -> "Rope":
+        return cls(spec.rotary_dim or spec.head_dim, spec.rope_theta, spec.rope_scaling)
+
     def cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``cos, sin [T, head_dim]`` for ``positions [T]`` (integers)."""
+        """``cos, sin [T, dim]`` for ``positions [T]`` (integers)."""
         positions = np.asarray(positions)
         if not self.longrope:
             return rope_cos_sin(positions, self.inv_freq)
@@ -157,9 +163,13 @@ class Rope:
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """``x * cos + rotate_half(x) * sin`` for ``x [..., T, head_dim]``, where
-    ``rotate_half([a, b]) = [-b, a]`` splits the head dim in halves."""
-    half = x.shape[-1] // 2
+    """``x * cos + rotate_half(x) * sin`` for ``x [..., T, head_dim]`` and ``cos, sin
+    [T, dim]``, where ``rotate_half([a, b]) = [-b, a]`` splits the first ``dim`` dimensions
+    in halves; the dimensions past ``dim`` pass unchanged (partial rotary embeddings)."""
+    dim = cos.shape[-1]
+    if dim < x.shape[-1]:
+        return np.concatenate([apply_rope(x[..., :dim], cos, sin), x[..., dim:]], axis=-1)
+    half = dim // 2
     rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rot * sin
 
@@ -270,7 +280,7 @@ class LlamaDecoder:
         self.store: TensorStore = ir.store
         self.blocks: dict[int, FFNBlock] = {b.layer: b for b in ir.blocks}
         self.ffn = ffn
-        self.rope = Rope(spec.head_dim, spec.rope_theta, spec.rope_scaling)
+        self.rope = Rope.for_spec(spec)
         if "lm_head.weight" in self.store:
             self.lm_head = "lm_head.weight"
         elif spec.tie_word_embeddings:
