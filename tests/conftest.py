@@ -67,6 +67,9 @@ TINY_CONFIGS["phi3-longrope"] = dict(
     rope_scaling=dict(type="longrope", short_factor=[1.0, 1.0, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5],
                       long_factor=[1.0, 1.3, 1.8, 2.5, 3.5, 4.5, 5.5, 7.0]),
 )
+# Qwen2.5-style YaRN (as its model cards enable it for long contexts): 4x an original 16 positions
+TINY_CONFIGS["qwen2-yarn"] = dict(TINY_CONFIGS["qwen2"], max_position_embeddings=64,
+                                  rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=16))
 # Phi-4-mini-style: RoPE over the first half of each head only (its 0.75 rounds to 12 of
 # 16 dimensions here; half keeps the factor lists short), LongRoPE, tied embeddings
 TINY_CONFIGS["phi4-mini"] = dict(

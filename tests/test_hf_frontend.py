@@ -94,8 +94,8 @@ def test_config_problems(tiny_model, tmp_path):
     (d / "config.json").write_text(json.dumps({**cfg, "hidden_size": 32}))
     with pytest.raises(InputError, match="has shape"):
         load_hf_checkpoint(d)
-    (d / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
-    with pytest.raises(InputError, match="unsupported RoPE scaling 'yarn'"):
+    (d / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}))
+    with pytest.raises(InputError, match="unsupported RoPE scaling 'dynamic'"):
         load_hf_checkpoint(d)
     (d / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "hidden_size"}))
     with pytest.raises(InputError, match="no 'hidden_size'"):

@@ -125,14 +125,61 @@ def test_longrope_tables_match_transformers(arch, config, tmp_path):
     np.testing.assert_allclose(cos * cos + sin * sin, np.float32(factor) ** 2, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["phi3-longrope", "phi4-mini"])
-def test_longrope_checkpoint_against_transformers(tiny_model, tmp_path, kind):
-    """A Phi-3 with LongRoPE (the long factors past 16 positions), and a Phi-4-mini-style
-    model that also rotates only half of each head, against transformers, below and past
-    the switch: the numpy reference, the ONNX graph in onnxruntime and the torch twin over
-    whole sequences; the runtime over a whole sequence, and as a prompt of 12 then decode
-    steps, against transformers with its KV cache (its tokens past the switch use the
-    long tables, the cached keys keep the short ones)."""
+@pytest.mark.parametrize("arch, config", [
+    # Qwen2.5 / Qwen3 model cards' long-context setting
+    ("Qwen2ForCausalLM", dict(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6,
+                              max_position_embeddings=131072,
+                              rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=32768))),
+    # the original length at the top level; rounding kept off; other ramp bounds
+    ("LlamaForCausalLM", dict(hidden_size=512, num_attention_heads=8, rope_theta=10000.0, max_position_embeddings=8192,
+                              original_max_position_embeddings=2048,
+                              rope_scaling=dict(rope_type="yarn", factor=4.0, truncate=False, beta_fast=16.0,
+                                                beta_slow=2.0))),
+    # DeepSeek's form: the attention factor from mscale / mscale_all_dim
+    ("LlamaForCausalLM", dict(hidden_size=1024, num_attention_heads=8, rope_theta=10000.0,
+                              max_position_embeddings=163840,
+                              rope_scaling=dict(rope_type="yarn", factor=40.0, mscale=1.0, mscale_all_dim=0.707,
+                                                original_max_position_embeddings=4096))),
+    # a ramp reaching past the middle of the head (clamped at its last dimension), and one
+    # with equal bounds (widened by 0.001)
+    ("LlamaForCausalLM", dict(hidden_size=512, num_attention_heads=8, rope_theta=10000.0, max_position_embeddings=524288,
+                              rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=131072))),
+    ("LlamaForCausalLM", dict(hidden_size=512, num_attention_heads=8, rope_theta=10000.0, max_position_embeddings=8192,
+                              rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=2048,
+                                                beta_fast=6.0, beta_slow=6.0, truncate=False))),
+    # over part of each head
+    ("Qwen2ForCausalLM", dict(hidden_size=512, num_attention_heads=4, rope_theta=1e6, max_position_embeddings=32768,
+                              partial_rotary_factor=0.5,
+                              rope_scaling=dict(type="yarn", factor=8.0, original_max_position_embeddings=4096))),
+])
+def test_yarn_tables_match_transformers(arch, config, tmp_path):
+    """YaRN's inverse frequencies and attention factor read from a config.json against
+    transformers' own reading of it."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    raw = {"architectures": [arch], "intermediate_size": 64, "num_hidden_layers": 1, "vocab_size": 32, **config}
+    hf_config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**raw)
+    spec = Llama.spec_from_config(json.loads(json.dumps(raw)), tmp_path / "config.json")
+    rope = Rope.for_spec(spec)
+    want, factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config, "cpu")
+    assert want.numel() == rope.inv_freq.size and rope.attention_factor == np.float32(factor) and factor != 1
+    np.testing.assert_allclose(rope.inv_freq, want.numpy(), rtol=4e-7, atol=0)
+    plain = rope_inv_freq(spec.rotary_dim or spec.head_dim, spec.rope_theta)
+    assert np.isclose(rope.inv_freq[0], plain[0]) and not np.allclose(rope.inv_freq, plain, rtol=1e-3)
+    cos, sin = rope.cos_sin(np.arange(3))
+    np.testing.assert_allclose(cos * cos + sin * sin, np.float32(factor) ** 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["phi3-longrope", "phi4-mini", "qwen2-yarn"])
+def test_scaled_checkpoint_against_transformers(tiny_model, tmp_path, kind):
+    """A Phi-3 with LongRoPE (the long factors past 16 positions), a Phi-4-mini-style
+    model that also rotates only half of each head, and a Qwen2 with YaRN against
+    transformers, below and past 16 positions: the numpy reference, the ONNX graph in
+    onnxruntime and the torch twin over whole sequences; the runtime over a whole
+    sequence, and as a prompt of 12 then decode steps, against transformers with its KV
+    cache (with LongRoPE, its tokens past the switch use the long tables, the cached keys
+    keep the short ones)."""
     import inspect
 
     import onnxruntime as ort
@@ -181,7 +228,8 @@ def test_longrope_checkpoint_against_transformers(tiny_model, tmp_path, kind):
     cache = rt.new_cache()
     got = [rt.forward(ids[:12], cache, all_logits=True)] + [rt.forward([t], cache, all_logits=True) for t in ids[12:24]]
     assert rel(np.concatenate(got), stepwise) < 1e-4
-    assert rel(stepwise, whole[:24]) > 5e-4  # the switch shows in the logits, well above the tolerance
+    if kind != "qwen2-yarn":  # LongRoPE's switch shows in the logits, well above the tolerance
+        assert rel(stepwise, whole[:24]) > 5e-4
 
 
 def _config(ckpt, tmp_path, **changes):
@@ -212,6 +260,8 @@ def _config(ckpt, tmp_path, **changes):
     (dict(rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 8,
                                long_factor=[2.0] * 7 + [0.0], original_max_position_embeddings=16)),
      "long_factor is not a list of positive numbers"),
+    (dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=16,
+                               truncate="yes")), "'yarn': truncate = \"yes\" is not true or false"),
     (dict(rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 8, long_factor=[2.0] * 8,
                                original_max_position_embeddings=16, factor="big")),
      "factor = \"big\" is not a positive number"),
@@ -226,28 +276,25 @@ def test_unsupported_rope_is_refused(tiny_model, tmp_path, changes, message):
     assert "config.json" in str(exc.value)
 
 
-def test_scaled_rope_onnx_export_takes_its_config(tiny_model, tiny_onnx, tmp_path):
-    """The ONNX export of a Llama 3-style model: its rotary frequencies are not a plain
-    series, so ``config.json`` must say how they were scaled, and it is checked against
-    the graph's frequencies."""
+@pytest.mark.parametrize("kind, factor, scaling", [("llama3", 4.0, "theta 500000, llama3 scaling: factor 4, "),
+                                                  ("qwen2-yarn", 2.0, "theta 1e\\+06, yarn scaling: factor 2, ")])
+def test_scaled_rope_onnx_export_takes_its_config(tiny_model, tiny_onnx, tmp_path, kind, factor, scaling):
+    """The ONNX export of a Llama 3-style or a YaRN model: its rotary frequencies are not
+    a plain series, so ``config.json`` must say how they were scaled, and it is checked
+    against the graph's frequencies."""
     from sparseforge.toolchain.frontends.onnx import load_onnx
 
-    directory, _ = tiny_model("llama3")
-    d = tmp_path / "m"
-    d.mkdir()
-    for f in (tiny_onnx("llama3"), tiny_onnx("llama3").with_name("model.onnx.data")):
-        if f.exists():
-            shutil.copy(f, d / f.name)
-    path = d / tiny_onnx("llama3").name
+    directory, _ = tiny_model(kind)
+    path = _export_copy(tiny_onnx, kind, tmp_path / "m")
     with pytest.raises(InputError, match="cannot infer rope_theta from the graph; put the model's config.json"):
         load_onnx(path)
     config = json.loads((directory / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps(config))
+    (path.parent / "config.json").write_text(json.dumps(config))
     assert load_onnx(path).spec == load_hf_checkpoint(directory).spec
-    config["rope_parameters"]["factor"] = 4.0
-    (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InputError, match=r"config.json's RoPE \(theta 500000, llama3 scaling: factor 4, .*\) does "
-                                         "not give the graph's rotary frequencies"):
+    config["rope_parameters"]["factor"] = factor
+    (path.parent / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=rf"config.json's RoPE \({scaling}.*\) does not give the graph's rotary "
+                                         "frequencies"):
         load_onnx(path)
 
 
@@ -318,10 +365,10 @@ def test_artifact_with_unsupported_rope_scaling_exits_2(tiny_model, tmp_path, ca
     assert code == 0 and ("rope llama3 scaling: factor 8, low_freq_factor 1, high_freq_factor 4, "
                           "original_max_position_embeddings 16") in out
     ir = ModelIR.load(tmp_path / "out" / "ir")
-    ir.spec.rope_scaling = {"type": "yarn", "factor": 4.0}
+    ir.spec.rope_scaling = {"type": "dynamic", "factor": 4.0}
     layouts, formats = layouts_for(ir, 64), {}
     meta = build_metadata(ir, layouts, formats, target="t", seed=0, pack_options={}, tokenizer=False)
     artifact_writer.write_artifact(tmp_path / "bad.gguf", meta, tensor_stream(ir, layouts, formats))
     code, _, err = inspect(tmp_path / "bad.gguf")
     assert code == 2 and err.startswith(f"error: {tmp_path / 'bad.gguf'}: model spec: RoPE scaling ") \
-        and "is not one of the supported types (linear, llama3, longrope)" in err
+        and "is not one of the supported types (linear, llama3, longrope, yarn)" in err

@@ -400,10 +400,11 @@ def test_decode_steps_against_transformers(tiny_model, tmp_path, kind):
     assert _rel(np.concatenate(got), want) < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["llama3", "qwen3", "mistral-swa", "phi3", "phi3-longrope", "phi4-mini"])
+@pytest.mark.parametrize("kind", ["llama3", "qwen3", "mistral-swa", "phi3", "phi3-longrope", "phi4-mini",
+                                  "qwen2-yarn"])
 def test_whole_recipe_on_newer_decoders(tiny_model, tmp_path, kind):
     """Llama 3-style scaled RoPE, Qwen3's per-head norms, Mistral's sliding window,
-    Phi-3's fused matrices, LongRoPE and partial rotary embeddings through every pass (profile on onnxruntime, relufy's torch fine-tuning, predictors,
+    Phi-3's fused matrices, LongRoPE, partial rotary embeddings and YaRN through every pass (profile on onnxruntime, relufy's torch fine-tuning, predictors,
     Q8_0, reorder, pack): the runtime's dense and predictor modes against the numpy
     reference on the final IR."""
     from _runtime_artifacts import PROFILE, RECIPE
@@ -421,7 +422,7 @@ def test_whole_recipe_on_newer_decoders(tiny_model, tmp_path, kind):
     ids = np.random.default_rng(2).integers(0, vocab, 24)
     want = executor_for(ir).forward(ids[None])[0]
     model = LoadedModel.open(tmp_path / "out" / "model.gguf", linear="dequantize")
-    assert (model.spec.rope_scaling is not None) == (kind in ("llama3", "phi3-longrope", "phi4-mini")) \
+    assert (model.spec.rope_scaling is not None) == (kind in ("llama3", "phi3-longrope", "phi4-mini", "qwen2-yarn")) \
         and model.spec.qk_norm == (kind == "qwen3")
     assert model.spec.sliding_window == {"mistral-swa": 5, "phi3": 6}.get(kind)
     dense = runtime_for(model, "dense")

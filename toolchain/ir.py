@@ -49,11 +49,12 @@ class ArchSpec:
     ``activation`` is the FFN activation (``gelu``, ``gelu_tanh``, ``silu``, ``relu``);
     ``gated`` FFNs compute ``act(x Wg^T) * (x Wu^T)``; ``norm`` is ``layernorm`` or
     ``rmsnorm``. Decoder-only fields (rope) are None for encoders. ``rope_scaling`` is
-    None (unscaled RoPE) or ``{"type": "linear" | "llama3" | "longrope", ...}`` with the
-    values of :data:`~.reference.llama.ROPE_SCALING_KEYS`. ``qk_norm``: each head's query
-    and key are RMS-normalised (weights ``self_attn.q_norm`` / ``k_norm``, ``[head_dim]``)
-    before RoPE (Qwen3). ``sliding_window``: None (every earlier position) or ``W``: a query at
-    position ``i`` attends the keys at positions ``i - W < j <= i`` (Mistral v0.1).
+    None (unscaled RoPE) or ``{"type": "linear" | "llama3" | "longrope" | "yarn", ...}``
+    with the values of :data:`~.reference.llama.ROPE_SCALING_KEYS`. ``qk_norm``: each
+    head's query and key are RMS-normalised (weights ``self_attn.q_norm`` / ``k_norm``,
+    ``[head_dim]``) before RoPE (Qwen3). ``sliding_window``: None (every earlier position)
+    or ``W``: a query at position ``i`` attends the keys at positions ``i - W < j <= i``
+    (Mistral v0.1).
     ``rotary_dim``: None (RoPE over the whole head) or the even number of leading
     dimensions of each head RoPE rotates, the rest passing unchanged (Phi-4-mini).
     These four are left out of :meth:`to_dict` at their defaults

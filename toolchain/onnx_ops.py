@@ -130,9 +130,10 @@ def rms_norm(g: Graph, x: str, weight: str, eps: float, name: str | None = None)
 
 def rope_tables(g: Graph, rope: Rope) -> tuple[str, str]:
     """``cos, sin`` [S, dim] for positions 0..S-1, as ``rope`` makes them for one call over
-    the S tokens (HF: angles ``pos * inv_freq`` in float32, each
-    half of the head repeated; ``longrope``: the long factors' frequencies when S exceeds
-    ``original_max_position_embeddings``, the tables times ``attention_factor``)."""
+    the S tokens (HF: angles ``pos * inv_freq`` in float32, each half of the head
+    repeated; ``longrope``: the long factors' frequencies when S exceeds
+    ``original_max_position_embeddings``; ``longrope`` and ``yarn``: the tables times
+    ``attention_factor``)."""
     inv_freq = g.const(rope.inv_freq, "inv_freq")
     if rope.longrope:
         longer = g.op("Greater", g.seq, g.const(np.array(rope.switch, np.int64), "rope_switch"), name="rope.long")
@@ -141,7 +142,7 @@ def rope_tables(g: Graph, rope: Rope) -> tuple[str, str]:
     freqs = g.op("Mul", pos, inv_freq)  # [S, hd/2]
     emb = g.op("Concat", freqs, freqs, axis=-1, name="rope.angles")
     cos, sin = g.op("Cos", emb, name="rope.cos"), g.op("Sin", emb, name="rope.sin")
-    if not rope.longrope:
+    if rope.attention_factor is None:
         return cos, sin
     factor = g.scalar(float(rope.attention_factor), "attention_factor")
     return g.op("Mul", cos, factor, name="rope.cos_scaled"), g.op("Mul", sin, factor, name="rope.sin_scaled")

@@ -23,8 +23,8 @@ def _rope(config: dict[str, Any], arch: str, head_dim: int, max_pos: int,
     """RoPE base, scaling (``ArchSpec.rope_scaling``) and ``ArchSpec.rotary_dim`` from
     ``rope_parameters`` (transformers 5) or ``rope_theta`` / ``rope_scaling`` /
     ``partial_rotary_factor`` (earlier configs): unscaled (``default``), ``linear``,
-    ``llama3`` or ``longrope`` (:func:`_longrope`; Phi-3 also names it ``su`` or
-    ``yarn``); other types are an InputError. The rotary dimensions are
+    ``llama3``, ``longrope`` (Phi-3 also names it ``su`` or ``yarn``) or ``yarn``
+    (:func:`_derived`); other types are an InputError. The rotary dimensions are
     ``int(head_dim * partial_rotary_factor)``, as transformers takes them."""
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or params
@@ -49,7 +49,8 @@ def _rope(config: dict[str, Any], arch: str, head_dim: int, max_pos: int,
         raise InputError(path, f"config.json: rope_theta {json.dumps(theta)} is not a number")
     if rope_type == "default":
         return float(theta), None, rotary_dim
-    rope = {"type": rope_type, **(_longrope(config, scaling, arch, max_pos, path) if rope_type == "longrope" else
+    rope = {"type": rope_type, **(_derived(config, scaling, rope_type, arch, max_pos, path)
+                                  if rope_type in ("longrope", "yarn") else
                                   {k: scaling.get(k) for k in ROPE_SCALING_KEYS[rope_type]})}
     try:
         check_rope_scaling(rope, dim)
@@ -59,25 +60,46 @@ def _rope(config: dict[str, Any], arch: str, head_dim: int, max_pos: int,
                                                 for k, kind in ROPE_SCALING_KEYS[rope_type].items()}}, rotary_dim
 
 
-def _longrope(config: dict[str, Any], scaling: dict[str, Any], arch: str, max_pos: int, path: Path) -> dict[str, Any]:
-    """``longrope``'s values as transformers derives them: ``original_max_position_embeddings``
-    from the config's top level (Phi-3's default 4096), else from the scaling, else
-    ``max_position_embeddings``; ``attention_factor`` as given, else ``sqrt(1 + ln(factor) /
-    ln(original_max_position_embeddings))`` where ``factor`` (as given, else
-    ``max_position_embeddings / original_max_position_embeddings``) exceeds 1, else 1."""
+def _derived(config: dict[str, Any], scaling: dict[str, Any], rope_type: str, arch: str, max_pos: int,
+             path: Path) -> dict[str, Any]:
+    """``longrope``'s and ``yarn``'s values as transformers derives them:
+    ``original_max_position_embeddings`` from the config's top level (Phi-3's default
+    4096), else from the scaling, else ``max_position_embeddings``; ``factor`` as given,
+    else ``max_position_embeddings / original_max_position_embeddings``;
+    ``attention_factor`` as given, else for ``longrope`` ``sqrt(1 + ln(factor) /
+    ln(original_max_position_embeddings))``, for ``yarn`` ``0.1 ln(factor) + 1`` (with
+    ``mscale`` and ``mscale_all_dim``: the ratio of that with each as the log's
+    multiplier), 1 where ``factor`` is at most 1; ``yarn``'s ``beta_fast`` 32,
+    ``beta_slow`` 1 and ``truncate`` true unless given."""
     original = config.get("original_max_position_embeddings", 4096 if arch == "Phi3ForCausalLM" else
                           scaling.get("original_max_position_embeddings", max_pos))
-    values = {"short_factor": scaling.get("short_factor"), "long_factor": scaling.get("long_factor"),
-              "original_max_position_embeddings": original, "attention_factor": scaling.get("attention_factor")}
-    if values["attention_factor"] is None and isinstance(original, int) and not isinstance(original, bool) \
-            and original > 1:
-        factor = scaling.get("factor")
-        if factor is None:
-            factor = max_pos / original
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-            raise InputError(path, f"config.json: RoPE scaling 'longrope': factor = {json.dumps(factor)} is not a "
-                                   "positive number")
+    values = {"original_max_position_embeddings": original, "attention_factor": scaling.get("attention_factor")}
+    if rope_type == "longrope":
+        values.update(short_factor=scaling.get("short_factor"), long_factor=scaling.get("long_factor"))
+    else:
+        values.update(factor=scaling.get("factor"), beta_fast=scaling.get("beta_fast") or 32.0,
+                      beta_slow=scaling.get("beta_slow") or 1.0, truncate=scaling.get("truncate", True))
+    if isinstance(original, bool) or not isinstance(original, int) or original < 2:
+        return values  # check_rope_scaling names what is wrong
+    factor = scaling.get("factor")
+    if factor is None:
+        factor = max_pos / original
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+        raise InputError(path, f"config.json: RoPE scaling {rope_type!r}: factor = {json.dumps(factor)} is not a "
+                               "positive number")
+    if rope_type == "yarn":
+        values["factor"] = factor
+    if values["attention_factor"] is not None:
+        return values
+    if rope_type == "longrope":
         values["attention_factor"] = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+        return values
+
+    def mscale(multiplier: float) -> float:
+        return 0.1 * multiplier * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    values["attention_factor"] = mscale(m) / mscale(m_all) if m and m_all else mscale(1.0)
     return values
 
 

@@ -39,12 +39,16 @@ ROPE_SCALING_KEYS = {"linear": {"factor": float},
                      "llama3": {"factor": float, "low_freq_factor": float, "high_freq_factor": float,
                                 "original_max_position_embeddings": int},
                      "longrope": {"short_factor": list, "long_factor": list, "original_max_position_embeddings": int,
-                                  "attention_factor": float}}
+                                  "attention_factor": float},
+                     "yarn": {"factor": float, "original_max_position_embeddings": int, "beta_fast": float,
+                              "beta_slow": float, "truncate": bool, "attention_factor": float}}
 """RoPE scaling types the decoders compute (``ArchSpec.rope_scaling["type"]``) and the
 values each needs (``list``: one positive number per rotary frequency, ``head_dim / 2``)."""
 
 
 def _positive(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0 \
         and (kind is not int or value == int(value))
 
@@ -66,8 +70,8 @@ def check_rope_scaling(scaling: dict[str, Any] | None, head_dim: int | None = No
                 raise ValueError(f"RoPE scaling {scaling['type']!r}: {key} has {len(value)} values, not one per "
                                  f"rotary frequency ({head_dim // 2})")
         elif not _positive(value, kind):
-            raise ValueError(f"RoPE scaling {scaling['type']!r}: {key} = {json.dumps(value)} is not a positive "
-                             f"{'integer' if kind is int else 'number'}")
+            raise ValueError(f"RoPE scaling {scaling['type']!r}: {key} = {json.dumps(value)} is not "
+                             f"{'true or false' if kind is bool else 'a positive integer' if kind is int else 'a positive number'}")
     if scaling["type"] == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
         raise ValueError(f"RoPE scaling 'llama3': high_freq_factor {scaling['high_freq_factor']} is not above "
                          f"low_freq_factor {scaling['low_freq_factor']}")
@@ -77,7 +81,9 @@ def rope_scaling_text(scaling: dict[str, Any]) -> str:
     """``rope_scaling`` in a line of ``inspect``: ``llama3 scaling: factor 8, ...``; a
     factor list as its length and range (``short_factor 48 values 1-1.25``)."""
     def text(value: Any) -> str:
-        return f"{len(value)} values {min(value):g}-{max(value):g}" if isinstance(value, list) else f"{value:g}"
+        if isinstance(value, list):
+            return f"{len(value)} values {min(value):g}-{max(value):g}"
+        return str(value).lower() if isinstance(value, bool) else f"{value:g}"
 
     keys = ROPE_SCALING_KEYS[scaling["type"]]
     return f"{scaling['type']} scaling: " + ", ".join(f"{k} {text(scaling[k])}" for k in keys)
@@ -94,16 +100,21 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = 
     between; ``longrope`` (Phi-3 128k, Phi-3.5) divides frequency ``i`` by
     ``long_factor[i]`` when ``end`` (one past the last position of the tokens computed
     together) exceeds ``original_max_position_embeddings``, by ``short_factor[i]``
-    otherwise (:class:`Rope` also scales its tables by ``attention_factor``)."""
+    otherwise; ``yarn`` blends the frequencies divided by ``factor`` with the unscaled
+    ones (:func:`_yarn_inv_freq`). For ``longrope`` and ``yarn`` :class:`Rope` also
+    scales the tables by ``attention_factor``."""
     check_rope_scaling(scaling, head_dim)
-    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    powers = (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))).astype(
+        np.float32)  # theta^(2i/head_dim)
     if scaling is not None and scaling["type"] == "longrope":
         long = end is not None and end > scaling["original_max_position_embeddings"]
         ext = np.asarray(scaling["long_factor" if long else "short_factor"], np.float32)
-        return (np.float32(1.0) / (ext * np.float32(theta) ** exponents)).astype(np.float32)
-    inv = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+        return (np.float32(1.0) / (ext * powers)).astype(np.float32)
+    inv = (np.float32(1.0) / powers).astype(np.float32)
     if scaling is None:
         return inv
+    if scaling["type"] == "yarn":
+        return _yarn_inv_freq(powers, head_dim, theta, scaling)
     factor = np.float32(scaling["factor"])
     if scaling["type"] == "linear":
         return (inv / factor).astype(np.float32)
@@ -116,6 +127,28 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = 
     blended = ((np.float32(1) - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
     medium = (wavelen >= np.float32(old / high)) & (wavelen <= np.float32(old / low))
     return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def _yarn_inv_freq(powers: np.ndarray, dim: int, theta: float, scaling: dict[str, Any]) -> np.ndarray:
+    """YaRN (transformers' ``_compute_yarn_parameters``) from ``powers [dim / 2]`` =
+    ``theta^(2i/dim)``: frequency ``i`` is ``1 / (factor powers[i])`` (interpolated) where
+    the ramp over ``i`` is 1 and ``1 / powers[i]`` (extrapolated) where it is 0; the ramp
+    rises linearly between the dimensions at which the original context holds
+    ``beta_fast`` and ``beta_slow`` rotations (rounded outwards when ``truncate``)."""
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(scaling["original_max_position_embeddings"] / (rotations * 2 * math.pi)) \
+            / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling["beta_fast"]), correction_dim(scaling["beta_slow"])
+    if scaling["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extrapolated = (np.float32(1) - ramp).astype(np.float32)
+    interpolated = (np.float32(1) / (np.float32(scaling["factor"]) * powers)).astype(np.float32)
+    return (interpolated * (np.float32(1) - extrapolated) + (np.float32(1) / powers) * extrapolated).astype(np.float32)
 
 
 def rope_cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -135,18 +168,19 @@ class Rope:
     (``ArchSpec.rotary_dim``, else ``head_dim``: :meth:`for_spec`). As transformers: with
     ``longrope`` scaling, a call whose last position reaches past
     ``original_max_position_embeddings`` uses the long factors for all its tokens (keys
-    cached by earlier calls keep the tables they were rotated with), and every table is
-    multiplied by ``attention_factor``."""
+    cached by earlier calls keep the tables they were rotated with); with ``longrope`` and
+    ``yarn``, every table is multiplied by ``attention_factor``."""
 
     def __init__(self, dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
         self.longrope = scaling is not None and scaling["type"] == "longrope"
         self.inv_freq = rope_inv_freq(dim, theta, scaling)  # [dim / 2]; LongRoPE's short ones
         self.long_inv_freq: np.ndarray | None = None
-        self.switch = self.attention_factor = None
+        self.switch: int | None = None
+        self.attention_factor = None if scaling is None or "attention_factor" not in scaling else \
+            np.float32(scaling["attention_factor"])
         if self.longrope:
             self.switch = int(scaling["original_max_position_embeddings"])
             self.long_inv_freq = rope_inv_freq(dim, theta, scaling, self.switch + 1)
-            self.attention_factor = np.float32(scaling["attention_factor"])
 
     @classmethod
     def for_spec(cls, spec: ArchSpec) -> "Rope":
@@ -155,10 +189,10 @@ class Rope:
     def cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``cos, sin [T, dim]`` for ``positions [T]`` (integers)."""
         positions = np.asarray(positions)
-        if not self.longrope:
-            return rope_cos_sin(positions, self.inv_freq)
-        long = positions.size > 0 and int(positions.max()) + 1 > self.switch
+        long = self.longrope and positions.size > 0 and int(positions.max()) + 1 > self.switch
         cos, sin = rope_cos_sin(positions, self.long_inv_freq if long else self.inv_freq)
+        if self.attention_factor is None:
+            return cos, sin
         return cos * self.attention_factor, sin * self.attention_factor
 
 
