@@ -70,6 +70,14 @@ TINY_CONFIGS["phi3-longrope"] = dict(
 # Qwen2.5-style YaRN (as its model cards enable it for long contexts): 4x an original 16 positions
 TINY_CONFIGS["qwen2-yarn"] = dict(TINY_CONFIGS["qwen2"], max_position_embeddings=64,
                                   rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=16))
+# Granite 3: embeddings, residual branches, attention scores and logits scaled
+TINY_CONFIGS["granite"] = dict(
+    architectures=["GraniteForCausalLM"], model_type="granite", hidden_size=64, intermediate_size=96,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+    max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
+    tie_word_embeddings=True, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.1,
+    logits_scaling=8.0,
+)
 # Phi-4-mini-style: RoPE over the first half of each head only (its 0.75 rounds to 12 of
 # 16 dimensions here; half keeps the factor lists short), LongRoPE, tied embeddings
 TINY_CONFIGS["phi4-mini"] = dict(
@@ -98,6 +106,17 @@ def build_tiny_model(kind: str, directory: Path, seed: int = 0):
                 p.add_(0.02 * torch.randn_like(p))
     model.save_pretrained(directory, safe_serialization=True)
     return model
+
+
+def copy_export(src: Path, dst: Path) -> Path:
+    """The ONNX export ``src`` copied with its directory's files (external data, any
+    config.json) into ``dst``: the copy's path."""
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.parent.iterdir():
+        shutil.copy(f, dst / f.name)
+    return dst / src.name
 
 
 def export_onnx(model, kind: str, path: Path) -> Path:

@@ -21,7 +21,7 @@ def _state(model) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama", "mistral", "mistral-swa", "qwen2"])
+@pytest.mark.parametrize("kind", ["bert", "llama", "mistral", "mistral-swa", "qwen2", "granite"])
 def test_tiny_checkpoint_imports_with_the_right_spec_and_tensors(tiny_model, kind):
     ckpt, model = tiny_model(kind)
     cfg = model.config
@@ -43,6 +43,9 @@ def test_tiny_checkpoint_imports_with_the_right_spec_and_tensors(tiny_model, kin
         assert s.attention_bias == (kind == "qwen2")
         assert s.tie_word_embeddings == bool(cfg.tie_word_embeddings)
         assert s.sliding_window == (5 if kind == "mistral-swa" else None)
+        granite = (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.attention_multiplier, cfg.logits_scaling) \
+            if kind == "granite" else (1.0, 1.0, None, 1.0)
+        assert (s.embedding_multiplier, s.residual_multiplier, s.attention_multiplier, s.logits_scaling) == granite
     block = ir.blocks[1]
     n, d = cfg.intermediate_size, cfg.hidden_size
     assert ir.store.shape(block.up) == (n, d) and ir.store.shape(block.down) == (d, n)
@@ -96,6 +99,10 @@ def test_config_problems(tiny_model, tmp_path):
         load_hf_checkpoint(d)
     (d / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}))
     with pytest.raises(InputError, match="unsupported RoPE scaling 'dynamic'"):
+        load_hf_checkpoint(d)
+    (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["GraniteForCausalLM"],
+                                               "residual_multiplier": -0.5}))
+    with pytest.raises(InputError, match="'residual_multiplier' = -0.5 is not a positive number"):
         load_hf_checkpoint(d)
     (d / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "hidden_size"}))
     with pytest.raises(InputError, match="no 'hidden_size'"):

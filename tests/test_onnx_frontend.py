@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import copy_export
 from onnx import TensorProto, helper, numpy_helper
 
 from sparseforge.toolchain.errors import InputError
@@ -175,16 +176,9 @@ def test_opset23_static_export(tiny_model, tmp_path):
 
 
 # -- config.json / tokenizer beside the model ----------------------------------------
-def _copy_export(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.parent.iterdir():
-        shutil.copy(f, dst / f.name)
-    return dst / src.name
-
-
 def test_config_beside_gives_hf_spec(tiny_model, tiny_onnx, tmp_path):
     directory, _ = tiny_model("llama")
-    path = _copy_export(tiny_onnx("llama"), tmp_path / "m")
+    path = copy_export(tiny_onnx("llama"), tmp_path / "m")
     shutil.copy(directory / "config.json", tmp_path / "m" / "config.json")
     ir = load_onnx(path)
     assert ir.spec == load_hf_checkpoint(directory).spec
@@ -192,7 +186,7 @@ def test_config_beside_gives_hf_spec(tiny_model, tiny_onnx, tmp_path):
 
 
 def test_config_beside_minilm_and_tokenizer(minilm_dir, minilm_onnx, tmp_path):
-    path = _copy_export(minilm_onnx, tmp_path / "m")
+    path = copy_export(minilm_onnx, tmp_path / "m")
     for name in ("config.json", "tokenizer.json"):
         shutil.copy(minilm_dir / name, tmp_path / "m" / name)
     ir = load_onnx(path)
@@ -223,7 +217,7 @@ def test_head_norms_with_one_key_head(tiny_model, tiny_onnx):
 
 def test_config_disagreeing_with_graph(tiny_model, tiny_onnx, tmp_path):
     directory, _ = tiny_model("mistral")
-    path = _copy_export(tiny_onnx("mistral"), tmp_path / "m")
+    path = copy_export(tiny_onnx("mistral"), tmp_path / "m")
     config = json.loads((directory / "config.json").read_text())
     config["num_attention_heads"], config["head_dim"] = 2, 32  # same q size, other split
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
@@ -360,7 +354,7 @@ def test_garbage_bytes(tmp_path):
 @pytest.mark.parametrize("fraction", [0.3, 0.5, 0.9])
 def test_truncated_file(tiny_onnx, tmp_path, fraction):
     src = tiny_onnx("bert")
-    path = _copy_export(src, tmp_path / "m")
+    path = copy_export(src, tmp_path / "m")
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * fraction)])
     with pytest.raises(InputError) as exc:
@@ -370,7 +364,7 @@ def test_truncated_file(tiny_onnx, tmp_path, fraction):
 
 def test_graph_with_undefined_values(tiny_onnx, tmp_path):
     """A protobuf that parses but lost nodes (e.g. cut at a field boundary)."""
-    path = _copy_export(tiny_onnx("llama"), tmp_path / "m")
+    path = copy_export(tiny_onnx("llama"), tmp_path / "m")
     model = onnx.load(str(path), load_external_data=False)
     del model.graph.node[: len(model.graph.node) // 2]
     onnx.save(model, str(path))
@@ -446,7 +440,7 @@ def test_sliding_window_config_must_agree(tiny_model, tiny_onnx, tmp_path):
     """A Mistral export with a 5-position window: config.json's window must be the graph's;
     one that spans every position is the same as none."""
     directory, _ = tiny_model("mistral-swa")
-    path = _copy_export(tiny_onnx("mistral-swa"), tmp_path / "m")
+    path = copy_export(tiny_onnx("mistral-swa"), tmp_path / "m")
     config = json.loads((directory / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     assert load_onnx(path).spec == load_hf_checkpoint(directory).spec
@@ -455,3 +449,13 @@ def test_sliding_window_config_must_agree(tiny_model, tiny_onnx, tmp_path):
         load_onnx(path)
     (tmp_path / "m" / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 5}))
     assert load_onnx(path).spec.sliding_window is None
+
+
+def test_granite_config_beside_an_export_is_refused(tiny_model, tiny_onnx, tmp_path):
+    """Granite's multipliers are not read from graphs: an export with a Granite
+    config.json is an InputError naming it (a Granite export alone already fails to map
+    its scaled embeddings)."""
+    path = copy_export(tiny_onnx("llama"), tmp_path / "m")
+    shutil.copy(tiny_model("granite")[0] / "config.json", tmp_path / "m" / "config.json")
+    with pytest.raises(InputError, match="config.json: Granite's multipliers are read from checkpoints"):
+        load_onnx(path)

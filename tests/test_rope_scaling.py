@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import copy_export
 
 from sparseforge.toolchain.errors import InputError
 from sparseforge.toolchain.frontends.hf import load_hf_checkpoint
@@ -285,7 +286,7 @@ def test_scaled_rope_onnx_export_takes_its_config(tiny_model, tiny_onnx, tmp_pat
     from sparseforge.toolchain.frontends.onnx import load_onnx
 
     directory, _ = tiny_model(kind)
-    path = _export_copy(tiny_onnx, kind, tmp_path / "m")
+    path = copy_export(tiny_onnx(kind), tmp_path / "m")
     with pytest.raises(InputError, match="cannot infer rope_theta from the graph; put the model's config.json"):
         load_onnx(path)
     config = json.loads((directory / "config.json").read_text())
@@ -296,14 +297,6 @@ def test_scaled_rope_onnx_export_takes_its_config(tiny_model, tiny_onnx, tmp_pat
     with pytest.raises(InputError, match=rf"config.json's RoPE \({scaling}.*\) does not give the graph's rotary "
                                          "frequencies"):
         load_onnx(path)
-
-
-def _export_copy(tiny_onnx, kind: str, d):
-    d.mkdir()
-    for f in (tiny_onnx(kind), tiny_onnx(kind).with_name("model.onnx.data")):
-        if f.exists():
-            shutil.copy(f, d / f.name)
-    return d / tiny_onnx(kind).name
 
 
 @pytest.mark.parametrize("rope, message", [
@@ -317,7 +310,7 @@ def test_onnx_export_with_longrope_or_partial_rotary_is_refused(tiny_model, tiny
     asked for instead."""
     from sparseforge.toolchain.frontends.onnx import load_onnx
 
-    path = _export_copy(tiny_onnx, "llama3", tmp_path / "m")
+    path = copy_export(tiny_onnx("llama3"), tmp_path / "m")
     config = json.loads((tiny_model("llama3")[0] / "config.json").read_text())
     config["rope_parameters"] = dict(rope, rope_theta=5e5)
     (path.parent / "config.json").write_text(json.dumps(config))
@@ -333,7 +326,7 @@ def test_onnx_graph_rotating_part_of_each_head_is_refused(tiny_onnx, tmp_path):
 
     from sparseforge.toolchain.frontends.onnx import load_onnx
 
-    path = _export_copy(tiny_onnx, "llama", tmp_path / "m")
+    path = copy_export(tiny_onnx("llama"), tmp_path / "m")
     model = onnx.load(path, load_external_data=False)
     inv_freq = next(i for i in model.graph.initializer if i.name.endswith("rotary_emb.inv_freq"))
     inv_freq.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inv_freq)[:4].copy(), inv_freq.name))

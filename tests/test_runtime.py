@@ -375,18 +375,22 @@ def test_decode_steps_with_attention_biases(tiny_model, tmp_path):
     assert _rel(np.stack([apart.forward([t], cache) for t in ids[3:]]), want[3:]) < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "mistral-swa", "phi3"])
+@pytest.mark.parametrize("kind", ["qwen3", "mistral-swa", "phi3", "granite"])
 def test_decode_steps_against_transformers(tiny_model, tmp_path, kind):
     """Qwen3 (per-head query/key RMSNorms before RoPE, head_dim 32 with hidden size 64),
-    Mistral with a sliding window of 5 positions and Phi-3 (fused q/k/v and gate/up
-    matrices, a window of 6), packed without sparsification: a prefill longer than the
-    window, then decode steps, against transformers' logits of the whole sequence."""
+    Mistral with a sliding window of 5 positions, Phi-3 (fused q/k/v and gate/up
+    matrices, a window of 6) and Granite (scaled embeddings, residual branches, attention
+    scores and logits), packed without sparsification: a prefill longer than the window,
+    then decode steps, against transformers' logits of the whole sequence."""
     import torch
 
     ckpt, hf = tiny_model(kind)
     rt = load_runtime(packed_f32(ckpt, tmp_path), mode="dense")
     if kind == "qwen3":
         assert rt.spec.qk_norm and rt.model.has("model.layers.1.self_attn.k_norm.weight")
+    elif kind == "granite":
+        assert (rt.spec.embedding_multiplier, rt.spec.residual_multiplier, rt.spec.attention_multiplier,
+                rt.spec.logits_scaling) == (12.0, 0.22, 0.1, 8.0)
     else:
         assert rt.spec.sliding_window == hf.config.sliding_window < 15
     ids = np.random.default_rng(4).integers(0, hf.config.vocab_size, 15)
@@ -401,10 +405,10 @@ def test_decode_steps_against_transformers(tiny_model, tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["llama3", "qwen3", "mistral-swa", "phi3", "phi3-longrope", "phi4-mini",
-                                  "qwen2-yarn"])
+                                  "qwen2-yarn", "granite"])
 def test_whole_recipe_on_newer_decoders(tiny_model, tmp_path, kind):
     """Llama 3-style scaled RoPE, Qwen3's per-head norms, Mistral's sliding window,
-    Phi-3's fused matrices, LongRoPE, partial rotary embeddings and YaRN through every pass (profile on onnxruntime, relufy's torch fine-tuning, predictors,
+    Phi-3's fused matrices, LongRoPE, partial rotary embeddings, YaRN and Granite's scalars through every pass (profile on onnxruntime, relufy's torch fine-tuning, predictors,
     Q8_0, reorder, pack): the runtime's dense and predictor modes against the numpy
     reference on the final IR."""
     from _runtime_artifacts import PROFILE, RECIPE

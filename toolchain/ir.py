@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -57,7 +58,11 @@ class ArchSpec:
     (Mistral v0.1).
     ``rotary_dim``: None (RoPE over the whole head) or the even number of leading
     dimensions of each head RoPE rotates, the rest passing unchanged (Phi-4-mini).
-    These four are left out of :meth:`to_dict` at their defaults
+    Granite's scalars: the token embeddings are multiplied by ``embedding_multiplier``,
+    each attention and FFN output by ``residual_multiplier`` before its residual add, the
+    attention scores by ``attention_multiplier`` (None: ``head_dim ** -0.5``), and the
+    logits divided by ``logits_scaling``.
+    These fields from ``rope_scaling`` on are left out of :meth:`to_dict` at their defaults
     (:data:`LATER_FIELDS`), so other models keep the manifests and artifacts they had
     before these fields existed.
     """
@@ -89,6 +94,15 @@ class ArchSpec:
     qk_norm: bool = False
     sliding_window: int | None = None
     rotary_dim: int | None = None
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor of the attention scores ``q . k``."""
+        return self.attention_multiplier if self.attention_multiplier is not None else self.head_dim ** -0.5
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -116,6 +130,9 @@ class ArchSpec:
             check_rope_scaling(d["rope_scaling"], d.get("rotary_dim") or d.get("head_dim"))
         if d.get("sliding_window") is not None and d["sliding_window"] < 1:
             raise ValueError(f"sliding_window {d['sliding_window']} is not a positive number of positions")
+        for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
+            if d.get(k) is not None and not (math.isfinite(d[k]) and d[k] > 0):
+                raise ValueError(f"{k} {d[k]} is not a positive number")
         rot = d.get("rotary_dim")
         if rot is not None and not (rot % 2 == 0 and 2 <= rot < d.get("head_dim", 0)):
             raise ValueError(f"rotary_dim {rot} is not an even number of dimensions below head_dim "
@@ -123,7 +140,9 @@ class ArchSpec:
         return cls(**{k: v for k, v in d.items() if k in fields})
 
 
-LATER_FIELDS = {"rope_scaling": None, "qk_norm": False, "sliding_window": None, "rotary_dim": None}
+LATER_FIELDS = {"rope_scaling": None, "qk_norm": False, "sliding_window": None, "rotary_dim": None,
+                "embedding_multiplier": 1.0, "residual_multiplier": 1.0, "attention_multiplier": None,
+                "logits_scaling": 1.0}
 """``ArchSpec`` fields added after artifacts existed, with the defaults at which
 :meth:`ArchSpec.to_dict` leaves them out."""
 

@@ -127,9 +127,12 @@ def _bert(g: Graph, ir: ModelIR) -> int:
 
 
 def _decoder(g: Graph, ir: ModelIR) -> int:
-    """Pre-norm Llama/Mistral/Qwen2/Qwen3/Phi-3 decoder -> ``logits`` [B, S, vocab]; returns vocab."""
+    """Pre-norm Llama/Mistral/Qwen2/Qwen3/Phi-3/Granite decoder -> ``logits`` [B, S, vocab]; returns vocab."""
     spec, store, eps = ir.spec, ir.store, ir.spec.norm_eps
     x = g.op("Gather", g.weight("model.embed_tokens.weight"), "input_ids", name="embeddings")
+    if spec.embedding_multiplier != 1:
+        x = g.op("Mul", x, g.scalar(spec.embedding_multiplier, "embedding_multiplier"), name="embeddings.scaled")
+    residual = g.scalar(spec.residual_multiplier, "residual_multiplier") if spec.residual_multiplier != 1 else None
     cos_sin = rope_tables(g, Rope.for_spec(spec))
     mask = attention_mask(g, causal=True, window=spec.sliding_window)
     for block in ir.blocks:
@@ -140,13 +143,19 @@ def _decoder(g: Graph, ir: ModelIR) -> int:
             proj[k] = (f"{p}self_attn.{k}_proj.weight", bias if bias in store else None)
         h = rms_norm(g, x, f"{p}input_layernorm.weight", eps)
         norms = {k: f"{p}self_attn.{k}_norm.weight" for k in "qk"} if spec.qk_norm else None
-        x = g.op("Add", x, attention(g, h, proj, spec.num_heads, spec.num_kv_heads, spec.head_dim, mask, cos_sin,
-                                     norms, eps, spec.rotary_dim))
+        a = attention(g, h, proj, spec.num_heads, spec.num_kv_heads, spec.head_dim, mask, cos_sin, norms, eps,
+                      spec.rotary_dim, spec.attention_scale)
+        x = g.op("Add", x, a if residual is None else g.op("Mul", a, residual))
         h = rms_norm(g, x, f"{p}post_attention_layernorm.weight", eps, name=f"ffn.{i}.input")
-        x = g.op("Add", x, ffn(g, block, h, f"ffn.{i}.act"), name=f"layer.{i}.out")
+        y = ffn(g, block, h, f"ffn.{i}.act")
+        x = g.op("Add", x, y if residual is None else g.op("Mul", y, residual), name=f"layer.{i}.out")
     x = rms_norm(g, x, "model.norm.weight", eps, name="final_norm")
     tied = spec.tie_word_embeddings and "lm_head.weight" not in store
-    linear(g, x, "model.embed_tokens.weight" if tied else "lm_head.weight", None, name="logits")
+    head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    if spec.logits_scaling == 1:
+        linear(g, x, head, None, name="logits")
+    else:
+        g.op("Div", linear(g, x, head, None), g.scalar(spec.logits_scaling, "logits_scaling"), name="logits")
     return spec.vocab_size
 
 

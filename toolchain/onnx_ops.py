@@ -180,13 +180,15 @@ def attention_mask(g: Graph, causal: bool, window: int | None = None) -> str:
 
 def attention(g: Graph, x: str, proj: dict[str, tuple[str, str | None]], heads: int, kv_heads: int,
               head_dim: int, mask: str, rope_cs: tuple[str, str] | None,
-              head_norms: dict[str, str] | None = None, eps: float = 0.0, rotary_dim: int | None = None) -> str:
+              head_norms: dict[str, str] | None = None, eps: float = 0.0, rotary_dim: int | None = None,
+              scale: float | None = None) -> str:
     """Multi-head attention with grouped key/value heads: x [B, S, d] -> [B, S, d].
 
     ``proj`` maps q/k/v/o to (weight, bias or None). Queries are grouped [B, K, R, S, hd]
     against keys/values [B, K, 1, S, hd] (broadcast = HF ``repeat_kv``). ``head_norms``
     maps q/k to the weight of an RMSNorm (``eps``) over each head, before RoPE (Qwen3);
-    RoPE rotates the first ``rotary_dim`` dimensions of each head (None: all of them).
+    RoPE rotates the first ``rotary_dim`` dimensions of each head (None: all of them); the
+    scores are scaled by ``scale`` (None: ``head_dim ** -0.5``).
     """
     rep = heads // kv_heads
 
@@ -199,7 +201,7 @@ def attention(g: Graph, x: str, proj: dict[str, tuple[str, str | None]], heads: 
 
     q, k, v = split("q", rep), split("k", 1), split("v", 1)
     scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 2, 4, 3]))  # [B, K, R, S, S]
-    scores = g.op("Add", g.op("Mul", scores, g.scalar(1.0 / math.sqrt(head_dim), "scale")), mask)
+    scores = g.op("Add", g.op("Mul", scores, g.scalar(1.0 / math.sqrt(head_dim) if scale is None else scale, "scale")), mask)
     ctx = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)  # [B, K, R, S, hd]
     ctx = g.op("Transpose", ctx, perm=[0, 3, 1, 2, 4])  # [B, S, K, R, hd]
     ctx = g.op("Reshape", ctx, g.ints([0, 0, heads * head_dim], "merge"))

@@ -119,12 +119,12 @@ class DecoderRuntime:
         G = H // KV
         positions = np.arange(past, past + T)
         cos, sin = self.rope.cos_sin(positions)
-        scale = np.float32(hd ** -0.5)
+        scale, residual = np.float32(s.attention_scale), np.float32(s.residual_multiplier)
         # the oldest key a query of these tokens attends (past keys before it stay unread)
         first = max(past + 1 - s.sliding_window, 0) if s.sliding_window else 0
         causal = causal_mask(positions, past + T, s.sliding_window)[None, None, :, first:]  # [1, 1, T, S]
         m = self.model
-        x = m.linear("model.embed_tokens.weight").take(ids)
+        x = self._embed(ids)
         for i in range(s.num_layers):
             p = f"model.layers.{i}."
             h = self._norm(x, p + "input_layernorm.weight")
@@ -144,13 +144,22 @@ class DecoderRuntime:
             if T > 1:
                 scores = np.where(causal, scores, _NEG)
             ctx = (softmax(scores) @ v[:, None]).reshape(H, T, hd).transpose(1, 0, 2).reshape(T, H * hd)
-            x = x + self._proj(ctx, p + "self_attn.o_proj")
+            x = x + self._proj(ctx, p + "self_attn.o_proj") * residual
             h = self._norm(x, p + "post_attention_layernorm.weight")
-            x = x + (self.ffn.many(i, h) if T > 1 else self.ffn.one(i, h[0])[None])
+            x = x + (self.ffn.many(i, h) if T > 1 else self.ffn.one(i, h[0])[None]) * residual
         x = self._norm(x if all_logits else x[-1:], "model.norm.weight")
         head = m.linear(self.lm_head)
-        logits = head.matvec(x[0])[None] if x.shape[0] == 1 else head.matmul(x)
+        logits = self._scaled(head.matvec(x[0])[None] if x.shape[0] == 1 else head.matmul(x))
         return logits if all_logits else logits[-1]
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        """Embedding rows ``[T, d]`` of ``ids``, times ``spec.embedding_multiplier``."""
+        x = self.model.linear("model.embed_tokens.weight").take(ids)
+        return x * np.float32(self.spec.embedding_multiplier) if self.spec.embedding_multiplier != 1 else x
+
+    def _scaled(self, logits: np.ndarray) -> np.ndarray:
+        """``logits`` divided by ``spec.logits_scaling``."""
+        return logits / np.float32(self.spec.logits_scaling) if self.spec.logits_scaling != 1 else logits
 
     def _step_layers(self) -> list[_StepLayer]:
         """Every layer's :class:`_StepLayer`, made on the first decode step (a prompt-only
@@ -199,9 +208,9 @@ class DecoderRuntime:
         hd, eps = s.head_dim, s.norm_eps
         nq, nkv = s.num_heads * hd, s.num_kv_heads * hd
         cos, sin = self.rope.cos_sin(np.array([cache.length]))
-        scale = np.float32(hd ** -0.5)
+        scale, residual = np.float32(s.attention_scale), np.float32(s.residual_multiplier)
         window = s.sliding_window or 0
-        x = m.linear("model.embed_tokens.weight").take(ids)[0]
+        x = self._embed(ids)[0]
         h, proj = np.empty_like(x), np.empty_like(x)
         qkv, ctx = np.empty(nq + 2 * nkv, np.float32), np.empty(nq, np.float32)
         q, k, v = qkv[:nq], qkv[nq:nq + nkv], qkv[nq + nkv:]
@@ -220,11 +229,12 @@ class DecoderRuntime:
             layer.o_proj.matvec_into(ctx, proj)
             if layer.o_bias is not None:
                 proj += layer.o_bias
-            x += proj
+            x += proj * residual if residual != 1 else proj
             rms_norm_into(x, layer.post_norm, eps, h)
-            x += self.ffn.one(i, h)
+            y = self.ffn.one(i, h)
+            x += y * residual if residual != 1 else y
         rms_norm_into(x, m.vector("model.norm.weight"), eps, h)
-        return m.linear(self.lm_head).matvec(h)
+        return self._scaled(m.linear(self.lm_head).matvec(h))
 
     def stream(self, prompt_ids, max_new_tokens: int, sampler: Sampler | None = None,
                stop_at_eos: bool = True) -> Iterator[int]:

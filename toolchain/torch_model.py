@@ -86,11 +86,14 @@ class FFN(nn.Module):
         return self.down(h), h
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+               scale: float | None = None) -> torch.Tensor:
     """Softmax attention ``[B, H, T, hd]`` (keys/values may have fewer heads: query head
-    ``i`` uses kv head ``i // (H / KV)``); ``allowed`` (bool) broadcasts to ``[B, H, T, S]``.
-    A query must be allowed at least one key (right padding guarantees it)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1])
+    ``i`` uses kv head ``i // (H / KV)``); ``allowed`` (bool) broadcasts to ``[B, H, T, S]``;
+    the scores are scaled by ``scale`` (None: ``hd ** -0.5``). A query must be allowed at
+    least one key (right padding guarantees it)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1],
+                                          scale=scale)
 
 
 class TorchModel(nn.Module):
@@ -236,6 +239,7 @@ class LlamaLayer(nn.Module):
         self.k_norm = RMSNorm(hd, spec.norm_eps) if spec.qk_norm else None
         self.ffn_norm = RMSNorm(d, spec.norm_eps)
         self.ffn = FFN(block, d, n_ff)
+        self.scale, self.residual = spec.attention_scale, spec.residual_multiplier  # Granite's scalars
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,14 +251,14 @@ class LlamaLayer(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        ctx = _attention(q, k, v, allowed).transpose(1, 2).reshape(B, T, -1)
-        x = x + self.o(ctx)
+        ctx = _attention(q, k, v, allowed, self.scale).transpose(1, 2).reshape(B, T, -1)
+        x = x + self.o(ctx) * self.residual
         y, h = self.ffn(self.ffn_norm(x))
-        return x + y, h
+        return x + y * self.residual, h
 
 
 class LlamaTorch(TorchModel):
-    """Llama / Mistral / Qwen2 / Qwen3 decoder twin (``*ForCausalLM``)."""
+    """Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Granite decoder twin (``*ForCausalLM``)."""
 
     def __init__(self, ir: ModelIR) -> None:
         super().__init__(ir)
@@ -304,13 +308,14 @@ class LlamaTorch(TorchModel):
         causal = torch.from_numpy(causal_mask(np.arange(T), T, self.spec.sliding_window))
         allowed = causal[None, None] & mask[:, None, None, :]
         cos, sin = self.rope(T)
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) * self.spec.embedding_multiplier
         hs = []
         for layer in self.layers:
             x, h = layer(x, cos, sin, allowed)
             hs.append(h)
         x = self.norm(x)
         logits = F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        logits = logits / self.spec.logits_scaling
         return (logits, hs) if return_ffn else logits
 
 

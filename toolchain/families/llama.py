@@ -2,7 +2,8 @@
 FFN; Qwen3 also RMS-normalises each head's query and key before RoPE; Mistral v0.1 and
 Phi-3 attend a sliding window; Phi-3's checkpoints stack q/k/v and gate/up in one matrix
 each, read as the separate matrices: :meth:`Llama.fused_tensors`; Phi-4-mini, also
-``Phi3ForCausalLM``, rotates three quarters of each head)."""
+``Phi3ForCausalLM``, rotates three quarters of each head; Granite scales the embeddings,
+the residual branches, the attention scores and the logits: :func:`_granite`)."""
 from __future__ import annotations
 
 import json
@@ -103,6 +104,17 @@ def _derived(config: dict[str, Any], scaling: dict[str, Any], rope_type: str, ar
     return values
 
 
+def _granite(config: dict[str, Any], path: Path) -> dict[str, float]:
+    """Granite's four scalars (transformers' defaults 1; ``attention_multiplier`` replaces
+    ``head_dim ** -0.5``)."""
+    values = {k: config_value(config, k, path, float, 1.0) for k in
+              ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")}
+    for k, v in values.items():
+        if not (math.isfinite(v) and v > 0):
+            raise InputError(path, f"config.json: {k!r} = {v} is not a positive number")
+    return values
+
+
 def _sliding_window(config: dict[str, Any], arch: str, layers: int, max_pos: int, path: Path) -> int | None:
     """``ArchSpec.sliding_window`` from ``sliding_window`` (None when it is absent or spans
     every position). Qwen2/Qwen3 use it only with ``use_sliding_window``, and then on the
@@ -129,7 +141,7 @@ def _sliding_window(config: dict[str, Any], arch: str, layers: int, max_pos: int
 class Llama(ModelFamily):
     name = "llama"
     architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                     "Phi3ForCausalLM")
+                     "Phi3ForCausalLM", "GraniteForCausalLM")
     ignored_tensors = ()
 
     @classmethod
@@ -171,6 +183,7 @@ class Llama(ModelFamily):
             qk_norm=arch == "Qwen3ForCausalLM",
             sliding_window=_sliding_window(config, arch, layers, max_pos, path),
             rotary_dim=rotary_dim,
+            **(_granite(config, path) if arch == "GraniteForCausalLM" else {}),
             pad_token_id=config.get("pad_token_id"),
             bos_token_id=config.get("bos_token_id"),
             eos_token_id=config.get("eos_token_id"),

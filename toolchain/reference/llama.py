@@ -6,8 +6,9 @@ Attention is causal (within ``spec.sliding_window`` positions when set: :func:`c
 multi-head with grouped key/value heads (GQA), rotary position embeddings (Hugging Face
 ``rotate_half`` convention, base ``spec.rope_theta``, scaled as ``spec.rope_scaling``
 says: :class:`Rope`), optional q/k/v biases (Qwen2) and per-head query/key
-RMSNorms before RoPE (Qwen3). The LM head is ``lm_head.weight``, or the token embedding
-when the embeddings are tied and the store has no ``lm_head.weight``.
+RMSNorms before RoPE (Qwen3), and Granite's scalars (``spec.embedding_multiplier`` and the
+rest). The LM head is ``lm_head.weight``, or the token embedding when the embeddings are
+tied and the store has no ``lm_head.weight``.
 
 Positions of the tokens passed to :meth:`LlamaDecoder.forward` continue from the length
 of the :class:`KVCache`, so ``forward(prefix, cache)`` then ``forward(next, cache)``
@@ -392,9 +393,12 @@ class LlamaDecoder:
         # allowed[b, 0, 0, i, j]: query i (position past+i) may attend to key j
         causal = causal_mask(positions, past + T, s.sliding_window)  # [T, S]
         allowed = (causal[None] & key_mask[:, None, :])[:, None, None]  # [B, 1, 1, T, S]
-        scale = np.float32(hd ** -0.5)
+        scale = np.float32(s.attention_scale)
+        residual = np.float32(s.residual_multiplier)
 
         x = self._embed(ids).reshape(B * T, d)
+        if s.embedding_multiplier != 1:
+            x = x * np.float32(s.embedding_multiplier)
         for i in range(s.num_layers):
             p = f"model.layers.{i}."
             h = rms_norm(x, self._w(p + "input_layernorm.weight"), s.norm_eps)
@@ -415,14 +419,16 @@ class LlamaDecoder:
             scores = np.where(allowed, scores, _NEG)
             ctx = softmax(scores) @ v[:, :, None]  # [B, KV, G, T, hd]
             ctx = ctx.reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B * T, H * hd)
-            x = x + self._proj(ctx, p + "self_attn.o_proj")
+            x = x + self._proj(ctx, p + "self_attn.o_proj") * residual
             h = rms_norm(x, self._w(p + "post_attention_layernorm.weight"), s.norm_eps)
-            x = x + self.ffn(self.store, self.blocks[i], h, capture=cap)
+            x = x + self.ffn(self.store, self.blocks[i], h, capture=cap) * residual
             assert S == past + T
         x = rms_norm(x, self._w("model.norm.weight"), s.norm_eps)
         if not head:
             return x.reshape(B, T, -1)
         logits = x @ self._w(self.lm_head).T
+        if s.logits_scaling != 1:
+            logits = logits / np.float32(s.logits_scaling)
         return logits.reshape(B, T, -1)
 
     __call__ = forward
