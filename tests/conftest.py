@@ -78,6 +78,15 @@ TINY_CONFIGS["granite"] = dict(
     tie_word_embeddings=True, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.1,
     logits_scaling=8.0,
 )
+# Gemma 3 (text, as gemma-3-270m / 1b): sliding-window layers of window 4 with a local RoPE
+# base, every third layer full attention; norms of 1 + weight around both sublayers
+TINY_CONFIGS["gemma3"] = dict(
+    architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", hidden_size=64, intermediate_size=96,
+    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=100,
+    max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1e6, rope_local_base_freq=10000.0,
+    hidden_activation="gelu_pytorch_tanh", sliding_window=4, sliding_window_pattern=3, query_pre_attn_scalar=24,
+    tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+)
 # Phi-4-mini-style: RoPE over the first half of each head only (its 0.75 rounds to 12 of
 # 16 dimensions here; half keeps the factor lists short), LongRoPE, tied embeddings
 TINY_CONFIGS["phi4-mini"] = dict(

@@ -227,3 +227,32 @@ def test_phi3_sharded_bf16_checkpoint(tiny_model, tmp_path):
             assert ir.store.dtype(p + part + ".weight").name == "bfloat16"
             assert np.array_equal(ir.store.get_f32(p + part + ".weight"), arr), p + part
     assert len({ir.store.ref(n).file for n in ir.store.names()}) > 2
+
+
+def test_gemma3_configs(tiny_model, tmp_path):
+    """Gemma 3's config.json in the Hub's earlier form (``rope_theta``,
+    ``rope_local_base_freq``, ``sliding_window_pattern``) reads as the form transformers 5
+    writes (``layer_types``, ``rope_parameters`` per layer kind), which is transformers'
+    own config; logit soft-capping, bidirectional attention and scaled RoPE in the
+    sliding layers are refused."""
+    ckpt, hf = tiny_model("gemma3")
+    spec = load_hf_checkpoint(ckpt).spec
+    assert spec.layer_types == hf.config.layer_types and spec.sliding_window == hf.config.sliding_window
+    assert spec.local_rope_theta == hf.config.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
+    assert spec.rope_theta == hf.config.rope_parameters["full_attention"]["rope_theta"] == 1e6
+    assert spec.attention_multiplier == hf.config.query_pre_attn_scalar ** -0.5 and spec.norm_offset == 1.0
+    assert spec.embedding_multiplier == float(hf.model.embed_tokens.embed_scale) and spec.tie_word_embeddings
+    d = _copy_ckpt(ckpt, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    old = {k: v for k, v in cfg.items() if k not in ("layer_types", "rope_parameters", "tie_word_embeddings")}
+    old.update(rope_theta=1e6, rope_local_base_freq=1e4, sliding_window_pattern=3)
+    (d / "config.json").write_text(json.dumps(old))
+    assert load_hf_checkpoint(d).spec == spec
+    for change, message in ((dict(final_logit_softcapping=30.0), "final_logit_softcapping 30.0 \\(logit soft-capping\\)"),
+                            (dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
+                            (dict(rope_parameters={"sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
+                             "RoPE scaling of the sliding-window layers"),
+                            (dict(layer_types=["full_attention"] * 2), "layer_types .* for each of the 3 layers")):
+        (d / "config.json").write_text(json.dumps({**old, **change}))
+        with pytest.raises(InputError, match=message):
+            load_hf_checkpoint(d)

@@ -175,6 +175,7 @@ def test_ir_load_refuses_an_edited_manifest(tiny_model, tmp_path):
         "rotary_dim 7 is not an even number of dimensions below head_dim 16": lambda d: d["spec"].update(rotary_dim=7),
         "rotary_dim 16 is not an even number": lambda d: d["spec"].update(rotary_dim=16),
         "logits_scaling 0 is not a positive number": lambda d: d["spec"].update(logits_scaling=0),
+        "per layer with a sliding_window": lambda d: d["spec"].update(layer_types=["full_attention"] * 2),
         "'longrope': short_factor has 2 values, not one per rotary frequency (4)": lambda d: d["spec"].update(
             rotary_dim=8, rope_scaling={"type": "longrope", "short_factor": [1, 1], "long_factor": [2, 2, 2, 2],
                                         "original_max_position_embeddings": 16, "attention_factor": 1.2}),

@@ -451,11 +451,16 @@ def test_sliding_window_config_must_agree(tiny_model, tiny_onnx, tmp_path):
     assert load_onnx(path).spec.sliding_window is None
 
 
-def test_granite_config_beside_an_export_is_refused(tiny_model, tiny_onnx, tmp_path):
-    """Granite's multipliers are not read from graphs: an export with a Granite
-    config.json is an InputError naming it (a Granite export alone already fails to map
-    its scaled embeddings)."""
+@pytest.mark.parametrize("kind", ["granite", "gemma3"])
+def test_granite_or_gemma3_config_beside_an_export_is_refused(tiny_model, tiny_onnx, tmp_path, kind):
+    """Granite's multipliers and Gemma 3's norms are not read from graphs: an export with
+    such a config.json is an InputError naming it (their exports alone already fail to
+    map the scaled embeddings)."""
     path = copy_export(tiny_onnx("llama"), tmp_path / "m")
-    shutil.copy(tiny_model("granite")[0] / "config.json", tmp_path / "m" / "config.json")
-    with pytest.raises(InputError, match="config.json: Granite's multipliers are read from checkpoints"):
+    shutil.copy(tiny_model(kind)[0] / "config.json", tmp_path / "m" / "config.json")
+    arch = json.loads((tmp_path / "m" / "config.json").read_text())["architectures"][0]
+    with pytest.raises(InputError, match=f"config.json: {arch} \\(scaled embeddings\\) is read from checkpoints"):
+        load_onnx(path)
+    path = copy_export(tiny_onnx(kind), tmp_path / "export")
+    with pytest.raises(InputError, match="cannot map model.embed_tokens"):
         load_onnx(path)

@@ -375,12 +375,14 @@ def test_decode_steps_with_attention_biases(tiny_model, tmp_path):
     assert _rel(np.stack([apart.forward([t], cache) for t in ids[3:]]), want[3:]) < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "mistral-swa", "phi3", "granite"])
+@pytest.mark.parametrize("kind", ["qwen3", "mistral-swa", "phi3", "granite", "gemma3"])
 def test_decode_steps_against_transformers(tiny_model, tmp_path, kind):
     """Qwen3 (per-head query/key RMSNorms before RoPE, head_dim 32 with hidden size 64),
     Mistral with a sliding window of 5 positions, Phi-3 (fused q/k/v and gate/up
-    matrices, a window of 6) and Granite (scaled embeddings, residual branches, attention
-    scores and logits), packed without sparsification: a prefill longer than the window,
+    matrices, a window of 6), Granite (scaled embeddings, residual branches, attention
+    scores and logits) and Gemma 3 (norms of 1 + weight around both sublayers, two
+    sliding-window layers of window 4 with their own RoPE base, then a full one), packed
+    without sparsification: a prefill longer than the window,
     then decode steps, against transformers' logits of the whole sequence."""
     import torch
 
@@ -388,6 +390,9 @@ def test_decode_steps_against_transformers(tiny_model, tmp_path, kind):
     rt = load_runtime(packed_f32(ckpt, tmp_path), mode="dense")
     if kind == "qwen3":
         assert rt.spec.qk_norm and rt.model.has("model.layers.1.self_attn.k_norm.weight")
+    elif kind == "gemma3":
+        assert rt.spec.layer_types == ["sliding_attention", "sliding_attention", "full_attention"] \
+            and rt.spec.sliding_window == 4 and rt.spec.sandwich_norms and rt.spec.local_rope_theta == 1e4
     elif kind == "granite":
         assert (rt.spec.embedding_multiplier, rt.spec.residual_multiplier, rt.spec.attention_multiplier,
                 rt.spec.logits_scaling) == (12.0, 0.22, 0.1, 8.0)
@@ -405,10 +410,11 @@ def test_decode_steps_against_transformers(tiny_model, tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["llama3", "qwen3", "mistral-swa", "phi3", "phi3-longrope", "phi4-mini",
-                                  "qwen2-yarn", "granite"])
+                                  "qwen2-yarn", "granite", "gemma3"])
 def test_whole_recipe_on_newer_decoders(tiny_model, tmp_path, kind):
     """Llama 3-style scaled RoPE, Qwen3's per-head norms, Mistral's sliding window,
-    Phi-3's fused matrices, LongRoPE, partial rotary embeddings, YaRN and Granite's scalars through every pass (profile on onnxruntime, relufy's torch fine-tuning, predictors,
+    Phi-3's fused matrices, LongRoPE, partial rotary embeddings, YaRN, Granite's scalars
+    and Gemma 3 through every pass (profile on onnxruntime, relufy's torch fine-tuning, predictors,
     Q8_0, reorder, pack): the runtime's dense and predictor modes against the numpy
     reference on the final IR."""
     from _runtime_artifacts import PROFILE, RECIPE
@@ -427,8 +433,8 @@ def test_whole_recipe_on_newer_decoders(tiny_model, tmp_path, kind):
     want = executor_for(ir).forward(ids[None])[0]
     model = LoadedModel.open(tmp_path / "out" / "model.gguf", linear="dequantize")
     assert (model.spec.rope_scaling is not None) == (kind in ("llama3", "phi3-longrope", "phi4-mini", "qwen2-yarn")) \
-        and model.spec.qk_norm == (kind == "qwen3")
-    assert model.spec.sliding_window == {"mistral-swa": 5, "phi3": 6}.get(kind)
+        and model.spec.qk_norm == (kind in ("qwen3", "gemma3"))
+    assert model.spec.sliding_window == {"mistral-swa": 5, "phi3": 6, "gemma3": 4}.get(kind)
     dense = runtime_for(model, "dense")
     ref = executor_for(ir)
     cache, ref_cache = dense.new_cache(), ref.new_cache()

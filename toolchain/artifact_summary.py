@@ -52,7 +52,9 @@ def format_artifact(d: dict[str, Any]) -> str:
         f"d_ff {s['intermediate_size']}, layers {s['num_layers']}, vocab {s['vocab_size']}"
         + (f", rope {rope_scaling_text(s['rope_scaling'])}" if s.get("rope_scaling") else "")
         + (f", rope over {s['rotary_dim']} of {s['head_dim']} head dims" if s.get("rotary_dim") else "")
-        + (f", sliding window {s['sliding_window']}" if s.get("sliding_window") else ""),
+        + (f", sliding window {s['sliding_window']}" if s.get("sliding_window") else "")
+        + (f" in {s['layer_types'].count('sliding_attention')} of {s['num_layers']} layers"
+           if s.get("layer_types") else ""),
         f"source       {(d['source'] or {}).get('name', '?')} sha256 {d['source_sha256'][:16]}...",
         f"recipe       {', '.join(d['passes'])} (seed {d['seed']}); target {d['target']}",
         f"tensors      {d['tensors']}: " + ", ".join(f"{k} {v:,} B" for k, v in d["bytes_by_type"].items()),

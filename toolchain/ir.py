@@ -61,7 +61,13 @@ class ArchSpec:
     Granite's scalars: the token embeddings are multiplied by ``embedding_multiplier``,
     each attention and FFN output by ``residual_multiplier`` before its residual add, the
     attention scores by ``attention_multiplier`` (None: ``head_dim ** -0.5``), and the
-    logits divided by ``logits_scaling``.
+    logits divided by ``logits_scaling``. Gemma 3's: every RMSNorm multiplies by
+    ``norm_offset + weight``; ``sandwich_norms``: the attention and FFN outputs are
+    RMS-normalised (``post_attention_layernorm``, ``post_feedforward_layernorm``) before
+    their residual adds, and the FFN's input norm is ``pre_feedforward_layernorm``;
+    ``layer_types`` (None: every layer alike) names each layer ``sliding_attention`` (its
+    attention within ``sliding_window``: :meth:`window`) or ``full_attention``;
+    ``local_rope_theta``: the sliding layers' unscaled RoPE base (None: the model's RoPE).
     These fields from ``rope_scaling`` on are left out of :meth:`to_dict` at their defaults
     (:data:`LATER_FIELDS`), so other models keep the manifests and artifacts they had
     before these fields existed.
@@ -98,6 +104,16 @@ class ArchSpec:
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
+    norm_offset: float = 0.0
+    sandwich_norms: bool = False
+    layer_types: list[str] | None = None
+    local_rope_theta: float | None = None
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of ``layer``'s attention (None: every earlier position)."""
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     @property
     def attention_scale(self) -> float:
@@ -133,6 +149,12 @@ class ArchSpec:
         for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
             if d.get(k) is not None and not (math.isfinite(d[k]) and d[k] > 0):
                 raise ValueError(f"{k} {d[k]} is not a positive number")
+        types = d.get("layer_types")
+        if types is not None and (not isinstance(types, list) or len(types) != d.get("num_layers")
+                                  or not set(types) <= {"sliding_attention", "full_attention"}
+                                  or d.get("sliding_window") is None):
+            raise ValueError(f"layer_types {json.dumps(types)} is not one 'sliding_attention' or 'full_attention' per "
+                             "layer with a sliding_window")
         rot = d.get("rotary_dim")
         if rot is not None and not (rot % 2 == 0 and 2 <= rot < d.get("head_dim", 0)):
             raise ValueError(f"rotary_dim {rot} is not an even number of dimensions below head_dim "
@@ -142,7 +164,8 @@ class ArchSpec:
 
 LATER_FIELDS = {"rope_scaling": None, "qk_norm": False, "sliding_window": None, "rotary_dim": None,
                 "embedding_multiplier": 1.0, "residual_multiplier": 1.0, "attention_multiplier": None,
-                "logits_scaling": 1.0}
+                "logits_scaling": 1.0, "norm_offset": 0.0, "sandwich_norms": False, "layer_types": None,
+                "local_rope_theta": None}
 """``ArchSpec`` fields added after artifacts existed, with the defaults at which
 :meth:`ArchSpec.to_dict` leaves them out."""
 

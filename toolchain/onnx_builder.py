@@ -127,29 +127,38 @@ def _bert(g: Graph, ir: ModelIR) -> int:
 
 
 def _decoder(g: Graph, ir: ModelIR) -> int:
-    """Pre-norm Llama/Mistral/Qwen2/Qwen3/Phi-3/Granite decoder -> ``logits`` [B, S, vocab]; returns vocab."""
-    spec, store, eps = ir.spec, ir.store, ir.spec.norm_eps
+    """Pre-norm Llama/Mistral/Qwen2/Qwen3/Phi-3/Granite/Gemma 3 decoder -> ``logits`` [B, S, vocab];
+    returns vocab. Each distinct RoPE table and window is built once."""
+    spec, store, eps, off = ir.spec, ir.store, ir.spec.norm_eps, ir.spec.norm_offset
     x = g.op("Gather", g.weight("model.embed_tokens.weight"), "input_ids", name="embeddings")
     if spec.embedding_multiplier != 1:
         x = g.op("Mul", x, g.scalar(spec.embedding_multiplier, "embedding_multiplier"), name="embeddings.scaled")
     residual = g.scalar(spec.residual_multiplier, "residual_multiplier") if spec.residual_multiplier != 1 else None
-    cos_sin = rope_tables(g, Rope.for_spec(spec))
-    mask = attention_mask(g, causal=True, window=spec.sliding_window)
+    ropes, tables, masks = Rope.per_layer(spec), {}, {}
     for block in ir.blocks:
         p, i = f"model.layers.{block.layer}.", block.layer
+        if id(ropes[i]) not in tables:
+            tables[id(ropes[i])] = rope_tables(g, ropes[i])
+        if spec.window(i) not in masks:
+            masks[spec.window(i)] = attention_mask(g, causal=True, window=spec.window(i))
         proj = {}
         for k in "qkvo":
             bias = f"{p}self_attn.{k}_proj.bias"
             proj[k] = (f"{p}self_attn.{k}_proj.weight", bias if bias in store else None)
-        h = rms_norm(g, x, f"{p}input_layernorm.weight", eps)
+        h = rms_norm(g, x, f"{p}input_layernorm.weight", eps, offset=off)
         norms = {k: f"{p}self_attn.{k}_norm.weight" for k in "qk"} if spec.qk_norm else None
-        a = attention(g, h, proj, spec.num_heads, spec.num_kv_heads, spec.head_dim, mask, cos_sin, norms, eps,
-                      spec.rotary_dim, spec.attention_scale)
+        a = attention(g, h, proj, spec.num_heads, spec.num_kv_heads, spec.head_dim, masks[spec.window(i)],
+                      tables[id(ropes[i])], norms, eps, spec.rotary_dim, spec.attention_scale, off)
+        if spec.sandwich_norms:
+            a = rms_norm(g, a, f"{p}post_attention_layernorm.weight", eps, offset=off)
         x = g.op("Add", x, a if residual is None else g.op("Mul", a, residual))
-        h = rms_norm(g, x, f"{p}post_attention_layernorm.weight", eps, name=f"ffn.{i}.input")
+        ffn_norm = "pre_feedforward_layernorm" if spec.sandwich_norms else "post_attention_layernorm"
+        h = rms_norm(g, x, f"{p}{ffn_norm}.weight", eps, name=f"ffn.{i}.input", offset=off)
         y = ffn(g, block, h, f"ffn.{i}.act")
+        if spec.sandwich_norms:
+            y = rms_norm(g, y, f"{p}post_feedforward_layernorm.weight", eps, offset=off)
         x = g.op("Add", x, y if residual is None else g.op("Mul", y, residual), name=f"layer.{i}.out")
-    x = rms_norm(g, x, "model.norm.weight", eps, name="final_norm")
+    x = rms_norm(g, x, "model.norm.weight", eps, name="final_norm", offset=off)
     tied = spec.tie_word_embeddings and "lm_head.weight" not in store
     head = "model.embed_tokens.weight" if tied else "lm_head.weight"
     if spec.logits_scaling == 1:

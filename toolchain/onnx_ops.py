@@ -121,11 +121,15 @@ def layer_norm(g: Graph, x: str, weight: str, bias: str, eps: float, name: str |
     return g.op("LayerNormalization", x, g.weight(weight), g.weight(bias), axis=-1, epsilon=eps, name=name)
 
 
-def rms_norm(g: Graph, x: str, weight: str, eps: float, name: str | None = None) -> str:
-    """``x / sqrt(mean(x^2) + eps) * w`` over the last axis of x [..., d] (basic ops only)."""
+def rms_norm(g: Graph, x: str, weight: str, eps: float, name: str | None = None, offset: float = 0.0) -> str:
+    """``x / sqrt(mean(x^2) + eps) * (offset + w)`` over the last axis of x [..., d] (basic
+    ops only; Gemma's norms have offset 1)."""
     var = g.op("ReduceMean", g.op("Mul", x, x), g.ints([-1], "last"), keepdims=1)
     inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.scalar(eps, "eps"))))
-    return g.op("Mul", g.op("Mul", x, inv), g.weight(weight), name=name)
+    w = g.weight(weight)
+    if offset:
+        w = g.op("Add", w, g.scalar(offset, "norm_offset"), name=f"{weight}.offset")
+    return g.op("Mul", g.op("Mul", x, inv), w, name=name)
 
 
 def rope_tables(g: Graph, rope: Rope) -> tuple[str, str]:
@@ -181,12 +185,13 @@ def attention_mask(g: Graph, causal: bool, window: int | None = None) -> str:
 def attention(g: Graph, x: str, proj: dict[str, tuple[str, str | None]], heads: int, kv_heads: int,
               head_dim: int, mask: str, rope_cs: tuple[str, str] | None,
               head_norms: dict[str, str] | None = None, eps: float = 0.0, rotary_dim: int | None = None,
-              scale: float | None = None) -> str:
+              scale: float | None = None, norm_offset: float = 0.0) -> str:
     """Multi-head attention with grouped key/value heads: x [B, S, d] -> [B, S, d].
 
     ``proj`` maps q/k/v/o to (weight, bias or None). Queries are grouped [B, K, R, S, hd]
     against keys/values [B, K, 1, S, hd] (broadcast = HF ``repeat_kv``). ``head_norms``
-    maps q/k to the weight of an RMSNorm (``eps``) over each head, before RoPE (Qwen3);
+    maps q/k to the weight of an RMSNorm (``eps``, ``norm_offset``) over each head, before
+    RoPE (Qwen3, Gemma 3);
     RoPE rotates the first ``rotary_dim`` dimensions of each head (None: all of them); the
     scores are scaled by ``scale`` (None: ``head_dim ** -0.5``).
     """
@@ -196,7 +201,7 @@ def attention(g: Graph, x: str, proj: dict[str, tuple[str, str | None]], heads: 
         y = g.op("Reshape", linear(g, x, *proj[name]), g.ints([0, 0, kv_heads, group, head_dim], f"heads{group}"))
         y = g.op("Transpose", y, perm=[0, 2, 3, 1, 4], name=f"{proj[name][0]}.heads")
         if head_norms and name in head_norms:
-            y = rms_norm(g, y, head_norms[name], eps)
+            y = rms_norm(g, y, head_norms[name], eps, offset=norm_offset)
         return rope(g, y, *rope_cs, head_dim, rotary_dim or head_dim) if rope_cs and name in ("q", "k") else y
 
     q, k, v = split("q", rep), split("k", 1), split("v", 1)

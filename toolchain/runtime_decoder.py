@@ -23,7 +23,7 @@ from sparseforge.kernels.attention import attention_step, rms_norm_into
 
 from .errors import InputError
 from .reference.bert import softmax
-from .reference.llama import KVCache, Rope, apply_rope, causal_mask, rms_norm
+from .reference.llama import KVCache, Rope, apply_rope, causal_mask, layer_tables, rms_norm
 from .runtime_load import FFNRunner, Linear, LoadedModel, blas_one_thread
 from .runtime_sampling import Sampler
 
@@ -33,18 +33,23 @@ _NEG = np.float32(np.finfo(np.float32).min)
 @dataclass
 class _StepLayer:
     """A layer's weights as a decode step reads them, looked up once: the RMSNorm weights
-    ``[d]``, the q/k/v projections writing ``[q | k | v]`` into one buffer (their biases
-    concatenated, or None), the output projection (bias or None) and the per-head
-    query/key RMSNorm weights, one row per query head then per key head
-    ``[heads + kv_heads, head_dim]`` (Qwen3; else None)."""
+    ``[d]`` (``spec.norm_offset`` added) of the attention's and the FFN's inputs, the q/k/v
+    projections writing ``[q | k | v]`` into one buffer (their biases concatenated, or
+    None), the output projection (bias or None), the per-head query/key RMSNorm weights,
+    one row per query head then per key head ``[heads + kv_heads, head_dim]`` (Qwen3,
+    Gemma 3; else None), the norms of the attention's and the FFN's outputs (Gemma 3's
+    sandwich norms; else None) and the attention's sliding window (0: none)."""
 
     input_norm: np.ndarray
-    post_norm: np.ndarray
+    ffn_norm: np.ndarray
     qkv: Callable[[np.ndarray, np.ndarray], None]
     qkv_bias: np.ndarray | None
     o_proj: Linear
     o_bias: np.ndarray | None
     qk_norm: np.ndarray | None
+    attn_out_norm: np.ndarray | None
+    ffn_out_norm: np.ndarray | None
+    window: int
 
 
 class DecoderRuntime:
@@ -57,7 +62,8 @@ class DecoderRuntime:
             raise InputError(model.artifact.path, "the artifact's spec has no rope_theta")
         self.model = model
         self.spec = model.spec
-        self.rope = Rope.for_spec(self.spec)
+        self.ropes = Rope.per_layer(self.spec)
+        self._offset_weights: dict[str, np.ndarray] = {}
         self.ffn = FFNRunner(model, mode)
         if model.has("lm_head.weight"):
             self.lm_head = "lm_head.weight"
@@ -87,9 +93,17 @@ class DecoderRuntime:
         :meth:`_qkv_into`)."""
         return tuple(self._proj(h, f"{prefix}{n}_proj") for n in "qkv")
 
+    def _norm_weight(self, name: str) -> np.ndarray:
+        """The RMSNorm weight ``name`` plus ``spec.norm_offset`` (Gemma's ``1 + weight``)."""
+        if not self.spec.norm_offset:
+            return self.model.vector(name)
+        if name not in self._offset_weights:
+            self._offset_weights[name] = self.model.vector(name) + np.float32(self.spec.norm_offset)
+        return self._offset_weights[name]
+
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
         """RMSNorm of ``x [T, d]`` with the weight ``name`` (one token: the Numba kernel)."""
-        w = self.model.vector(name)
+        w = self._norm_weight(name)
         if x.shape[0] > 1:
             return rms_norm(x, w, self.spec.norm_eps)
         out = np.empty_like(x)
@@ -118,21 +132,23 @@ class DecoderRuntime:
         H, KV, hd = s.num_heads, s.num_kv_heads, s.head_dim
         G = H // KV
         positions = np.arange(past, past + T)
-        cos, sin = self.rope.cos_sin(positions)
+        tables = layer_tables(self.ropes, positions)
         scale, residual = np.float32(s.attention_scale), np.float32(s.residual_multiplier)
-        # the oldest key a query of these tokens attends (past keys before it stay unread)
-        first = max(past + 1 - s.sliding_window, 0) if s.sliding_window else 0
-        causal = causal_mask(positions, past + T, s.sliding_window)[None, None, :, first:]  # [1, 1, T, S]
-        m = self.model
+        masks = {}  # per window: the oldest key a query of these tokens attends (past keys before it stay
+        for w in {s.window(i) for i in range(s.num_layers)}:  # unread) and the mask [1, 1, T, S] from it
+            first = max(past + 1 - w, 0) if w else 0
+            masks[w] = first, causal_mask(positions, past + T, w)[None, None, :, first:]
         x = self._embed(ids)
         for i in range(s.num_layers):
             p = f"model.layers.{i}."
+            first, causal = masks[s.window(i)]
+            cos, sin = tables[i]
             h = self._norm(x, p + "input_layernorm.weight")
             q, k, v = self._qkv(h, p + "self_attn.")
             q, k = q.reshape(T, H, hd), k.reshape(T, KV, hd)
             if s.qk_norm:
-                q = rms_norm(q, m.vector(p + "self_attn.q_norm.weight"), s.norm_eps)
-                k = rms_norm(k, m.vector(p + "self_attn.k_norm.weight"), s.norm_eps)
+                q = rms_norm(q, self._norm_weight(p + "self_attn.q_norm.weight"), s.norm_eps)
+                k = rms_norm(k, self._norm_weight(p + "self_attn.k_norm.weight"), s.norm_eps)
             q = apply_rope(q.transpose(1, 0, 2), cos, sin)
             k = apply_rope(k.transpose(1, 0, 2), cos, sin)
             v = v.reshape(T, KV, hd).transpose(1, 0, 2)
@@ -144,11 +160,18 @@ class DecoderRuntime:
             if T > 1:
                 scores = np.where(causal, scores, _NEG)
             ctx = (softmax(scores) @ v[:, None]).reshape(H, T, hd).transpose(1, 0, 2).reshape(T, H * hd)
-            x = x + self._proj(ctx, p + "self_attn.o_proj") * residual
-            h = self._norm(x, p + "post_attention_layernorm.weight")
-            x = x + (self.ffn.many(i, h) if T > 1 else self.ffn.one(i, h[0])[None]) * residual
+            a = self._proj(ctx, p + "self_attn.o_proj")
+            if s.sandwich_norms:
+                a = self._norm(a, p + "post_attention_layernorm.weight")
+            x = x + a * residual
+            h = self._norm(x, p + ("pre_feedforward_layernorm.weight" if s.sandwich_norms
+                                   else "post_attention_layernorm.weight"))
+            y = self.ffn.many(i, h) if T > 1 else self.ffn.one(i, h[0])[None]
+            if s.sandwich_norms:
+                y = self._norm(y, p + "post_feedforward_layernorm.weight")
+            x = x + y * residual
         x = self._norm(x if all_logits else x[-1:], "model.norm.weight")
-        head = m.linear(self.lm_head)
+        head = self.model.linear(self.lm_head)
         logits = self._scaled(head.matvec(x[0])[None] if x.shape[0] == 1 else head.matmul(x))
         return logits if all_logits else logits[-1]
 
@@ -169,12 +192,19 @@ class DecoderRuntime:
             for i in range(s.num_layers):
                 p = f"model.layers.{i}."
                 names = tuple(f"{p}self_attn.{n}_proj" for n in "qkv")
-                qk_norm = np.concatenate([np.tile(m.vector(f"{p}self_attn.{n}_norm.weight"), (heads, 1)) for n, heads
-                                          in (("q", s.num_heads), ("k", s.num_kv_heads))]) if s.qk_norm else None
-                steps.append(_StepLayer(m.vector(p + "input_layernorm.weight"),
-                                        m.vector(p + "post_attention_layernorm.weight"), self._qkv_into(names),
-                                        self._bias_of(names), m.linear(p + "self_attn.o_proj.weight"),
-                                        self._bias_of((p + "self_attn.o_proj",)), qk_norm))
+                qk_norm = np.concatenate([np.tile(self._norm_weight(f"{p}self_attn.{n}_norm.weight"), (heads, 1))
+                                          for n, heads in (("q", s.num_heads), ("k", s.num_kv_heads))]) \
+                    if s.qk_norm else None
+                sandwich = s.sandwich_norms
+                steps.append(_StepLayer(
+                    self._norm_weight(p + "input_layernorm.weight"),
+                    self._norm_weight(p + ("pre_feedforward_layernorm.weight" if sandwich
+                                           else "post_attention_layernorm.weight")),
+                    self._qkv_into(names), self._bias_of(names), m.linear(p + "self_attn.o_proj.weight"),
+                    self._bias_of((p + "self_attn.o_proj",)), qk_norm,
+                    self._norm_weight(p + "post_attention_layernorm.weight") if sandwich else None,
+                    self._norm_weight(p + "post_feedforward_layernorm.weight") if sandwich else None,
+                    s.window(i) or 0))
             self._steps = steps
         return self._steps
 
@@ -207,11 +237,10 @@ class DecoderRuntime:
         s, m = self.spec, self.model
         hd, eps = s.head_dim, s.norm_eps
         nq, nkv = s.num_heads * hd, s.num_kv_heads * hd
-        cos, sin = self.rope.cos_sin(np.array([cache.length]))
+        tables = layer_tables(self.ropes, np.array([cache.length]))
         scale, residual = np.float32(s.attention_scale), np.float32(s.residual_multiplier)
-        window = s.sliding_window or 0
         x = self._embed(ids)[0]
-        h, proj = np.empty_like(x), np.empty_like(x)
+        h, proj, normed = np.empty_like(x), np.empty_like(x), np.empty_like(x)
         qkv, ctx = np.empty(nq + 2 * nkv, np.float32), np.empty(nq, np.float32)
         q, k, v = qkv[:nq], qkv[nq:nq + nkv], qkv[nq + nkv:]
         for i, layer in enumerate(self._step_layers()):
@@ -219,21 +248,29 @@ class DecoderRuntime:
             layer.qkv(h, qkv)
             if layer.qkv_bias is not None:
                 qkv += layer.qkv_bias
-            if layer.qk_norm is not None:  # each query and key head over head_dim, in place (Qwen3)
+            if layer.qk_norm is not None:  # each query and key head over head_dim, in place (Qwen3, Gemma 3)
                 heads = qkv[:nq + nkv].reshape(-1, hd)
                 heads *= (np.float32(1) / np.sqrt(np.einsum("ij,ij->i", heads, heads) / np.float32(hd)
                                                   + np.float32(eps)))[:, None]
                 heads *= layer.qk_norm
             k_store, v_store, pos = cache.reserve(i)
-            attention_step(q, k, v, cos[0], sin[0], k_store[0], v_store[0], pos, window, scale, ctx)
+            cos, sin = tables[i]
+            attention_step(q, k, v, cos[0], sin[0], k_store[0], v_store[0], pos, layer.window, scale, ctx)
             layer.o_proj.matvec_into(ctx, proj)
             if layer.o_bias is not None:
                 proj += layer.o_bias
-            x += proj * residual if residual != 1 else proj
-            rms_norm_into(x, layer.post_norm, eps, h)
+            attn = proj
+            if layer.attn_out_norm is not None:  # Gemma 3's sandwich norms
+                rms_norm_into(proj, layer.attn_out_norm, eps, normed)
+                attn = normed
+            x += attn * residual if residual != 1 else attn
+            rms_norm_into(x, layer.ffn_norm, eps, h)
             y = self.ffn.one(i, h)
+            if layer.ffn_out_norm is not None:
+                rms_norm_into(y, layer.ffn_out_norm, eps, normed)
+                y = normed
             x += y * residual if residual != 1 else y
-        rms_norm_into(x, m.vector("model.norm.weight"), eps, h)
+        rms_norm_into(x, self._norm_weight("model.norm.weight"), eps, h)
         return self._scaled(m.linear(self.lm_head).matvec(h))
 
     def stream(self, prompt_ids, max_new_tokens: int, sampler: Sampler | None = None,

@@ -61,7 +61,9 @@ def format_summary(d: dict[str, Any]) -> str:
         f"model        {s['architecture']} (family {s['family']}) from {d['source'].get('path', '?')}",
         f"dims         d_model {s['hidden_size']}, d_ff {s['intermediate_size']}, layers {s['num_layers']}, "
         f"heads {s['num_heads']} (kv {s['num_kv_heads']}, head_dim {s['head_dim']}), vocab {s['vocab_size']}"
-        + (f", sliding window {s['sliding_window']}" if s.get("sliding_window") else ""),
+        + (f", sliding window {s['sliding_window']}" if s.get("sliding_window") else "")
+        + (f" in {s['layer_types'].count('sliding_attention')} of {s['num_layers']} layers"
+           if s.get("layer_types") else ""),
         f"ffn          {'gated ' if s['gated'] else ''}{s['activation']} in the source; now "
         f"{_activations(d['blocks'])}; norm {s['norm']} (eps {s['norm_eps']:g})"
         + (f", rope theta {s['rope_theta']:g}" if s.get("rope_theta") else "")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ir import FFNBlock, ModelIR
-from .reference.llama import Rope, causal_mask
+from .reference.llama import Rope, causal_mask, layer_tables
 
 TorchActivation = Callable[[torch.Tensor, FFNBlock], torch.Tensor]
 
@@ -207,13 +207,16 @@ def pool(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, d: int, eps: float) -> None:
+    """``x / sqrt(mean(x^2) + eps) * (offset + weight)`` (Gemma's offset: 1)."""
+
+    def __init__(self, d: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d))
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + self.eps) * self.weight
+        w = self.weight + self.offset if self.offset else self.weight
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + self.eps) * w
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -230,14 +233,18 @@ class LlamaLayer(nn.Module):
         super().__init__()
         d, hd, bias = spec.hidden_size, spec.head_dim, spec.attention_bias
         self.heads, self.kv_heads = spec.num_heads, spec.num_kv_heads
-        self.attn_norm = RMSNorm(d, spec.norm_eps)
+        eps, off = spec.norm_eps, spec.norm_offset
+        self.attn_norm = RMSNorm(d, eps, off)
         self.q = nn.Linear(d, self.heads * hd, bias=bias)
         self.k = nn.Linear(d, self.kv_heads * hd, bias=bias)
         self.v = nn.Linear(d, self.kv_heads * hd, bias=bias)
         self.o = nn.Linear(self.heads * hd, d, bias=False)
-        self.q_norm = RMSNorm(hd, spec.norm_eps) if spec.qk_norm else None  # per head (Qwen3)
-        self.k_norm = RMSNorm(hd, spec.norm_eps) if spec.qk_norm else None
-        self.ffn_norm = RMSNorm(d, spec.norm_eps)
+        self.q_norm = RMSNorm(hd, eps, off) if spec.qk_norm else None  # per head (Qwen3, Gemma 3)
+        self.k_norm = RMSNorm(hd, eps, off) if spec.qk_norm else None
+        self.ffn_norm = RMSNorm(d, eps, off)
+        # Gemma 3's sandwich norms of the attention's and the FFN's outputs
+        self.attn_out_norm = RMSNorm(d, eps, off) if spec.sandwich_norms else None
+        self.ffn_out_norm = RMSNorm(d, eps, off) if spec.sandwich_norms else None
         self.ffn = FFN(block, d, n_ff)
         self.scale, self.residual = spec.attention_scale, spec.residual_multiplier  # Granite's scalars
 
@@ -252,9 +259,10 @@ class LlamaLayer(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         ctx = _attention(q, k, v, allowed, self.scale).transpose(1, 2).reshape(B, T, -1)
-        x = x + self.o(ctx) * self.residual
+        a = self.o(ctx)
+        x = x + (a if self.attn_out_norm is None else self.attn_out_norm(a)) * self.residual
         y, h = self.ffn(self.ffn_norm(x))
-        return x + y * self.residual, h
+        return x + (y if self.ffn_out_norm is None else self.ffn_out_norm(y)) * self.residual, h
 
 
 class LlamaTorch(TorchModel):
@@ -269,7 +277,7 @@ class LlamaTorch(TorchModel):
         blocks = {b.layer: b for b in ir.blocks}
         self.layers = nn.ModuleList(LlamaLayer(s, blocks[i], ir.store.shape(blocks[i].up)[0])
                                     for i in range(s.num_layers))
-        self.norm = RMSNorm(s.hidden_size, s.norm_eps)
+        self.norm = RMSNorm(s.hidden_size, s.norm_eps, s.norm_offset)
         self.param_names.update({"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"})
         if "lm_head.weight" in ir.store:
             self.lm_head = nn.Linear(s.hidden_size, s.vocab_size, bias=False)
@@ -281,7 +289,12 @@ class LlamaTorch(TorchModel):
         for i, layer in enumerate(self.layers):
             p, q = f"layers.{i}", f"model.layers.{i}."
             self.param_names[f"{p}.attn_norm.weight"] = q + "input_layernorm.weight"
-            self.param_names[f"{p}.ffn_norm.weight"] = q + "post_attention_layernorm.weight"
+            if s.sandwich_norms:
+                self.param_names[f"{p}.attn_out_norm.weight"] = q + "post_attention_layernorm.weight"
+                self.param_names[f"{p}.ffn_norm.weight"] = q + "pre_feedforward_layernorm.weight"
+                self.param_names[f"{p}.ffn_out_norm.weight"] = q + "post_feedforward_layernorm.weight"
+            else:
+                self.param_names[f"{p}.ffn_norm.weight"] = q + "post_attention_layernorm.weight"
             for m in ("q", "k", "v", "o"):
                 self.param_names[f"{p}.{m}.weight"] = f"{q}self_attn.{m}_proj.weight"
                 if m != "o" and s.attention_bias:
@@ -291,13 +304,14 @@ class LlamaTorch(TorchModel):
                     self.param_names[f"{p}.{m}_norm.weight"] = f"{q}self_attn.{m}_norm.weight"
             self._map(f"{p}.ffn", layer.ffn.ir_names())
         self._load(ir)
-        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._ropes = Rope.per_layer(s)
+        self._rope: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos, sin [T, rotary dim]`` computed exactly as the reference does."""
+    def rope(self, T: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's ``cos, sin [T, rotary dim]``, computed exactly as the reference does."""
         if T not in self._rope:
-            cos, sin = Rope.for_spec(self.spec).cos_sin(np.arange(T))
-            self._rope[T] = torch.from_numpy(cos), torch.from_numpy(sin)
+            self._rope[T] = [(torch.from_numpy(c), torch.from_numpy(s)) for c, s in
+                             layer_tables(self._ropes, np.arange(T))]
         return self._rope[T]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -305,13 +319,14 @@ class LlamaTorch(TorchModel):
         """Logits ``[B, T, V]`` (and the FFN activations ``[B, T, n_ff]`` per layer)."""
         B, T = input_ids.shape
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask != 0
-        causal = torch.from_numpy(causal_mask(np.arange(T), T, self.spec.sliding_window))
-        allowed = causal[None, None] & mask[:, None, None, :]
-        cos, sin = self.rope(T)
-        x = self.embed_tokens(input_ids) * self.spec.embedding_multiplier
+        s = self.spec
+        allowed = {w: torch.from_numpy(causal_mask(np.arange(T), T, w))[None, None] & mask[:, None, None, :]
+                   for w in {s.window(i) for i in range(s.num_layers)}}
+        tables = self.rope(T)
+        x = self.embed_tokens(input_ids) * s.embedding_multiplier
         hs = []
-        for layer in self.layers:
-            x, h = layer(x, cos, sin, allowed)
+        for i, layer in enumerate(self.layers):
+            x, h = layer(x, *tables[i], allowed[s.window(i)])
             hs.append(h)
         x = self.norm(x)
         logits = F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)

@@ -3,7 +3,9 @@ FFN; Qwen3 also RMS-normalises each head's query and key before RoPE; Mistral v0
 Phi-3 attend a sliding window; Phi-3's checkpoints stack q/k/v and gate/up in one matrix
 each, read as the separate matrices: :meth:`Llama.fused_tensors`; Phi-4-mini, also
 ``Phi3ForCausalLM``, rotates three quarters of each head; Granite scales the embeddings,
-the residual branches, the attention scores and the logits: :func:`_granite`)."""
+the residual branches, the attention scores and the logits: :func:`_granite`; Gemma 3
+(text) normalises by ``1 + weight``, around both sublayers, and mixes sliding-window
+layers of their own RoPE base with full-attention ones: :func:`_gemma3`)."""
 from __future__ import annotations
 
 import json
@@ -115,39 +117,84 @@ def _granite(config: dict[str, Any], path: Path) -> dict[str, float]:
     return values
 
 
-def _sliding_window(config: dict[str, Any], arch: str, layers: int, max_pos: int, path: Path) -> int | None:
-    """``ArchSpec.sliding_window`` from ``sliding_window`` (None when it is absent or spans
-    every position). Qwen2/Qwen3 use it only with ``use_sliding_window``, and then on the
-    layers from ``max_window_layers`` on; ``layer_types`` (transformers 5) names each
-    layer's kind. A window on some layers and full attention on others is an InputError."""
+def _sliding_window(config: dict[str, Any], arch: str, layers: int, max_pos: int,
+                    path: Path) -> tuple[int | None, list[str] | None]:
+    """``ArchSpec.sliding_window`` and ``layer_types`` from ``sliding_window`` (None when it
+    is absent or spans every position) and the layers' kinds: ``layer_types``
+    (transformers 5); before it Qwen2/Qwen3's window applied only with
+    ``use_sliding_window``, on the layers from ``max_window_layers`` on, and Gemma 3's on
+    all but every ``sliding_window_pattern``-th layer. Layers of both kinds are Gemma 3's
+    pattern; elsewhere they are an InputError."""
     window = config_value(config, "sliding_window", path, int, None)
     qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
     if window is None or window >= max_pos or (qwen and not config.get("use_sliding_window", False)):
-        return None
+        return None, None
     kinds = config.get("layer_types")
-    if kinds is None:  # configs before transformers 5
+    if kinds is None and arch == "Gemma3ForCausalLM":
+        pattern = config_value(config, "sliding_window_pattern", path, int, 6)
+        kinds = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    elif kinds is None:  # configs before transformers 5
         first = min(config_value(config, "max_window_layers", path, int, 0) if qwen and config.get(
             "max_window_layers") else 0, layers)
         kinds = ["full_attention"] * first + ["sliding_attention"] * (layers - first)
+    if not isinstance(kinds, list) or len(kinds) != layers or not set(kinds) <= {"sliding_attention", "full_attention"}:
+        raise InputError(path, f"config.json: layer_types {json.dumps(kinds)} is not one 'sliding_attention' or "
+                               f"'full_attention' for each of the {layers} layers")
     if set(kinds) == {"full_attention"}:
-        return None
-    if set(kinds) != {"sliding_attention"}:
+        return None, None
+    if set(kinds) == {"sliding_attention"}:
+        return window, None
+    if arch != "Gemma3ForCausalLM":
         raise InputError(path, f"config.json: attention of kinds {sorted(set(kinds))} in different layers (a "
                                "sliding window on some layers only) is not supported")
-    return window
+    return window, list(kinds)
+
+
+def _gemma3(config: dict[str, Any], d: int, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Gemma 3 (text): the config as the full-attention layers' RoPE reads it (theta 1e6
+    unless given, ``rope_scaling`` theirs) and the spec's Gemma fields: norms times ``1 +
+    weight``, sandwich norms, per-head query/key norms, embeddings times ``sqrt(d)``,
+    attention scores times ``query_pre_attn_scalar ** -0.5``, the sliding layers' RoPE base
+    (``rope_local_base_freq`` or ``rope_parameters["sliding_attention"]``, 10000 unless
+    given; unscaled). Logit soft-capping and bidirectional attention are InputErrors."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if config.get(key) is not None:
+            raise InputError(path, f"config.json: {key} {config[key]!r} (logit soft-capping) is not supported")
+    if config.get("use_bidirectional_attention"):
+        raise InputError(path, "config.json: use_bidirectional_attention (an encoder) is not supported")
+    params = config.get("rope_parameters") or {}
+    if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
+        full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+        full.setdefault("rope_theta", 1e6)
+        rope_config = {**config, "rope_parameters": full}
+        if (local.get("rope_type") or local.get("type") or "default") != "default":
+            raise InputError(path, f"config.json: RoPE scaling of the sliding-window layers {json.dumps(local)} is "
+                                   "not supported")
+        local_theta = local.get("rope_theta", 10000.0)
+    else:
+        rope_config = {**config, "rope_theta": config.get("rope_theta", 1e6)}
+        local_theta = config.get("rope_local_base_freq", 10000.0)
+    if isinstance(local_theta, bool) or not isinstance(local_theta, (int, float)) or not local_theta > 1:
+        raise InputError(path, f"config.json: the sliding layers' RoPE base {json.dumps(local_theta)} is not a "
+                               "number above 1")
+    scalar = config_value(config, "query_pre_attn_scalar", path, float, 256.0)
+    if not scalar > 0:
+        raise InputError(path, f"config.json: query_pre_attn_scalar {scalar} is not positive")
+    return rope_config, dict(norm_offset=1.0, sandwich_norms=True, embedding_multiplier=d ** 0.5,
+                             attention_multiplier=scalar ** -0.5, local_rope_theta=float(local_theta))
 
 
 @register
 class Llama(ModelFamily):
     name = "llama"
     architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                     "Phi3ForCausalLM", "GraniteForCausalLM")
+                     "Phi3ForCausalLM", "GraniteForCausalLM", "Gemma3ForCausalLM")
     ignored_tensors = ()
 
     @classmethod
     def spec_from_config(cls, config: dict[str, Any], path: Path) -> ArchSpec:
         arch = config["architectures"][0]
-        act = config.get("hidden_act", "silu")
+        act = config.get("hidden_act") or config.get("hidden_activation") or "silu"
         if act not in _ACTIVATIONS:
             raise InputError(path, f"unsupported hidden_act {act!r}; supported: {', '.join(_ACTIVATIONS)}")
         d = config_value(config, "hidden_size", path)
@@ -158,7 +205,12 @@ class Llama(ModelFamily):
             raise InputError(path, f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
         max_pos = config_value(config, "max_position_embeddings", path, int, 2048)
         layers = config_value(config, "num_hidden_layers", path)
-        theta, rope_scaling, rotary_dim = _rope(config, arch, head_dim, max_pos, path)
+        gemma = arch == "Gemma3ForCausalLM"
+        rope_config, extra = _gemma3(config, d, path) if gemma else (config, {})
+        if arch == "GraniteForCausalLM":
+            extra = _granite(config, path)
+        theta, rope_scaling, rotary_dim = _rope(rope_config, arch, head_dim, max_pos, path)
+        window, layer_types = _sliding_window(config, arch, layers, max_pos, path)
         return ArchSpec(
             family=cls.name,
             architecture=arch,
@@ -179,11 +231,12 @@ class Llama(ModelFamily):
             rope_scaling=rope_scaling,
             attention_bias=arch == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
-            sliding_window=_sliding_window(config, arch, layers, max_pos, path),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", gemma)),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
+            sliding_window=window,
+            layer_types=layer_types,
             rotary_dim=rotary_dim,
-            **(_granite(config, path) if arch == "GraniteForCausalLM" else {}),
+            **extra,
             pad_token_id=config.get("pad_token_id"),
             bos_token_id=config.get("bos_token_id"),
             eos_token_id=config.get("eos_token_id"),
@@ -241,6 +294,9 @@ class Llama(ModelFamily):
             if spec.qk_norm:
                 shapes[f"{p}self_attn.q_norm.weight"] = (hd,)
                 shapes[f"{p}self_attn.k_norm.weight"] = (hd,)
+            if spec.sandwich_norms:
+                shapes[f"{p}pre_feedforward_layernorm.weight"] = (d,)
+                shapes[f"{p}post_feedforward_layernorm.weight"] = (d,)
             if spec.attention_bias:
                 shapes[f"{p}self_attn.q_proj.bias"] = (q,)
                 shapes[f"{p}self_attn.k_proj.bias"] = (kv,)

@@ -356,9 +356,9 @@ def _config_spec(family: type[ModelFamily], facts: dict[str, Any], directory: Pa
     if spec.rotary_dim is not None:
         raise InputError(path, "config.json: partial rotary embeddings are read from checkpoints, not from ONNX "
                                "exports; convert the checkpoint")
-    if spec.architecture == "GraniteForCausalLM":
-        raise InputError(path, "config.json: Granite's multipliers are read from checkpoints, not from ONNX exports; "
-                               "convert the checkpoint")
+    if spec.architecture in ("GraniteForCausalLM", "Gemma3ForCausalLM"):
+        raise InputError(path, f"config.json: {spec.architecture} (scaled embeddings) is read from checkpoints, not "
+                               "from ONNX exports; convert the checkpoint")
     freqs = facts.pop("rope_inv_freq", None)
     window = _graph_window(facts, spec.max_positions)
     if window is not None and window != spec.sliding_window:

@@ -187,6 +187,16 @@ class Rope:
     def for_spec(cls, spec: ArchSpec) -> "Rope":
         return cls(spec.rotary_dim or spec.head_dim, spec.rope_theta, spec.rope_scaling)
 
+    @classmethod
+    def per_layer(cls, spec: ArchSpec) -> list["Rope"]:
+        """Each layer's tables: the model's, or with ``spec.local_rope_theta`` the unscaled
+        local ones in the sliding-window layers (Gemma 3); layers alike share one object."""
+        main = cls.for_spec(spec)
+        if spec.local_rope_theta is None:
+            return [main] * spec.num_layers
+        local = cls(spec.rotary_dim or spec.head_dim, spec.local_rope_theta)
+        return [local if spec.window(i) is not None else main for i in range(spec.num_layers)]
+
     def cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``cos, sin [T, dim]`` for ``positions [T]`` (integers)."""
         positions = np.asarray(positions)
@@ -195,6 +205,15 @@ class Rope:
         if self.attention_factor is None:
             return cos, sin
         return cos * self.attention_factor, sin * self.attention_factor
+
+
+def layer_tables(ropes: list[Rope], positions: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``cos, sin`` of each layer for ``positions`` (computed once per distinct :class:`Rope`)."""
+    tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for rope in ropes:
+        if id(rope) not in tables:
+            tables[id(rope)] = rope.cos_sin(positions)
+    return [tables[id(rope)] for rope in ropes]
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -315,7 +334,7 @@ class LlamaDecoder:
         self.store: TensorStore = ir.store
         self.blocks: dict[int, FFNBlock] = {b.layer: b for b in ir.blocks}
         self.ffn = ffn
-        self.rope = Rope.for_spec(spec)
+        self.ropes = Rope.per_layer(spec)
         if "lm_head.weight" in self.store:
             self.lm_head = "lm_head.weight"
         elif spec.tie_word_embeddings:
@@ -325,6 +344,11 @@ class LlamaDecoder:
 
     def _w(self, name: str) -> np.ndarray:
         return self.store.get_f32(name)
+
+    def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        """RMSNorm of ``x`` with the weight ``name`` (plus ``spec.norm_offset``)."""
+        w = self._w(name)
+        return rms_norm(x, w + np.float32(self.spec.norm_offset) if self.spec.norm_offset else w, self.spec.norm_eps)
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         """Embedding rows of ``ids`` as float32 (only those rows are read and converted)."""
@@ -389,10 +413,10 @@ class LlamaDecoder:
         H, KV, hd, d = s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size
         G = H // KV
         positions = np.arange(past, past + T)
-        cos, sin = self.rope.cos_sin(positions)
-        # allowed[b, 0, 0, i, j]: query i (position past+i) may attend to key j
-        causal = causal_mask(positions, past + T, s.sliding_window)  # [T, S]
-        allowed = (causal[None] & key_mask[:, None, :])[:, None, None]  # [B, 1, 1, T, S]
+        tables = layer_tables(self.ropes, positions)
+        # allowed[w][b, 0, 0, i, j]: query i (position past+i) may attend to key j, with window w
+        allowed = {w: (causal_mask(positions, past + T, w)[None] & key_mask[:, None, :])[:, None, None]
+                   for w in {s.window(i) for i in range(s.num_layers)}}  # [B, 1, 1, T, S]
         scale = np.float32(s.attention_scale)
         residual = np.float32(s.residual_multiplier)
 
@@ -401,13 +425,14 @@ class LlamaDecoder:
             x = x * np.float32(s.embedding_multiplier)
         for i in range(s.num_layers):
             p = f"model.layers.{i}."
-            h = rms_norm(x, self._w(p + "input_layernorm.weight"), s.norm_eps)
+            h = self._norm(x, p + "input_layernorm.weight")
             q = self._proj(h, p + "self_attn.q_proj").reshape(B, T, H, hd).transpose(0, 2, 1, 3)
             k = self._proj(h, p + "self_attn.k_proj").reshape(B, T, KV, hd).transpose(0, 2, 1, 3)
-            if s.qk_norm:  # each head's query and key, over head_dim (Qwen3)
-                q = rms_norm(q, self._w(p + "self_attn.q_norm.weight"), s.norm_eps)
-                k = rms_norm(k, self._w(p + "self_attn.k_norm.weight"), s.norm_eps)
+            if s.qk_norm:  # each head's query and key, over head_dim (Qwen3, Gemma 3)
+                q = self._norm(q, p + "self_attn.q_norm.weight")
+                k = self._norm(k, p + "self_attn.k_norm.weight")
             v = self._proj(h, p + "self_attn.v_proj").reshape(B, T, KV, hd).transpose(0, 2, 1, 3)
+            cos, sin = tables[i]
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
             if cache is not None:
@@ -416,14 +441,22 @@ class LlamaDecoder:
             # group query heads by their kv head: [B, KV, G, T, hd] against k [B, KV, 1, S, hd]
             qg = q.reshape(B, KV, G, T, hd)
             scores = (qg @ k[:, :, None].transpose(0, 1, 2, 4, 3)) * scale  # [B, KV, G, T, S]
-            scores = np.where(allowed, scores, _NEG)
+            scores = np.where(allowed[s.window(i)], scores, _NEG)
             ctx = softmax(scores) @ v[:, :, None]  # [B, KV, G, T, hd]
             ctx = ctx.reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B * T, H * hd)
-            x = x + self._proj(ctx, p + "self_attn.o_proj") * residual
-            h = rms_norm(x, self._w(p + "post_attention_layernorm.weight"), s.norm_eps)
-            x = x + self.ffn(self.store, self.blocks[i], h, capture=cap) * residual
+            a = self._proj(ctx, p + "self_attn.o_proj")
+            if s.sandwich_norms:  # Gemma 3: the output normalised, then the FFN's own input norm
+                x = x + self._norm(a, p + "post_attention_layernorm.weight") * residual
+                h = self._norm(x, p + "pre_feedforward_layernorm.weight")
+                y = self._norm(self.ffn(self.store, self.blocks[i], h, capture=cap),
+                               p + "post_feedforward_layernorm.weight")
+            else:
+                x = x + a * residual
+                h = self._norm(x, p + "post_attention_layernorm.weight")
+                y = self.ffn(self.store, self.blocks[i], h, capture=cap)
+            x = x + y * residual
             assert S == past + T
-        x = rms_norm(x, self._w("model.norm.weight"), s.norm_eps)
+        x = self._norm(x, "model.norm.weight")
         if not head:
             return x.reshape(B, T, -1)
         logits = x @ self._w(self.lm_head).T
