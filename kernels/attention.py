@@ -8,7 +8,7 @@ arrays float32 and contiguous. Vectors are flat, head-major: ``q [H*hd]``,
 ``x * cos + [-x2, x1] * sin`` with ``x1, x2`` the halves of a head's first ``dim``
 dimensions (``dim = hd`` unless the model rotates part of each head; the rest pass
 unchanged) and ``cos, sin [dim]`` the row of
-:meth:`~sparseforge.toolchain.reference.llama.Rope.cos_sin` for the token's position. The
+:meth:`~sparseforge.toolchain.reference.rope.Rope.cos_sin` for the token's position. The
 cache holds keys after RoPE, ``k_cache, v_cache [KV, cap, hd]``.
 """
 import math

@@ -9,7 +9,8 @@ import pytest
 
 from sparseforge.kernels.attention import add_layer_norm_rows, attention_step, rms_norm_into, row_max, softmax_rows
 from sparseforge.toolchain.reference.bert import softmax
-from sparseforge.toolchain.reference.llama import KVCache, apply_rope, rope_cos_sin, rope_inv_freq
+from sparseforge.toolchain.reference.llama import KVCache
+from sparseforge.toolchain.reference.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 
 def test_rms_norm_into():

@@ -14,7 +14,7 @@ from conftest import copy_export
 from sparseforge.toolchain.errors import InputError
 from sparseforge.toolchain.frontends.hf import load_hf_checkpoint
 from sparseforge.toolchain.families.llama import Llama
-from sparseforge.toolchain.reference.llama import Rope, rope_inv_freq
+from sparseforge.toolchain.reference.rope import Rope, rope_inv_freq
 
 LLAMA31 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                original_max_position_embeddings=8192)

@@ -8,7 +8,7 @@ from typing import Any
 from . import artifact_format as F
 from .artifact_reader import Artifact
 from .fingerprint import file_digest
-from .reference.llama import rope_scaling_text
+from .reference.rope import rope_scaling_text
 
 
 def _num(x: float) -> float | None:

@@ -51,7 +51,7 @@ class ArchSpec:
     ``gated`` FFNs compute ``act(x Wg^T) * (x Wu^T)``; ``norm`` is ``layernorm`` or
     ``rmsnorm``. Decoder-only fields (rope) are None for encoders. ``rope_scaling`` is
     None (unscaled RoPE) or ``{"type": "linear" | "llama3" | "longrope" | "yarn", ...}``
-    with the values of :data:`~.reference.llama.ROPE_SCALING_KEYS`. ``qk_norm``: each
+    with the values of :data:`~.reference.rope.ROPE_SCALING_KEYS`. ``qk_norm``: each
     head's query and key are RMS-normalised (weights ``self_attn.q_norm`` / ``k_norm``,
     ``[head_dim]``) before RoPE (Qwen3). ``sliding_window``: None (every earlier position)
     or ``W``: a query at position ``i`` attends the keys at positions ``i - W < j <= i``
@@ -141,7 +141,7 @@ class ArchSpec:
             if kind in kinds and (not isinstance(v, kinds[kind]) or (kind != "bool" and isinstance(v, bool))):
                 raise ValueError(f"spec field {k!r} = {json.dumps(v)} is not of type {kind}")
         if d.get("rope_scaling") is not None:
-            from .reference.llama import check_rope_scaling
+            from .reference.rope import check_rope_scaling
 
             check_rope_scaling(d["rope_scaling"], d.get("rotary_dim") or d.get("head_dim"))
         if d.get("sliding_window") is not None and d["sliding_window"] < 1:

@@ -34,7 +34,7 @@ from onnx import TensorProto, ValueInfoProto, helper
 from .atomic import atomic_path
 from .ir import ModelIR
 from .onnx_ops import OPSET, Graph, attention, attention_mask, ffn, layer_norm, linear, rms_norm, rope_tables
-from .reference.llama import Rope
+from .reference.rope import Rope
 from .tensors import TensorStore, open_tensor_file
 
 MODEL = "model.onnx"

@@ -20,7 +20,7 @@ import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from .ir import FFNBlock
-from .reference.llama import Rope
+from .reference.rope import Rope
 
 OPSET = 20
 NEG = float(np.finfo(np.float32).min)

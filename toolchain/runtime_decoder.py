@@ -23,7 +23,8 @@ from sparseforge.kernels.attention import attention_step, rms_norm_into
 
 from .errors import InputError
 from .reference.bert import softmax
-from .reference.llama import KVCache, Rope, apply_rope, causal_mask, layer_tables, rms_norm
+from .reference.llama import KVCache, causal_mask, rms_norm
+from .reference.rope import Rope, apply_rope, layer_tables
 from .runtime_load import FFNRunner, Linear, LoadedModel, blas_one_thread
 from .runtime_sampling import Sampler
 

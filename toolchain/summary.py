@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from .ir import ANNOTATION_PREFIX, ModelIR
-from .reference.llama import rope_scaling_text
+from .reference.rope import rope_scaling_text
 
 
 def describe(ir: ModelIR) -> dict[str, Any]:

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ir import FFNBlock, ModelIR
-from .reference.llama import Rope, causal_mask, layer_tables
+from .reference.llama import causal_mask
+from .reference.rope import Rope, layer_tables
 
 TorchActivation = Callable[[torch.Tensor, FFNBlock], torch.Tensor]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..ir import ArchSpec, FFNBlock
-from ..reference.llama import ROPE_SCALING_KEYS, check_rope_scaling
+from ..reference.rope import ROPE_SCALING_KEYS, check_rope_scaling
 from .base import ModelFamily, config_value, register
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}

@@ -32,7 +32,7 @@ from ..families.bert import Bert
 from ..families.llama import Llama
 from ..fingerprint import file_digest
 from ..ir import ArchSpec, ModelIR
-from ..reference.llama import rope_inv_freq, rope_scaling_text
+from ..reference.rope import rope_inv_freq, rope_scaling_text
 from ..tensors import TensorRef, TensorStore, open_tensor_file
 from .common import check_weights, tokenizer_file
 from .hf import read_config
