@@ -252,11 +252,12 @@ def _weighted_values(p, vc, S, out):
 
 
 @njit(**_FLAGS)
-def _attend_group(q, kc, vc, cos, sin, S, scale, g, G, ctx):
+def _attend_group(q, kc, vc, cos, sin, S, scale, softcap, g, G, ctx):
     """The ``G`` query heads of kv group ``g`` over its first ``S`` cache positions
-    ``kc, vc [cap, hd]``: ``ctx[h] = softmax(scale * rope(q_h) . K) V`` for
-    ``h = g*G .. g*G + G - 1``. The group's heads go together so that each key and value
-    row is read once for all of them (out of L1 for long contexts)."""
+    ``kc, vc [cap, hd]``: ``ctx[h] = softmax(cap(scale * rope(q_h) . K)) V`` for
+    ``h = g*G .. g*G + G - 1``, where ``cap(s) = softcap tanh(s / softcap)`` when
+    ``softcap > 0`` (Gemma 2), else ``s``. The group's heads go together so that each key
+    and value row is read once for all of them (out of L1 for long contexts)."""
     hd = kc.shape[1]
     qg = np.empty((G, hd), np.float32)
     p = np.empty((G, S), np.float32)
@@ -266,25 +267,32 @@ def _attend_group(q, kc, vc, cos, sin, S, scale, g, G, ctx):
         for c in range(hd):
             qg[r, c] *= scale
     _scores(qg, kc, S, p)
+    if softcap > 0:
+        inv = np.float32(1) / softcap
+        for r in range(G):
+            for j in range(S):
+                p[r, j] = np.tanh(p[r, j] * inv) * softcap
     softmax_rows(p)
     _weighted_values(p, vc, S, ctx[g * G * hd:(g + 1) * G * hd].reshape((G, hd)))
 
 
 @njit(parallel=True, **_FLAGS)
-def _groups_par(q, k_cache, v_cache, cos, sin, first, end, scale, G, ctx):
+def _groups_par(q, k_cache, v_cache, cos, sin, first, end, scale, softcap, G, ctx):
     """:func:`_attend_group` for every kv group over cache positions ``first .. end - 1``,
     spread over the Numba threads."""
     for g in prange(k_cache.shape[0]):
-        _attend_group(q, k_cache[g, first:end], v_cache[g, first:end], cos, sin, end - first, scale, g, G, ctx)
+        _attend_group(q, k_cache[g, first:end], v_cache[g, first:end], cos, sin, end - first, scale, softcap, g, G,
+                      ctx)
 
 
 @njit(**_FLAGS)
-def attention_step(q, k, v, cos, sin, k_cache, v_cache, pos, window, scale, ctx):
+def attention_step(q, k, v, cos, sin, k_cache, v_cache, pos, window, scale, softcap, ctx):
     """One token's attention over positions ``0 .. pos`` (the latest ``window`` of them when
     ``window > 0``: a sliding window, its own position included): RoPE on ``q [H*hd]`` and
     ``k [KV*hd]``, ``k`` (rotated) and ``v`` written to the caches at ``pos`` (the number of
     past positions), then ``ctx [H*hd] = softmax(scale * q_h . K) V`` per query head
-    (max-subtracted softmax), the kv groups (:func:`_attend_group`) spread over the Numba
+    (max-subtracted softmax; the scaled scores soft-capped as ``softcap tanh(s / softcap)``
+    when ``softcap > 0``), the kv groups (:func:`_attend_group`) spread over the Numba
     threads by :func:`_groups_par`, called from this serial function: TinyLlama's shape,
     caches warm, 8 / 32 / 2000 positions 5.8 / 7.8 / 175 us a layer (all of it one
     parallel function: 8.7 / 13.0 / 345 in one thread, 11.2-12.1 / 13.5-14.7 / 180 on
@@ -295,4 +303,4 @@ def attention_step(q, k, v, cos, sin, k_cache, v_cache, pos, window, scale, ctx)
         _rope_into(k[g * hd:(g + 1) * hd], cos, sin, k_cache[g, pos])
         v_cache[g, pos, :] = v[g * hd:(g + 1) * hd]
     first = max(pos + 1 - window, 0) if window > 0 else 0
-    _groups_par(q, k_cache, v_cache, cos, sin, first, pos + 1, scale, q.size // hd // KV, ctx)
+    _groups_par(q, k_cache, v_cache, cos, sin, first, pos + 1, scale, softcap, q.size // hd // KV, ctx)

@@ -87,6 +87,17 @@ TINY_CONFIGS["gemma3"] = dict(
     hidden_activation="gelu_pytorch_tanh", sliding_window=4, sliding_window_pattern=3, query_pre_attn_scalar=24,
     tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
 )
+# Gemma 2: soft-capped attention scores and logits (small caps, and weights drawn ten times
+# wider than transformers' default so that the scores reach them), every second layer a
+# sliding window of 4
+TINY_CONFIGS["gemma2"] = dict(
+    architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_size=64, intermediate_size=96,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=100,
+    max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0, hidden_activation="gelu_pytorch_tanh",
+    sliding_window=4, query_pre_attn_scalar=1, attn_logit_softcapping=0.5, final_logit_softcapping=0.4,
+    initializer_range=0.2,
+    tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+)
 # Phi-4-mini-style: RoPE over the first half of each head only (its 0.75 rounds to 12 of
 # 16 dimensions here; half keeps the factor lists short), LongRoPE, tied embeddings
 TINY_CONFIGS["phi4-mini"] = dict(

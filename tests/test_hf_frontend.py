@@ -233,8 +233,8 @@ def test_gemma3_configs(tiny_model, tmp_path):
     """Gemma 3's config.json in the Hub's earlier form (``rope_theta``,
     ``rope_local_base_freq``, ``sliding_window_pattern``) reads as the form transformers 5
     writes (``layer_types``, ``rope_parameters`` per layer kind), which is transformers'
-    own config; logit soft-capping, bidirectional attention and scaled RoPE in the
-    sliding layers are refused."""
+    own config; soft-capping is read when set; bidirectional attention and scaled RoPE in
+    the sliding layers are refused. Gemma 2's caps default to transformers' 50 and 30."""
     ckpt, hf = tiny_model("gemma3")
     spec = load_hf_checkpoint(ckpt).spec
     assert spec.layer_types == hf.config.layer_types and spec.sliding_window == hf.config.sliding_window
@@ -248,7 +248,12 @@ def test_gemma3_configs(tiny_model, tmp_path):
     old.update(rope_theta=1e6, rope_local_base_freq=1e4, sliding_window_pattern=3)
     (d / "config.json").write_text(json.dumps(old))
     assert load_hf_checkpoint(d).spec == spec
-    for change, message in ((dict(final_logit_softcapping=30.0), "final_logit_softcapping 30.0 \\(logit soft-capping\\)"),
+    (d / "config.json").write_text(json.dumps({**old, "final_logit_softcapping": 30.0}))
+    assert load_hf_checkpoint(d).spec.final_logit_softcapping == 30.0 and spec.final_logit_softcapping is None
+    (d / "config.json").write_text(json.dumps({**old, "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"}))
+    gemma2 = load_hf_checkpoint(d).spec
+    assert (gemma2.attn_logit_softcapping, gemma2.final_logit_softcapping) == (50.0, 30.0) and not gemma2.qk_norm
+    for change, message in ((dict(final_logit_softcapping=-3.0), "final_logit_softcapping -3.0 is not a positive"),
                             (dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
                             (dict(rope_parameters={"sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
                              "RoPE scaling of the sliding-window layers"),

@@ -72,8 +72,8 @@ HD = 16
 @pytest.mark.parametrize("heads", [(8, 2), (7, 1)])
 @pytest.mark.parametrize("past", [0, 1, 5, 40])  # 1, 2, 6, 41 keys: four at a time, then the rest
 @pytest.mark.parametrize("window", [0, 3, 9])  # 0: every position; else the latest `window` keys
-@pytest.mark.parametrize("rotary", [HD, HD // 4])  # RoPE over the whole head, or its first quarter
-def test_attention_step(past, heads, window, rotary):
+@pytest.mark.parametrize("rotary, softcap", [(HD, 0.0), (HD // 4, 0.0), (HD, 0.5)])  # RoPE over a quarter of
+def test_attention_step(past, heads, window, rotary, softcap):  # the head; scores soft-capped (Gemma 2)
     H, KV = heads
     rng = np.random.default_rng(past)
     q = rng.standard_normal(H * HD).astype(np.float32)
@@ -87,7 +87,8 @@ def test_attention_step(past, heads, window, rotary):
     assert pos == past and cache.length == past + 1
     ctx = np.empty_like(q)
     q0, k0, v0 = q.copy(), k.copy(), v.copy()
-    attention_step(q, k, v, cos[0], sin[0], k_store[0], v_store[0], pos, window, np.float32(HD ** -0.5), ctx)
+    attention_step(q, k, v, cos[0], sin[0], k_store[0], v_store[0], pos, window, np.float32(HD ** -0.5),
+                   np.float32(softcap), ctx)
     assert (q == q0).all() and (k == k0).all() and (v == v0).all()
 
     # reference: the decoders' numpy attention over [past keys, new key]
@@ -100,5 +101,7 @@ def test_attention_step(past, heads, window, rotary):
     seen = slice(max(past + 1 - window, 0) if window else 0, past + 1)
     keys, vals = keys[:, seen], vals[:, seen]
     scores = (qr.reshape(KV, H // KV, 1, HD) @ keys[:, None].transpose(0, 1, 3, 2)) * np.float32(HD ** -0.5)
+    if softcap:
+        scores = np.tanh(scores / softcap) * softcap
     want = (softmax(scores) @ vals[:, None]).reshape(H * HD)
     np.testing.assert_allclose(ctx, want, rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ from sparseforge.toolchain.tensors import TensorRef
 
 TOL = 1e-4
 ACT_TOL = 1e-5
-DECODERS = ["llama", "llama3", "mistral", "mistral-swa", "qwen2", "qwen3", "phi3", "phi3-longrope", "phi4-mini", "granite", "gemma3"]
+DECODERS = ["llama", "llama3", "mistral", "mistral-swa", "qwen2", "qwen3", "phi3", "phi3-longrope", "phi4-mini", "granite", "gemma2", "gemma3"]
 
 
 def _batch(vocab: int, lengths=(12, 7), seed: int = 0):

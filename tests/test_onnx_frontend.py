@@ -451,9 +451,9 @@ def test_sliding_window_config_must_agree(tiny_model, tiny_onnx, tmp_path):
     assert load_onnx(path).spec.sliding_window is None
 
 
-@pytest.mark.parametrize("kind", ["granite", "gemma3"])
-def test_granite_or_gemma3_config_beside_an_export_is_refused(tiny_model, tiny_onnx, tmp_path, kind):
-    """Granite's multipliers and Gemma 3's norms are not read from graphs: an export with
+@pytest.mark.parametrize("kind", ["granite", "gemma2", "gemma3"])
+def test_granite_or_gemma_config_beside_an_export_is_refused(tiny_model, tiny_onnx, tmp_path, kind):
+    """Granite's multipliers and Gemma's norms are not read from graphs: an export with
     such a config.json is an InputError naming it (their exports alone already fail to
     map the scaled embeddings)."""
     path = copy_export(tiny_onnx("llama"), tmp_path / "m")

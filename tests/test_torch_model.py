@@ -11,7 +11,7 @@ from sparseforge.toolchain.reference import executor_for
 from sparseforge.toolchain.torch_model import BertTorch, LlamaTorch, build_torch_model, to_ir
 
 TOL = 1e-4
-KINDS = ["bert", "llama", "llama3", "mistral", "mistral-swa", "qwen2", "qwen3", "phi3", "phi3-longrope", "phi4-mini", "granite", "gemma3"]
+KINDS = ["bert", "llama", "llama3", "mistral", "mistral-swa", "qwen2", "qwen3", "phi3", "phi3-longrope", "phi4-mini", "granite", "gemma2", "gemma3"]
 
 
 def _batch(vocab: int, lengths=(12, 7), seed: int = 0):

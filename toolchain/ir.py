@@ -68,6 +68,9 @@ class ArchSpec:
     ``layer_types`` (None: every layer alike) names each layer ``sliding_attention`` (its
     attention within ``sliding_window``: :meth:`window`) or ``full_attention``;
     ``local_rope_theta``: the sliding layers' unscaled RoPE base (None: the model's RoPE).
+    Gemma 2's soft-capping: the scaled attention scores become ``c tanh(s / c)`` with ``c
+    = attn_logit_softcapping``, the logits likewise with ``final_logit_softcapping`` (None:
+    not capped).
     These fields from ``rope_scaling`` on are left out of :meth:`to_dict` at their defaults
     (:data:`LATER_FIELDS`), so other models keep the manifests and artifacts they had
     before these fields existed.
@@ -108,6 +111,8 @@ class ArchSpec:
     sandwich_norms: bool = False
     layer_types: list[str] | None = None
     local_rope_theta: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
 
     def window(self, layer: int) -> int | None:
         """The sliding window of ``layer``'s attention (None: every earlier position)."""
@@ -146,7 +151,8 @@ class ArchSpec:
             check_rope_scaling(d["rope_scaling"], d.get("rotary_dim") or d.get("head_dim"))
         if d.get("sliding_window") is not None and d["sliding_window"] < 1:
             raise ValueError(f"sliding_window {d['sliding_window']} is not a positive number of positions")
-        for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
+        for k in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
+                  "attn_logit_softcapping", "final_logit_softcapping"):
             if d.get(k) is not None and not (math.isfinite(d[k]) and d[k] > 0):
                 raise ValueError(f"{k} {d[k]} is not a positive number")
         types = d.get("layer_types")
@@ -165,7 +171,7 @@ class ArchSpec:
 LATER_FIELDS = {"rope_scaling": None, "qk_norm": False, "sliding_window": None, "rotary_dim": None,
                 "embedding_multiplier": 1.0, "residual_multiplier": 1.0, "attention_multiplier": None,
                 "logits_scaling": 1.0, "norm_offset": 0.0, "sandwich_norms": False, "layer_types": None,
-                "local_rope_theta": None}
+                "local_rope_theta": None, "attn_logit_softcapping": None, "final_logit_softcapping": None}
 """``ArchSpec`` fields added after artifacts existed, with the defaults at which
 :meth:`ArchSpec.to_dict` leaves them out."""
 

@@ -33,7 +33,7 @@ from onnx import TensorProto, ValueInfoProto, helper
 
 from .atomic import atomic_path
 from .ir import ModelIR
-from .onnx_ops import OPSET, Graph, attention, attention_mask, ffn, layer_norm, linear, rms_norm, rope_tables
+from .onnx_ops import OPSET, Graph, attention, attention_mask, ffn, layer_norm, linear, rms_norm, rope_tables, soft_cap
 from .reference.rope import Rope
 from .tensors import TensorStore, open_tensor_file
 
@@ -127,7 +127,7 @@ def _bert(g: Graph, ir: ModelIR) -> int:
 
 
 def _decoder(g: Graph, ir: ModelIR) -> int:
-    """Pre-norm Llama/Mistral/Qwen2/Qwen3/Phi-3/Granite/Gemma 3 decoder -> ``logits`` [B, S, vocab];
+    """Pre-norm Llama/Mistral/Qwen2/Qwen3/Phi-3/Granite/Gemma decoder -> ``logits`` [B, S, vocab];
     returns vocab. Each distinct RoPE table and window is built once."""
     spec, store, eps, off = ir.spec, ir.store, ir.spec.norm_eps, ir.spec.norm_offset
     x = g.op("Gather", g.weight("model.embed_tokens.weight"), "input_ids", name="embeddings")
@@ -148,7 +148,8 @@ def _decoder(g: Graph, ir: ModelIR) -> int:
         h = rms_norm(g, x, f"{p}input_layernorm.weight", eps, offset=off)
         norms = {k: f"{p}self_attn.{k}_norm.weight" for k in "qk"} if spec.qk_norm else None
         a = attention(g, h, proj, spec.num_heads, spec.num_kv_heads, spec.head_dim, masks[spec.window(i)],
-                      tables[id(ropes[i])], norms, eps, spec.rotary_dim, spec.attention_scale, off)
+                      tables[id(ropes[i])], norms, eps, spec.rotary_dim, spec.attention_scale, off,
+                      spec.attn_logit_softcapping)
         if spec.sandwich_norms:
             a = rms_norm(g, a, f"{p}post_attention_layernorm.weight", eps, offset=off)
         x = g.op("Add", x, a if residual is None else g.op("Mul", a, residual))
@@ -161,10 +162,15 @@ def _decoder(g: Graph, ir: ModelIR) -> int:
     x = rms_norm(g, x, "model.norm.weight", eps, name="final_norm", offset=off)
     tied = spec.tie_word_embeddings and "lm_head.weight" not in store
     head = "model.embed_tokens.weight" if tied else "lm_head.weight"
-    if spec.logits_scaling == 1:
+    if spec.logits_scaling == 1 and spec.final_logit_softcapping is None:
         linear(g, x, head, None, name="logits")
-    else:
-        g.op("Div", linear(g, x, head, None), g.scalar(spec.logits_scaling, "logits_scaling"), name="logits")
+        return spec.vocab_size
+    logits = linear(g, x, head, None)
+    if spec.logits_scaling != 1:
+        logits = g.op("Div", logits, g.scalar(spec.logits_scaling, "logits_scaling"))
+    if spec.final_logit_softcapping is not None:
+        logits = soft_cap(g, logits, spec.final_logit_softcapping)
+    g.op("Identity", logits, name="logits")
     return spec.vocab_size
 
 

@@ -168,6 +168,12 @@ def rope(g: Graph, x: str, cos: str, sin: str, head_dim: int, dim: int) -> str:
     return g.op("Concat", out, rest, axis=-1, name=f"{x}.rope_partial")
 
 
+def soft_cap(g: Graph, x: str, cap: float) -> str:
+    """``cap tanh(x / cap)`` (Gemma 2's soft-capping of attention scores and logits)."""
+    c = g.scalar(cap, f"softcap{cap:g}")
+    return g.op("Mul", g.op("Tanh", g.op("Div", x, c)), c)
+
+
 def attention_mask(g: Graph, causal: bool, window: int | None = None) -> str:
     """Additive mask: 0 where a query may attend a key, float32 min elsewhere (padding
     keys; later keys when causal, and keys ``window`` or more positions back with a
@@ -185,7 +191,7 @@ def attention_mask(g: Graph, causal: bool, window: int | None = None) -> str:
 def attention(g: Graph, x: str, proj: dict[str, tuple[str, str | None]], heads: int, kv_heads: int,
               head_dim: int, mask: str, rope_cs: tuple[str, str] | None,
               head_norms: dict[str, str] | None = None, eps: float = 0.0, rotary_dim: int | None = None,
-              scale: float | None = None, norm_offset: float = 0.0) -> str:
+              scale: float | None = None, norm_offset: float = 0.0, softcap: float | None = None) -> str:
     """Multi-head attention with grouped key/value heads: x [B, S, d] -> [B, S, d].
 
     ``proj`` maps q/k/v/o to (weight, bias or None). Queries are grouped [B, K, R, S, hd]
@@ -193,7 +199,8 @@ def attention(g: Graph, x: str, proj: dict[str, tuple[str, str | None]], heads: 
     maps q/k to the weight of an RMSNorm (``eps``, ``norm_offset``) over each head, before
     RoPE (Qwen3, Gemma 3);
     RoPE rotates the first ``rotary_dim`` dimensions of each head (None: all of them); the
-    scores are scaled by ``scale`` (None: ``head_dim ** -0.5``).
+    scores are scaled by ``scale`` (None: ``head_dim ** -0.5``), then soft-capped
+    (:func:`soft_cap`) by ``softcap``.
     """
     rep = heads // kv_heads
 
@@ -206,7 +213,8 @@ def attention(g: Graph, x: str, proj: dict[str, tuple[str, str | None]], heads: 
 
     q, k, v = split("q", rep), split("k", 1), split("v", 1)
     scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 2, 4, 3]))  # [B, K, R, S, S]
-    scores = g.op("Add", g.op("Mul", scores, g.scalar(1.0 / math.sqrt(head_dim) if scale is None else scale, "scale")), mask)
+    scores = g.op("Mul", scores, g.scalar(1.0 / math.sqrt(head_dim) if scale is None else scale, "scale"))
+    scores = g.op("Add", scores if softcap is None else soft_cap(g, scores, softcap), mask)
     ctx = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)  # [B, K, R, S, hd]
     ctx = g.op("Transpose", ctx, perm=[0, 3, 1, 2, 4])  # [B, S, K, R, hd]
     ctx = g.op("Reshape", ctx, g.ints([0, 0, heads * head_dim], "merge"))

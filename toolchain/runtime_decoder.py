@@ -23,7 +23,7 @@ from sparseforge.kernels.attention import attention_step, rms_norm_into
 
 from .errors import InputError
 from .reference.bert import softmax
-from .reference.llama import KVCache, causal_mask, rms_norm
+from .reference.llama import KVCache, causal_mask, rms_norm, softcap
 from .reference.rope import Rope, apply_rope, layer_tables
 from .runtime_load import FFNRunner, Linear, LoadedModel, blas_one_thread
 from .runtime_sampling import Sampler
@@ -157,7 +157,7 @@ class DecoderRuntime:
                 k, v = cache.append(i, k[None], v[None])
                 k, v = k[0, :, first:], v[0, :, first:]
             qg = q.reshape(KV, G, T, hd)
-            scores = (qg @ k[:, None].transpose(0, 1, 3, 2)) * scale  # [KV, G, T, S]
+            scores = softcap((qg @ k[:, None].transpose(0, 1, 3, 2)) * scale, s.attn_logit_softcapping)  # [KV, G, T, S]
             if T > 1:
                 scores = np.where(causal, scores, _NEG)
             ctx = (softmax(scores) @ v[:, None]).reshape(H, T, hd).transpose(1, 0, 2).reshape(T, H * hd)
@@ -182,8 +182,11 @@ class DecoderRuntime:
         return x * np.float32(self.spec.embedding_multiplier) if self.spec.embedding_multiplier != 1 else x
 
     def _scaled(self, logits: np.ndarray) -> np.ndarray:
-        """``logits`` divided by ``spec.logits_scaling``."""
-        return logits / np.float32(self.spec.logits_scaling) if self.spec.logits_scaling != 1 else logits
+        """``logits`` divided by ``spec.logits_scaling``, soft-capped by
+        ``spec.final_logit_softcapping``."""
+        if self.spec.logits_scaling != 1:
+            logits = logits / np.float32(self.spec.logits_scaling)
+        return softcap(logits, self.spec.final_logit_softcapping)
 
     def _step_layers(self) -> list[_StepLayer]:
         """Every layer's :class:`_StepLayer`, made on the first decode step (a prompt-only
@@ -240,6 +243,7 @@ class DecoderRuntime:
         nq, nkv = s.num_heads * hd, s.num_kv_heads * hd
         tables = layer_tables(self.ropes, np.array([cache.length]))
         scale, residual = np.float32(s.attention_scale), np.float32(s.residual_multiplier)
+        softcap = np.float32(s.attn_logit_softcapping or 0)
         x = self._embed(ids)[0]
         h, proj, normed = np.empty_like(x), np.empty_like(x), np.empty_like(x)
         qkv, ctx = np.empty(nq + 2 * nkv, np.float32), np.empty(nq, np.float32)
@@ -256,7 +260,7 @@ class DecoderRuntime:
                 heads *= layer.qk_norm
             k_store, v_store, pos = cache.reserve(i)
             cos, sin = tables[i]
-            attention_step(q, k, v, cos[0], sin[0], k_store[0], v_store[0], pos, layer.window, scale, ctx)
+            attention_step(q, k, v, cos[0], sin[0], k_store[0], v_store[0], pos, layer.window, scale, softcap, ctx)
             layer.o_proj.matvec_into(ctx, proj)
             if layer.o_bias is not None:
                 proj += layer.o_bias

@@ -88,13 +88,21 @@ class FFN(nn.Module):
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
-               scale: float | None = None) -> torch.Tensor:
+               scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """Softmax attention ``[B, H, T, hd]`` (keys/values may have fewer heads: query head
     ``i`` uses kv head ``i // (H / KV)``); ``allowed`` (bool) broadcasts to ``[B, H, T, S]``;
-    the scores are scaled by ``scale`` (None: ``hd ** -0.5``). A query must be allowed at
-    least one key (right padding guarantees it)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1],
-                                          scale=scale)
+    the scores are scaled by ``scale`` (None: ``hd ** -0.5``), then soft-capped as
+    ``softcap tanh(s / softcap)`` (Gemma 2). A query must be allowed at least one key
+    (right padding guarantees it)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1],
+                                              scale=scale)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    # the most negative float, not -inf: a padding query may see no key within a sliding window
+    scores = (torch.tanh(scores / softcap) * softcap).masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1) @ v
 
 
 class TorchModel(nn.Module):
@@ -248,6 +256,7 @@ class LlamaLayer(nn.Module):
         self.ffn_out_norm = RMSNorm(d, eps, off) if spec.sandwich_norms else None
         self.ffn = FFN(block, d, n_ff)
         self.scale, self.residual = spec.attention_scale, spec.residual_multiplier  # Granite's scalars
+        self.softcap = spec.attn_logit_softcapping  # Gemma 2
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,7 +268,7 @@ class LlamaLayer(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        ctx = _attention(q, k, v, allowed, self.scale).transpose(1, 2).reshape(B, T, -1)
+        ctx = _attention(q, k, v, allowed, self.scale, self.softcap).transpose(1, 2).reshape(B, T, -1)
         a = self.o(ctx)
         x = x + (a if self.attn_out_norm is None else self.attn_out_norm(a)) * self.residual
         y, h = self.ffn(self.ffn_norm(x))
@@ -332,6 +341,8 @@ class LlamaTorch(TorchModel):
         x = self.norm(x)
         logits = F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
         logits = logits / self.spec.logits_scaling
+        if s.final_logit_softcapping is not None:
+            logits = torch.tanh(logits / s.final_logit_softcapping) * s.final_logit_softcapping
         return (logits, hs) if return_ffn else logits
 
 

@@ -3,9 +3,10 @@ FFN; Qwen3 also RMS-normalises each head's query and key before RoPE; Mistral v0
 Phi-3 attend a sliding window; Phi-3's checkpoints stack q/k/v and gate/up in one matrix
 each, read as the separate matrices: :meth:`Llama.fused_tensors`; Phi-4-mini, also
 ``Phi3ForCausalLM``, rotates three quarters of each head; Granite scales the embeddings,
-the residual branches, the attention scores and the logits: :func:`_granite`; Gemma 3
-(text) normalises by ``1 + weight``, around both sublayers, and mixes sliding-window
-layers of their own RoPE base with full-attention ones: :func:`_gemma3`)."""
+the residual branches, the attention scores and the logits: :func:`_granite`; Gemma 2
+and Gemma 3 (text) normalise by ``1 + weight``, around both sublayers, and mix
+sliding-window layers with full-attention ones, Gemma 2 soft-capping its attention scores
+and logits, Gemma 3's sliding layers with a RoPE base of their own: :func:`_gemma`)."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ from ..ir import ArchSpec, FFNBlock
 from ..reference.rope import ROPE_SCALING_KEYS, check_rope_scaling
 from .base import ModelFamily, config_value, register
 
+_GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
@@ -122,16 +124,16 @@ def _sliding_window(config: dict[str, Any], arch: str, layers: int, max_pos: int
     """``ArchSpec.sliding_window`` and ``layer_types`` from ``sliding_window`` (None when it
     is absent or spans every position) and the layers' kinds: ``layer_types``
     (transformers 5); before it Qwen2/Qwen3's window applied only with
-    ``use_sliding_window``, on the layers from ``max_window_layers`` on, and Gemma 3's on
-    all but every ``sliding_window_pattern``-th layer. Layers of both kinds are Gemma 3's
-    pattern; elsewhere they are an InputError."""
+    ``use_sliding_window``, on the layers from ``max_window_layers`` on, and Gemma's on all
+    but every ``sliding_window_pattern``-th layer (Gemma 2: every second, Gemma 3: sixth).
+    Layers of both kinds are Gemma's pattern; elsewhere they are an InputError."""
     window = config_value(config, "sliding_window", path, int, None)
     qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
     if window is None or window >= max_pos or (qwen and not config.get("use_sliding_window", False)):
         return None, None
     kinds = config.get("layer_types")
-    if kinds is None and arch == "Gemma3ForCausalLM":
-        pattern = config_value(config, "sliding_window_pattern", path, int, 6)
+    if kinds is None and arch in _GEMMA:
+        pattern = config_value(config, "sliding_window_pattern", path, int, 2 if arch == "Gemma2ForCausalLM" else 6)
         kinds = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
     elif kinds is None:  # configs before transformers 5
         first = min(config_value(config, "max_window_layers", path, int, 0) if qwen and config.get(
@@ -144,26 +146,32 @@ def _sliding_window(config: dict[str, Any], arch: str, layers: int, max_pos: int
         return None, None
     if set(kinds) == {"sliding_attention"}:
         return window, None
-    if arch != "Gemma3ForCausalLM":
+    if arch not in _GEMMA:
         raise InputError(path, f"config.json: attention of kinds {sorted(set(kinds))} in different layers (a "
                                "sliding window on some layers only) is not supported")
     return window, list(kinds)
 
 
-def _gemma3(config: dict[str, Any], d: int, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Gemma 3 (text): the config as the full-attention layers' RoPE reads it (theta 1e6
-    unless given, ``rope_scaling`` theirs) and the spec's Gemma fields: norms times ``1 +
-    weight``, sandwich norms, per-head query/key norms, embeddings times ``sqrt(d)``,
-    attention scores times ``query_pre_attn_scalar ** -0.5``, the sliding layers' RoPE base
-    (``rope_local_base_freq`` or ``rope_parameters["sliding_attention"]``, 10000 unless
-    given; unscaled). Logit soft-capping and bidirectional attention are InputErrors."""
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if config.get(key) is not None:
-            raise InputError(path, f"config.json: {key} {config[key]!r} (logit soft-capping) is not supported")
+def _gemma(config: dict[str, Any], arch: str, d: int, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Gemma 2 / Gemma 3 (text): the config as the full-attention layers' RoPE reads it and
+    the spec's Gemma fields: norms times ``1 + weight``, sandwich norms, embeddings times
+    ``sqrt(d)``, attention scores times ``query_pre_attn_scalar ** -0.5``, soft-capped
+    attention scores and logits (Gemma 2's defaults 50 and 30; Gemma 3's none). Gemma 3's
+    full-attention layers take theta 1e6 unless given and ``rope_scaling``; its sliding
+    layers their own unscaled base (``rope_local_base_freq`` or
+    ``rope_parameters["sliding_attention"]``, 10000 unless given). Bidirectional attention
+    is an InputError."""
     if config.get("use_bidirectional_attention"):
         raise InputError(path, "config.json: use_bidirectional_attention (an encoder) is not supported")
+    gemma3 = arch == "Gemma3ForCausalLM"
+    caps = {key: config_value(config, key, path, float, None if gemma3 else default)
+            for key, default in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0))}
+    for key, cap in caps.items():
+        if cap is not None and not (math.isfinite(cap) and cap > 0):
+            raise InputError(path, f"config.json: {key} {cap} is not a positive number")
+    rope_config, local_theta = config, None
     params = config.get("rope_parameters") or {}
-    if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
+    if gemma3 and isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
         full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
         full.setdefault("rope_theta", 1e6)
         rope_config = {**config, "rope_parameters": full}
@@ -171,24 +179,26 @@ def _gemma3(config: dict[str, Any], d: int, path: Path) -> tuple[dict[str, Any],
             raise InputError(path, f"config.json: RoPE scaling of the sliding-window layers {json.dumps(local)} is "
                                    "not supported")
         local_theta = local.get("rope_theta", 10000.0)
-    else:
+    elif gemma3:
         rope_config = {**config, "rope_theta": config.get("rope_theta", 1e6)}
         local_theta = config.get("rope_local_base_freq", 10000.0)
-    if isinstance(local_theta, bool) or not isinstance(local_theta, (int, float)) or not local_theta > 1:
+    if local_theta is not None and (isinstance(local_theta, bool) or not isinstance(local_theta, (int, float))
+                                    or not local_theta > 1):
         raise InputError(path, f"config.json: the sliding layers' RoPE base {json.dumps(local_theta)} is not a "
                                "number above 1")
     scalar = config_value(config, "query_pre_attn_scalar", path, float, 256.0)
     if not scalar > 0:
         raise InputError(path, f"config.json: query_pre_attn_scalar {scalar} is not positive")
     return rope_config, dict(norm_offset=1.0, sandwich_norms=True, embedding_multiplier=d ** 0.5,
-                             attention_multiplier=scalar ** -0.5, local_rope_theta=float(local_theta))
+                             attention_multiplier=scalar ** -0.5,
+                             local_rope_theta=None if local_theta is None else float(local_theta), **caps)
 
 
 @register
 class Llama(ModelFamily):
     name = "llama"
     architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                     "Phi3ForCausalLM", "GraniteForCausalLM", "Gemma3ForCausalLM")
+                     "Phi3ForCausalLM", "GraniteForCausalLM", *_GEMMA)
     ignored_tensors = ()
 
     @classmethod
@@ -205,8 +215,8 @@ class Llama(ModelFamily):
             raise InputError(path, f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
         max_pos = config_value(config, "max_position_embeddings", path, int, 2048)
         layers = config_value(config, "num_hidden_layers", path)
-        gemma = arch == "Gemma3ForCausalLM"
-        rope_config, extra = _gemma3(config, d, path) if gemma else (config, {})
+        gemma = arch in _GEMMA
+        rope_config, extra = _gemma(config, arch, d, path) if gemma else (config, {})
         if arch == "GraniteForCausalLM":
             extra = _granite(config, path)
         theta, rope_scaling, rotary_dim = _rope(rope_config, arch, head_dim, max_pos, path)

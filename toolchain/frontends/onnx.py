@@ -356,7 +356,7 @@ def _config_spec(family: type[ModelFamily], facts: dict[str, Any], directory: Pa
     if spec.rotary_dim is not None:
         raise InputError(path, "config.json: partial rotary embeddings are read from checkpoints, not from ONNX "
                                "exports; convert the checkpoint")
-    if spec.architecture in ("GraniteForCausalLM", "Gemma3ForCausalLM"):
+    if spec.architecture in ("GraniteForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"):
         raise InputError(path, f"config.json: {spec.architecture} (scaled embeddings) is read from checkpoints, not "
                                "from ONNX exports; convert the checkpoint")
     freqs = facts.pop("rope_inv_freq", None)

@@ -6,8 +6,8 @@ Attention is causal (within ``spec.sliding_window`` positions when set: :func:`c
 multi-head with grouped key/value heads (GQA), rotary position embeddings (Hugging Face
 ``rotate_half`` convention, base ``spec.rope_theta``, scaled as ``spec.rope_scaling``
 says: :class:`~.rope.Rope`), optional q/k/v biases (Qwen2) and per-head query/key
-RMSNorms before RoPE (Qwen3), and Granite's scalars (``spec.embedding_multiplier`` and the
-rest). The LM head is ``lm_head.weight``, or the token embedding when the embeddings are
+RMSNorms before RoPE (Qwen3), Granite's scalars (``spec.embedding_multiplier`` and the
+rest), and Gemma's norms, sliding layers and soft-capping. The LM head is ``lm_head.weight``, or the token embedding when the embeddings are
 tied and the store has no ``lm_head.weight``.
 
 Positions of the tokens passed to :meth:`LlamaDecoder.forward` continue from the length
@@ -31,6 +31,11 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis, float32."""
     var = np.mean(x * x, axis=-1, keepdims=True)
     return x / np.sqrt(var + np.float32(eps)) * weight
+
+
+def softcap(x: np.ndarray, cap: float | None) -> np.ndarray:
+    """``cap tanh(x / cap)`` (Gemma 2's soft-capping), or ``x`` when ``cap`` is None."""
+    return x if cap is None else (np.tanh(x / np.float32(cap)) * np.float32(cap)).astype(np.float32)
 
 
 def causal_mask(positions: np.ndarray, length: int, window: int | None) -> np.ndarray:
@@ -245,7 +250,8 @@ class LlamaDecoder:
             S = k.shape[2]
             # group query heads by their kv head: [B, KV, G, T, hd] against k [B, KV, 1, S, hd]
             qg = q.reshape(B, KV, G, T, hd)
-            scores = (qg @ k[:, :, None].transpose(0, 1, 2, 4, 3)) * scale  # [B, KV, G, T, S]
+            scores = softcap((qg @ k[:, :, None].transpose(0, 1, 2, 4, 3)) * scale,
+                             s.attn_logit_softcapping)  # [B, KV, G, T, S]
             scores = np.where(allowed[s.window(i)], scores, _NEG)
             ctx = softmax(scores) @ v[:, :, None]  # [B, KV, G, T, hd]
             ctx = ctx.reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B * T, H * hd)
@@ -267,7 +273,7 @@ class LlamaDecoder:
         logits = x @ self._w(self.lm_head).T
         if s.logits_scaling != 1:
             logits = logits / np.float32(s.logits_scaling)
-        return logits.reshape(B, T, -1)
+        return softcap(logits, s.final_logit_softcapping).reshape(B, T, -1)
 
     __call__ = forward
 
