@@ -98,6 +98,8 @@ TINY_CONFIGS["gemma2"] = dict(
     initializer_range=0.2,
     tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
 )
+# Qwen2 with its sliding window on the layers from max_window_layers on: the second of two
+TINY_CONFIGS["qwen2-swa"] = dict(TINY_CONFIGS["qwen2"], use_sliding_window=True, sliding_window=5, max_window_layers=1)
 # Phi-4-mini-style: RoPE over the first half of each head only (its 0.75 rounds to 12 of
 # 16 dimensions here; half keeps the factor lists short), LongRoPE, tied embeddings
 TINY_CONFIGS["phi4-mini"] = dict(

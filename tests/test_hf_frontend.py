@@ -131,7 +131,7 @@ def test_missing_weights_and_shards(tiny_model, tmp_path):
 def test_qwen2_sliding_window_layers(use, first, layer_types, tmp_path):
     """Qwen2's window applies from layer ``max_window_layers`` on, with
     ``use_sliding_window``: transformers' own ``layer_types`` say which layers; a window on
-    every layer is the spec's, on none is None, on some only is refused."""
+    every layer is the spec's, on none is None, on some only is named layer by layer."""
     from transformers import Qwen2Config
 
     from sparseforge.toolchain.families.llama import Llama
@@ -144,12 +144,10 @@ def test_qwen2_sliding_window_layers(use, first, layer_types, tmp_path):
     if not layer_types:
         config.pop("layer_types")
     config["sliding_window"] = 5  # transformers drops it without use_sliding_window; a config may keep it
-    if kinds == {"full_attention", "sliding_attention"}:
-        with pytest.raises(InputError, match="sliding window on some layers only"):
-            Llama.spec_from_config(config, tmp_path / "config.json")
-    else:
-        assert Llama.spec_from_config(config, tmp_path / "config.json").sliding_window == (
-            5 if kinds == {"sliding_attention"} else None)
+    spec = Llama.spec_from_config(config, tmp_path / "config.json")
+    assert spec.sliding_window == (None if kinds == {"full_attention"} else 5)
+    assert spec.layer_types == (cfg.layer_types if len(kinds) == 2 else None)
+    assert [spec.window(i) for i in range(2)] == [5 if k == "sliding_attention" else None for k in cfg.layer_types]
 
 
 @pytest.mark.parametrize("window, want", [(5, 5), (127, 127), (128, None), (4096, None), (None, None)])

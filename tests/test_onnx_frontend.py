@@ -35,6 +35,9 @@ def _pair(request, kind: str):
         return load_hf_checkpoint(request.getfixturevalue("minilm_dir")), load_onnx(path), path
     directory, _ = request.getfixturevalue("tiny_model")(kind)
     path = request.getfixturevalue("tiny_onnx")(kind)
+    if kind == "mistral-swa":  # a window needs config.json: the graph does not say which layers use it
+        path = copy_export(path, request.getfixturevalue("tmp_path") / "export")
+        shutil.copy(directory / "config.json", path.parent / "config.json")
     return load_hf_checkpoint(directory), load_onnx(path), path
 
 
@@ -60,8 +63,8 @@ def _assert_same_model(hf, ir, graph_has_pooler: bool = False) -> None:
 def test_onnx_matches_hf(request, kind):
     hf, ir, path = _pair(request, kind)
     _assert_same_model(hf, ir)
-    assert ir.spec.architecture == {"mistral": "LlamaForCausalLM", "mistral-swa": "LlamaForCausalLM"}.get(
-        kind, hf.spec.architecture)  # same graph
+    assert ir.spec.architecture == {"mistral": "LlamaForCausalLM"}.get(
+        kind, hf.spec.architecture)  # same graph as Llama's (the windowed one is read with its config.json)
     assert ir.graph == str(path.absolute())
     assert ir.source["format"] == "onnx" and ir.source["path"] == str(path.absolute())
     assert len(ir.source["sha256"]) == 64
@@ -464,3 +467,20 @@ def test_granite_or_gemma_config_beside_an_export_is_refused(tiny_model, tiny_on
     path = copy_export(tiny_onnx(kind), tmp_path / "export")
     with pytest.raises(InputError, match="cannot map model.embed_tokens"):
         load_onnx(path)
+
+
+@pytest.mark.parametrize("kind", ["mistral-swa", "qwen2-swa"])
+def test_windowed_export_needs_its_config(tiny_model, tiny_onnx, tmp_path, kind):
+    """A graph with a sliding window shows it in one mask, not which layers use it (Qwen2
+    with max_window_layers: only the second): without config.json it is an InputError,
+    with it the spec names the layers, as transformers' config does."""
+    directory, hf = tiny_model(kind)
+    path = copy_export(tiny_onnx(kind), tmp_path / "m")
+    with pytest.raises(InputError, match="the graph attends a sliding window of 5 positions; put the model's "
+                                         "config.json"):
+        load_onnx(path)
+    shutil.copy(directory / "config.json", tmp_path / "m" / "config.json")
+    spec = load_onnx(path).spec
+    assert spec == load_hf_checkpoint(directory).spec and spec.sliding_window == 5
+    assert [spec.window(i) for i in range(spec.num_layers)] == [
+        5 if k == "sliding_attention" else None for k in getattr(hf.config, "layer_types", None) or ["sliding_attention"] * 2]

@@ -16,7 +16,7 @@ from sparseforge.toolchain.reference.ffn import erf
 from sparseforge.toolchain.tensors import TensorStore
 
 TOL = 1e-4
-DECODERS = ["llama", "mistral", "mistral-swa", "qwen2", "phi3", "granite", "gemma2", "gemma3"]
+DECODERS = ["llama", "mistral", "mistral-swa", "qwen2", "phi3", "granite", "gemma2", "gemma3", "qwen2-swa"]
 KINDS = ["bert", *DECODERS]
 
 

@@ -375,10 +375,10 @@ def test_decode_steps_with_attention_biases(tiny_model, tmp_path):
     assert _rel(np.stack([apart.forward([t], cache) for t in ids[3:]]), want[3:]) < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "mistral-swa", "phi3", "granite", "gemma2", "gemma3"])
+@pytest.mark.parametrize("kind", ["qwen3", "mistral-swa", "qwen2-swa", "phi3", "granite", "gemma2", "gemma3"])
 def test_decode_steps_against_transformers(tiny_model, tmp_path, kind):
     """Qwen3 (per-head query/key RMSNorms before RoPE, head_dim 32 with hidden size 64),
-    Mistral with a sliding window of 5 positions, Phi-3 (fused q/k/v and gate/up
+    Mistral with a sliding window of 5 positions, Qwen2 with it on its second layer, Phi-3 (fused q/k/v and gate/up
     matrices, a window of 6), Granite (scaled embeddings, residual branches, attention
     scores and logits), Gemma 2 (soft-capped attention scores and logits, a sliding and a
     full layer) and Gemma 3 (norms of 1 + weight around both sublayers, two sliding-window
@@ -391,6 +391,8 @@ def test_decode_steps_against_transformers(tiny_model, tmp_path, kind):
     rt = load_runtime(packed_f32(ckpt, tmp_path), mode="dense")
     if kind == "qwen3":
         assert rt.spec.qk_norm and rt.model.has("model.layers.1.self_attn.k_norm.weight")
+    elif kind == "qwen2-swa":  # the window on the second layer only
+        assert rt.spec.layer_types == ["full_attention", "sliding_attention"] and rt.spec.sliding_window == 5
     elif kind == "gemma2":
         assert rt.spec.layer_types == ["sliding_attention", "full_attention"] and rt.spec.local_rope_theta is None \
             and (rt.spec.attn_logit_softcapping, rt.spec.final_logit_softcapping) == (0.5, 0.4)

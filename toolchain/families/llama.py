@@ -124,9 +124,9 @@ def _sliding_window(config: dict[str, Any], arch: str, layers: int, max_pos: int
     """``ArchSpec.sliding_window`` and ``layer_types`` from ``sliding_window`` (None when it
     is absent or spans every position) and the layers' kinds: ``layer_types``
     (transformers 5); before it Qwen2/Qwen3's window applied only with
-    ``use_sliding_window``, on the layers from ``max_window_layers`` on, and Gemma's on all
-    but every ``sliding_window_pattern``-th layer (Gemma 2: every second, Gemma 3: sixth).
-    Layers of both kinds are Gemma's pattern; elsewhere they are an InputError."""
+    ``use_sliding_window``, on the layers from ``max_window_layers`` on (28 unless given),
+    and Gemma's on all but every ``sliding_window_pattern``-th layer (Gemma 2: every
+    second, Gemma 3: sixth). ``layer_types`` is None when every layer is alike."""
     window = config_value(config, "sliding_window", path, int, None)
     qwen = arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
     if window is None or window >= max_pos or (qwen and not config.get("use_sliding_window", False)):
@@ -136,8 +136,10 @@ def _sliding_window(config: dict[str, Any], arch: str, layers: int, max_pos: int
         pattern = config_value(config, "sliding_window_pattern", path, int, 2 if arch == "Gemma2ForCausalLM" else 6)
         kinds = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
     elif kinds is None:  # configs before transformers 5
-        first = min(config_value(config, "max_window_layers", path, int, 0) if qwen and config.get(
-            "max_window_layers") else 0, layers)
+        first = config.get("max_window_layers", 28) if qwen else 0
+        if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+            raise InputError(path, f"config.json: max_window_layers {json.dumps(first)} is not a layer count")
+        first = min(first, layers)
         kinds = ["full_attention"] * first + ["sliding_attention"] * (layers - first)
     if not isinstance(kinds, list) or len(kinds) != layers or not set(kinds) <= {"sliding_attention", "full_attention"}:
         raise InputError(path, f"config.json: layer_types {json.dumps(kinds)} is not one 'sliding_attention' or "
@@ -146,9 +148,6 @@ def _sliding_window(config: dict[str, Any], arch: str, layers: int, max_pos: int
         return None, None
     if set(kinds) == {"sliding_attention"}:
         return window, None
-    if arch not in _GEMMA:
-        raise InputError(path, f"config.json: attention of kinds {sorted(set(kinds))} in different layers (a "
-                               "sliding window on some layers only) is not supported")
     return window, list(kinds)
 
 

@@ -334,12 +334,15 @@ def _inferred_spec(family: type[ModelFamily], facts: dict[str, Any], path: Path)
     if family is Llama and facts["max_positions"] is None:
         facts["max_positions"] = _LLAMA_MAX_POSITIONS
     window = _graph_window(facts, facts["max_positions"])
+    if window is not None:  # one mask of the graph shows it; which layers use it, only the config says
+        raise InputError(path, f"the graph attends a sliding window of {window} positions; put the model's "
+                               "config.json beside the .onnx file (it names the layers that use it)")
     missing = sorted(k for k, v in facts.items() if v is None)
     if missing:
         hint = " (the graph has no output projection after the final norm)" if "tie_word_embeddings" in missing else ""
         raise InputError(path, f"cannot infer {', '.join(missing)} from the graph{hint}; put the model's "
                                "config.json beside the .onnx file")
-    return ArchSpec(family=family.name, pad_token_id=0 if family is Bert else None, sliding_window=window, **facts)
+    return ArchSpec(family=family.name, pad_token_id=0 if family is Bert else None, **facts)
 
 
 def _config_spec(family: type[ModelFamily], facts: dict[str, Any], directory: Path) -> ArchSpec:
