@@ -259,3 +259,65 @@ def test_gemma3_configs(tiny_model, tmp_path):
         (d / "config.json").write_text(json.dumps({**old, **change}))
         with pytest.raises(InputError, match=message):
             load_hf_checkpoint(d)
+
+
+def test_gemma3_multimodal_checkpoint_reads_its_language_model(tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint (Gemma 3 4B and up): its language model
+    is read under text-only names, its vision tower and projector are left out (and
+    listed), and the reference's logits of text match transformers'."""
+    import torch
+    import transformers
+
+    from sparseforge.toolchain.reference import LlamaDecoder
+
+    text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=32, vocab_size=300, max_position_embeddings=128, sliding_window=4, sliding_window_pattern=3,
+                query_pre_attn_scalar=24)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    ir = load_hf_checkpoint(tmp_path)
+    assert ir.spec.architecture == "Gemma3ForCausalLM" and ir.spec.layer_types == model.config.text_config.layer_types
+    ignored = ir.source["ignored_tensors"]
+    assert ignored and all(n.startswith(("vision_tower.", "multi_modal_projector.")) for n in ignored)
+    assert all(n.startswith("model.") for n in ir.store.names())
+    ids = np.random.default_rng(0).integers(3, 290, 30)
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids)[None]).logits[0].numpy()
+    got = LlamaDecoder(ir).forward(ids[None])[0]
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+def test_gemma3_multimodal_config_takes_transformers_defaults(tmp_path):
+    """gemma-3-4b's config.json names only what differs from transformers' Gemma3TextConfig
+    defaults; the spec is what transformers reads from it."""
+    import transformers
+
+    from sparseforge.toolchain.families.llama import Llama
+    from sparseforge.toolchain.reference.rope import Rope
+
+    text = {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024}
+    raw = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "text_config": text}
+    want = transformers.Gemma3Config(text_config=dict(text)).text_config
+    spec = Llama.spec_from_config(json.loads(json.dumps(raw)), tmp_path / "config.json")
+    assert (spec.hidden_size, spec.intermediate_size, spec.num_layers, spec.num_heads, spec.num_kv_heads,
+            spec.head_dim, spec.vocab_size, spec.max_positions, spec.sliding_window) == (
+        want.hidden_size, want.intermediate_size, want.num_hidden_layers, want.num_attention_heads,
+        want.num_key_value_heads, want.head_dim, want.vocab_size, want.max_position_embeddings, want.sliding_window)
+    assert spec.layer_types == want.layer_types and spec.tie_word_embeddings == want.tie_word_embeddings
+    assert spec.attention_multiplier == want.query_pre_attn_scalar ** -0.5 and spec.norm_eps == want.rms_norm_eps
+    assert spec.rope_scaling == {"type": "linear", "factor": 8.0} and spec.rope_theta == \
+        want.rope_parameters["full_attention"]["rope_theta"]
+    assert spec.local_rope_theta == want.rope_parameters["sliding_attention"]["rope_theta"]
+    np.testing.assert_allclose(Rope.for_spec(spec).inv_freq, 1 / (1e6 ** (np.arange(0, 256, 2) / 256)) / 8, rtol=1e-6)
+    with pytest.raises(InputError, match="without a text_config object"):
+        Llama.spec_from_config({**raw, "text_config": None}, tmp_path / "config.json")

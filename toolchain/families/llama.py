@@ -6,7 +6,8 @@ each, read as the separate matrices: :meth:`Llama.fused_tensors`; Phi-4-mini, al
 the residual branches, the attention scores and the logits: :func:`_granite`; Gemma 2
 and Gemma 3 (text) normalise by ``1 + weight``, around both sublayers, and mix
 sliding-window layers with full-attention ones, Gemma 2 soft-capping its attention scores
-and logits, Gemma 3's sliding layers with a RoPE base of their own: :func:`_gemma`)."""
+and logits, Gemma 3's sliding layers with a RoPE base of their own: :func:`_gemma`; a
+multimodal Gemma 3 is read as its language model)."""
 from __future__ import annotations
 
 import json
@@ -20,6 +21,16 @@ from ..reference.rope import ROPE_SCALING_KEYS, check_rope_scaling
 from .base import ModelFamily, config_value, register
 
 _GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+#: transformers' ``Gemma3TextConfig`` defaults: a multimodal Gemma 3's ``text_config`` names
+#: only what differs from them
+_GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                             num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                             hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072, rms_norm_eps=1e-6,
+                             tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=4096,
+                             pad_token_id=0, eos_token_id=1, bos_token_id=2)
+#: a multimodal checkpoint's language-model tensors -> their text-only names
+_TEXT_MODEL_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                        ("language_model.lm_head.", "lm_head."))
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
@@ -197,12 +208,30 @@ def _gemma(config: dict[str, Any], arch: str, d: int, path: Path) -> tuple[dict[
 class Llama(ModelFamily):
     name = "llama"
     architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                     "Phi3ForCausalLM", "GraniteForCausalLM", *_GEMMA)
+                     "Phi3ForCausalLM", "GraniteForCausalLM", *_GEMMA, "Gemma3ForConditionalGeneration")
     ignored_tensors = ()
 
     @classmethod
+    def canonical_name(cls, name: str) -> str | None:
+        """A multimodal Gemma 3's language-model tensors by their text-only names (its
+        vision tower's are not weights of the spec, so the import leaves them out)."""
+        for prefix, canonical in _TEXT_MODEL_PREFIXES:
+            if name.startswith(prefix):
+                return canonical + name[len(prefix):]
+        return super().canonical_name(name)
+
+    @classmethod
     def spec_from_config(cls, config: dict[str, Any], path: Path) -> ArchSpec:
+        """The spec of a ``config.json``; a multimodal Gemma 3's is its language model's (a
+        ``Gemma3ForCausalLM`` from ``text_config`` over transformers' defaults)."""
         arch = config["architectures"][0]
+        if arch == "Gemma3ForConditionalGeneration":
+            text = config.get("text_config")
+            if not isinstance(text, dict):
+                raise InputError(path, "config.json: Gemma3ForConditionalGeneration without a text_config object")
+            tied = config.get("tie_word_embeddings", True)
+            return cls.spec_from_config({**_GEMMA3_TEXT_DEFAULTS, "tie_word_embeddings": tied, **text,
+                                         "architectures": ["Gemma3ForCausalLM"]}, path)
         act = config.get("hidden_act") or config.get("hidden_activation") or "silu"
         if act not in _ACTIVATIONS:
             raise InputError(path, f"unsupported hidden_act {act!r}; supported: {', '.join(_ACTIVATIONS)}")
