@@ -14,7 +14,7 @@ one more entry.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper

@@ -10,7 +10,7 @@ from .artifact_format import ARTIFACT_KEY as ARTIFACT
 from .atomic import atomic_dir, check_output_dir
 from .errors import InputError
 from .frontends import load_model
-from .ir import ModelIR, _link_or_copy
+from .ir import _link_or_copy
 from .pass_base import get_pass, make_options
 from .pass_manager import PassManager, PassRecord, PipelineResult
 from .recipe import PassSpec, Recipe, load_recipe

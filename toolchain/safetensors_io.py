@@ -12,7 +12,6 @@ only on the tensors' names and contents.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping

@@ -71,7 +71,7 @@ def format_summary(d: dict[str, Any]) -> str:
         + (f", over {s['rotary_dim']} of {s['head_dim']} head dims" if s.get("rotary_dim") else ""),
         f"parameters   {d['parameters']:,} in {d['tensors']} tensors; FFN {d['ffn_parameters']:,} "
         f"({100 * d['ffn_parameters'] / max(d['parameters'], 1):.1f}%)",
-        f"dtypes       " + ", ".join(f"{k} {v:,}" for k, v in d["dtypes"].items()),
+        "dtypes       " + ", ".join(f"{k} {v:,}" for k, v in d["dtypes"].items()),
         f"tokenizer    {d['tokenizer'] or 'none'}",
     ]
     if d["graph"]:
