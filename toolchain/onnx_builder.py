@@ -34,6 +34,7 @@ from onnx import TensorProto, ValueInfoProto, helper
 from .atomic import atomic_path
 from .ir import ModelIR
 from .onnx_ops import OPSET, Graph, attention, attention_mask, ffn, layer_norm, linear, rms_norm, rope_tables, soft_cap
+from .reference.llama import LayerNorms
 from .reference.rope import Rope
 from .tensors import TensorStore, open_tensor_file
 
@@ -145,19 +146,19 @@ def _decoder(g: Graph, ir: ModelIR) -> int:
         for k in "qkvo":
             bias = f"{p}self_attn.{k}_proj.bias"
             proj[k] = (f"{p}self_attn.{k}_proj.weight", bias if bias in store else None)
-        h = rms_norm(g, x, f"{p}input_layernorm.weight", eps, offset=off)
-        norms = {k: f"{p}self_attn.{k}_norm.weight" for k in "qk"} if spec.qk_norm else None
+        norms = LayerNorms.of(spec, i)
+        h = rms_norm(g, x, norms.attn_in, eps, offset=off)
+        head_norms = {k: f"{p}self_attn.{k}_norm.weight" for k in "qk"} if spec.qk_norm else None
         a = attention(g, h, proj, spec.num_heads, spec.num_kv_heads, spec.head_dim, masks[spec.window(i)],
-                      tables[id(ropes[i])], norms, eps, spec.rotary_dim, spec.attention_scale, off,
+                      tables[id(ropes[i])], head_norms, eps, spec.rotary_dim, spec.attention_scale, off,
                       spec.attn_logit_softcapping)
-        if spec.sandwich_norms:
-            a = rms_norm(g, a, f"{p}post_attention_layernorm.weight", eps, offset=off)
+        if norms.attn_out:
+            a = rms_norm(g, a, norms.attn_out, eps, offset=off)
         x = g.op("Add", x, a if residual is None else g.op("Mul", a, residual))
-        ffn_norm = "pre_feedforward_layernorm" if spec.sandwich_norms else "post_attention_layernorm"
-        h = rms_norm(g, x, f"{p}{ffn_norm}.weight", eps, name=f"ffn.{i}.input", offset=off)
+        h = rms_norm(g, x, norms.ffn_in, eps, name=f"ffn.{i}.input", offset=off)
         y = ffn(g, block, h, f"ffn.{i}.act")
-        if spec.sandwich_norms:
-            y = rms_norm(g, y, f"{p}post_feedforward_layernorm.weight", eps, offset=off)
+        if norms.ffn_out:
+            y = rms_norm(g, y, norms.ffn_out, eps, offset=off)
         x = g.op("Add", x, y if residual is None else g.op("Mul", y, residual), name=f"layer.{i}.out")
     x = rms_norm(g, x, "model.norm.weight", eps, name="final_norm", offset=off)
     tied = spec.tie_word_embeddings and "lm_head.weight" not in store

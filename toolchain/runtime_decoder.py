@@ -23,7 +23,7 @@ from sparseforge.kernels.attention import attention_step, rms_norm_into
 
 from .errors import InputError
 from .reference.bert import softmax
-from .reference.llama import KVCache, causal_mask, rms_norm, softcap
+from .reference.llama import KVCache, LayerNorms, causal_mask, rms_norm, softcap
 from .reference.rope import Rope, apply_rope, layer_tables
 from .runtime_load import FFNRunner, Linear, LoadedModel, blas_one_thread
 from .runtime_sampling import Sampler
@@ -141,10 +141,10 @@ class DecoderRuntime:
             masks[w] = first, causal_mask(positions, past + T, w)[None, None, :, first:]
         x = self._embed(ids)
         for i in range(s.num_layers):
-            p = f"model.layers.{i}."
+            p, norms = f"model.layers.{i}.", LayerNorms.of(s, i)
             first, causal = masks[s.window(i)]
             cos, sin = tables[i]
-            h = self._norm(x, p + "input_layernorm.weight")
+            h = self._norm(x, norms.attn_in)
             q, k, v = self._qkv(h, p + "self_attn.")
             q, k = q.reshape(T, H, hd), k.reshape(T, KV, hd)
             if s.qk_norm:
@@ -162,14 +162,13 @@ class DecoderRuntime:
                 scores = np.where(causal, scores, _NEG)
             ctx = (softmax(scores) @ v[:, None]).reshape(H, T, hd).transpose(1, 0, 2).reshape(T, H * hd)
             a = self._proj(ctx, p + "self_attn.o_proj")
-            if s.sandwich_norms:
-                a = self._norm(a, p + "post_attention_layernorm.weight")
+            if norms.attn_out:
+                a = self._norm(a, norms.attn_out)
             x = x + a * residual
-            h = self._norm(x, p + ("pre_feedforward_layernorm.weight" if s.sandwich_norms
-                                   else "post_attention_layernorm.weight"))
+            h = self._norm(x, norms.ffn_in)
             y = self.ffn.many(i, h) if T > 1 else self.ffn.one(i, h[0])[None]
-            if s.sandwich_norms:
-                y = self._norm(y, p + "post_feedforward_layernorm.weight")
+            if norms.ffn_out:
+                y = self._norm(y, norms.ffn_out)
             x = x + y * residual
         x = self._norm(x if all_logits else x[-1:], "model.norm.weight")
         head = self.model.linear(self.lm_head)
@@ -199,15 +198,13 @@ class DecoderRuntime:
                 qk_norm = np.concatenate([np.tile(self._norm_weight(f"{p}self_attn.{n}_norm.weight"), (heads, 1))
                                           for n, heads in (("q", s.num_heads), ("k", s.num_kv_heads))]) \
                     if s.qk_norm else None
-                sandwich = s.sandwich_norms
+                norms = LayerNorms.of(s, i)
                 steps.append(_StepLayer(
-                    self._norm_weight(p + "input_layernorm.weight"),
-                    self._norm_weight(p + ("pre_feedforward_layernorm.weight" if sandwich
-                                           else "post_attention_layernorm.weight")),
+                    self._norm_weight(norms.attn_in), self._norm_weight(norms.ffn_in),
                     self._qkv_into(names), self._bias_of(names), m.linear(p + "self_attn.o_proj.weight"),
                     self._bias_of((p + "self_attn.o_proj",)), qk_norm,
-                    self._norm_weight(p + "post_attention_layernorm.weight") if sandwich else None,
-                    self._norm_weight(p + "post_feedforward_layernorm.weight") if sandwich else None,
+                    self._norm_weight(norms.attn_out) if norms.attn_out else None,
+                    self._norm_weight(norms.ffn_out) if norms.ffn_out else None,
                     s.window(i) or 0))
             self._steps = steps
         return self._steps

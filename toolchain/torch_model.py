@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ir import FFNBlock, ModelIR
-from .reference.llama import causal_mask
+from .reference.llama import LayerNorms, causal_mask
 from .reference.rope import Rope, layer_tables
 
 TorchActivation = Callable[[torch.Tensor, FFNBlock], torch.Tensor]
@@ -298,13 +298,11 @@ class LlamaTorch(TorchModel):
             raise ValueError("the IR has no lm_head.weight and its embeddings are not tied")
         for i, layer in enumerate(self.layers):
             p, q = f"layers.{i}", f"model.layers.{i}."
-            self.param_names[f"{p}.attn_norm.weight"] = q + "input_layernorm.weight"
-            if s.sandwich_norms:
-                self.param_names[f"{p}.attn_out_norm.weight"] = q + "post_attention_layernorm.weight"
-                self.param_names[f"{p}.ffn_norm.weight"] = q + "pre_feedforward_layernorm.weight"
-                self.param_names[f"{p}.ffn_out_norm.weight"] = q + "post_feedforward_layernorm.weight"
-            else:
-                self.param_names[f"{p}.ffn_norm.weight"] = q + "post_attention_layernorm.weight"
+            norms = LayerNorms.of(s, i)
+            for module, name in (("attn_norm", norms.attn_in), ("ffn_norm", norms.ffn_in),
+                                 ("attn_out_norm", norms.attn_out), ("ffn_out_norm", norms.ffn_out)):
+                if name:
+                    self.param_names[f"{p}.{module}.weight"] = name
             for m in ("q", "k", "v", "o"):
                 self.param_names[f"{p}.{m}.weight"] = f"{q}self_attn.{m}_proj.weight"
                 if m != "o" and s.attention_bias:

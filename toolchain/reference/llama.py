@@ -16,9 +16,11 @@ equals ``forward(prefix + next)``. Weights are read from the IR's store on every
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from ..ir import FFNBlock, ModelIR
+from ..ir import ArchSpec, FFNBlock, ModelIR
 from ..tensors import TensorStore
 from .bert import FFNFn, softmax, valid_rows_capture
 from .ffn import Capture, ffn_forward
@@ -31,6 +33,26 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis, float32."""
     var = np.mean(x * x, axis=-1, keepdims=True)
     return x / np.sqrt(var + np.float32(eps)) * weight
+
+
+@dataclass(frozen=True)
+class LayerNorms:
+    """The RMSNorm weight names of one decoder layer: the attention's input, the FFN's
+    input and, with ``spec.sandwich_norms`` (Gemma), the attention's and the FFN's outputs
+    before their residual adds (else None)."""
+
+    attn_in: str
+    ffn_in: str
+    attn_out: str | None = None
+    ffn_out: str | None = None
+
+    @classmethod
+    def of(cls, spec: ArchSpec, layer: int) -> "LayerNorms":
+        p = f"model.layers.{layer}."
+        if spec.sandwich_norms:
+            return cls(p + "input_layernorm.weight", p + "pre_feedforward_layernorm.weight",
+                       p + "post_attention_layernorm.weight", p + "post_feedforward_layernorm.weight")
+        return cls(p + "input_layernorm.weight", p + "post_attention_layernorm.weight")
 
 
 def softcap(x: np.ndarray, cap: float | None) -> np.ndarray:
@@ -234,8 +256,8 @@ class LlamaDecoder:
         if s.embedding_multiplier != 1:
             x = x * np.float32(s.embedding_multiplier)
         for i in range(s.num_layers):
-            p = f"model.layers.{i}."
-            h = self._norm(x, p + "input_layernorm.weight")
+            p, norms = f"model.layers.{i}.", LayerNorms.of(s, i)
+            h = self._norm(x, norms.attn_in)
             q = self._proj(h, p + "self_attn.q_proj").reshape(B, T, H, hd).transpose(0, 2, 1, 3)
             k = self._proj(h, p + "self_attn.k_proj").reshape(B, T, KV, hd).transpose(0, 2, 1, 3)
             if s.qk_norm:  # each head's query and key, over head_dim (Qwen3, Gemma 3)
@@ -256,15 +278,12 @@ class LlamaDecoder:
             ctx = softmax(scores) @ v[:, :, None]  # [B, KV, G, T, hd]
             ctx = ctx.reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B * T, H * hd)
             a = self._proj(ctx, p + "self_attn.o_proj")
-            if s.sandwich_norms:  # Gemma 3: the output normalised, then the FFN's own input norm
-                x = x + self._norm(a, p + "post_attention_layernorm.weight") * residual
-                h = self._norm(x, p + "pre_feedforward_layernorm.weight")
-                y = self._norm(self.ffn(self.store, self.blocks[i], h, capture=cap),
-                               p + "post_feedforward_layernorm.weight")
-            else:
-                x = x + a * residual
-                h = self._norm(x, p + "post_attention_layernorm.weight")
-                y = self.ffn(self.store, self.blocks[i], h, capture=cap)
+            if norms.attn_out:  # Gemma: the output normalised before its residual add
+                a = self._norm(a, norms.attn_out)
+            x = x + a * residual
+            y = self.ffn(self.store, self.blocks[i], self._norm(x, norms.ffn_in), capture=cap)
+            if norms.ffn_out:
+                y = self._norm(y, norms.ffn_out)
             x = x + y * residual
             assert S == past + T
         x = self._norm(x, "model.norm.weight")
