@@ -9,7 +9,7 @@ arrays float32 and contiguous. Vectors are flat, head-major: ``q [H*hd]``,
 dimensions (``dim = hd`` unless the model rotates part of each head; the rest pass
 unchanged) and ``cos, sin [dim]`` the row of
 :meth:`~sparseforge.toolchain.reference.rope.Rope.cos_sin` for the token's position. The
-cache holds keys after RoPE, ``k_cache, v_cache [KV, cap, hd]``.
+cache holds keys after RoPE, ``k_cache, v_cache [KV, cap, hd]``, a row per cached position.
 """
 import math
 
@@ -253,7 +253,7 @@ def _weighted_values(p, vc, S, out):
 
 @njit(**_FLAGS)
 def _attend_group(q, kc, vc, cos, sin, S, scale, softcap, g, G, ctx):
-    """The ``G`` query heads of kv group ``g`` over its first ``S`` cache positions
+    """The ``G`` query heads of kv group ``g`` over its first ``S`` cache rows
     ``kc, vc [cap, hd]``: ``ctx[h] = softmax(cap(scale * rope(q_h) . K)) V`` for
     ``h = g*G .. g*G + G - 1``, where ``cap(s) = softcap tanh(s / softcap)`` when
     ``softcap > 0`` (Gemma 2), else ``s``. The group's heads go together so that each key
@@ -277,30 +277,28 @@ def _attend_group(q, kc, vc, cos, sin, S, scale, softcap, g, G, ctx):
 
 
 @njit(parallel=True, **_FLAGS)
-def _groups_par(q, k_cache, v_cache, cos, sin, first, end, scale, softcap, G, ctx):
-    """:func:`_attend_group` for every kv group over cache positions ``first .. end - 1``,
-    spread over the Numba threads."""
+def _groups_par(q, k_cache, v_cache, cos, sin, count, scale, softcap, G, ctx):
+    """:func:`_attend_group` for every kv group over cache rows ``0 .. count - 1``, spread
+    over the Numba threads."""
     for g in prange(k_cache.shape[0]):
-        _attend_group(q, k_cache[g, first:end], v_cache[g, first:end], cos, sin, end - first, scale, softcap, g, G,
-                      ctx)
+        _attend_group(q, k_cache[g], v_cache[g], cos, sin, count, scale, softcap, g, G, ctx)
 
 
 @njit(**_FLAGS)
-def attention_step(q, k, v, cos, sin, k_cache, v_cache, pos, window, scale, softcap, ctx):
-    """One token's attention over positions ``0 .. pos`` (the latest ``window`` of them when
-    ``window > 0``: a sliding window, its own position included): RoPE on ``q [H*hd]`` and
-    ``k [KV*hd]``, ``k`` (rotated) and ``v`` written to the caches at ``pos`` (the number of
-    past positions), then ``ctx [H*hd] = softmax(scale * q_h . K) V`` per query head
-    (max-subtracted softmax; the scaled scores soft-capped as ``softcap tanh(s / softcap)``
-    when ``softcap > 0``), the kv groups (:func:`_attend_group`) spread over the Numba
-    threads by :func:`_groups_par`, called from this serial function: TinyLlama's shape,
-    caches warm, 8 / 32 / 2000 positions 5.8 / 7.8 / 175 us a layer (all of it one
-    parallel function: 8.7 / 13.0 / 345 in one thread, 11.2-12.1 / 13.5-14.7 / 180 on
-    two).
+def attention_step(q, k, v, cos, sin, k_cache, v_cache, slot, count, scale, softcap, ctx):
+    """One token's attention: RoPE on ``q [H*hd]`` and ``k [KV*hd]``, ``k`` (rotated) and
+    ``v`` written to cache row ``slot``, then ``ctx [H*hd] = softmax(scale * q_h . K) V``
+    per query head over the keys and values of cache rows ``0 .. count - 1`` (``slot``
+    among them; in any order, as a sliding window's ring keeps them: see
+    :class:`~sparseforge.toolchain.runtime_cache.DecoderCache`), max-subtracted softmax,
+    the scaled scores soft-capped as ``softcap tanh(s / softcap)`` when ``softcap > 0``.
+    The kv groups (:func:`_attend_group`) are spread over the Numba threads by
+    :func:`_groups_par`, called from this serial function: TinyLlama's shape, caches warm,
+    8 / 32 / 2000 positions 5.8 / 7.8 / 175 us a layer (all of it one parallel function:
+    8.7 / 13.0 / 345 in one thread, 11.2-12.1 / 13.5-14.7 / 180 on two).
     ``q, k, v`` are not modified."""
     KV, hd = k_cache.shape[0], k_cache.shape[2]
     for g in range(KV):
-        _rope_into(k[g * hd:(g + 1) * hd], cos, sin, k_cache[g, pos])
-        v_cache[g, pos, :] = v[g * hd:(g + 1) * hd]
-    first = max(pos + 1 - window, 0) if window > 0 else 0
-    _groups_par(q, k_cache, v_cache, cos, sin, first, pos + 1, scale, softcap, q.size // hd // KV, ctx)
+        _rope_into(k[g * hd:(g + 1) * hd], cos, sin, k_cache[g, slot])
+        v_cache[g, slot, :] = v[g * hd:(g + 1) * hd]
+    _groups_par(q, k_cache, v_cache, cos, sin, count, scale, softcap, q.size // hd // KV, ctx)

@@ -23,6 +23,8 @@ def test_bench_decoder(llama_out):
         row = r["runtime"][m]
         assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0
         assert 0 <= row["predictor_overhead"] < 1
+        spec = Artifact.open(llama_out / "model.gguf").spec  # keys and values of 8 + 3 + 1 positions
+        assert row["kv_cache_bytes"] == 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4 * 12
     assert r["runtime"]["dense"]["predictor_overhead"] == 0
     assert r["onnxruntime"]["ort_f32"]["decode_tokens_per_s"] > 0
     for k in ("decode_predictor_vs_dense", "decode_predictor_vs_ort_f32", "prefill_dense_vs_ort_f32"):

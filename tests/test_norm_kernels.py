@@ -1,6 +1,6 @@
 """The runtimes' norm and softmax kernels against numpy (float64), and the decode-step
 attention kernel against the decoders' numpy reference (apply_rope, softmax, grouped-query
-attention over a KVCache); numpy, the kernels and the numpy reference only, so that
+attention over a cache's rows); numpy, the kernels and the numpy reference only, so that
 ``make test-arm`` runs them on emulated aarch64 too."""
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 
 from sparseforge.kernels.attention import add_layer_norm_rows, attention_step, rms_norm_into, row_max, softmax_rows
 from sparseforge.toolchain.reference.bert import softmax
-from sparseforge.toolchain.reference.llama import KVCache
 from sparseforge.toolchain.reference.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 
@@ -70,36 +69,34 @@ HD = 16
 
 # heads per kv group: 4; 7 (scores: three pairs and one alone; values: four, then three alone)
 @pytest.mark.parametrize("heads", [(8, 2), (7, 1)])
-@pytest.mark.parametrize("past", [0, 1, 5, 40])  # 1, 2, 6, 41 keys: four at a time, then the rest
-@pytest.mark.parametrize("window", [0, 3, 9])  # 0: every position; else the latest `window` keys
+@pytest.mark.parametrize("count", [1, 2, 6, 41])  # keys read: four at a time, then the rest
+@pytest.mark.parametrize("ring", [False, True])  # the new row last (appended), or amid older rows (a ring)
 @pytest.mark.parametrize("rotary, softcap", [(HD, 0.0), (HD // 4, 0.0), (HD, 0.5)])  # RoPE over a quarter of
-def test_attention_step(past, heads, window, rotary, softcap):  # the head; scores soft-capped (Gemma 2)
+def test_attention_step(count, heads, ring, rotary, softcap):  # the head; scores soft-capped (Gemma 2)
     H, KV = heads
-    rng = np.random.default_rng(past)
+    rng = np.random.default_rng(count)
     q = rng.standard_normal(H * HD).astype(np.float32)
     k = rng.standard_normal(KV * HD).astype(np.float32)
     v = rng.standard_normal(KV * HD).astype(np.float32)
-    cos, sin = rope_cos_sin(np.array([past]), rope_inv_freq(rotary, 10000.0))
-    cache = KVCache(1, 1, KV, HD)
-    cache.append(0, *(rng.standard_normal((2, 1, KV, past, HD)).astype(np.float32)))
-    past_k, past_v = cache.keys(0)[0].copy(), cache.values(0)[0].copy()
-    k_store, v_store, pos = cache.reserve(0)
-    assert pos == past and cache.length == past + 1
+    cos, sin = rope_cos_sin(np.array([count + 7]), rope_inv_freq(rotary, 10000.0))
+    # rows 0 .. count - 1 hold keys and values; the rows after them (unused capacity) are NaN
+    k_store, v_store = np.full((2, KV, count + 3, HD), np.nan, np.float32)
+    k_store[:, :count], v_store[:, :count] = rng.standard_normal((2, KV, count, HD)).astype(np.float32)
+    slot = count // 2 if ring else count - 1
     ctx = np.empty_like(q)
     q0, k0, v0 = q.copy(), k.copy(), v.copy()
-    attention_step(q, k, v, cos[0], sin[0], k_store[0], v_store[0], pos, window, np.float32(HD ** -0.5),
+    before_k, before_v = k_store.copy(), v_store.copy()
+    attention_step(q, k, v, cos[0], sin[0], k_store, v_store, slot, count, np.float32(HD ** -0.5),
                    np.float32(softcap), ctx)
     assert (q == q0).all() and (k == k0).all() and (v == v0).all()
 
-    # reference: the decoders' numpy attention over [past keys, new key]
+    # reference: the decoders' numpy attention over the rows, the new key and value in row `slot`
     qr = apply_rope(q.reshape(H, 1, HD), cos, sin)
-    kr = apply_rope(k.reshape(KV, 1, HD), cos, sin)
-    keys = np.concatenate([past_k, kr], axis=1)  # [KV, S, hd]
-    vals = np.concatenate([past_v, v.reshape(KV, 1, HD)], axis=1)
-    np.testing.assert_allclose(cache.keys(0)[0], keys, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(cache.values(0)[0], vals)
-    seen = slice(max(past + 1 - window, 0) if window else 0, past + 1)
-    keys, vals = keys[:, seen], vals[:, seen]
+    before_k[:, slot] = apply_rope(k.reshape(KV, 1, HD), cos, sin)[:, 0]
+    before_v[:, slot] = v.reshape(KV, HD)
+    np.testing.assert_allclose(k_store, before_k, rtol=1e-6, atol=1e-6)  # only row `slot` written
+    np.testing.assert_array_equal(v_store, before_v)
+    keys, vals = before_k[:, :count], before_v[:, :count]
     scores = (qr.reshape(KV, H // KV, 1, HD) @ keys[:, None].transpose(0, 1, 3, 2)) * np.float32(HD ** -0.5)
     if softcap:
         scores = np.tanh(scores / softcap) * softcap

@@ -216,7 +216,7 @@ def _bench_decoder(rt, prompt: np.ndarray, n_decode: int, repeats: int) -> dict[
     return {"prefill_tokens_per_s": prompt.size / t_prefill, "prefill_s": t_prefill,
             "decode_tokens_per_s": n_decode / best_decode, "decode_s_per_token": best_decode / n_decode,
             "predictor_overhead": pred_s / best_decode, "ffn_density": density,
-            "mean_ffn_density": float(np.nanmean(density))}
+            "mean_ffn_density": float(np.nanmean(density)), "kv_cache_bytes": cache.nbytes}
 
 
 def _batches(ids: np.ndarray, L: int, batch: int) -> np.ndarray:

@@ -2,9 +2,8 @@
 
 The forward pass mirrors :class:`~.reference.llama.LlamaDecoder` (pre-norm layers,
 RoPE, grouped-query attention within the sliding window if the model has one, RMSNorm,
-LM head or tied embeddings) for one sequence with a :class:`~.reference.llama.KVCache`
-(which keeps every position: a sliding window bounds the attention work of a step or a
-prompt chunk, which read only the cached keys the window reaches, not the cache).
+LM head or tied embeddings) for one sequence with a :class:`~.runtime_cache.DecoderCache`
+(a sliding-window layer keeps only its window, in a ring).
 Attention projections and the LM head are the artifact's weights
 (:class:`~.runtime_load.Linear`); FFNs go through :class:`~.runtime_load.FFNRunner`:
 several tokens at once (the prompt: prefill) use
@@ -23,8 +22,9 @@ from sparseforge.kernels.attention import attention_step, rms_norm_into
 
 from .errors import InputError
 from .reference.bert import softmax
-from .reference.llama import KVCache, LayerNorms, causal_mask, rms_norm, softcap
+from .reference.llama import LayerNorms, causal_mask, rms_norm, softcap
 from .reference.rope import Rope, apply_rope, layer_tables
+from .runtime_cache import DecoderCache
 from .runtime_load import FFNRunner, Linear, LoadedModel, blas_one_thread
 from .runtime_sampling import Sampler
 
@@ -38,8 +38,8 @@ class _StepLayer:
     projections writing ``[q | k | v]`` into one buffer (their biases concatenated, or
     None), the output projection (bias or None), the per-head query/key RMSNorm weights,
     one row per query head then per key head ``[heads + kv_heads, head_dim]`` (Qwen3,
-    Gemma 3; else None), the norms of the attention's and the FFN's outputs (Gemma 3's
-    sandwich norms; else None) and the attention's sliding window (0: none)."""
+    Gemma 3; else None), and the norms of the attention's and the FFN's outputs (Gemma 3's
+    sandwich norms; else None)."""
 
     input_norm: np.ndarray
     ffn_norm: np.ndarray
@@ -50,7 +50,6 @@ class _StepLayer:
     qk_norm: np.ndarray | None
     attn_out_norm: np.ndarray | None
     ffn_out_norm: np.ndarray | None
-    window: int
 
 
 class DecoderRuntime:
@@ -78,9 +77,10 @@ class DecoderRuntime:
     def mode(self) -> str:
         return self.ffn.mode
 
-    def new_cache(self, max_length: int | None = None) -> KVCache:
+    def new_cache(self, max_length: int | None = None) -> DecoderCache:
+        """An empty cache, for up to ``max_length`` positions (allocated at once) or growing."""
         s = self.spec
-        return KVCache(s.num_layers, 1, s.num_kv_heads, s.head_dim, max_length)
+        return DecoderCache([s.window(i) or 0 for i in range(s.num_layers)], s.num_kv_heads, s.head_dim, max_length)
 
     def _proj(self, x: np.ndarray, prefix: str) -> np.ndarray:
         lin = self.model.linear(prefix + ".weight")
@@ -111,14 +111,14 @@ class DecoderRuntime:
         rms_norm_into(x[0], w, self.spec.norm_eps, out[0])
         return out
 
-    def forward(self, input_ids, cache: KVCache | None = None, all_logits: bool = False) -> np.ndarray:
+    def forward(self, input_ids, cache: DecoderCache | None = None, all_logits: bool = False) -> np.ndarray:
         """Logits of one sequence's new tokens ``input_ids [T]``: ``[T, vocab]`` with
         ``all_logits``, else the last position's ``[vocab]``. With ``cache`` the tokens
         continue at position ``cache.length`` and the cache is extended."""
         with blas_one_thread():  # the prompt too: BLAS's spinning workers would slow the decode after it
             return self._forward(input_ids, cache, all_logits)
 
-    def _forward(self, input_ids, cache: KVCache | None, all_logits: bool) -> np.ndarray:
+    def _forward(self, input_ids, cache: DecoderCache | None, all_logits: bool) -> np.ndarray:
         ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
         s = self.spec
         T = ids.size
@@ -135,14 +135,10 @@ class DecoderRuntime:
         positions = np.arange(past, past + T)
         tables = layer_tables(self.ropes, positions)
         scale, residual = np.float32(s.attention_scale), np.float32(s.residual_multiplier)
-        masks = {}  # per window: the oldest key a query of these tokens attends (past keys before it stay
-        for w in {s.window(i) for i in range(s.num_layers)}:  # unread) and the mask [1, 1, T, S] from it
-            first = max(past + 1 - w, 0) if w else 0
-            masks[w] = first, causal_mask(positions, past + T, w)[None, None, :, first:]
+        masks = {}  # per window: the mask [1, 1, T, S] of the keys the cache gives (every layer alike)
         x = self._embed(ids)
         for i in range(s.num_layers):
             p, norms = f"model.layers.{i}.", LayerNorms.of(s, i)
-            first, causal = masks[s.window(i)]
             cos, sin = tables[i]
             h = self._norm(x, norms.attn_in)
             q, k, v = self._qkv(h, p + "self_attn.")
@@ -153,13 +149,16 @@ class DecoderRuntime:
             q = apply_rope(q.transpose(1, 0, 2), cos, sin)
             k = apply_rope(k.transpose(1, 0, 2), cos, sin)
             v = v.reshape(T, KV, hd).transpose(1, 0, 2)
+            first = 0
             if cache is not None:
-                k, v = cache.append(i, k[None], v[None])
-                k, v = k[0, :, first:], v[0, :, first:]
+                k, v, first = cache.extend(i, k, v)
             qg = q.reshape(KV, G, T, hd)
             scores = softcap((qg @ k[:, None].transpose(0, 1, 3, 2)) * scale, s.attn_logit_softcapping)  # [KV, G, T, S]
             if T > 1:
-                scores = np.where(causal, scores, _NEG)
+                w = s.window(i)
+                if w not in masks:
+                    masks[w] = causal_mask(positions, past + T, w)[None, None, :, first:]
+                scores = np.where(masks[w], scores, _NEG)
             ctx = (softmax(scores) @ v[:, None]).reshape(H, T, hd).transpose(1, 0, 2).reshape(T, H * hd)
             a = self._proj(ctx, p + "self_attn.o_proj")
             if norms.attn_out:
@@ -204,8 +203,7 @@ class DecoderRuntime:
                     self._qkv_into(names), self._bias_of(names), m.linear(p + "self_attn.o_proj.weight"),
                     self._bias_of((p + "self_attn.o_proj",)), qk_norm,
                     self._norm_weight(norms.attn_out) if norms.attn_out else None,
-                    self._norm_weight(norms.ffn_out) if norms.ffn_out else None,
-                    s.window(i) or 0))
+                    self._norm_weight(norms.ffn_out) if norms.ffn_out else None))
             self._steps = steps
         return self._steps
 
@@ -230,7 +228,7 @@ class DecoderRuntime:
         return np.concatenate([self.model.vector(n + ".bias") if self.model.has(n + ".bias")
                                else np.zeros(self.model.linear(n + ".weight").shape[0], np.float32) for n in names])
 
-    def _decode_step(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
+    def _decode_step(self, ids: np.ndarray, cache: DecoderCache) -> np.ndarray:
         """The logits ``[vocab]`` of one new token ``ids [1]`` at position ``cache.length``
         (the cache extended): each layer's norms, projections, attention (one kernel, the
         cache written in place) and FFN through the Numba kernels, into buffers made once
@@ -255,9 +253,9 @@ class DecoderRuntime:
                 heads *= (np.float32(1) / np.sqrt(np.einsum("ij,ij->i", heads, heads) / np.float32(hd)
                                                   + np.float32(eps)))[:, None]
                 heads *= layer.qk_norm
-            k_store, v_store, pos = cache.reserve(i)
+            k_store, v_store, slot, count = cache.step(i)
             cos, sin = tables[i]
-            attention_step(q, k, v, cos[0], sin[0], k_store[0], v_store[0], pos, layer.window, scale, softcap, ctx)
+            attention_step(q, k, v, cos[0], sin[0], k_store, v_store, slot, count, scale, softcap, ctx)
             layer.o_proj.matvec_into(ctx, proj)
             if layer.o_bias is not None:
                 proj += layer.o_bias

@@ -1,0 +1,84 @@
+"""The decoder runtime's KV cache: one sequence's keys (after RoPE) and values per layer,
+``[kv_heads, rows, head_dim]`` float32.
+
+A full-attention layer keeps a row per position (row = position). A sliding-window layer
+keeps only its ``window`` latest positions, in a ring: position ``p`` lives in row
+``p mod window``, overwriting the position ``window`` before it, which no later query
+attends. A decode step attends every filled row in row order: softmax attention is a sum
+over its keys, so their order does not matter. Gemma 3 270M (15 of 18 layers sliding,
+window 512, one kv head of 256) at 32768 positions keeps 207 MB instead of 1.2 GB.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_FIRST_ROWS = 16  # rows of a cache without max_length before it first grows
+
+
+class DecoderCache:
+    """Keys and values of every layer for ``windows[layer]`` (0: full attention) with
+    ``kv_heads`` heads of ``head_dim``. Storage grows geometrically (a ring layer up to its
+    window), or is allocated at once for ``max_length`` positions; extending past
+    ``max_length`` raises ``ValueError``."""
+
+    def __init__(self, windows: list[int], kv_heads: int, head_dim: int, max_length: int | None = None) -> None:
+        self.windows, self.max_length = list(windows), max_length
+        rows = [min(max_length if max_length is not None else _FIRST_ROWS, w or np.inf) for w in self.windows]
+        self._k = [np.zeros((kv_heads, int(r), head_dim), np.float32) for r in rows]
+        self._v = [np.zeros_like(k) for k in self._k]
+        self._lengths = [0] * len(self.windows)
+
+    @property
+    def length(self) -> int:
+        """Number of positions seen (by every layer, after a complete forward)."""
+        return min(self._lengths)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of key and value storage held."""
+        return sum(k.nbytes + v.nbytes for k, v in zip(self._k, self._v))
+
+    def _reserve(self, layer: int, t: int) -> int:
+        """Count ``t`` more positions in ``layer``, growing its rows if they do not fit
+        (before a ring first wraps, so rows ``0 .. n-1`` are positions ``0 .. n-1``);
+        returns the number of positions before them."""
+        n, w = self._lengths[layer], self.windows[layer]
+        if self.max_length is not None and n + t > self.max_length:
+            raise ValueError(f"KV cache is full: {n + t} positions > max_length {self.max_length}")
+        need = min(n + t, w) if w else n + t
+        rows = self._k[layer].shape[1]
+        if need > rows:
+            grown = max(need, 2 * rows) if not w else min(max(need, 2 * rows), w)
+            for store in (self._k, self._v):
+                new = np.zeros((store[layer].shape[0], grown, store[layer].shape[2]), np.float32)
+                new[:, :rows] = store[layer]
+                store[layer] = new
+        self._lengths[layer] = n + t
+        return n
+
+    def step(self, layer: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """One new position in ``layer``, for a decode step to write: that layer's storage
+        ``k, v [kv_heads, rows, head_dim]``, the row ``slot`` of the new position and the
+        number of rows ``count`` its query attends (rows ``0 .. count-1``: every position,
+        or the window's latest ones, the new one included)."""
+        n, w = self._reserve(layer, 1), self.windows[layer]
+        return self._k[layer], self._v[layer], (n % w if w else n), (min(n + 1, w) if w else n + 1)
+
+    def extend(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """Append the keys and values ``[kv_heads, T, head_dim]`` of ``T`` new positions
+        to ``layer``; returns the keys and values a query among them may attend, oldest
+        first, ``[kv_heads, S, head_dim]``, and the position of the first (0, or for a
+        ring the oldest it still held)."""
+        T, w = k.shape[1], self.windows[layer]
+        n = self._reserve(layer, T)
+        ks, vs = self._k[layer], self._v[layer]
+        if not w:
+            ks[:, n:n + T], vs[:, n:n + T] = k, v
+            return ks[:, :n + T], vs[:, :n + T], 0
+        first = max(n - w, 0)
+        held = np.arange(first, n) % w  # rows of the positions held, oldest first
+        past_k, past_v = ks[:, held], vs[:, held]
+        keep = min(T, w)  # the latest window of the new positions
+        rows = np.arange(n + T - keep, n + T) % w
+        ks[:, rows], vs[:, rows] = k[:, T - keep:], v[:, T - keep:]
+        return np.concatenate([past_k, k], axis=1), np.concatenate([past_v, v], axis=1), first
