@@ -70,6 +70,9 @@ TINY_CONFIGS["phi3-longrope"] = dict(
 # Qwen2.5-style YaRN (as its model cards enable it for long contexts): 4x an original 16 positions
 TINY_CONFIGS["qwen2-yarn"] = dict(TINY_CONFIGS["qwen2"], max_position_embeddings=64,
                                   rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=16))
+# dynamic NTK RoPE: past max_position_embeddings (16 here) the base grows with the length
+TINY_CONFIGS["llama-dynamic"] = dict(TINY_CONFIGS["llama"], max_position_embeddings=16,
+                                     rope_scaling=dict(rope_type="dynamic", factor=2.0))
 # Granite 3: embeddings, residual branches, attention scores and logits scaled
 TINY_CONFIGS["granite"] = dict(
     architectures=["GraniteForCausalLM"], model_type="granite", hidden_size=64, intermediate_size=96,

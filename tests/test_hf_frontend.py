@@ -97,8 +97,8 @@ def test_config_problems(tiny_model, tmp_path):
     (d / "config.json").write_text(json.dumps({**cfg, "hidden_size": 32}))
     with pytest.raises(InputError, match="has shape"):
         load_hf_checkpoint(d)
-    (d / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}))
-    with pytest.raises(InputError, match="unsupported RoPE scaling 'dynamic'"):
+    (d / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "ntk", "factor": 4.0}}))
+    with pytest.raises(InputError, match="unsupported RoPE scaling 'ntk'"):
         load_hf_checkpoint(d)
     (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["GraniteForCausalLM"],
                                                "residual_multiplier": -0.5}))

@@ -162,8 +162,8 @@ def test_ir_load_refuses_an_edited_manifest(tiny_model, tmp_path):
         "names the tensor 'nope.weight'": lambda d: d["blocks"][0].update(up="nope.weight"),
         "'hidden_size' = \"big\" is not of type int": lambda d: d["spec"].update(hidden_size="big"),
         "'causal' = 1 is not of type bool": lambda d: d["spec"].update(causal=1),
-        'RoPE scaling {"type": "dynamic"} is not one of the supported types':
-            lambda d: d["spec"].update(rope_scaling={"type": "dynamic"}),
+        'RoPE scaling {"type": "ntk"} is not one of the supported types':
+            lambda d: d["spec"].update(rope_scaling={"type": "ntk"}),
         "'yarn': truncate = 1 is not true or false": lambda d: d["spec"].update(rope_scaling={
             "type": "yarn", "factor": 4, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
             "truncate": 1, "attention_factor": 1.1}),

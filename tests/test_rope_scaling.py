@@ -114,11 +114,11 @@ def test_longrope_tables_match_transformers(arch, config, tmp_path):
     assert spec.rotary_dim == (96 if "partial_rotary_factor" in config else None)
     original = hf_config.rope_parameters["original_max_position_embeddings"]
     assert rope.switch == original
-    for seq_len, got in ((None, rope.inv_freq), (original, rope.inv_freq), (original + 1, rope.long_inv_freq)):
+    for seq_len, got in ((None, rope.inv_freq), (original, rope.inv_freq), (original + 1, rope.inv_freq_for(original + 1))):
         want, factor = ROPE_INIT_FUNCTIONS["longrope"](hf_config, "cpu", seq_len=seq_len)
         np.testing.assert_allclose(got, want.numpy(), rtol=4e-7, atol=0)
         assert rope.attention_factor == np.float32(factor)
-    assert not np.allclose(rope.inv_freq, rope.long_inv_freq, rtol=1e-3)
+    assert not np.allclose(rope.inv_freq, rope.inv_freq_for(original + 1), rtol=1e-3)
     positions = np.arange(original - 2, original + 1)
     cos, sin = rope.cos_sin(positions[:2])
     cos_long, _ = rope.cos_sin(positions)  # the call reaching past the original length
@@ -172,15 +172,56 @@ def test_yarn_tables_match_transformers(arch, config, tmp_path):
     np.testing.assert_allclose(cos * cos + sin * sin, np.float32(factor) ** 2, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["phi3-longrope", "phi4-mini", "qwen2-yarn"])
+@pytest.mark.parametrize("config", [
+    dict(hidden_size=512, num_attention_heads=8, rope_theta=10000.0, max_position_embeddings=4096,
+         rope_scaling=dict(type="dynamic", factor=2.0)),
+    dict(hidden_size=1024, num_attention_heads=8, rope_theta=500000.0, max_position_embeddings=8192,
+         partial_rotary_factor=0.5, rope_scaling=dict(rope_type="dynamic", factor=3.5)),
+])
+def test_dynamic_ntk_tables_match_transformers(config, tmp_path):
+    """Dynamic NTK's inverse frequencies read from a config.json against transformers'
+    at the lengths its forward passes them (a tensor: ``max(position_ids) + 1``): unscaled
+    up to ``max_position_embeddings``, then those of a base raised for each length."""
+    import torch
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    raw = {"architectures": ["LlamaForCausalLM"], "intermediate_size": 64, "num_hidden_layers": 1,
+           "vocab_size": 32, **config}
+    hf_config = transformers.LlamaConfig(**raw)
+    spec = Llama.spec_from_config(json.loads(json.dumps(raw)), tmp_path / "config.json")
+    L = config["max_position_embeddings"]
+    assert spec.rope_scaling == {"type": "dynamic", "factor": config["rope_scaling"]["factor"],
+                                 "original_max_position_embeddings": L}
+    rope = Rope.for_spec(spec)
+    plain = rope_inv_freq(spec.rotary_dim or spec.head_dim, spec.rope_theta)
+    want, factor = ROPE_INIT_FUNCTIONS["dynamic"](hf_config, "cpu")  # at init: unscaled
+    np.testing.assert_allclose(rope.inv_freq, want.numpy(), rtol=4e-7, atol=0)
+    np.testing.assert_array_equal(rope.inv_freq, plain)
+    rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_config)
+    for end in (L // 2, L, L + 1, 3 * L + 17):  # growing, as one sequence's calls
+        want, factor = ROPE_INIT_FUNCTIONS["dynamic"](hf_config, "cpu", seq_len=torch.tensor(end))
+        got = rope.inv_freq_for(end)
+        np.testing.assert_allclose(got, want.numpy(), rtol=4e-7, atol=0)
+        assert factor == 1 and (end > L) == (not np.allclose(got, plain, rtol=1e-4))
+        positions = np.arange(end - 3, end)  # a call's tables, as transformers' forward makes them
+        with torch.no_grad():
+            hf_cos, hf_sin = rotary(torch.zeros(1), torch.from_numpy(positions)[None])
+        for ours, theirs in zip(rope.cos_sin(positions), (hf_cos[0].numpy(), hf_sin[0].numpy())):
+            # angles of up to `end` radians from frequencies a float32 rounding or two apart
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=2.5e-7 * end)
+
+
+@pytest.mark.parametrize("kind", ["phi3-longrope", "phi4-mini", "qwen2-yarn", "llama-dynamic"])
 def test_scaled_checkpoint_against_transformers(tiny_model, tmp_path, kind):
     """A Phi-3 with LongRoPE (the long factors past 16 positions), a Phi-4-mini-style
-    model that also rotates only half of each head, and a Qwen2 with YaRN against
+    model that also rotates only half of each head, a Qwen2 with YaRN and a Llama with
+    dynamic NTK scaling (its base raised for each length past 16) against
     transformers, below and past 16 positions: the numpy reference, the ONNX graph in
     onnxruntime and the torch twin over whole sequences; the runtime over a whole
     sequence, and as a prompt of 12 then decode steps, against transformers with its KV
-    cache (with LongRoPE, its tokens past the switch use the long tables, the cached keys
-    keep the short ones)."""
+    cache (with LongRoPE and dynamic NTK, each call past the switch uses the tables of its
+    own length, the cached keys keep those they were rotated with)."""
     import inspect
 
     import onnxruntime as ort
@@ -196,7 +237,7 @@ def test_scaled_checkpoint_against_transformers(tiny_model, tmp_path, kind):
 
     ckpt, hf = tiny_model(kind)
     ir = load_hf_checkpoint(ckpt)
-    assert ir.spec.rope_scaling["attention_factor"] == pytest.approx(hf.model.rotary_emb.attention_scaling)
+    assert ir.spec.rope_scaling.get("attention_factor", 1.0) == pytest.approx(hf.model.rotary_emb.attention_scaling)
     assert ir.spec.rotary_dim == (8 if kind == "phi4-mini" else None) and 2 * hf.model.rotary_emb.inv_freq.numel() \
         == (ir.spec.rotary_dim or ir.spec.head_dim)
     ids = np.random.default_rng(7).integers(3, hf.config.vocab_size, 40)
@@ -229,7 +270,7 @@ def test_scaled_checkpoint_against_transformers(tiny_model, tmp_path, kind):
     cache = rt.new_cache()
     got = [rt.forward(ids[:12], cache, all_logits=True)] + [rt.forward([t], cache, all_logits=True) for t in ids[12:24]]
     assert rel(np.concatenate(got), stepwise) < 1e-4
-    if kind != "qwen2-yarn":  # LongRoPE's switch shows in the logits, well above the tolerance
+    if kind != "qwen2-yarn":  # the switch shows in the logits, well above the tolerance
         assert rel(stepwise, whole[:24]) > 5e-4
 
 
@@ -243,7 +284,8 @@ def _config(ckpt, tmp_path, **changes):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=1e4)), "unsupported RoPE scaling 'dynamic'"),
+    (dict(rope_parameters=dict(rope_type="ntk", factor=2.0, rope_theta=1e4)), "unsupported RoPE scaling 'ntk'"),
+    (dict(rope_parameters=dict(rope_type="dynamic", rope_theta=1e4)), "'dynamic': factor = null is not a positive"),
     (dict(rope_parameters=dict(rope_type="llama3", factor=8.0, high_freq_factor=4.0, rope_theta=1e4,
                                original_max_position_embeddings=16)), "low_freq_factor = null is not a positive number"),
     (dict(rope_parameters=dict(rope_type="llama3", factor=8.0, low_freq_factor=4.0, high_freq_factor=1.0,
@@ -303,11 +345,12 @@ def test_scaled_rope_onnx_export_takes_its_config(tiny_model, tiny_onnx, tmp_pat
     (dict(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8, original_max_position_embeddings=16),
      "'longrope' RoPE scaling .* is read from checkpoints, not from ONNX exports"),
     (dict(rope_type="default", partial_rotary_factor=0.5), "partial rotary embeddings are read from checkpoints"),
+    (dict(rope_type="dynamic", factor=2.0), "'dynamic' RoPE scaling .* is read from checkpoints"),
 ])
 def test_onnx_export_with_longrope_or_partial_rotary_is_refused(tiny_model, tiny_onnx, tmp_path, rope, message):
-    """An ONNX export whose config.json has LongRoPE (the graph's tables would have to
-    switch with the sequence length) or partial rotary embeddings: the checkpoint is
-    asked for instead."""
+    """An ONNX export whose config.json has LongRoPE or dynamic NTK (the graph's tables
+    would have to change with the sequence length) or partial rotary embeddings: the
+    checkpoint is asked for instead."""
     from sparseforge.toolchain.frontends.onnx import load_onnx
 
     path = copy_export(tiny_onnx("llama3"), tmp_path / "m")
@@ -358,10 +401,10 @@ def test_artifact_with_unsupported_rope_scaling_exits_2(tiny_model, tmp_path, ca
     assert code == 0 and ("rope llama3 scaling: factor 8, low_freq_factor 1, high_freq_factor 4, "
                           "original_max_position_embeddings 16") in out
     ir = ModelIR.load(tmp_path / "out" / "ir")
-    ir.spec.rope_scaling = {"type": "dynamic", "factor": 4.0}
+    ir.spec.rope_scaling = {"type": "ntk", "factor": 4.0}
     layouts, formats = layouts_for(ir, 64), {}
     meta = build_metadata(ir, layouts, formats, target="t", seed=0, pack_options={}, tokenizer=False)
     artifact_writer.write_artifact(tmp_path / "bad.gguf", meta, tensor_stream(ir, layouts, formats))
     code, _, err = inspect(tmp_path / "bad.gguf")
     assert code == 2 and err.startswith(f"error: {tmp_path / 'bad.gguf'}: model spec: RoPE scaling ") \
-        and "is not one of the supported types (linear, llama3, longrope, yarn)" in err
+        and "is not one of the supported types (linear, llama3, longrope, yarn, dynamic)" in err

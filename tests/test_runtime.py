@@ -416,10 +416,11 @@ def test_decode_steps_against_transformers(tiny_model, tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["llama3", "qwen3", "mistral-swa", "phi3", "phi3-longrope", "phi4-mini",
-                                  "qwen2-yarn", "granite", "gemma2", "gemma3"])
+                                  "qwen2-yarn", "llama-dynamic", "granite", "gemma2", "gemma3"])
 def test_whole_recipe_on_newer_decoders(tiny_model, tmp_path, kind):
     """Llama 3-style scaled RoPE, Qwen3's per-head norms, Mistral's sliding window,
-    Phi-3's fused matrices, LongRoPE, partial rotary embeddings, YaRN, Granite's scalars
+    Phi-3's fused matrices, LongRoPE, partial rotary embeddings, YaRN, dynamic NTK (24
+    tokens, past its 16 positions), Granite's scalars
     and Gemma 3 through every pass (profile on onnxruntime, relufy's torch fine-tuning, predictors,
     Q8_0, reorder, pack): the runtime's dense and predictor modes against the numpy
     reference on the final IR."""
@@ -441,7 +442,7 @@ def test_whole_recipe_on_newer_decoders(tiny_model, tmp_path, kind):
     ids = np.random.default_rng(2).integers(0, vocab, 24)
     want = executor_for(ir).forward(ids[None])[0]
     model = LoadedModel.open(tmp_path / "out" / "model.gguf", linear="dequantize")
-    assert (model.spec.rope_scaling is not None) == (kind in ("llama3", "phi3-longrope", "phi4-mini", "qwen2-yarn")) \
+    assert (model.spec.rope_scaling is not None) == (kind in ("llama3", "phi3-longrope", "phi4-mini", "qwen2-yarn", "llama-dynamic")) \
         and model.spec.qk_norm == (kind in ("qwen3", "gemma3"))
     assert model.spec.sliding_window == {"mistral-swa": 5, "phi3": 6, "gemma2": 4, "gemma3": 4}.get(kind)
     dense = runtime_for(model, "dense")

@@ -135,13 +135,15 @@ def rms_norm(g: Graph, x: str, weight: str, eps: float, name: str | None = None,
 def rope_tables(g: Graph, rope: Rope) -> tuple[str, str]:
     """``cos, sin`` [S, dim] for positions 0..S-1, as ``rope`` makes them for one call over
     the S tokens (HF: angles ``pos * inv_freq`` in float32, each half of the head
-    repeated; ``longrope``: the long factors' frequencies when S exceeds
-    ``original_max_position_embeddings``; ``longrope`` and ``yarn``: the tables times
-    ``attention_factor``)."""
+    repeated; past ``rope.switch`` positions, ``longrope``'s long factors' frequencies and
+    ``dynamic``'s of the base raised for S, :func:`_dynamic_inv_freq`; ``longrope`` and
+    ``yarn``: the tables times ``attention_factor``)."""
     inv_freq = g.const(rope.inv_freq, "inv_freq")
-    if rope.longrope:
+    if rope.switch is not None:
         longer = g.op("Greater", g.seq, g.const(np.array(rope.switch, np.int64), "rope_switch"), name="rope.long")
-        inv_freq = g.op("Where", longer, g.const(rope.long_inv_freq, "long_inv_freq"), inv_freq, name="rope.inv_freq")
+        past = _dynamic_inv_freq(g, rope) if rope.scaling["type"] == "dynamic" else \
+            g.const(rope.inv_freq_for(rope.switch + 1), "long_inv_freq")
+        inv_freq = g.op("Where", longer, past, inv_freq, name="rope.inv_freq")
     pos = g.op("Unsqueeze", g.op("Cast", g.positions, to=TensorProto.FLOAT), g.ints([1], "ax1"))
     freqs = g.op("Mul", pos, inv_freq)  # [S, hd/2]
     emb = g.op("Concat", freqs, freqs, axis=-1, name="rope.angles")
@@ -150,6 +152,19 @@ def rope_tables(g: Graph, rope: Rope) -> tuple[str, str]:
         return cos, sin
     factor = g.scalar(float(rope.attention_factor), "attention_factor")
     return g.op("Mul", cos, factor, name="rope.cos_scaled"), g.op("Mul", sin, factor, name="rope.sin_scaled")
+
+
+def _dynamic_inv_freq(g: Graph, rope: Rope) -> str:
+    """Dynamic NTK's frequencies [dim / 2] for a call over S positions, in float32 as
+    :func:`~.reference.rope.rope_inv_freq`: ``1 / base^(2i / dim)`` with
+    ``base = theta (factor S / L - factor + 1)^(dim / (dim - 2))``."""
+    factor, dim = rope.scaling["factor"], rope.dim
+    S = g.op("Cast", g.seq, to=TensorProto.FLOAT)
+    stretch = g.op("Sub", g.op("Div", g.op("Mul", g.scalar(factor, "ntk_factor"), S),
+                                g.scalar(float(rope.switch), "ntk_length")), g.scalar(factor - 1, "ntk_shift"))
+    base = g.op("Mul", g.scalar(rope.theta, "ntk_theta"), g.op("Pow", stretch, g.scalar(dim / (dim - 2), "ntk_power")))
+    exponents = g.const(np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim), "ntk_exponents")
+    return g.op("Div", g.scalar(1.0, "one_f"), g.op("Pow", base, exponents), name="rope.ntk_inv_freq")
 
 
 def rope(g: Graph, x: str, cos: str, sin: str, head_dim: int, dim: int) -> str:

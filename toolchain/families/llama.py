@@ -39,8 +39,8 @@ def _rope(config: dict[str, Any], arch: str, head_dim: int, max_pos: int,
     """RoPE base, scaling (``ArchSpec.rope_scaling``) and ``ArchSpec.rotary_dim`` from
     ``rope_parameters`` (transformers 5) or ``rope_theta`` / ``rope_scaling`` /
     ``partial_rotary_factor`` (earlier configs): unscaled (``default``), ``linear``,
-    ``llama3``, ``longrope`` (Phi-3 also names it ``su`` or ``yarn``) or ``yarn``
-    (:func:`_derived`); other types are an InputError. The rotary dimensions are
+    ``llama3``, ``longrope`` (Phi-3 also names it ``su`` or ``yarn``), ``yarn``
+    (:func:`_derived`) or ``dynamic``; other types are an InputError. The rotary dimensions are
     ``int(head_dim * partial_rotary_factor)``, as transformers takes them."""
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or params
@@ -68,6 +68,8 @@ def _rope(config: dict[str, Any], arch: str, head_dim: int, max_pos: int,
     rope = {"type": rope_type, **(_derived(config, scaling, rope_type, arch, max_pos, path)
                                   if rope_type in ("longrope", "yarn") else
                                   {k: scaling.get(k) for k in ROPE_SCALING_KEYS[rope_type]})}
+    if rope_type == "dynamic":  # transformers rescales past max_position_embeddings
+        rope["original_max_position_embeddings"] = max_pos
     try:
         check_rope_scaling(rope, dim)
     except ValueError as exc:

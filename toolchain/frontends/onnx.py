@@ -32,7 +32,7 @@ from ..families.bert import Bert
 from ..families.llama import Llama
 from ..fingerprint import file_digest
 from ..ir import ArchSpec, ModelIR
-from ..reference.rope import rope_inv_freq, rope_scaling_text
+from ..reference.rope import CALL_DEPENDENT, rope_inv_freq, rope_scaling_text
 from ..tensors import TensorRef, TensorStore, open_tensor_file
 from .common import check_weights, tokenizer_file
 from .hf import read_config
@@ -353,9 +353,10 @@ def _config_spec(family: type[ModelFamily], facts: dict[str, Any], directory: Pa
     if described is not family:
         raise InputError(path, f"config.json describes a {described.name} model but the graph is a {family.name} model")
     spec = family.spec_from_config(config, path)
-    if spec.rope_scaling is not None and spec.rope_scaling["type"] == "longrope":
-        raise InputError(path, "config.json: 'longrope' RoPE scaling (tables that change with the sequence length) "
-                               "is read from checkpoints, not from ONNX exports; convert the checkpoint")
+    if spec.rope_scaling is not None and spec.rope_scaling["type"] in CALL_DEPENDENT:
+        raise InputError(path, f"config.json: {spec.rope_scaling['type']!r} RoPE scaling (tables that change with "
+                               "the sequence length) is read from checkpoints, not from ONNX exports; convert the "
+                               "checkpoint")
     if spec.rotary_dim is not None:
         raise InputError(path, "config.json: partial rotary embeddings are read from checkpoints, not from ONNX "
                                "exports; convert the checkpoint")

@@ -1,6 +1,6 @@
 """Rotary position embeddings (RoPE) of the decoders, in numpy float32 as transformers
 computes them: the inverse frequencies of each scaling type (:func:`rope_inv_freq`:
-``linear``, Llama 3's ``llama3``, Phi-3's ``longrope``, ``yarn``), the ``cos, sin`` tables
+``linear``, Llama 3's ``llama3``, Phi-3's ``longrope``, ``yarn``, ``dynamic`` NTK), the ``cos, sin`` tables
 of a forward call (:class:`Rope`, per layer: :meth:`Rope.per_layer`) and their use on the
 queries and keys (:func:`apply_rope`, ``rotate_half`` over a head's first ``dim``
 dimensions). Shared by the reference decoder, the runtime, the torch twin and the ONNX
@@ -22,9 +22,14 @@ ROPE_SCALING_KEYS = {"linear": {"factor": float},
                      "longrope": {"short_factor": list, "long_factor": list, "original_max_position_embeddings": int,
                                   "attention_factor": float},
                      "yarn": {"factor": float, "original_max_position_embeddings": int, "beta_fast": float,
-                              "beta_slow": float, "truncate": bool, "attention_factor": float}}
+                              "beta_slow": float, "truncate": bool, "attention_factor": float},
+                     "dynamic": {"factor": float, "original_max_position_embeddings": int}}
 """RoPE scaling types the decoders compute (``ArchSpec.rope_scaling["type"]``) and the
-values each needs (``list``: one positive number per rotary frequency, ``head_dim / 2``)."""
+values each needs (``list``: one positive number per rotary frequency, ``head_dim / 2``).
+``dynamic``'s ``original_max_position_embeddings`` is the model's
+``max_position_embeddings``, past which transformers rescales the frequencies."""
+#: scaling types whose frequencies depend on the last position of the tokens computed together
+CALL_DEPENDENT = ("longrope", "dynamic")
 
 
 def _positive(value: Any, kind: type) -> bool:
@@ -82,8 +87,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = 
     ``long_factor[i]`` when ``end`` (one past the last position of the tokens computed
     together) exceeds ``original_max_position_embeddings``, by ``short_factor[i]``
     otherwise; ``yarn`` blends the frequencies divided by ``factor`` with the unscaled
-    ones (:func:`_yarn_inv_freq`). For ``longrope`` and ``yarn`` :class:`Rope` also
-    scales the tables by ``attention_factor``."""
+    ones (:func:`_yarn_inv_freq`); ``dynamic`` (NTK-aware) raises the base to
+    ``theta (factor end / L - factor + 1)^(head_dim / (head_dim - 2))`` when ``end``
+    exceeds ``L = original_max_position_embeddings`` and is unscaled otherwise. For
+    ``longrope`` and ``yarn`` :class:`Rope` also scales the tables by
+    ``attention_factor``."""
     check_rope_scaling(scaling, head_dim)
     powers = (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))).astype(
         np.float32)  # theta^(2i/head_dim)
@@ -94,6 +102,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = 
     inv = (np.float32(1.0) / powers).astype(np.float32)
     if scaling is None:
         return inv
+    if scaling["type"] == "dynamic":
+        return _dynamic_inv_freq(inv, head_dim, theta, scaling, end)
     if scaling["type"] == "yarn":
         return _yarn_inv_freq(powers, head_dim, theta, scaling)
     factor = np.float32(scaling["factor"])
@@ -132,6 +142,21 @@ def _yarn_inv_freq(powers: np.ndarray, dim: int, theta: float, scaling: dict[str
     return (interpolated * (np.float32(1) - extrapolated) + (np.float32(1) / powers) * extrapolated).astype(np.float32)
 
 
+def _dynamic_inv_freq(inv: np.ndarray, dim: int, theta: float, scaling: dict[str, Any],
+                      end: int | None) -> np.ndarray:
+    """Dynamic NTK (transformers' ``_compute_dynamic_ntk_parameters`` as its forward
+    calls it, in float32): the unscaled ``inv [dim / 2]`` up to ``L``
+    positions, past them the frequencies of the raised base."""
+    L = scaling["original_max_position_embeddings"]
+    if end is None or end <= L:
+        return inv
+    f32 = np.float32
+    stretch = f32(scaling["factor"]) * f32(end) / f32(L) - f32(scaling["factor"] - 1)
+    base = f32(theta) * f32(np.float64(stretch) ** (dim / (dim - 2)))  # as torch's pow by a double: exactly
+    exponents = (np.arange(0, dim, 2, dtype=f32) / f32(dim)).astype(np.float64)  # float32 values
+    return f32(1.0) / (np.float64(base) ** exponents).astype(f32)  # nearer torch's float32 pow than numpy's
+
+
 def rope_cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``cos, sin`` tables ``[T, head_dim]`` for integer ``positions [T]`` and the model's
     ``inv_freq [head_dim / 2]`` (:func:`rope_inv_freq`).
@@ -147,21 +172,19 @@ class Rope:
     """A decoder's rotary tables: :meth:`cos_sin` for the positions of the tokens one
     forward call computes, over the ``dim`` leading dimensions of each head RoPE rotates
     (``ArchSpec.rotary_dim``, else ``head_dim``: :meth:`for_spec`). As transformers: with
-    ``longrope`` scaling, a call whose last position reaches past
-    ``original_max_position_embeddings`` uses the long factors for all its tokens (keys
-    cached by earlier calls keep the tables they were rotated with); with ``longrope`` and
-    ``yarn``, every table is multiplied by ``attention_factor``."""
+    ``longrope`` or ``dynamic`` scaling, the frequencies of a call follow its last
+    position (:data:`CALL_DEPENDENT`): past ``original_max_position_embeddings`` (the
+    ``switch``), LongRoPE's long factors, dynamic NTK's base for that length, for all its
+    tokens (keys cached by earlier calls keep the tables they were rotated with); with
+    ``longrope`` and ``yarn``, every table is multiplied by ``attention_factor``."""
 
     def __init__(self, dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
-        self.longrope = scaling is not None and scaling["type"] == "longrope"
-        self.inv_freq = rope_inv_freq(dim, theta, scaling)  # [dim / 2]; LongRoPE's short ones
-        self.long_inv_freq: np.ndarray | None = None
-        self.switch: int | None = None
+        self.dim, self.theta, self.scaling = dim, theta, scaling
+        self.inv_freq = rope_inv_freq(dim, theta, scaling)  # [dim / 2]; up to the switch
+        self.switch = int(scaling["original_max_position_embeddings"]) \
+            if scaling is not None and scaling["type"] in CALL_DEPENDENT else None
         self.attention_factor = None if scaling is None or "attention_factor" not in scaling else \
             np.float32(scaling["attention_factor"])
-        if self.longrope:
-            self.switch = int(scaling["original_max_position_embeddings"])
-            self.long_inv_freq = rope_inv_freq(dim, theta, scaling, self.switch + 1)
 
     @classmethod
     def for_spec(cls, spec: ArchSpec) -> "Rope":
@@ -177,11 +200,16 @@ class Rope:
         local = cls(spec.rotary_dim or spec.head_dim, spec.local_rope_theta)
         return [local if spec.window(i) is not None else main for i in range(spec.num_layers)]
 
+    def inv_freq_for(self, end: int) -> np.ndarray:
+        """The frequencies ``[dim / 2]`` of a call whose last position is ``end - 1``."""
+        if self.switch is None or end <= self.switch:
+            return self.inv_freq
+        return rope_inv_freq(self.dim, self.theta, self.scaling, end)
+
     def cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``cos, sin [T, dim]`` for ``positions [T]`` (integers)."""
         positions = np.asarray(positions)
-        long = self.longrope and positions.size > 0 and int(positions.max()) + 1 > self.switch
-        cos, sin = rope_cos_sin(positions, self.long_inv_freq if long else self.inv_freq)
+        cos, sin = rope_cos_sin(positions, self.inv_freq_for(int(positions.max()) + 1 if positions.size else 0))
         if self.attention_factor is None:
             return cos, sin
         return cos * self.attention_factor, sin * self.attention_factor
