@@ -21,7 +21,7 @@ from sparseforge.toolchain.frontends.onnx import load_onnx
 from sparseforge.toolchain.frontends.onnx_graph import Graph, find_ffns, find_linears
 from sparseforge.toolchain.frontends.onnx_initializers import OnnxInitializers
 
-KINDS = ["bert", "llama", "mistral", "mistral-swa", "qwen2", "qwen3"]
+KINDS = ["bert", "llama", "mistral", "mistral-swa", "qwen2", "qwen3", "phi3"]
 EXACT_FIELDS = ["family", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                 "vocab_size", "activation", "gated", "norm", "causal", "attention_bias", "mlp_bias",
                 "tie_word_embeddings", "qk_norm", "sliding_window"]
@@ -35,7 +35,7 @@ def _pair(request, kind: str):
         return load_hf_checkpoint(request.getfixturevalue("minilm_dir")), load_onnx(path), path
     directory, _ = request.getfixturevalue("tiny_model")(kind)
     path = request.getfixturevalue("tiny_onnx")(kind)
-    if kind == "mistral-swa":  # a window needs config.json: the graph does not say which layers use it
+    if kind in ("mistral-swa", "phi3"):  # a window needs config.json: the graph does not say which layers use it
         path = copy_export(path, request.getfixturevalue("tmp_path") / "export")
         shutil.copy(directory / "config.json", path.parent / "config.json")
     return load_hf_checkpoint(directory), load_onnx(path), path
@@ -71,6 +71,13 @@ def test_onnx_matches_hf(request, kind):
     refs = [ir.store.ref(n) for n in ir.store.names()]
     assert all(r.format == "onnx" and r.file == str(path.absolute()) for r in refs)
     assert any(r.transpose for r in refs)  # MatMul weights are stored [in, out]
+    if kind == "phi3":  # q/k/v and gate/up: rows of one fused [in, out] matrix each
+        fused = {name: ir.store.ref(f"model.layers.0.{name}.weight") for name in
+                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")}
+        n, q, kv = hf.spec.intermediate_size, hf.spec.num_heads * hf.spec.head_dim, \
+            hf.spec.num_kv_heads * hf.spec.head_dim
+        assert [r.rows for r in fused.values()] == [(0, q), (q, q + kv), (q + kv, q + 2 * kv), (0, n), (n, 2 * n)]
+        assert all(r.transpose for r in fused.values()) and len({r.key for r in fused.values()}) == 2
     assert load_model(path).store.names() == ir.store.names()
 
 
@@ -484,3 +491,84 @@ def test_windowed_export_needs_its_config(tiny_model, tiny_onnx, tmp_path, kind)
     assert spec == load_hf_checkpoint(directory).spec and spec.sliding_window == 5
     assert [spec.window(i) for i in range(spec.num_layers)] == [
         5 if k == "sliding_attention" else None for k in getattr(hf.config, "layer_types", None) or ["sliding_attention"] * 2]
+
+
+def test_fused_phi3_export_converts_and_runs(tiny_model, tiny_onnx, tmp_path):
+    """A Phi-3 export (q/k/v and gate/up each one MatMul, cut by Slice / Split) through
+    profile (onnxruntime on the export's own graph) and pack: the runtime, as a prompt
+    and decode steps, against transformers' logits."""
+    import torch
+    from _runtime_artifacts import PROFILE, stepwise_logits
+
+    from sparseforge.toolchain.pipeline import convert_model
+    from sparseforge.toolchain.runtime import load_runtime
+
+    directory, hf = tiny_model("phi3")
+    path = copy_export(tiny_onnx("phi3"), tmp_path / "m")
+    shutil.copy(directory / "config.json", path.parent / "config.json")
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    assert "Split" in ops and "Slice" in ops
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, hf.config.vocab_size, size=(40, 16)))
+    (tmp_path / "recipe.toml").write_text(PROFILE.format(calib=tmp_path / "ids.npy") + (
+        '[[pass]]\nname = "quantize"\n[pass.options]\nffn = "f32"\nattention = "f32"\nembeddings = "f32"\n'
+        'other = "f32"\n[[pass]]\nname = "pack"\n'))
+    convert_model(path, tmp_path / "out", recipe=tmp_path / "recipe.toml")
+    from sparseforge.toolchain.ir import ModelIR
+
+    blocks = ModelIR.load(tmp_path / "out" / "ir").blocks
+    assert len(blocks) == 2 and all(0 <= b.annotations["profile"]["sparsity"] < 1 for b in blocks)
+    rt = load_runtime(tmp_path / "out" / "model.gguf", mode="dense")
+    ids = np.random.default_rng(4).integers(0, hf.config.vocab_size, 15)
+    with torch.no_grad():
+        want = hf(torch.from_numpy(ids)[None]).logits[0].numpy()
+    got = stepwise_logits(rt, ids, 7)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+@pytest.mark.parametrize("cut", ["split-sizes", "split-even", "slices", "slices-gap"])
+def test_hand_built_fused_projection(tmp_path, cut):
+    """``x @ W + b`` ([in, out] weight, a bias) cut along its last axis by a Split (sizes
+    given, or even parts) or by Slice nodes (the last open-ended): one linear per part,
+    over those rows of the canonical weight and of the bias, read through TensorRef
+    rows; slices that leave a gap are no fused projection."""
+    from sparseforge.toolchain.tensors import TensorRef, TensorStore
+
+    rng = np.random.default_rng(2)
+    d, out = 4, 6
+    consts = {"w": rng.standard_normal((d, out), np.float32), "b": rng.standard_normal(out, np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h0"]), helper.make_node("Add", ["h0", "b"], ["h"])]
+    if cut.startswith("split"):
+        parts = [(0, 2), (2, 6)] if cut == "split-sizes" else [(0, 3), (3, 6)]
+        inputs = ["h", "sizes"] if cut == "split-sizes" else ["h"]
+        consts["sizes"] = np.array([2, 4], np.int64)
+        nodes.append(helper.make_node("Split", inputs, ["p0", "p1"], axis=2, num_outputs=2)
+                     if cut == "split-even" else helper.make_node("Split", inputs, ["p0", "p1"], axis=-1))
+    else:
+        parts = [(0, 1), (1, 4), (4 if cut == "slices" else 5, 2 ** 63 - 1)]
+        for i, (a, b) in enumerate(parts):
+            consts[f"s{i}"], consts[f"e{i}"] = np.array([a], np.int64), np.array([b], np.int64)
+            nodes.append(helper.make_node("Slice", ["h", f"s{i}", f"e{i}", "axis"], [f"p{i}"]))
+        consts["axis"] = np.array([-1], np.int64)
+        parts[-1] = (parts[-1][0], out)
+    outputs = [helper.make_tensor_value_info(f"p{i}", TensorProto.FLOAT, None) for i in range(len(parts))]
+    graph = helper.make_graph(nodes, "fused", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", d])],
+                              outputs, [numpy_helper.from_array(v, k) for k, v in consts.items()],
+                              value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", "s", out])])
+    path = tmp_path / "fused.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    g = Graph(path, OnnxInitializers(path))
+    linears = find_linears(g)
+    if cut == "slices-gap":
+        assert set(linears) == {"h0", "h"} and linears["h"].shape == (out, d)
+        return
+    assert set(linears) == {f"p{i}" for i in range(len(parts))}
+    for i, (a, b) in enumerate(parts):
+        lin = linears[f"p{i}"]
+        assert lin.x == "x" and lin.shape == (b - a, d) and lin.weight.rows == lin.bias.rows == (a, b)
+        store = TensorStore({"w": TensorRef(str(path), "w", "onnx", lin.weight.transpose, rows=lin.weight.rows),
+                             "b": TensorRef(str(path), "b", "onnx", rows=lin.bias.rows)})
+        assert store.shape("w") == (b - a, d)
+        np.testing.assert_array_equal(store.get("w"), consts["w"].T[a:b])
+        np.testing.assert_array_equal(store.get("b"), consts["b"][a:b])
+    with pytest.raises(InputError, match="tensor 'w' has 6 columns, fewer than the 7 IR name 'q' takes"):
+        TensorStore({"q": TensorRef(str(path), "w", "onnx", True, rows=(4, 7))}).check()

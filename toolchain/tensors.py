@@ -12,9 +12,10 @@ transpose when ``transpose`` is set) and ``get`` / ``get_f32`` decode them to fl
 every call (the IR after ``quantize`` keeps its weights this way, so nothing holds a
 float32 copy of the model); ``encoded`` gives the bytes themselves.
 
-A reference may instead name a range of ``rows`` of the stored tensor (its first axis):
-a checkpoint's fused matrix (Phi-3's ``qkv_proj``, ``gate_up_proj``) reads as the
-canonical matrices it holds, each a view into the same memory map.
+A reference may instead name a range of ``rows`` of the canonical tensor (the stored
+tensor's first axis, or its last with ``transpose``): a fused matrix (Phi-3's
+``qkv_proj``, ``gate_up_proj``, in a checkpoint or an ONNX export) reads as the canonical
+matrices it holds, each a view into the same memory map.
 
 Passes that produce large tensors write them to files of their own (:meth:`TensorStore.spill`,
 one file per layer or task) instead of holding overlays; the store remembers those files
@@ -38,8 +39,8 @@ from .safetensors_io import SafetensorsFile
 @dataclass(frozen=True)
 class TensorRef:
     """Where a tensor lives: ``key`` inside ``file`` (format ``safetensors`` or ``onnx``);
-    ``rows`` ``(start, stop)``: only those rows of it (not with ``transpose`` or
-    ``encoding``)."""
+    ``rows`` ``(start, stop)``: only those rows of it (of the transpose with ``transpose``:
+    those columns of the stored tensor; not with ``encoding``)."""
 
     file: str
     key: str
@@ -49,8 +50,8 @@ class TensorRef:
     rows: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.rows is not None and (self.transpose or self.encoding or not 0 <= self.rows[0] < self.rows[1]):
-            raise ValueError(f"rows {self.rows} of {self.key!r}: a non-empty range, without transpose or encoding")
+        if self.rows is not None and (self.encoding or not 0 <= self.rows[0] < self.rows[1]):
+            raise ValueError(f"rows {self.rows} of {self.key!r}: a non-empty range, without encoding")
 
     def to_dict(self) -> dict:
         d = {"file": self.file, "key": self.key, "format": self.format}
@@ -138,7 +139,9 @@ class TensorStore:
             return tuple(self._overlay[name].shape)
         ref = self._lookup(name)
         shape = tuple(open_tensor_file(ref.file, ref.format).shape(ref.key))
-        if ref.rows:
+        if ref.rows and ref.transpose:
+            shape = (*shape[:-1], ref.rows[1] - ref.rows[0])
+        elif ref.rows:
             shape = (ref.rows[1] - ref.rows[0], *shape[1:])
         if ref.encoding:
             shape = (*shape[:-1], decoded_row_length(ref.encoding, shape[-1]))
@@ -160,7 +163,7 @@ class TensorStore:
         ref = self._lookup(name)
         arr = open_tensor_file(ref.file, ref.format).get(ref.key)
         if ref.rows:
-            return arr[ref.rows[0]:ref.rows[1]]
+            return arr[..., ref.rows[0]:ref.rows[1]].T if ref.transpose else arr[ref.rows[0]:ref.rows[1]]
         if ref.encoding:
             return decode_rows(arr, ref.encoding, ref.transpose)
         return arr.T if ref.transpose else arr
@@ -252,9 +255,10 @@ class TensorStore:
             f = open_tensor_file(ref.file, ref.format)
             if ref.key not in f.keys():
                 raise InputError(ref.file, f"tensor {ref.key!r} (IR name {name!r}) is missing from the file")
-            if ref.rows and ref.rows[1] > f.shape(ref.key)[0]:
-                raise InputError(ref.file, f"tensor {ref.key!r} has {f.shape(ref.key)[0]} rows, fewer than the "
-                                           f"{ref.rows[1]} IR name {name!r} takes")
+            have = f.shape(ref.key)[-1 if ref.transpose else 0] if ref.rows else 0
+            if ref.rows and ref.rows[1] > have:
+                raise InputError(ref.file, f"tensor {ref.key!r} has {have} {'columns' if ref.transpose else 'rows'}, "
+                                           f"fewer than the {ref.rows[1]} IR name {name!r} takes")
 
     def overlay_names(self) -> list[str]:
         return sorted(self._overlay)

@@ -64,7 +64,8 @@ def load_onnx(path: str | Path) -> ModelIR:
     m = _Matcher(g, linears, find_norms(g), ffns, attns)
     family = m.family()
     refs, facts = m.map_bert() if family is Bert else m.map_llama()
-    store = TensorStore({name: TensorRef(str(path), w.key, "onnx", w.transpose) for name, w in refs.items()})
+    store = TensorStore({name: TensorRef(str(path), w.key, "onnx", w.transpose, rows=w.rows)
+                         for name, w in refs.items()})
     lm_tied = facts.pop("tie_word_embeddings")
     config = path.parent / "config.json"
     source: dict[str, Any] = {"format": "onnx", "path": str(path), "sha256": file_digest(path)}
@@ -89,7 +90,7 @@ class _Matcher:
     def __init__(self, g: Graph, linears: dict[str, Linear], norms: dict[str, Norm],
                  ffns: list[FFN], attns: list[Attention]) -> None:
         self.g, self.linears, self.norms, self.ffns, self.attns = g, linears, norms, ffns, attns
-        self._by_projection: dict[int, list[Norm]] | None = None  # head_norms, made on first use
+        self._by_projection: dict[str, list[Norm]] | None = None  # head_norms, made on first use
         self.norm_by_input = {g.strip(n.x): n for n in norms.values()}
 
     # -- family --------------------------------------------------------------------
@@ -218,10 +219,10 @@ class _Matcher:
                 if n.input[0] != v:
                     continue
                 if (lin := self.linears.get(n.output[0])) is not None:
-                    found[lin.node] = lin
+                    found[lin.out] = lin
                 elif n.op_type in ("Gather", "Slice", "Squeeze", "Reshape", "Flatten", "Cast", "Identity"):
                     todo.append(n.output[0])
-        return [found[k] for k in sorted(found)]
+        return sorted(found.values(), key=lambda lin: (lin.node, lin.out))
 
     def head_norms(self, a: Attention) -> dict[str, Norm] | None:
         """The RMSNorms over each head of the query and of the key (Qwen3): norms whose
@@ -233,10 +234,10 @@ class _Matcher:
                 if n.kind == "rmsnorm" and n.bias is None:
                     upstream = self.g.trace_back(n.x, self.linears)[0]
                     if len(upstream) == 1 and upstream[0].shape[0] % self.g.shape(n.weight)[0] == 0:
-                        self._by_projection.setdefault(upstream[0].node, []).append(n)
+                        self._by_projection.setdefault(upstream[0].out, []).append(n)
         found = {}
         for name, lin in (("q", a.q), ("k", a.k)):
-            norms = self._by_projection.get(lin.node, [])
+            norms = self._by_projection.get(lin.out, [])
             if len(norms) > 1:
                 raise InputError(self.g.path, f"{len(norms)} norms over the heads of one {name} projection")
             if norms:
@@ -305,7 +306,8 @@ def _norm(refs: dict[str, Weight], prefix: str, norm: Norm) -> None:
 
 def _canonical(g: Graph, w: Weight) -> np.ndarray:
     arr = g.tensors.get(w.key)
-    return arr.T if w.transpose else arr
+    arr = arr.T if w.transpose else arr
+    return arr if w.rows is None else arr[w.rows[0]:w.rows[1]]
 
 
 def _rope_theta(freqs: np.ndarray) -> float | None:

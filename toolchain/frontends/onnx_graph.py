@@ -7,7 +7,7 @@ Value shapes in the docstrings use ``t`` for the leading (batch, sequence) dims.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +31,12 @@ _GELU_CUBIC = (0.044715, 0.044715 * np.sqrt(2 / np.pi))
 @dataclass(frozen=True)
 class Weight:
     """A constant tensor by key; ``transpose``: the stored tensor must be transposed to
-    reach the canonical ``nn.Linear`` layout ``[out, in]``."""
+    reach the canonical ``nn.Linear`` layout ``[out, in]``; ``rows``: only those rows of
+    the canonical tensor (a fused projection's part)."""
 
     key: str
     transpose: bool = False
+    rows: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,9 @@ class Linear:
     """``out = x @ W^T + b``: a MatMul (+ bias Add) or Gemm with a constant 2-D weight.
 
     ``x`` is ``[t, in]``, ``out`` (after the bias Add, if any) ``[t, out]``;
-    ``shape`` is the canonical weight shape ``(out, in)``.
+    ``shape`` is the canonical weight shape ``(out, in)``. A part of a fused projection
+    (Phi-3's q/k/v, gate/up) is a linear of its own: ``node`` is the Slice or Split
+    taking it, ``out`` that node's output. ``out`` names a linear; ``node`` orders them.
     """
 
     node: int
@@ -103,6 +107,7 @@ class Graph:
     def __init__(self, path: Path, tensors: OnnxInitializers) -> None:
         self.path = path
         self.tensors = tensors
+        self._ranks: dict[str, int] | None = None  # value -> rank, from the shape annotations (on first use)
         graph = tensors.model.graph
         self.nodes: list[onnx.NodeProto] = list(graph.node)
         self.producer: dict[str, int] = {}
@@ -161,13 +166,22 @@ class Graph:
         return Weight(value, flips)
 
     def shape(self, w: Weight) -> tuple[int, ...]:
-        s = self.tensors.shape(w.key)
-        return tuple(reversed(s)) if w.transpose else s
+        s = tuple(self.tensors.shape(w.key))
+        s = tuple(reversed(s)) if w.transpose else s
+        return s if w.rows is None else (w.rows[1] - w.rows[0], *s[1:])
+
+    def rank(self, value: str) -> int | None:
+        """The rank of ``value`` from the graph's shape annotations (None if unknown)."""
+        if self._ranks is None:
+            graph = self.tensors.model.graph
+            self._ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in
+                           (*graph.value_info, *graph.input, *graph.output) if v.type.tensor_type.HasField("shape")}
+        return self._ranks.get(value)
 
     def trace_back(self, value: str, linears: dict[str, Linear]) -> tuple[list[Linear], list[str]]:
         """Walk the data inputs upstream of ``value`` until linears: returns the linears
         reached and the constants met on the way (e.g. RoPE frequencies)."""
-        found: dict[int, Linear] = {}
+        found: dict[str, Linear] = {}
         consts: list[str] = []
         seen, todo = set(), [value]
         while todo:
@@ -176,7 +190,7 @@ class Graph:
                 continue
             seen.add(v)
             if v in linears:
-                found[linears[v].node] = linears[v]
+                found[linears[v].out] = linears[v]
             elif v in self.tensors:
                 consts.append(v)
             elif (n := self.node(v)) is not None and n.op_type not in _SHAPE_ONLY:
@@ -186,7 +200,7 @@ class Graph:
                     todo.extend(n.input[1:])
                 else:
                     todo.extend(n.input)
-        return [found[k] for k in sorted(found)], consts
+        return sorted(found.values(), key=lambda lin: (lin.node, lin.out)), consts
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):
@@ -235,7 +249,51 @@ def find_linears(g: Graph) -> dict[str, Linear]:
                     result = add.output[0]
         lin = Linear(idx, n.input[0], result, w, bias, (shape[0], shape[1]))
         out[n.output[0]] = out[result] = lin
+    for lin in {lin.out: lin for lin in out.values()}.values():
+        parts = _fused_parts(g, lin)
+        if parts:
+            for key in (g.nodes[lin.node].output[0], lin.out):
+                out.pop(key, None)
+            out.update({part.out: part for part in parts})
     return out
+
+
+def _fused_parts(g: Graph, lin: Linear) -> list[Linear] | None:
+    """The parts of a fused projection: when ``lin``'s output only feeds Slice nodes or one
+    Split along its last axis that cut it into consecutive pieces covering all its rows
+    (Phi-3's q/k/v and gate/up), one linear per piece over those rows of the weight and
+    bias; else None."""
+    users = [g.nodes[i] for i in g.consumers.get(lin.out, [])]
+    rank, rows = g.rank(lin.out), lin.shape[0]
+    if not users or any(u.input[0] != lin.out for u in users) or rank is None:
+        return None
+    pieces: list[tuple[int, str, int, int]] = []  # (node, output, start, stop)
+    if len(users) == 1 and users[0].op_type == "Split":
+        split = users[0]
+        sizes = g.const(split.input[1]) if len(split.input) > 1 and split.input[1] else None
+        count = len(split.output)
+        if attr(split, "axis", 0) % rank != rank - 1 or (sizes is None and rows % count):
+            return None
+        sizes = [rows // count] * count if sizes is None else [int(v) for v in sizes.reshape(-1)]
+        ends = np.cumsum(sizes).tolist()
+        pieces = [(g.producer[o], o, e - n, e) for o, n, e in zip(split.output, sizes, ends)]
+    else:
+        for u in users:
+            if u.op_type != "Slice" or len(u.input) < 4:
+                return None
+            start, stop, axes = (g.const(v) for v in u.input[1:4])
+            step = g.const(u.input[4]) if len(u.input) > 4 and u.input[4] else np.ones(1)
+            if any(c is None or c.size != 1 for c in (start, stop, axes, step)) or int(step.item()) != 1 \
+                    or int(axes.item()) % rank != rank - 1:
+                return None
+            pieces.append((g.producer[u.output[0]], u.output[0], int(start.item()), min(int(stop.item()), rows)))
+        pieces.sort(key=lambda p: p[2])
+    if [p[2] for p in pieces] != [0] + [p[3] for p in pieces[:-1]] or pieces[-1][3] != rows \
+            or any(p[3] <= p[2] for p in pieces):
+        return None
+    return [Linear(node, lin.x, value, replace(lin.weight, rows=(a, b)),
+                   None if lin.bias is None else replace(lin.bias, rows=(a, b)), (b - a, lin.shape[1]))
+            for node, value, a, b in pieces]
 
 
 # -- norms ---------------------------------------------------------------------------
@@ -326,14 +384,14 @@ def _rms(g: Graph, value: str) -> tuple[str, float] | None:
 def find_ffns(g: Graph, linears: dict[str, Linear]) -> list[FFN]:
     """Every ``linear -> activation [* linear] -> linear`` chain, in graph order."""
     ffns = []
-    for down in {lin.node: lin for lin in linears.values()}.values():
+    for down in {lin.out: lin for lin in linears.values()}.values():
         mul = g.node(down.x)
         match = None
         if mul is not None and mul.op_type == "Mul":
             for a, b in ((mul.input[0], mul.input[1]), (mul.input[1], mul.input[0])):
                 act = activation(g, a)
                 gate, up = (linears.get(act[1]), linears.get(b)) if act else (None, None)
-                if gate and up and gate.node != up.node and g.strip(gate.x) == g.strip(up.x):
+                if gate and up and gate.out != up.out and g.strip(gate.x) == g.strip(up.x):
                     match = FFN(up, down, gate, act[0])
                     break
         if match is None and (act := activation(g, down.x)) and act[1] in linears:
@@ -433,9 +491,10 @@ def find_attention(g: Graph, linears: dict[str, Linear]) -> list[Attention]:
     for idx, q_side, k_side, v_side, out in cores:
         q, k, v = (_single(g, side, linears, role) for side, role in
                    ((q_side, "query"), (k_side, "key"), (v_side, "value")))
-        if len({q.node, k.node, v.node}) < 3:
-            raise InputError(g.path, f"attention at node {g.nodes[idx].name or idx}: fused or shared Q/K/V "
-                                     "projections are not supported")
+        if len({q.out, k.out, v.out}) < 3:
+            raise InputError(g.path, f"attention at node {g.nodes[idx].name or idx}: one projection feeds "
+                                     "several of Q, K and V (a fused one not cut by constant Slice nodes or a Split "
+                                     "along its last axis, or a shared one): not supported")
         blocks.append(Attention(idx, q, k, v, _output_projection(g, out, linears), q_side))
     return blocks
 
