@@ -213,14 +213,14 @@ def test_dynamic_ntk_tables_match_transformers(config, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["phi3-longrope", "phi4-mini", "qwen2-yarn", "llama-dynamic"])
-def test_scaled_checkpoint_against_transformers(tiny_model, tmp_path, kind):
+def test_scaled_checkpoint_against_transformers(tiny_model, tmp_path, kind, monkeypatch):
     """A Phi-3 with LongRoPE (the long factors past 16 positions), a Phi-4-mini-style
     model that also rotates only half of each head, a Qwen2 with YaRN and a Llama with
     dynamic NTK scaling (its base raised for each length past 16) against
     transformers, below and past 16 positions: the numpy reference, the ONNX graph in
     onnxruntime and the torch twin over whole sequences; the runtime over a whole
-    sequence, and as a prompt of 12 then decode steps, against transformers with its KV
-    cache (with LongRoPE and dynamic NTK, each call past the switch uses the tables of its
+    sequence (also 6 tokens at a time), and as a prompt of 12 then decode steps, against
+    transformers with its KV cache (with LongRoPE and dynamic NTK, each call past the switch uses the tables of its
     own length, the cached keys keep those they were rotated with)."""
     import inspect
 
@@ -267,6 +267,10 @@ def test_scaled_checkpoint_against_transformers(tiny_model, tmp_path, kind):
         steps += [hf(torch.tensor([[t]]), **kv).logits[0] for t in ids[12:24]]
         stepwise = torch.cat(steps).numpy()
     assert rel(rt.forward(ids, all_logits=True), whole) < 1e-4
+    from sparseforge.toolchain import runtime_decoder
+
+    monkeypatch.setattr(runtime_decoder, "PREFILL_CHUNK", 6)  # the prompt 6 tokens at a time, the call's tables
+    assert rel(rt.forward(ids, all_logits=True), whole) < 1e-4 and rel(rt.forward(ids), whole[-1]) < 1e-4
     cache = rt.new_cache()
     got = [rt.forward(ids[:12], cache, all_logits=True)] + [rt.forward([t], cache, all_logits=True) for t in ids[12:24]]
     assert rel(np.concatenate(got), stepwise) < 1e-4

@@ -376,14 +376,14 @@ def test_decode_steps_with_attention_biases(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "mistral-swa", "qwen2-swa", "phi3", "granite", "gemma2", "gemma3"])
-def test_decode_steps_against_transformers(tiny_model, tmp_path, kind):
+def test_decode_steps_against_transformers(tiny_model, tmp_path, kind, monkeypatch):
     """Qwen3 (per-head query/key RMSNorms before RoPE, head_dim 32 with hidden size 64),
     Mistral with a sliding window of 5 positions, Qwen2 with it on its second layer, Phi-3 (fused q/k/v and gate/up
     matrices, a window of 6), Granite (scaled embeddings, residual branches, attention
     scores and logits), Gemma 2 (soft-capped attention scores and logits, a sliding and a
     full layer) and Gemma 3 (norms of 1 + weight around both sublayers, two sliding-window
     layers of window 4 with their own RoPE base, then a full one), packed without
-    sparsification: a prefill longer than the window,
+    sparsification: a prefill longer than the window (whole, or 3 tokens at a time),
     then decode steps, against transformers' logits of the whole sequence."""
     import torch
 
@@ -413,6 +413,10 @@ def test_decode_steps_against_transformers(tiny_model, tmp_path, kind):
     got = [rt.forward(ids[:7], cache, all_logits=True), rt.forward(ids[7:8], cache, all_logits=True),
            rt.forward(ids[8:], cache, all_logits=True)]
     assert _rel(np.concatenate(got), want) < 1e-4
+    from sparseforge.toolchain import runtime_decoder
+
+    monkeypatch.setattr(runtime_decoder, "PREFILL_CHUNK", 3)  # each prompt 3 tokens at a time
+    assert _rel(rt.forward(ids, all_logits=True), want) < 1e-4 and _rel(stepwise_logits(rt, ids, 7), want) < 1e-4
 
 
 @pytest.mark.parametrize("kind", ["llama3", "qwen3", "mistral-swa", "phi3", "phi3-longrope", "phi4-mini",

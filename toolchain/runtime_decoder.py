@@ -29,6 +29,9 @@ from .runtime_load import FFNRunner, Linear, LoadedModel, blas_one_thread
 from .runtime_sampling import Sampler
 
 _NEG = np.float32(np.finfo(np.float32).min)
+#: tokens a prompt's layers run on at a time: attention scores of a chunk are
+#: ``[heads, chunk, cached + chunk]`` float32, not ``[heads, T, T]``
+PREFILL_CHUNK = 512
 
 
 @dataclass
@@ -114,7 +117,9 @@ class DecoderRuntime:
     def forward(self, input_ids, cache: DecoderCache | None = None, all_logits: bool = False) -> np.ndarray:
         """Logits of one sequence's new tokens ``input_ids [T]``: ``[T, vocab]`` with
         ``all_logits``, else the last position's ``[vocab]``. With ``cache`` the tokens
-        continue at position ``cache.length`` and the cache is extended."""
+        continue at position ``cache.length`` and the cache is extended. A long prompt
+        runs :data:`PREFILL_CHUNK` tokens at a time (through a cache of its own if none is
+        given), with the RoPE tables of the whole call."""
         with blas_one_thread():  # the prompt too: BLAS's spinning workers would slow the decode after it
             return self._forward(input_ids, cache, all_logits)
 
@@ -130,10 +135,30 @@ class DecoderRuntime:
             logits = self._decode_step(ids, cache)
             return logits[None] if all_logits else logits
         past = 0 if cache is None else cache.length
+        positions = np.arange(past, past + T)
+        tables = layer_tables(self.ropes, positions)  # the whole call's (LongRoPE, dynamic NTK: by its last position)
+        if cache is None and T > PREFILL_CHUNK:
+            cache = self.new_cache(T)
+        hidden = []
+        for a in range(0, T, PREFILL_CHUNK):
+            b = min(a + PREFILL_CHUNK, T)
+            x = self._prefill(ids[a:b], positions[a:b], [(cos[a:b], sin[a:b]) for cos, sin in tables], cache)
+            if all_logits or b == T:
+                hidden.append(x if all_logits else x[-1:])
+        x = self._norm(np.concatenate(hidden) if len(hidden) > 1 else hidden[0], "model.norm.weight")
+        head = self.model.linear(self.lm_head)
+        logits = self._scaled(head.matvec(x[0])[None] if x.shape[0] == 1 else head.matmul(x))
+        return logits if all_logits else logits[-1]
+
+    def _prefill(self, ids: np.ndarray, positions: np.ndarray, tables: list[tuple[np.ndarray, np.ndarray]],
+                 cache: DecoderCache | None) -> np.ndarray:
+        """The last layer's output ``[T, d]`` (before the final norm) of tokens ``ids [T]``
+        at consecutive ``positions [T]``, with each layer's ``cos, sin [T, dim]``, the
+        cache (if any) extended: attention over the cached keys and these."""
+        s = self.spec
+        T, past = ids.size, int(positions[0])
         H, KV, hd = s.num_heads, s.num_kv_heads, s.head_dim
         G = H // KV
-        positions = np.arange(past, past + T)
-        tables = layer_tables(self.ropes, positions)
         scale, residual = np.float32(s.attention_scale), np.float32(s.residual_multiplier)
         masks = {}  # per window: the mask [1, 1, T, S] of the keys the cache gives (every layer alike)
         x = self._embed(ids)
@@ -154,7 +179,7 @@ class DecoderRuntime:
                 k, v, first = cache.extend(i, k, v)
             qg = q.reshape(KV, G, T, hd)
             scores = softcap((qg @ k[:, None].transpose(0, 1, 3, 2)) * scale, s.attn_logit_softcapping)  # [KV, G, T, S]
-            if T > 1:
+            if scores.shape[-1] > 1:  # (one token's one key: nothing to mask)
                 w = s.window(i)
                 if w not in masks:
                     masks[w] = causal_mask(positions, past + T, w)[None, None, :, first:]
@@ -169,10 +194,7 @@ class DecoderRuntime:
             if norms.ffn_out:
                 y = self._norm(y, norms.ffn_out)
             x = x + y * residual
-        x = self._norm(x if all_logits else x[-1:], "model.norm.weight")
-        head = self.model.linear(self.lm_head)
-        logits = self._scaled(head.matvec(x[0])[None] if x.shape[0] == 1 else head.matmul(x))
-        return logits if all_logits else logits[-1]
+        return x
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         """Embedding rows ``[T, d]`` of ``ids``, times ``spec.embedding_multiplier``."""
