@@ -16,7 +16,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .ffn import _bits_f32, _prefetch_into
+from .ffn import _prefetch_into, exp_nonpos
 
 _FLAGS = dict(fastmath=True, cache=True, nogil=True)
 _prefetch_l1 = _prefetch_into(3)
@@ -59,27 +59,6 @@ def add_layer_norm_rows(x, r, w, b, eps, out):
         m = np.float32(mean)
         for i in range(d):
             out[t, i] = (row[i] - m) * inv * w[i] + b[i]
-
-
-@njit(**_FLAGS)
-def exp_nonpos(x):
-    """``e^x`` of a float32 ``x <= 0``: Cephes' expf (reduction by ln 2 in two parts, a
-    degree-6 polynomial, 2^n from the exponent bits), 0 below -80 (``e^-80`` ~ 2e-35:
-    no results near the subnormals, whose arithmetic is slow in the BLAS calls that read
-    them); no calls and no branches, so loops over it vectorise (Numba's ``math.exp``
-    stays a scalar call without SVML)."""
-    y = max(x, np.float32(-80.0))
-    n = np.floor(y * np.float32(1.44269504) + np.float32(0.5))
-    r = y - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    p = p * r * r + r + np.float32(1)
-    e = p * _bits_f32(np.uint32((np.int32(n) + 127) << 23))
-    return e if x >= np.float32(-80.0) else np.float32(0)
 
 
 @njit(**_FLAGS)

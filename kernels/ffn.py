@@ -117,17 +117,74 @@ if SIMD:  # the vector path has inline assembly (_ir_scale), which Numba's JIT m
 
 # ---------------------------------------------------------------------------- helpers
 @njit(**_FLAGS)
+def exp_nonpos(x):
+    """``e^x`` of a float32 ``x <= 0``: Cephes' expf (reduction by ln 2 in two parts, a
+    degree-6 polynomial, 2^n from the exponent bits), 0 below -80 (``e^-80`` ~ 2e-35:
+    no results near the subnormals, whose arithmetic is slow in the BLAS calls that read
+    them); no calls and no branches, so loops over it vectorise (Numba's ``math.exp``
+    stays a scalar call without SVML)."""
+    y = max(x, np.float32(-80.0))
+    n = np.floor(y * np.float32(1.44269504) + np.float32(0.5))
+    r = y - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1)
+    e = p * _bits_f32(np.uint32((np.int32(n) + 127) << 23))
+    return e if x >= np.float32(-80.0) else np.float32(0)
+
+
+@njit(error_model="numpy", **_FLAGS)  # no zero-division branch: the loops over it vectorise
+def _times_sigmoid(z, y):
+    """``z sigmoid(y)`` in float32 from ``e^-|y|`` (:func:`exp_nonpos`): no cancellation
+    on either side, no branches (SiLU: ``y = z``; GELU's tanh form: ``0.5 z (1 + tanh(a))
+    = z sigmoid(2a)``)."""
+    e = exp_nonpos(-abs(y))
+    s = np.float32(1) / (np.float32(1) + e)
+    return z * (s if y >= np.float32(0) else e * s)
+
+
+@njit(error_model="numpy", **_FLAGS)  # no zero-division branch: the loops over it vectorise
+def _gelu_erf(z):
+    """``0.5 z (1 + erf(z / sqrt 2))`` in float32 through ``erfc(|x|)`` (Numerical Recipes'
+    Chebyshev fit, fractional error < 1.2e-7; :func:`exp_nonpos`): ``1 + erf(x)`` is
+    ``erfc(-x)``, so the negative side keeps its small values; no branches."""
+    x = abs(z) * np.float32(0.70710678118654752)
+    t = np.float32(1) / (np.float32(1) + np.float32(0.5) * x)
+    p = np.float32(0.17087277)
+    p = p * t + np.float32(-0.82215223)
+    p = p * t + np.float32(1.48851587)
+    p = p * t + np.float32(-1.13520398)
+    p = p * t + np.float32(0.27886807)
+    p = p * t + np.float32(-0.18628806)
+    p = p * t + np.float32(0.09678418)
+    p = p * t + np.float32(0.37409196)
+    p = p * t + np.float32(1.00002368)
+    c = t * exp_nonpos(min(-x * x - np.float32(1.26551223) + t * p, np.float32(0)))  # erfc(x)
+    return np.float32(0.5) * z * (np.float32(2) - c if z >= np.float32(0) else c)
+
+
+@njit(**_FLAGS)
+def _gelu_tanh(z):
+    """GELU's tanh form ``0.5 z (1 + tanh(a))``, ``a = sqrt(2 / pi) (z + 0.044715 z^3)``,
+    as ``z sigmoid(2a)`` (float32, branch-free)."""
+    return _times_sigmoid(z, np.float32(1.5957691216057308) * (z + np.float32(0.044715) * z * z * z))
+
+
+@njit(**_FLAGS)
 def activation(z, kind, t):
-    """The activation ``kind`` of a float32 pre-activation ``z``."""
+    """The activation ``kind`` of a float32 pre-activation ``z``, in float32 (relative
+    error of the smooth ones a few 1e-7: :func:`_times_sigmoid`, :func:`_gelu_erf`)."""
     if kind == RELU:
         return z if z > np.float32(0) else np.float32(0)
     if kind == FATRELU:
         return z if z > t else np.float32(0)
     if kind == SILU:
-        return np.float32(z / (np.float32(1) + math.exp(-z)))
-    if kind == GELU:
-        return np.float32(0.5 * z * (1.0 + math.erf(z * 0.7071067811865476)))
-    return np.float32(0.5 * z * (1.0 + math.tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))))
+        return _times_sigmoid(z, z)
+    return _gelu_erf(z) if kind == GELU else _gelu_tanh(z)
 
 
 @njit(**_FLAGS)
@@ -1579,7 +1636,9 @@ def _activate_row(g, u, gated, act, act_t, up_relu):
     ``act(u)``, in place over one row. The ReLU family gets loops of its own with the
     choices made outside them, so that they vectorise (gated dReLU over 1024 x 512 on one
     thread: 0.26 ms, against 1.06 ms element by element through :func:`activation`;
-    LLVM had already vectorised plain ReLU); other activations go element by element."""
+    LLVM had already vectorised plain ReLU). The smooth ones too, each in a loop of its
+    own over the branch-free float32 forms (gated, 2048 x 2048, 2 threads: SiLU 10.7 ->
+    0.9 ms, GELU 38.3 -> 1.8, GELU tanh 43.2 -> 1.0, through libm in float64 before)."""
     n = u.shape[0]
     if act == RELU or act == FATRELU:
         t = act_t if act == FATRELU else np.float32(0)
@@ -1594,14 +1653,33 @@ def _activate_row(g, u, gated, act, act_t, up_relu):
             for i in range(n):
                 u[i] = (g[i] if g[i] > t else np.float32(0)) * u[i]
         return
-    for i in range(n):
-        if gated:
-            v = u[i]
-            if up_relu and v < np.float32(0):
-                v = np.float32(0)
-            u[i] = activation(g[i], act, act_t) * v
-        else:
-            u[i] = activation(u[i], act, act_t)
+    if gated:
+        _smooth_gated(g, u, act, np.float32(0) if up_relu else np.float32(-np.inf))
+        return
+    if act == SILU:
+        for i in range(n):
+            u[i] = _times_sigmoid(u[i], u[i])
+    elif act == GELU:
+        for i in range(n):
+            u[i] = _gelu_erf(u[i])
+    else:
+        for i in range(n):
+            u[i] = _gelu_tanh(u[i])
+
+
+@njit(**_FLAGS)
+def _smooth_gated(g, u, act, lo):
+    """``u = act(g) * max(u, lo)`` over a row for the smooth activations, a loop per kind
+    (a choice inside the loop keeps LLVM from vectorising it)."""
+    if act == SILU:
+        for i in range(u.shape[0]):
+            u[i] = _times_sigmoid(g[i], g[i]) * max(u[i], lo)
+    elif act == GELU:
+        for i in range(u.shape[0]):
+            u[i] = _gelu_erf(g[i]) * max(u[i], lo)
+    else:
+        for i in range(u.shape[0]):
+            u[i] = _gelu_tanh(g[i]) * max(u[i], lo)
 
 
 @njit(parallel=True, **_FLAGS)
