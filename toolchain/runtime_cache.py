@@ -6,7 +6,7 @@ keeps only its ``window`` latest positions, in a ring: position ``p`` lives in r
 ``p mod window``, overwriting the position ``window`` before it, which no later query
 attends. A decode step attends every filled row in row order: softmax attention is a sum
 over its keys, so their order does not matter. Gemma 3 270M (15 of 18 layers sliding,
-window 512, one kv head of 256) at 32768 positions keeps 207 MB instead of 1.2 GB.
+window 512, one kv head of 256) at 32768 positions keeps 207 MiB instead of 1152 MiB.
 """
 from __future__ import annotations
 

@@ -183,6 +183,8 @@ class Rope:
         self.inv_freq = rope_inv_freq(dim, theta, scaling)  # [dim / 2]; up to the switch
         self.switch = int(scaling["original_max_position_embeddings"]) \
             if scaling is not None and scaling["type"] in CALL_DEPENDENT else None
+        self._long = rope_inv_freq(dim, theta, scaling, self.switch + 1) \
+            if scaling is not None and scaling["type"] == "longrope" else None  # past the switch: constant
         self.attention_factor = None if scaling is None or "attention_factor" not in scaling else \
             np.float32(scaling["attention_factor"])
 
@@ -204,7 +206,9 @@ class Rope:
         """The frequencies ``[dim / 2]`` of a call whose last position is ``end - 1``."""
         if self.switch is None or end <= self.switch:
             return self.inv_freq
-        return rope_inv_freq(self.dim, self.theta, self.scaling, end)
+        if self._long is not None:
+            return self._long
+        return _dynamic_inv_freq(self.inv_freq, self.dim, self.theta, self.scaling, end)  # checked in __init__
 
     def cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``cos, sin [T, dim]`` for ``positions [T]`` (integers)."""
