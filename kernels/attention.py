@@ -3,8 +3,11 @@ the runtimes (RMSNorm of one token, LayerNorm of an encoder's rows), Numba.
 
 Shapes: ``H`` query heads, ``KV`` key/value heads (grouped-query attention: query head
 ``h`` reads kv head ``h // (H // KV)``), head size ``hd``, ``cap`` cache capacity; all
-arrays float32 and contiguous. Vectors are flat, head-major: ``q [H*hd]``,
-``k, v [KV*hd]``. RoPE is the Hugging Face ``rotate_half`` convention:
+arrays contiguous and float32 but the cache, float32 or float16 (as its bits, uint16:
+Numba has no float16; :func:`to_f32` and :func:`as_stored` convert, LLVM's ``fpext`` /
+``fptrunc``: ``vcvtph2ps`` / ``vcvtps2ph`` on x86, ``fcvtl`` / ``fcvtn`` on ARM). Vectors
+are flat, head-major: ``q [H*hd]``, ``k, v [KV*hd]``. RoPE is the Hugging Face
+``rotate_half`` convention:
 ``x * cos + [-x2, x1] * sin`` with ``x1, x2`` the halves of a head's first ``dim``
 dimensions (``dim = hd`` unless the model rotates part of each head; the rest pass
 unchanged) and ``cos, sin [dim]`` the row of
@@ -14,7 +17,9 @@ cache holds keys after RoPE, ``k_cache, v_cache [KV, cap, hd]``, a row per cache
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from .ffn import _prefetch_into, exp_nonpos
 
@@ -23,6 +28,34 @@ _prefetch_l1 = _prefetch_into(3)
 #: cache rows a decode step's attention prefetches ahead of the one it reads (4 KB at a
 #: head size of 64)
 PREFETCH_ROWS = 16
+
+
+@intrinsic
+def to_f32(typingctx, x):
+    """``x`` as float32: a float32 unchanged, a uint16 read as the bits of a float16
+    (exact)."""
+    if x == types.float32:
+        return types.float32(x), lambda context, builder, sig, args: args[0]
+    if x == types.uint16:
+        def widen(context, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(x), widen
+    return None
+
+
+@intrinsic
+def as_stored(typingctx, x, store):
+    """The float32 ``x`` as an element of the array ``store``: unchanged for float32, the
+    bits of the nearest float16 (ties to even, as numpy's ``astype``) for uint16."""
+    if x != types.float32 or not isinstance(store, types.Array):
+        return None
+    if store.dtype == types.float32:
+        return types.float32(x, store), lambda context, builder, sig, args: args[0]
+    if store.dtype == types.uint16:
+        def narrow(context, builder, sig, args):
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        return types.uint16(x, store), narrow
+    return None
 
 
 @njit(**_FLAGS)
@@ -106,15 +139,16 @@ def softmax_rows(scores):
 @njit(**_FLAGS)
 def _rope_into(x, cos, sin, out):
     """``out [hd] = x * cos + rotate_half(x) * sin`` for one head ``x [hd]`` over its first
-    ``cos.size`` dimensions; the rest are copied (partial rotary embeddings)."""
+    ``cos.size`` dimensions; the rest are copied (partial rotary embeddings). ``out``:
+    float32, or float16 bits (:func:`as_stored`)."""
     dim = cos.size
     half = dim // 2
     for j in range(half):
         a, b = x[j], x[j + half]
-        out[j] = a * cos[j] - b * sin[j]
-        out[j + half] = b * cos[j + half] + a * sin[j + half]
+        out[j] = as_stored(a * cos[j] - b * sin[j], out)
+        out[j + half] = as_stored(b * cos[j + half] + a * sin[j + half], out)
     for j in range(dim, x.size):
-        out[j] = x[j]
+        out[j] = as_stored(x[j], out)
 
 
 @njit(inline="always", **_FLAGS)
@@ -123,7 +157,7 @@ def _prefetch_rows(flat, j, rows, hd):
     cache raveled; clamped to its end) into L1, one prefetch per 64-byte line."""
     lim = flat.shape[0] - 1
     base = (j + PREFETCH_ROWS) * hd
-    for o in range(0, rows * hd, 16):
+    for o in range(0, rows * hd, 64 // flat.itemsize):
         _prefetch_l1(flat, min(base + o, lim))
 
 
@@ -145,7 +179,7 @@ def _scores(qg, kc, S, p):
             s0 = s1 = s2 = s3 = t0 = t1 = t2 = t3 = np.float32(0.0)
             for c in range(hd):
                 q, u = qg[r, c], qg[r + 1, c]
-                k0, k1, k2, k3 = kc[j, c], kc[j + 1, c], kc[j + 2, c], kc[j + 3, c]
+                k0, k1, k2, k3 = to_f32(kc[j, c]), to_f32(kc[j + 1, c]), to_f32(kc[j + 2, c]), to_f32(kc[j + 3, c])
                 s0 += q * k0
                 s1 += q * k1
                 s2 += q * k2
@@ -161,17 +195,17 @@ def _scores(qg, kc, S, p):
             s0 = s1 = s2 = s3 = np.float32(0.0)
             for c in range(hd):
                 q = qg[r, c]
-                s0 += q * kc[j, c]
-                s1 += q * kc[j + 1, c]
-                s2 += q * kc[j + 2, c]
-                s3 += q * kc[j + 3, c]
+                s0 += q * to_f32(kc[j, c])
+                s1 += q * to_f32(kc[j + 1, c])
+                s2 += q * to_f32(kc[j + 2, c])
+                s3 += q * to_f32(kc[j + 3, c])
             p[r, j], p[r, j + 1], p[r, j + 2], p[r, j + 3] = s0, s1, s2, s3
         j += 4
     for j in range(j, S):
         for r in range(G):
             s = np.float32(0.0)
             for c in range(hd):
-                s += qg[r, c] * kc[j, c]
+                s += qg[r, c] * to_f32(kc[j, c])
             p[r, j] = s
 
 
@@ -201,7 +235,7 @@ def _weighted_values(p, vc, S, out):
             w30, w31, w32, w33 = p[r + 3, j], p[r + 3, j + 1], p[r + 3, j + 2], p[r + 3, j + 3]
             v0, v1, v2, v3 = vc[j], vc[j + 1], vc[j + 2], vc[j + 3]
             for c in range(hd):
-                x0, x1, x2, x3 = v0[c], v1[c], v2[c], v3[c]
+                x0, x1, x2, x3 = to_f32(v0[c]), to_f32(v1[c]), to_f32(v2[c]), to_f32(v3[c])
                 a0[c] += w00 * x0 + w01 * x1 + w02 * x2 + w03 * x3
                 a1[c] += w10 * x0 + w11 * x1 + w12 * x2 + w13 * x3
                 a2[c] += w20 * x0 + w21 * x1 + w22 * x2 + w23 * x3
@@ -210,7 +244,7 @@ def _weighted_values(p, vc, S, out):
         for j in range(j, S):
             w0, w1, w2, w3 = p[r, j], p[r + 1, j], p[r + 2, j], p[r + 3, j]
             for c in range(hd):
-                v = vc[j, c]
+                v = to_f32(vc[j, c])
                 a0[c] += w0 * v
                 a1[c] += w1 * v
                 a2[c] += w2 * v
@@ -226,7 +260,7 @@ def _weighted_values(p, vc, S, out):
             _prefetch_rows(vf, j, 1, hd)
             w0 = p[r, j]
             for c in range(hd):
-                a0[c] += w0 * vc[j, c]
+                a0[c] += w0 * to_f32(vc[j, c])
         out[r, :] = a0
 
 
@@ -266,7 +300,8 @@ def _groups_par(q, k_cache, v_cache, cos, sin, count, scale, softcap, G, ctx):
 @njit(**_FLAGS)
 def attention_step(q, k, v, cos, sin, k_cache, v_cache, slot, count, scale, softcap, ctx):
     """One token's attention: RoPE on ``q [H*hd]`` and ``k [KV*hd]``, ``k`` (rotated) and
-    ``v`` written to cache row ``slot``, then ``ctx [H*hd] = softmax(scale * q_h . K) V``
+    ``v`` written to cache row ``slot`` (float32, or rounded to float16 for a cache of
+    float16 bits), then ``ctx [H*hd] = softmax(scale * q_h . K) V``
     per query head over the keys and values of cache rows ``0 .. count - 1`` (``slot``
     among them; in any order, as a sliding window's ring keeps them: see
     :class:`~sparseforge.toolchain.runtime_cache.DecoderCache`), max-subtracted softmax,
@@ -279,5 +314,6 @@ def attention_step(q, k, v, cos, sin, k_cache, v_cache, slot, count, scale, soft
     KV, hd = k_cache.shape[0], k_cache.shape[2]
     for g in range(KV):
         _rope_into(k[g * hd:(g + 1) * hd], cos, sin, k_cache[g, slot])
-        v_cache[g, slot, :] = v[g * hd:(g + 1) * hd]
+        for c in range(hd):
+            v_cache[g, slot, c] = as_stored(v[g * hd + c], v_cache)
     _groups_par(q, k_cache, v_cache, cos, sin, count, scale, softcap, q.size // hd // KV, ctx)

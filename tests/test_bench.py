@@ -30,6 +30,10 @@ def test_bench_decoder(llama_out):
     for k in ("decode_predictor_vs_dense", "decode_predictor_vs_ort_f32", "prefill_dense_vs_ort_f32"):
         assert r["ratios"][k] > 0
     assert r["peak_rss_mb"] >= r["rss_after_runtime_load_mb"] > 0
+    half = bench(llama_out / "model.gguf", modes=("dense",), prompt_tokens=8, decode_tokens=3, repeats=1, ort=False,
+                 kv_cache="f16")
+    assert (r["kv_cache"], half["kv_cache"]) == ("f32", "f16")
+    assert 2 * half["runtime"]["dense"]["kv_cache_bytes"] == r["runtime"]["dense"]["kv_cache_bytes"]
     with pytest.raises(InputError, match="100 prompt \\+ 29 decode tokens are beyond the model's 128 positions"):
         bench(llama_out / "model.gguf", prompt_tokens=100, decode_tokens=29, repeats=1)
 

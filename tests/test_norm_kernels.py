@@ -72,7 +72,8 @@ HD = 16
 @pytest.mark.parametrize("count", [1, 2, 6, 41])  # keys read: four at a time, then the rest
 @pytest.mark.parametrize("ring", [False, True])  # the new row last (appended), or amid older rows (a ring)
 @pytest.mark.parametrize("rotary, softcap", [(HD, 0.0), (HD // 4, 0.0), (HD, 0.5)])  # RoPE over a quarter of
-def test_attention_step(count, heads, ring, rotary, softcap):  # the head; scores soft-capped (Gemma 2)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])  # the head; scores soft-capped (Gemma 2); the
+def test_attention_step(count, heads, ring, rotary, softcap, dtype):  # cache in float32 or float16 (its bits)
     H, KV = heads
     rng = np.random.default_rng(count)
     q = rng.standard_normal(H * HD).astype(np.float32)
@@ -80,23 +81,27 @@ def test_attention_step(count, heads, ring, rotary, softcap):  # the head; score
     v = rng.standard_normal(KV * HD).astype(np.float32)
     cos, sin = rope_cos_sin(np.array([count + 7]), rope_inv_freq(rotary, 10000.0))
     # rows 0 .. count - 1 hold keys and values; the rows after them (unused capacity) are NaN
-    k_store, v_store = np.full((2, KV, count + 3, HD), np.nan, np.float32)
-    k_store[:, :count], v_store[:, :count] = rng.standard_normal((2, KV, count, HD)).astype(np.float32)
+    k_store, v_store = np.full((2, KV, count + 3, HD), np.nan, dtype)
+    k_store[:, :count], v_store[:, :count] = rng.standard_normal((2, KV, count, HD))
     slot = count // 2 if ring else count - 1
     ctx = np.empty_like(q)
     q0, k0, v0 = q.copy(), k.copy(), v.copy()
     before_k, before_v = k_store.copy(), v_store.copy()
-    attention_step(q, k, v, cos[0], sin[0], k_store, v_store, slot, count, np.float32(HD ** -0.5),
+    bits = (lambda a: a) if dtype == np.float32 else (lambda a: a.view(np.uint16))
+    attention_step(q, k, v, cos[0], sin[0], bits(k_store), bits(v_store), slot, count, np.float32(HD ** -0.5),
                    np.float32(softcap), ctx)
     assert (q == q0).all() and (k == k0).all() and (v == v0).all()
 
     # reference: the decoders' numpy attention over the rows, the new key and value in row `slot`
     qr = apply_rope(q.reshape(H, 1, HD), cos, sin)
-    before_k[:, slot] = apply_rope(k.reshape(KV, 1, HD), cos, sin)[:, 0]
+    exact_k = apply_rope(k.reshape(KV, 1, HD).astype(np.float64), cos, sin)[:, 0]
+    before_k[:, slot] = exact_k  # rounded to nearest, in a float16 cache
     before_v[:, slot] = v.reshape(KV, HD)
     np.testing.assert_allclose(k_store, before_k, rtol=1e-6, atol=1e-6)  # only row `slot` written
     np.testing.assert_array_equal(v_store, before_v)
-    keys, vals = before_k[:, :count], before_v[:, :count]
+    # within half a step of float16 (2^-11 relative) of the exact key, or 1e-6 in float32
+    np.testing.assert_allclose(k_store[:, slot], exact_k, rtol=2.0 ** -11 if dtype == np.float16 else 1e-6, atol=1e-6)
+    keys, vals = before_k[:, :count].astype(np.float32), before_v[:, :count].astype(np.float32)
     scores = (qr.reshape(KV, H // KV, 1, HD) @ keys[:, None].transpose(0, 1, 3, 2)) * np.float32(HD ** -0.5)
     if softcap:
         scores = np.tanh(scores / softcap) * softcap

@@ -319,7 +319,8 @@ def test_linear_matmul_f32(threads, monkeypatch):
     assert calls == {(2, 1): [2, 3, 4, 9], (1, 1): [2, 3], (1, 64): []}[threads]
 
 
-def test_run_command(llama_out, bert_out, tmp_path, capsys):
+def test_run_command(llama_out, bert_out, tmp_path, capsys, monkeypatch):
+    from sparseforge.toolchain import runtime_decoder
     from sparseforge.toolchain.cli import main
 
     def call(*args):
@@ -337,6 +338,17 @@ def test_run_command(llama_out, bert_out, tmp_path, capsys):
     assert code == 0 and len(r["ids"]) == 4 and isinstance(r["text"], str)
     code, out, _ = call("run", str(llama_out / "model.gguf"), "--prompt", "The quick brown", "--max-new-tokens", "3")
     assert code == 0 and out.endswith("\n")
+    made = []  # the type of every cache the runtime makes
+
+    class Cache(runtime_decoder.DecoderCache):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self.dtype)
+
+    monkeypatch.setattr(runtime_decoder, "DecoderCache", Cache)
+    code, out, _ = call("run", str(llama_out / "model.gguf"), "--prompt", "The quick brown", "--max-new-tokens", "4",
+                        "--kv-cache", "f16", "--json")
+    assert code == 0 and len(json.loads(out)["ids"]) == 4 and made == ["f16"]
     code, _, err = call("run", str(llama_out / "model.gguf"), "--embed", "hello")
     assert code == 2 and "decoder" in err
     code, _, err = call("run", str(bert_out / "model.gguf"), "--prompt", "hello")
@@ -345,8 +357,15 @@ def test_run_command(llama_out, bert_out, tmp_path, capsys):
     assert code == 2 and "an encoder artifact: --max-new-tokens, --top-p apply to decoders only" in err
     for cmd, args, says in (("bench", ["--batch", "2"], "a decoder artifact: --batch applies to encoders only"),
                             ("verify", ["--reference", str(llama_out), "--min-cosine", "0.9"],
-                             "a decoder artifact: --min-cosine applies to encoders only")):
-        code, _, err = call(cmd, str(llama_out), *args)
+                             "a decoder artifact: --min-cosine applies to encoders only"),
+                            ("run", ["--embed", "x", "--kv-cache", "f16"],
+                             "an encoder artifact: --kv-cache applies to decoders only"),
+                            ("bench", ["--kv-cache", "f16"],
+                             "an encoder artifact: --kv-cache applies to decoders only"),
+                            ("verify", ["--reference", str(bert_out), "--kv-cache", "f16"],
+                             "an encoder artifact: --kv-cache applies to decoders only")):
+        model = bert_out if "--kv-cache" in args else llama_out
+        code, _, err = call(cmd, str(model), *args)
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
     code, _, err = call("run", str(tmp_path / "nope.gguf"), "--embed", "x")
     assert code == 2 and err.startswith("error:") and "not found" in err
@@ -417,6 +436,41 @@ def test_decode_steps_against_transformers(tiny_model, tmp_path, kind, monkeypat
 
     monkeypatch.setattr(runtime_decoder, "PREFILL_CHUNK", 3)  # each prompt 3 tokens at a time
     assert _rel(rt.forward(ids, all_logits=True), want) < 1e-4 and _rel(stepwise_logits(rt, ids, 7), want) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+def test_f16_kv_cache_against_transformers(tiny_model, tmp_path, kind, monkeypatch):
+    """A float16 KV cache (Qwen3; Gemma 3's sliding layers, a ring of 4 here): prefill
+    (whole, 3 tokens at a time, or with no cache), then decode steps, against
+    transformers with a cache that rounds keys and values to float16 as it stores them,
+    and further than that from transformers' float32 logits."""
+    import torch
+    from transformers import DynamicCache
+
+    from sparseforge.toolchain import runtime_decoder
+
+    class F16Cache(DynamicCache):
+        def update(self, key_states, value_states, *args, **kwargs):
+            return super().update(key_states.half().float(), value_states.half().float(), *args, **kwargs)
+
+    ckpt, hf = tiny_model(kind)
+    artifact = packed_f32(ckpt, tmp_path)
+    rt = load_runtime(artifact, mode="dense", kv_cache="f16")
+    ids = torch.from_numpy(np.random.default_rng(5).integers(0, hf.config.vocab_size, 15))[None]
+    with torch.no_grad():
+        want = hf(ids, cache=F16Cache(config=hf.config), use_cache=True).logits[0].numpy()
+        want_f32 = hf(ids).logits[0].numpy()
+    ids = ids[0].numpy()
+    got = stepwise_logits(rt, ids, 7)
+    # (a key both round to float16 from float32 values a bit apart can land one float16 step apart)
+    assert _rel(got, want) < min(5e-5, 0.1 * _rel(got, want_f32))
+    cache = rt.new_cache()
+    assert cache.nbytes * 2 == load_runtime(artifact, mode="dense").new_cache().nbytes
+    assert _rel(rt.forward(ids, all_logits=True), want) < 5e-5  # no cache: rounded alike
+    monkeypatch.setattr(runtime_decoder, "PREFILL_CHUNK", 3)
+    assert _rel(rt.forward(ids, all_logits=True), want) < 5e-5 and _rel(stepwise_logits(rt, ids, 7), want) < 5e-5
+    with pytest.raises(ValueError, match="KV cache type 'q8_0'"):
+        load_runtime(artifact, kv_cache="q8_0")
 
 
 @pytest.mark.parametrize("kind", ["llama3", "qwen3", "mistral-swa", "phi3", "phi3-longrope", "phi4-mini",

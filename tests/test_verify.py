@@ -28,6 +28,11 @@ def test_verify_decoder_default_heldout_split(llama_out):
     assert 0.5 < r["top1_agreement"] <= 1 and r["mean_kl"] >= 0
     gate = r["gates"]["max_ppl_increase"]  # the conversion recipe's [verify] table, recorded in the artifact
     assert gate["limit"] == 0.5 and gate["source"] == "artifact" and r["passed"] == (r["ppl_increase"] <= 0.5)
+    # keys and values rounded to float16: the same sequences, a perplexity a little apart
+    half = verify(llama_out / "model.gguf", llama_out.parent / "source", num_sequences=6, kv_cache="f16")
+    assert (r["kv_cache"], half["kv_cache"]) == ("f32", "f16")
+    assert half["perplexity_reference"] == r["perplexity_reference"]
+    assert 0 < abs(half["perplexity"] / r["perplexity"] - 1) < 1e-3
 
 
 def test_verify_encoder_cli_gates_and_json(bert_out, tmp_path, capsys):

@@ -105,7 +105,7 @@ def _prompt_ids(model, n: int, seed: int) -> np.ndarray:
 def bench(artifact: str | Path, *, modes: tuple[str, ...] = DEFAULT_MODES, prompt_tokens: int = 32,
           decode_tokens: int = 32, seq_lens: tuple[int, ...] | None = None, batch: int = 8, repeats: int = 3,
           ort: bool = True, ort_graphs: dict[str, str | Path] | None = None, reference: str | Path | None = None,
-          threads: int | None = None, seed: int = 0, linear: str = "auto") -> dict[str, Any]:
+          threads: int | None = None, seed: int = 0, linear: str = "auto", kv_cache: str = "f32") -> dict[str, Any]:
     """Benchmark ``artifact`` (see the module docstring); returns the JSON-able report.
 
     ``seq_lens``: encoder sequence lengths (None: those of :data:`DEFAULT_SEQ_LENS` within
@@ -116,10 +116,10 @@ def bench(artifact: str | Path, *, modes: tuple[str, ...] = DEFAULT_MODES, promp
     artifact (e.g. a MatMulNBits model); ``reference``: build the baseline from this
     model (checkpoint / ONNX / IR) instead of the artifact; ``ort=False`` skips it.
     ``threads``: threads for the runtime (Numba, BLAS) and onnxruntime alike (None: all
-    cores)."""
+    cores); ``kv_cache``: a decoder's KV cache type (``f32``, ``f16``)."""
     with thread_limit(threads):
         return _bench(artifact, modes, prompt_tokens, decode_tokens, seq_lens, batch, repeats, ort, ort_graphs,
-                      reference, threads, seed, linear)
+                      reference, threads, seed, linear, kv_cache)
 
 
 class thread_limit:
@@ -154,7 +154,7 @@ class thread_limit:
 
 
 def _bench(artifact, modes, prompt_tokens, decode_tokens, seq_lens, batch, repeats, ort, ort_graphs, reference,
-           threads, seed, linear) -> dict[str, Any]:
+           threads, seed, linear, kv_cache) -> dict[str, Any]:
     from .runtime import LoadedModel, runtime_for
 
     model = LoadedModel.open(artifact, linear=linear)
@@ -174,11 +174,11 @@ def _bench(artifact, modes, prompt_tokens, decode_tokens, seq_lens, batch, repea
                               "architecture": model.spec.architecture, "linear": model.linear_mode,
                               "ffn_formats": sorted({lay.fmt for lay in model.artifact.layouts}),
                               "machine": machine(), "repeats": repeats, "threads": threads}
-    runtimes = {m: runtime_for(model, m) for m in modes}
+    runtimes = {m: runtime_for(model, m, kv_cache=kv_cache) for m in modes}
     report["layer_modes"] = {m: rt.ffn.modes for m, rt in runtimes.items()}
     if model.spec.causal:
         ids = _prompt_ids(model, prompt_tokens + decode_tokens, seed)
-        report["prompt_tokens"], report["decode_tokens"] = prompt_tokens, decode_tokens
+        report["prompt_tokens"], report["decode_tokens"], report["kv_cache"] = prompt_tokens, decode_tokens, kv_cache
         report["runtime"] = {m: _bench_decoder(rt, ids[:prompt_tokens], decode_tokens, repeats)
                              for m, rt in runtimes.items()}
     else:

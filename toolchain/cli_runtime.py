@@ -16,10 +16,14 @@ from click.core import ParameterSource
 from .atomic import check_output_file, write_text_atomic
 from .cli import cli, main
 from .errors import InputError
+from .runtime_cache import KV_DTYPES
 from .runtime_load import MODES
 
 _MODE = click.Choice(list(MODES))
 _COUNT = click.IntRange(min=1)
+_KV_CACHE = dict(type=click.Choice(list(KV_DTYPES)), default="f32", show_default=True,
+                 help="Decoders: the KV cache's keys and values in float32 or float16 (half the bytes; attention "
+                      "reads them rounded to float16).")
 
 
 class _Finite(click.FloatRange):
@@ -79,9 +83,10 @@ def _write_json(path: Path | None, report: dict) -> None:
 @click.option("--temperature", type=_Finite(0, min_open=True), default=1.0, show_default=True,
               help="Sampling temperature (> 0).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--kv-cache", **_KV_CACHE)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (embeddings as lists, or the generated text and ids).")
 def run(artifact: Path, prompt: str | None, texts: tuple[str, ...], mode: str, max_new_tokens: int,
-        top_p: float | None, temperature: float, seed: int, as_json: bool) -> None:
+        top_p: float | None, temperature: float, seed: int, kv_cache: str, as_json: bool) -> None:
     """Run ARTIFACT: embed texts (encoders) or generate from a prompt (decoders)."""
     from .runtime import Sampler, load_runtime
 
@@ -91,8 +96,9 @@ def run(artifact: Path, prompt: str | None, texts: tuple[str, ...], mode: str, m
                 text.encode("utf-8")
             except UnicodeEncodeError as exc:  # bytes the locale could not decode (surrogate escapes)
                 raise InputError(None, f"{option}: the text is not valid UTF-8 (character {exc.start})") from None
-    rt = load_runtime(artifact, mode=mode)
-    _reject_other_kind(artifact, rt.spec.causal, decoder_only=("max_new_tokens", "top_p", "temperature", "seed"))
+    _reject_other_kind(artifact, _is_decoder(artifact),
+                       decoder_only=("max_new_tokens", "top_p", "temperature", "seed", "kv_cache"))
+    rt = load_runtime(artifact, mode=mode, kv_cache=kv_cache)
     if rt.spec.causal:
         if prompt is None or texts:
             raise InputError(artifact, "a decoder artifact: give --prompt TEXT" + (" (not --embed)" if texts else ""))
@@ -148,20 +154,22 @@ def run(artifact: Path, prompt: str | None, texts: tuple[str, ...], mode: str, m
               help="Decoders: largest acceptable relative perplexity increase (default: recipe, else 0.05).")
 @click.option("--recipe", type=click.Path(path_type=Path), default=None,
               help="Recipe TOML whose [verify] table gives the gates.")
+@click.option("--kv-cache", **_KV_CACHE)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report here.")
 def verify_cmd(artifact: Path, reference: Path, data: Path | None, num_sequences: int, seq_len: int | None,
                mode: str, min_cosine: float | None, max_ppl_increase: float | None, recipe: Path | None,
-               json_path: Path | None) -> None:
+               kv_cache: str, json_path: Path | None) -> None:
     """Check ARTIFACT against the original model on held-out inputs; exit 1 when a gate fails."""
     from .verify import verify
 
     _existing_reference(reference)
-    _reject_other_kind(artifact, _is_decoder(artifact), decoder_only=("max_ppl_increase",),
+    _reject_other_kind(artifact, _is_decoder(artifact), decoder_only=("max_ppl_increase", "kv_cache"),
                        encoder_only=("min_cosine",))
     if json_path is not None:
         check_output_file(json_path)  # before the run, not after it
     report = verify(artifact, reference, data=data, num_sequences=num_sequences, seq_len=seq_len,
-                    mode=mode, min_cosine=min_cosine, max_ppl_increase=max_ppl_increase, recipe=recipe)
+                    mode=mode, min_cosine=min_cosine, max_ppl_increase=max_ppl_increase, recipe=recipe,
+                    kv_cache=kv_cache)
     _write_json(json_path, report)
     click.echo(verify_summary(report))
     if not report["passed"]:
@@ -197,10 +205,11 @@ def verify_summary(r: dict) -> str:
               help="Time this ONNX file as the onnxruntime baseline NAME (repeatable).")
 @click.option("--no-ort", is_flag=True, help="Skip the onnxruntime baseline.")
 @click.option("--threads", type=_COUNT, default=None, help="Threads for the runtime and onnxruntime (default: all cores).")
+@click.option("--kv-cache", **_KV_CACHE)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report here.")
 def bench_cmd(artifact: Path, modes: str, prompt_tokens: int, decode_tokens: int, seq_lens: str | None, batch: int,
               repeats: int, reference: Path | None, ort_graphs: tuple[str, ...], no_ort: bool, threads: int | None,
-              json_path: Path | None) -> None:
+              kv_cache: str, json_path: Path | None) -> None:
     """Decode/prefill tokens/s (decoders) or embeddings/s (encoders) per mode, against onnxruntime."""
     from .bench import bench, summary_lines
 
@@ -216,7 +225,7 @@ def bench_cmd(artifact: Path, modes: str, prompt_tokens: int, decode_tokens: int
             lens = ()
         if not lens or min(lens) < 1:
             raise InputError(None, f"--seq-lens {seq_lens!r}: expected comma-separated integers >= 1")
-    _reject_other_kind(artifact, _is_decoder(artifact), decoder_only=("prompt_tokens", "decode_tokens"),
+    _reject_other_kind(artifact, _is_decoder(artifact), decoder_only=("prompt_tokens", "decode_tokens", "kv_cache"),
                        encoder_only=("seq_lens", "batch"))
     if reference is not None:
         _existing_reference(reference)
@@ -230,7 +239,7 @@ def bench_cmd(artifact: Path, modes: str, prompt_tokens: int, decode_tokens: int
         graphs[name] = path
     report = bench(artifact, modes=mode_list, prompt_tokens=prompt_tokens,
                    decode_tokens=decode_tokens, seq_lens=lens, batch=batch, repeats=repeats, ort=not no_ort,
-                   ort_graphs=graphs or None, reference=reference, threads=threads)
+                   ort_graphs=graphs or None, reference=reference, threads=threads, kv_cache=kv_cache)
     _write_json(json_path, report)
     click.echo("\n".join(summary_lines(report)))
 

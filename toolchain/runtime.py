@@ -5,7 +5,7 @@ from sparseforge.toolchain.runtime import load_runtime, Sampler
 
 rt = load_runtime("out/model.gguf")                 # encoder: EncoderRuntime
 emb = rt.embed(["a sentence", "another one"])       # [2, d], L2-normalised
-rt = load_runtime("llama/model.gguf", mode="sparse")  # decoder: DecoderRuntime
+rt = load_runtime("llama/model.gguf", kv_cache="f16")  # decoder: DecoderRuntime
 text = rt.generate_text("Once upon", 32, Sampler(greedy=False, top_p=0.9, seed=0))
 ```
 
@@ -26,9 +26,15 @@ from .runtime_sampling import Sampler, top_p_probs
 Runtime = Union[EncoderRuntime, DecoderRuntime]
 
 
-def runtime_for(model: LoadedModel, mode: str = "sparse", **kwargs) -> Runtime:
-    """The executor of an opened artifact: encoders embed, decoders generate."""
-    return DecoderRuntime(model, mode) if model.spec.causal else EncoderRuntime(model, mode, **kwargs)
+def runtime_for(model: LoadedModel, mode: str = "sparse", *, kv_cache: str = "f32", **kwargs) -> Runtime:
+    """The executor of an opened artifact: encoders embed (``kwargs``: ``max_length``),
+    decoders generate with a KV cache of ``kv_cache`` (``f32`` or ``f16``; an encoder has
+    none: ``f32`` only)."""
+    if model.spec.causal:
+        return DecoderRuntime(model, mode, kv_cache, **kwargs)
+    if kv_cache != "f32":
+        raise ValueError(f"kv_cache={kv_cache!r}: an encoder has no KV cache")
+    return EncoderRuntime(model, mode, **kwargs)
 
 
 def load_runtime(path: str | Path, mode: str = "sparse", *, linear: str = "auto", verify_checksums: bool = True,
@@ -38,7 +44,8 @@ def load_runtime(path: str | Path, mode: str = "sparse", *, linear: str = "auto"
     ``mode``: ``sparse`` (each layer as the predictors pass chose), ``predictor``,
     ``gate-first`` or ``dense``; ``linear``: ``auto``, ``dequantize`` or ``quantized``
     (how attention/embedding/LM-head matrices are multiplied, and whether a quantized
-    FFN keeps its parts in float32 after its first dense prefill; see :mod:`.runtime_load`)."""
+    FFN keeps its parts in float32 after its first dense prefill; see :mod:`.runtime_load`);
+    ``kwargs``: :func:`runtime_for`'s (``kv_cache``, ``max_length``)."""
     return runtime_for(LoadedModel.open(path, linear=linear, verify_checksums=verify_checksums), mode, **kwargs)
 
 

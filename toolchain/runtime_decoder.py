@@ -3,7 +3,9 @@
 The forward pass mirrors :class:`~.reference.llama.LlamaDecoder` (pre-norm layers,
 RoPE, grouped-query attention within the sliding window if the model has one, RMSNorm,
 LM head or tied embeddings) for one sequence with a :class:`~.runtime_cache.DecoderCache`
-(a sliding-window layer keeps only its window, in a ring).
+(a sliding-window layer keeps only its window, in a ring; keys and values in float32 or,
+with ``kv_cache="f16"``, float16: attention then reads them rounded to float16, cached or
+not).
 Attention projections and the LM head are the artifact's weights
 (:class:`~.runtime_load.Linear`); FFNs go through :class:`~.runtime_load.FFNRunner`:
 several tokens at once (the prompt: prefill) use
@@ -24,7 +26,7 @@ from .errors import InputError
 from .reference.bert import softmax
 from .reference.llama import LayerNorms, causal_mask, rms_norm, softcap
 from .reference.rope import Rope, apply_rope, layer_tables
-from .runtime_cache import DecoderCache
+from .runtime_cache import DecoderCache, kv_rounded
 from .runtime_load import FFNRunner, Linear, LoadedModel, blas_one_thread
 from .runtime_sampling import Sampler
 
@@ -58,13 +60,15 @@ class _StepLayer:
 class DecoderRuntime:
     """Logits and generation of a decoder artifact in one FFN ``mode``."""
 
-    def __init__(self, model: LoadedModel, mode: str = "sparse") -> None:
+    def __init__(self, model: LoadedModel, mode: str = "sparse", kv_cache: str = "f32") -> None:
+        kv_rounded(np.zeros(0, np.float32), kv_cache)  # checks the type
         if not model.spec.causal:
             raise ValueError("DecoderRuntime needs a decoder (llama-family) artifact")
         if model.spec.rope_theta is None:
             raise InputError(model.artifact.path, "the artifact's spec has no rope_theta")
         self.model = model
         self.spec = model.spec
+        self.kv_cache = kv_cache
         self.ropes = Rope.per_layer(self.spec)
         self._offset_weights: dict[str, np.ndarray] = {}
         self.ffn = FFNRunner(model, mode)
@@ -81,9 +85,11 @@ class DecoderRuntime:
         return self.ffn.mode
 
     def new_cache(self, max_length: int | None = None) -> DecoderCache:
-        """An empty cache, for up to ``max_length`` positions (allocated at once) or growing."""
+        """An empty cache of the runtime's ``kv_cache`` type, for up to ``max_length``
+        positions (allocated at once) or growing."""
         s = self.spec
-        return DecoderCache([s.window(i) or 0 for i in range(s.num_layers)], s.num_kv_heads, s.head_dim, max_length)
+        return DecoderCache([s.window(i) or 0 for i in range(s.num_layers)], s.num_kv_heads, s.head_dim, max_length,
+                            self.kv_cache)
 
     def _proj(self, x: np.ndarray, prefix: str) -> np.ndarray:
         lin = self.model.linear(prefix + ".weight")
@@ -177,6 +183,8 @@ class DecoderRuntime:
             first = 0
             if cache is not None:
                 k, v, first = cache.extend(i, k, v)
+            else:  # as a cache would store them
+                k, v = kv_rounded(k, self.kv_cache), kv_rounded(v, self.kv_cache)
             qg = q.reshape(KV, G, T, hd)
             scores = softcap((qg @ k[:, None].transpose(0, 1, 3, 2)) * scale, s.attn_logit_softcapping)  # [KV, G, T, S]
             if scores.shape[-1] > 1:  # (one token's one key: nothing to mask)

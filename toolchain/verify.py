@@ -139,19 +139,21 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 def verify(artifact: str | Path, reference: str | Path, *, data: str | Path | None = None,
            num_sequences: int = 64, seq_len: int | None = None, batch_size: int = 8, mode: str = "sparse",
            min_cosine: float | None = None, max_ppl_increase: float | None = None,
-           recipe: str | Path | None = None, threads: int | None = None) -> dict[str, Any]:
+           recipe: str | Path | None = None, threads: int | None = None, kv_cache: str = "f32") -> dict[str, Any]:
     """Run both models on the same sequences; returns the report (``passed``, ``gates``,
-    figures). Bad input (artifact, reference, data) raises InputError."""
+    figures). ``kv_cache``: a decoder's keys and values as its runtime caches them
+    (``f32``, ``f16``). Bad input (artifact, reference, data) raises InputError."""
     from .runtime import load_runtime
 
     t0 = time.perf_counter()
-    rt = load_runtime(artifact, mode=mode, linear="dequantize")  # whole sequences: batched matmuls
+    rt = load_runtime(artifact, mode=mode, linear="dequantize", kv_cache=kv_cache)  # whole sequences: batched matmuls
     art = rt.model.artifact
     gates, gate_source = resolve_gates({"min_cosine": min_cosine, "max_ppl_increase": max_ppl_increase},
                                        recipe, art.metadata.get(F.K_RECIPE))
     ref = load_reference(reference, rt.spec)
     report: dict[str, Any] = {
         "artifact": str(art.path), "reference": str(Path(reference)), "mode": mode, "family": rt.spec.family,
+        **({"kv_cache": kv_cache} if rt.spec.causal else {}),
         "layer_modes": rt.ffn.modes,
         "reference_is_source": _source_matches(ref, art),
     }
