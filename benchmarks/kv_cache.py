@@ -8,10 +8,10 @@ token's attention through every layer (the runtime's ``attention_step`` kernel, 
 decode step's code, layer after layer as a decode step runs them; the best of
 ``--reps``), against, in the same run:
 
-* ``numpy``: the same attention in numpy (float32 ``q K^T``, softmax, ``p V`` per kv
-  group: what the runtime's prompt path does for one query),
+* ``numpy``: the same attention in numpy over the float32 cache (``q K^T``, softmax,
+  ``p V`` per kv group: what the runtime's prompt path does for one query),
 * ``read``: reading the cache's bytes alone (a parallel Numba sum over every layer's
-  keys and values, as integers): the memory-bound floor of a step at this size, taken
+  keys and values, as 32-bit integers): the memory-bound floor of a step at this size, taken
   right before each timing (the machine's bandwidth drifts). ``read_fraction``: that
   floor over the kernel's time (1.0: as fast as the cache can be read).
 
@@ -20,7 +20,7 @@ caches of every layer exceed the last-level cache from a few thousand positions 
 each step reads them from memory. Writes ``results/kv_cache[_smoke].json`` and ``.png``
 (beside this file, or ``--out``).
 
-    python benchmarks/kv_cache.py [--shapes tinyllama,llama2-7b] [--contexts 512,2048,8192] [--reps 20] [--smoke]
+    python benchmarks/kv_cache.py [--shapes tinyllama,llama2-7b] [--contexts 512,2048,4096] [--reps 20] [--smoke]
 """
 from __future__ import annotations
 
@@ -44,16 +44,24 @@ SMOKE_SHAPES = {"smoke": dict(layers=2, heads=4, kv_heads=2, head_dim=16)}
 
 
 # not cache=True: this file is loaded by path in the smoke test (see benchmarks/kernels.py)
+@numba.njit
+def _sum_words(a):
+    """Wrapping sum of the uint32 words of ``a`` (a loop LLVM vectorises)."""
+    s = np.uint32(0)
+    for i in range(a.size):
+        s += a[i]
+    return s
+
+
 @numba.njit(parallel=True)
 def _read(a):
-    """Sum of the int32 words of ``a`` (flat) on all threads: a read of its bytes."""
+    """:func:`_sum_words` of ``a`` (flat uint32) in 64 slices on all threads: a read of its
+    bytes. Each slice goes to a function of its own: a ``range(lo, hi)`` loop inline in
+    the ``prange`` body is not vectorised (``benchmarks/kernels.py``)."""
     n, chunks = a.size, 64
-    parts = np.zeros(chunks, np.int64)
+    parts = np.zeros(chunks, np.uint32)
     for c in numba.prange(chunks):
-        s = 0
-        for i in range(c * n // chunks, (c + 1) * n // chunks):
-            s += a[i]
-        parts[c] = s
+        parts[c] = _sum_words(a[c * n // chunks:(c + 1) * n // chunks])
     return parts.sum()
 
 
@@ -85,54 +93,57 @@ def _best(fn, reps: int, before=None) -> tuple[float, list[float]]:
 
 
 def bench_context(shape: dict, context: int, reps: int, seed: int) -> dict:
-    """Timings of one step's attention over ``context`` cached positions, per cache type."""
+    """Timings of one step's attention over ``context`` cached positions, per cache type
+    (one cache held at a time), and numpy's over the float32 one."""
     H, KV, hd = shape["heads"], shape["kv_heads"], shape["head_dim"]
     rng = np.random.default_rng(seed + 1)
     q, k, v = (rng.standard_normal(n, np.float32) for n in (H * hd, KV * hd, KV * hd))
-    cos, sin = np.ones(hd, np.float32), np.zeros(hd, np.float32)
-    scale, nocap = np.float32(hd ** -0.5), np.float32(0)
     out: dict = {}
     for dtype in KV_DTYPES:
-        cache = _filled(shape, context, dtype, seed)
-        layers = _storage(cache, shape["layers"])
-        ctx = np.empty(H * hd, np.float32)
-
-        def step():
-            for kc, vc in layers:
-                attention_step(q, k, v, cos, sin, kc, vc, context, context + 1, scale, nocap, ctx)
-
-        def read():
-            for kc, vc in layers:
-                _read(kc.reshape(-1).view(np.int32))
-                _read(vc.reshape(-1).view(np.int32))
-
-        step()
-        read()
-        reads: list[float] = []
-        kernel_s, kernel_reps = _best(step, reps, before=lambda: reads.append(_best(read, 1)[0]))
-        out[dtype] = {"step_s": kernel_s, "step_reps_s": kernel_reps, "read_reps_s": reads,
-                      "read_fraction": float(np.median(np.array(reads) / np.array(kernel_reps))),
-                      "kv_cache_bytes": cache.nbytes, "ms_per_step": 1e3 * kernel_s}
-        want = ctx.copy()
-    # numpy, float32, over the float16 cache's values (the last filled): checks the kernel too
-    keys = [kc.view(np.float16)[:, :context + 1].astype(np.float32) if kc.dtype == np.uint16 else kc[:, :context + 1]
-            for kc, _ in layers]
-    vals = [vc.view(np.float16)[:, :context + 1].astype(np.float32) if vc.dtype == np.uint16 else vc[:, :context + 1]
-            for _, vc in layers]
-
-    def numpy_step():
-        for kk, vv in zip(keys, vals):
-            s = (q.reshape(KV, H // KV, hd) * scale) @ kk.transpose(0, 2, 1)
-            res = (softmax(s) @ vv).reshape(-1)
-        return res
-
-    got = numpy_step()
-    out["numpy_f32"] = {"step_s": _best(numpy_step, reps)[0]}
-    out["numpy_f32"]["ms_per_step"] = 1e3 * out["numpy_f32"]["step_s"]
-    out["kernel_vs_numpy_max_abs"] = float(np.abs(got - want).max())
+        out.update(_bench_type(shape, context, dtype, reps, seed, q, k, v))
     out["f16_speedup"] = out["f32"]["step_s"] / out["f16"]["step_s"]
     out["f16_bytes_ratio"] = out["f16"]["kv_cache_bytes"] / out["f32"]["kv_cache_bytes"]
     out["f32_vs_numpy"] = out["numpy_f32"]["step_s"] / out["f32"]["step_s"]
+    return out
+
+
+def _bench_type(shape: dict, context: int, dtype: str, reps: int, seed: int, q: np.ndarray, k: np.ndarray,
+                v: np.ndarray) -> dict:
+    """``{dtype: timings}`` of the kernel over a cache of ``dtype``, and for ``f32`` numpy's
+    (``numpy_f32``) and its largest difference from the kernel's output."""
+    H, KV, hd = shape["heads"], shape["kv_heads"], shape["head_dim"]
+    cos, sin = np.ones(hd, np.float32), np.zeros(hd, np.float32)
+    scale, nocap = np.float32(hd ** -0.5), np.float32(0)
+    cache = _filled(shape, context, dtype, seed)
+    layers = _storage(cache, shape["layers"])
+    ctx = np.empty(H * hd, np.float32)
+
+    def step():
+        for kc, vc in layers:
+            attention_step(q, k, v, cos, sin, kc, vc, context, context + 1, scale, nocap, ctx)
+
+    def read():
+        for kc, vc in layers:
+            _read(kc.reshape(-1).view(np.uint32))
+            _read(vc.reshape(-1).view(np.uint32))
+
+    step()
+    read()
+    reads: list[float] = []
+    kernel_s, kernel_reps = _best(step, reps, before=lambda: reads.append(_best(read, 1)[0]))
+    out = {dtype: {"step_s": kernel_s, "step_reps_s": kernel_reps, "read_reps_s": reads,
+                   "read_fraction": float(np.median(np.array(reads) / np.array(kernel_reps))),
+                   "kv_cache_bytes": cache.nbytes, "ms_per_step": 1e3 * kernel_s}}
+    if dtype == "f32":  # numpy over the same keys and values (the last layer's output compared)
+        def numpy_step() -> np.ndarray:
+            for kc, vc in layers:
+                s = (q.reshape(KV, H // KV, hd) * scale) @ kc[:, :context + 1].transpose(0, 2, 1)
+                res = (softmax(s) @ vc[:, :context + 1]).reshape(-1)
+            return res
+
+        out["kernel_vs_numpy_max_abs"] = float(np.abs(numpy_step() - ctx).max())
+        numpy_s = _best(numpy_step, reps)[0]
+        out["numpy_f32"] = {"step_s": numpy_s, "ms_per_step": 1e3 * numpy_s}
     return out
 
 
@@ -162,7 +173,7 @@ def plot(results: dict, path: Path) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="tinyllama,llama2-7b")
-    ap.add_argument("--contexts", default="512,2048,8192")
+    ap.add_argument("--contexts", default="512,2048,4096")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="Small layers, short contexts: a few seconds.")
