@@ -208,11 +208,11 @@ def test_encoder_batch_split_across_threads(bert_out, monkeypatch):
     monkeypatch.setattr(rt, "_hidden_states", spy)
     split = rt.hidden_states(ids, mask)
     assert sorted(n for _, n, *_ in seen) == [1, 2, 2]
-    # the caller runs one group, the encoder pool the other two (one pool thread may
+    # the caller runs one group, the thread pool the other two (one pool thread may
     # take both when the first finishes before the second is picked up)
     names = [t for t, *_ in seen]
     assert names.count(threading.current_thread().name) == 1
-    assert sum(t.startswith("sparseforge-encoder") for t in names) == 2
+    assert sum(t.startswith("sparseforge-part") for t in names) == 2
     assert all((nb, bl) == (1, 1) for *_, nb, bl, _ in seen)
     assert len({f for *_, f in seen}) == 3 and id(rt.ffn) not in {f for *_, f in seen}
     assert rt.ffn.tokens.tolist() == [real.sum()] * len(rt.ffn.tokens)
@@ -436,6 +436,67 @@ def test_decode_steps_against_transformers(tiny_model, tmp_path, kind, monkeypat
 
     monkeypatch.setattr(runtime_decoder, "PREFILL_CHUNK", 3)  # each prompt 3 tokens at a time
     assert _rel(rt.forward(ids, all_logits=True), want) < 1e-4 and _rel(stepwise_logits(rt, ids, 7), want) < 1e-4
+
+
+def test_prompt_rows_split_across_threads(tiny_model, llama_out, tmp_path, monkeypatch):
+    """A prompt chunk split into row ranges run in threads of their own (BLAS and Numba
+    on one thread in each, the FFN counters merged): Gemma 3 (windows, sandwich norms,
+    query/key norms) against transformers and the chunk run whole; the small Llama's
+    predictor layers, whose FFNs run over all rows after the parts, against it whole."""
+    import threading
+
+    import numba
+    import torch
+
+    from sparseforge.toolchain import runtime_decoder
+
+    DR = runtime_decoder.DecoderRuntime
+    with monkeypatch.context() as m:  # one part per core, each at least SPLIT_MIN_TOKENS
+        m.setattr(runtime_decoder, "SPLIT_MIN_TOKENS", 100)
+        m.setattr(runtime_decoder.numba, "get_num_threads", lambda: 3)
+        assert [DR._row_parts(None, T) for T in (99, 250, 300, 1000)] == [
+            [(0, 99)], [(0, 125), (125, 250)], [(0, 100), (100, 200), (200, 300)], [(0, 333), (333, 666), (666, 1000)]]
+    ckpt, hf = tiny_model("gemma3")
+    rt = load_runtime(packed_f32(ckpt, tmp_path), mode="dense")
+    ids = np.random.default_rng(6).integers(0, hf.config.vocab_size, 15)
+    with torch.no_grad():
+        want = hf(torch.from_numpy(ids)[None]).logits[0].numpy()
+    whole = rt.forward(ids, all_logits=True)
+    seen, ffns = [], []
+    attend, ffn_rows = DR._attend_rows, DR._ffn_rows
+
+    def spy(self, i, x, *args):
+        seen.append((i, threading.current_thread().name, x.shape[0], numba.get_num_threads(), _blas_threads()))
+        return attend(self, i, x, *args)
+
+    def spy_ffn(self, i, x, runner):
+        ffns.append((i, threading.current_thread().name, x.shape[0]))
+        return ffn_rows(self, i, x, runner)
+
+    monkeypatch.setattr(DR, "_attend_rows", spy)
+    monkeypatch.setattr(DR, "_ffn_rows", spy_ffn)
+    monkeypatch.setattr(DR, "_row_parts", lambda self, T: [(0, 4), (4, 9), (9, T)])
+    rt.ffn.reset_stats()
+    split = rt.forward(ids, all_logits=True)
+    assert _rel(split, want) < 1e-4
+    np.testing.assert_allclose(split, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+    assert sorted(n for i, _, n, *_ in seen if i == 0) == [4, 5, 6] and len(seen) == 3 * rt.spec.num_layers
+    names = [t for i, t, *_ in seen if i == 0]
+    assert names.count(threading.current_thread().name) == 1
+    assert sum(t.startswith("sparseforge-part") for t in names) == 2
+    assert all((nb, bl) == (1, 1) for *_, nb, bl in seen)
+    assert sorted(n for i, _, n in ffns if i == 0) == [4, 5, 6]  # each part's FFN in its thread
+    assert rt.ffn.tokens.tolist() == [15] * rt.spec.num_layers  # the parts' counters, merged
+    # predictor layers: the parts' attention, then the FFN over all rows (its buffers are shared)
+    pred = load_runtime(llama_out / "model.gguf", mode="predictor")
+    assert "predictor" in pred.ffn.modes
+    ids = np.random.default_rng(7).integers(0, 100, 15)
+    seen.clear(), ffns.clear()
+    split = pred.forward(ids, all_logits=True)
+    assert ffns == [(i, threading.current_thread().name, 15) for i in range(pred.spec.num_layers)]
+    monkeypatch.setattr(DR, "_row_parts", lambda self, T: [(0, T)])
+    np.testing.assert_allclose(split, pred.forward(ids, all_logits=True), rtol=0, atol=1e-5 * np.abs(split).max())
+    assert len(seen) == 4 * pred.spec.num_layers and pred.ffn.tokens.tolist() == [30] * pred.spec.num_layers
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "gemma3"])

@@ -26,30 +26,17 @@ whole (:func:`~.runtime_load.encoder_thread_owner`).
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor, wait
-
 import numba
 import numpy as np
 
 from sparseforge.kernels.attention import add_layer_norm_rows, softmax_rows
 
-from .runtime_load import FFNRunner, LoadedModel, blas_one_thread, blas_threads, encoder_thread_owner, numba_one_thread
+from .runtime_load import FFNRunner, LoadedModel, blas_threads, encoder_thread_owner, in_threads
 
 _NEG = np.float32(np.finfo(np.float32).min)
 _NO_ROWS = np.zeros((0, 0), np.float32)
 SPLIT_MIN_TOKENS = 128
 """Real tokens per core below which a batch is not split across threads (module docstring)."""
-_POOL: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """A thread pool of at least ``workers`` threads (the calling thread runs one more part)."""
-    global _POOL
-    if _POOL is None or _POOL[0] < workers:
-        if _POOL is not None:
-            _POOL[1].shutdown(wait=False)
-        _POOL = (workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sparseforge-encoder"))
-    return _POOL[1]
 
 
 def split_sequences(tokens: np.ndarray, parts: int) -> list[tuple[int, int]]:
@@ -120,16 +107,9 @@ class EncoderRuntime:
 
         def part(k: int) -> np.ndarray:
             lo, hi = ranges[k]
-            with numba_one_thread():  # Numba's thread count is per thread
-                return self._hidden_states(ids[lo:hi], mask[lo:hi], self._runners[k])
+            return self._hidden_states(ids[lo:hi], mask[lo:hi], self._runners[k])
 
-        with blas_one_thread():
-            futures = [_pool(len(ranges) - 1).submit(part, k) for k in range(1, len(ranges))]
-            try:
-                first = part(0)
-            finally:
-                wait(futures)  # no thread runs on past the BLAS limit
-            out = np.concatenate([first] + [f.result() for f in futures])
+        out = np.concatenate(in_threads(part, len(ranges)))
         for runner in self._runners[:len(ranges)]:
             self.ffn.add_stats(runner)
             runner.reset_stats()

@@ -40,7 +40,9 @@ Threads: OpenBLAS's and Numba's OpenMP workers both spin after a parallel call, 
 spinning pools on the same cores slowed decoding 2-5x at two threads, so one pool owns
 the cores while an executor runs. A decoder holds BLAS to one thread
 (:func:`blas_one_thread`) for every call, its prompt included: BLAS workers left spinning
-by a prompt slowed the decode steps after it by a quarter. An encoder call of more than
+by a prompt slowed the decode steps after it by a quarter; a long prompt is split into
+row ranges run in threads of their own instead (:func:`in_threads`: each with both pools
+on one thread; :mod:`.runtime_decoder`). An encoder call of more than
 :data:`~Linear.MATVEC_MAX` tokens (a batch: the linears are sgemm) holds the Numba
 kernels to one thread instead (:func:`encoder_thread_owner`), or, with enough tokens, is
 split into groups of sequences run in threads of their own, each with both pools on one
@@ -53,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -105,6 +108,36 @@ def numba_one_thread() -> Iterator[None]:
         yield
     finally:
         numba.set_num_threads(prev)
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A thread pool of at least ``workers`` threads (kept for the next call)."""
+    global _POOL
+    if _POOL is None or _POOL[0] < workers:
+        if _POOL is not None:
+            _POOL[1].shutdown(wait=False)
+        _POOL = (workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sparseforge-part"))
+    return _POOL[1]
+
+
+def in_threads(part: Callable[[int], Any], parts: int) -> list[Any]:
+    """``[part(0), ..., part(parts - 1)]`` run at once, ``part(0)`` in the calling thread and
+    the others in a pool's, each with BLAS and the Numba kernels on one thread (both
+    release the GIL): the cores split between parts, no pool of workers left spinning."""
+    def one(k: int) -> Any:
+        with numba_one_thread():  # Numba's thread count is per thread
+            return part(k)
+
+    with blas_one_thread():
+        futures = [_pool(parts - 1).submit(one, k) for k in range(1, parts)]
+        try:
+            first = one(0)
+        finally:
+            wait(futures)  # no thread runs on past the BLAS limit
+    return [first] + [f.result() for f in futures]
 
 
 def encoder_thread_owner(tokens: int) -> contextlib.AbstractContextManager:
