@@ -193,18 +193,43 @@ class LayerKernels:
         kernel(h, self.wf, self.wq, idx, self.fmt, self.d, self.po["down"], _LUT, self.nchunks, y)
         return y
 
-    def gate_first(self, x: np.ndarray, return_idx: bool = False):
-        """Exact FFN of a ReLU-family gated layer: all gates first, then only positives."""
+    def _gate_threshold(self) -> np.float32:
+        """The gate value a gate-first neuron must exceed (ValueError: not a layer that has one)."""
         if not self.gated or self.act not in (ffn.RELU, ffn.FATRELU):
             raise ValueError("gate-first needs a gated FFN with a relu/fatrelu gate")
+        return np.float32(self.act_t if self.act == ffn.FATRELU else 0.0)
+
+    def gate_first(self, x: np.ndarray, return_idx: bool = False):
+        """Exact FFN of a ReLU-family gated layer: all gates first, then only positives."""
+        t = self._gate_threshold()
         g = self.gates(x)
         idx = np.empty(self.n, np.int64)
-        m = ffn.select_positive(g, np.float32(self.act_t if self.act == ffn.FATRELU else 0.0), idx)
+        m = ffn.select_positive(g, t, idx)
         idx = idx[:m]
         y = self.forward(x, idx, _gpre=np.ascontiguousarray(g[idx]) if m else np.zeros(1, np.float32)[:0])
         return (y, idx) if return_idx else y
 
     # -- many tokens -----------------------------------------------------------------
+    def gate_masks(self, X: np.ndarray) -> np.ndarray:
+        """``[T, n]`` bool: the neurons of a ReLU-family gated layer whose gate is above its
+        threshold for each token of ``X [T, d]`` (the others output 0: :meth:`prefill` with
+        these masks is exact), the gates multiplied densely in :meth:`dense_tile` tiles
+        (sgemm; quantized gates dequantized a tile at a time, ``X`` rounded to Q8_0 as the
+        kernels round it)."""
+        t = self._gate_threshold()
+        X = np.ascontiguousarray(X, np.float32)
+        Xk = X if self.fmt == ffn.F32 else roundtrip_q8_0(X)
+        tile = self.dense_tile(X.shape[0])
+        buf = np.empty((tile, self.d), np.float32) if self._dequantizes_tiles else _NO_F32_ROWS
+        masks = np.empty((X.shape[0], self.n), np.bool_)
+        for lo in range(0, self.n, tile):
+            hi = min(self.n, lo + tile)
+            G = Xk @ self._part_tile(lo, hi, self.po_g, buf, gate=True).T
+            if self.bg.size:
+                G += self.bg[lo:hi]
+            masks[:, lo:hi] = G > t
+        return masks
+
     def dense_density(self, tokens: int, threads: tuple[int, int] = (1, 1)) -> float:
         """The mask density at and above which dense tiles beat the sparse kernel for a
         call of ``tokens`` tokens with ``threads`` = (the sparse kernel's threads, BLAS

@@ -115,6 +115,23 @@ def test_sparse_and_dense_forward(fmt, kind, gated, up_relu):
         _, u, _ = unpack_bundles(blob, lay)
         xx = quant.roundtrip(x, "q8_0") if lay.fmt in quant.QUANTIZED else x
         _close(k.rows(x, "up", idx), (u.astype(np.float64) @ xx + bias["up_bias"])[idx])
+    if gated and kind in ("relu", "fatrelu"):  # a prompt's gate-first masks: the gates above t
+        _gate_masks_exact(k, blob, lay, kind, up_relu, t, bias)
+
+
+def _gate_masks_exact(k, blob, lay, kind, up_relu, t, bias, out_t=0.0):
+    """``k.gate_masks`` of 6 tokens against numpy's gates (where they are not within
+    rounding of ``t``), and the prefill on them against the reference without masks."""
+    X = np.random.default_rng(12).standard_normal((6, D)).astype(np.float32)
+    Xq = quant.roundtrip(X, "q8_0") if lay.fmt in quant.QUANTIZED else X
+    G = Xq.astype(np.float64) @ unpack_bundles(blob, lay)[0].T.astype(np.float64) + bias.get("gate_bias", 0)
+    masks = k.gate_masks(X)
+    clear = np.abs(G - t) > 1e-5
+    assert clear.mean() > 0.99 and 0.2 < masks.mean() < 0.8
+    np.testing.assert_array_equal(masks[clear], (G > t)[clear])
+    want = np.stack([_ref(blob, lay, X[i], kind, up_relu, t, out_t, bias=bias)[0] for i in range(6)])
+    for mode in ("sparse", "dense"):
+        _close(k.prefill(X, masks, mode=mode), want, tol=1e-3)
 
 
 @pytest.mark.parametrize("fmt", ["f32", "q8_0", "q4_0"])
@@ -138,6 +155,9 @@ def test_rows_axpy_output_threshold_and_gate_first(fmt):
         k.rows(x, "down")
     with pytest.raises(ValueError, match="gate-first"):
         LayerKernels(*_layer(fmt, False)[:2]).gate_first(x)
+    with pytest.raises(ValueError, match="gate-first"):
+        LayerKernels(*_layer(fmt, False)[:2]).gate_masks(x[None])
+    _gate_masks_exact(k, blob, lay, "relu", True, 0.0, {}, out_t=0.002)
     _close(k.forward(x, [0, N - 1]), _ref(blob, lay, x, "relu", True, out_t=0.002, idx=np.array([0, N - 1]))[0])
     for bad in ([0, N], [-1, 3], [[1, 2]]):  # neuron indices outside [0, N), or not 1-D
         with pytest.raises(ValueError, match="neuron indices"):
@@ -175,6 +195,7 @@ def test_gate_apart_layout(fmt):
                               bias=bias)[0] for t in range(6)])
         for mode in ("sparse", "dense"):
             _close(k.prefill(X, m, mode=mode), want, tol=1e-3)
+    _gate_masks_exact(k, blob, lay, "relu", True, 0.0, bias)  # the gates read from their own matrix
     with pytest.raises(ValueError, match="gate_apart"):
         LayerKernels(pack_bundles(None, u, dn, apart), apart, activation="drelu")
     with pytest.raises(ValueError, match="gated"):

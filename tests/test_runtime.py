@@ -37,6 +37,9 @@ def test_decoder_matches_reference_and_cache(llama_out):
     gf = runtime_for(model, "gate-first")
     gf.forward(ids[:1])
     assert all(m == "gate-first" for m in gf.ffn.modes) and max(gf.ffn.density()) < 1.0
+    gf.ffn.reset_stats()
+    gf.forward(ids)  # a prompt: the sparse kernel on the gates' masks, not every neuron
+    assert max(gf.ffn.density()) < 1.0
     # the quantized-matvec path (attention / LM head through the int8-dot kernels)
     q = load_runtime(llama_out / "model.gguf", mode="dense", linear="quantized")
     assert q.model.linear("lm_head.weight").quantized

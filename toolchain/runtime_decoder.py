@@ -22,7 +22,8 @@ projection and the FFN. 2 cores, prompt whole -> split: a random Gemma 3 270M-sh
 artifact (dense), 256 / 512 / 2048 tokens 0.74 -> 0.46 / 1.46 -> 0.83 / 6.46 -> 3.56 s;
 TinyLlama-shaped Q4_0 (``benchmarks/synthetic_decode.py``), 512 tokens: predictor mode
 4.17 -> 3.65 s (its layers' FFNs, whose predictor buffers are shared, run over all rows
-after the parts, on the Numba threads), gate-first 10.5 -> 6.0, dense 10.4 -> 5.8; 256
+after the parts, on the Numba threads), gate-first 10.5 -> 6.0 (6.36 -> 4.40 with its
+gate masks, :meth:`~sparseforge.kernels.runtime.LayerKernels.gate_masks`), dense 10.4 -> 5.8; 256
 tokens 1.63 -> 1.66 (predictor) and 3.09 -> 3.08 (dense); 128 tokens split in two: 0.71
 -> 0.86 s (predictor), hence the threshold. The decode steps after run as fast.
 """

@@ -32,7 +32,8 @@
 :class:`FFNRunner` runs a layer's FFN in one of the modes: ``dense`` (no neuron
 selection; the kernels still skip the down column of an exactly-zero activation),
 ``predictor`` (the layer's predictor selects the neurons, then ``forward(x, idx)``),
-``gate-first`` (dReLU/ReLU-gated layers: ``gate_first(x)``, exact) and ``sparse``
+``gate-first`` (dReLU/ReLU-gated layers: ``gate_first(x)``, exact; a prompt's tokens
+go through ``prefill`` on ``gate_masks(X)``) and ``sparse``
 (each layer as the ``predictors`` pass decided: predictor, gate-first or dense).
 A layer the requested mode does not apply to runs dense.
 
@@ -528,7 +529,8 @@ class FFNRunner:
 
     def many(self, layer: int, X: np.ndarray) -> np.ndarray:
         """Tokens ``X [T, d]`` -> ``Y [T, d]`` (``LayerKernels.prefill``; predictor layers
-        pass the per-token predicted masks)."""
+        pass the per-token predicted masks, gate-first layers their gates' positives:
+        ``LayerKernels.gate_masks``)."""
         X = np.ascontiguousarray(X, np.float32)
         T = X.shape[0]
         if T == 0:
@@ -541,6 +543,9 @@ class FFNRunner:
             t0 = time.perf_counter()
             masks = predict_masks(self.model.predictors[layer], X, self.scratch)
             self.predictor_s += time.perf_counter() - t0
+            self.neurons[layer] += int(masks.sum())
+        elif mode == "gate-first":  # the gates densely, then the sparse kernel (or dense tiles) on their masks
+            masks = kern.gate_masks(X)
             self.neurons[layer] += int(masks.sum())
         else:
             masks = None
