@@ -217,17 +217,11 @@ class LayerKernels:
         (sgemm; quantized gates dequantized a tile at a time, ``X`` rounded to Q8_0 as the
         kernels round it)."""
         t = self._gate_threshold()
-        X = np.ascontiguousarray(X, np.float32)
-        Xk = X if self.fmt == ffn.F32 else roundtrip_q8_0(X)
-        tile = self.dense_tile(X.shape[0])
-        buf = np.empty((tile, self.d), np.float32) if self._dequantizes_tiles else _NO_F32_ROWS
+        Xk, tile, buf = self._tiling(np.ascontiguousarray(X, np.float32), None)
         masks = np.empty((X.shape[0], self.n), np.bool_)
         for lo in range(0, self.n, tile):
             hi = min(self.n, lo + tile)
-            G = Xk @ self._part_tile(lo, hi, self.po_g, buf, gate=True).T
-            if self.bg.size:
-                G += self.bg[lo:hi]
-            masks[:, lo:hi] = G > t
+            masks[:, lo:hi] = self._tile_product(Xk, lo, hi, self.po_g, buf, self.bg, gate=True) > t
         return masks
 
     def dense_density(self, tokens: int, threads: tuple[int, int] = (1, 1)) -> float:
@@ -309,27 +303,36 @@ class LayerKernels:
         """Dense tiles of ``tile`` neurons (default :meth:`dense_tile`): sgemm, activation,
         sgemm (quantized parts dequantized first, and X quantized to Q8_0, as the sparse
         kernels do)."""
-        tile = tile or self.dense_tile(X.shape[0])
-        Xk = X if self.fmt == ffn.F32 else roundtrip_q8_0(X)
+        Xk, tile, buf = self._tiling(X, tile)
         Y = np.zeros_like(X) + (self.bd if self.bd.size else 0)
-        buf = np.empty((tile, self.d), np.float32) if self._dequantizes_tiles else _NO_F32_ROWS
         empty_mask = np.zeros((0, 0), np.bool_)
         for lo in range(0, self.n, tile):
             hi = min(self.n, lo + tile)
-            U = Xk @ self._part_tile(lo, hi, self.po["up"], buf).T
-            if self.bu.size:
-                U += self.bu[lo:hi]
-            G = U
-            if self.gated:
-                G = Xk @ self._part_tile(lo, hi, self.po_g, buf, gate=True).T
-                if self.bg.size:
-                    G += self.bg[lo:hi]
+            U = self._tile_product(Xk, lo, hi, self.po["up"], buf, self.bu)
+            G = self._tile_product(Xk, lo, hi, self.po_g, buf, self.bg, gate=True) if self.gated else U
             U = np.ascontiguousarray(U)
             m = np.ascontiguousarray(masks[:, lo:hi]) if masks is not None else empty_mask
             ffn.apply_activation_2d(np.ascontiguousarray(G), U, m, self.gated, self.act, np.float32(self.act_t),
                                     self.up_relu, np.float32(self.out_t))
             Y += U @ self._part_tile(lo, hi, self.po["down"], buf)
         return Y
+
+    def _tiling(self, X: np.ndarray, tile: int | None) -> tuple[np.ndarray, int, np.ndarray]:
+        """``(Xk, tile, buf)`` of a dense pass over ``X [T, d]``: ``X`` as the kernels see
+        it (rounded to Q8_0 for quantized parts), the neurons per tile (``tile``, default
+        :meth:`dense_tile`) and the buffer tiles are dequantized into (if they are)."""
+        tile = tile or self.dense_tile(X.shape[0])
+        Xk = X if self.fmt == ffn.F32 else roundtrip_q8_0(X)
+        return Xk, tile, np.empty((tile, self.d), np.float32) if self._dequantizes_tiles else _NO_F32_ROWS
+
+    def _tile_product(self, Xk: np.ndarray, lo: int, hi: int, po: int, buf: np.ndarray, bias: np.ndarray,
+                      gate: bool = False) -> np.ndarray:
+        """``[T, hi - lo]``: ``Xk [T, d]`` times neurons ``lo..hi`` of part ``po``
+        (:meth:`_part_tile`) transposed, plus ``bias[lo:hi]`` if there is a bias."""
+        P = Xk @ self._part_tile(lo, hi, po, buf, gate).T
+        if bias.size:
+            P += bias[lo:hi]
+        return P
 
 
 TILE_NEURONS = 512

@@ -490,6 +490,7 @@ def test_prompt_rows_split_across_threads(tiny_model, llama_out, tmp_path, monke
     assert all((nb, bl) == (1, 1) for *_, nb, bl in seen)
     assert sorted(n for i, _, n in ffns if i == 0) == [4, 5, 6]  # each part's FFN in its thread
     assert rt.ffn.tokens.tolist() == [15] * rt.spec.num_layers  # the parts' counters, merged
+    assert rt.ffn.density() == [1.0] * rt.spec.num_layers  # dense: every neuron of every token
     # predictor layers: the parts' attention, then the FFN over all rows (its buffers are shared)
     pred = load_runtime(llama_out / "model.gguf", mode="predictor")
     assert "predictor" in pred.ffn.modes

@@ -21,12 +21,17 @@ _FIRST_ROWS = 16  # rows of a cache without max_length before it first grows
 KV_DTYPES = {"f32": np.float32, "f16": np.float16}
 
 
+def check_kv_dtype(dtype: str) -> str:
+    """``dtype`` if it is one of :data:`KV_DTYPES`, else ValueError."""
+    if dtype not in KV_DTYPES:
+        raise ValueError(f"KV cache type {dtype!r}: expected one of {', '.join(KV_DTYPES)}")
+    return dtype
+
+
 def kv_rounded(x: np.ndarray, dtype: str) -> np.ndarray:
     """``x`` (float32) as a cache of ``dtype`` gives it back: rounded to the nearest float16
     (ties to even) for ``f16``, float32 either way."""
-    if dtype not in KV_DTYPES:
-        raise ValueError(f"KV cache type {dtype!r}: expected one of {', '.join(KV_DTYPES)}")
-    return x if dtype == "f32" else x.astype(KV_DTYPES[dtype]).astype(np.float32)
+    return x if check_kv_dtype(dtype) == "f32" else x.astype(KV_DTYPES[dtype]).astype(np.float32)
 
 
 class DecoderCache:
@@ -37,8 +42,7 @@ class DecoderCache:
 
     def __init__(self, windows: list[int], kv_heads: int, head_dim: int, max_length: int | None = None,
                  dtype: str = "f32") -> None:
-        kv_rounded(np.zeros(0, np.float32), dtype)  # checks dtype
-        self.windows, self.max_length, self.dtype = list(windows), max_length, dtype
+        self.windows, self.max_length, self.dtype = list(windows), max_length, check_kv_dtype(dtype)
         rows = [min(max_length if max_length is not None else _FIRST_ROWS, w or np.inf) for w in self.windows]
         self._k = [np.zeros((kv_heads, int(r), head_dim), KV_DTYPES[dtype]) for r in rows]
         self._v = [np.zeros_like(k) for k in self._k]

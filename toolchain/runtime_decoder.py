@@ -41,7 +41,7 @@ from .errors import InputError
 from .reference.bert import softmax
 from .reference.llama import LayerNorms, causal_mask, rms_norm, softcap
 from .reference.rope import Rope, apply_rope, layer_tables
-from .runtime_cache import DecoderCache, kv_rounded
+from .runtime_cache import DecoderCache, check_kv_dtype, kv_rounded
 from .runtime_load import FFNRunner, Linear, LoadedModel, blas_one_thread, in_threads
 from .runtime_sampling import Sampler
 
@@ -78,14 +78,13 @@ class DecoderRuntime:
     """Logits and generation of a decoder artifact in one FFN ``mode``."""
 
     def __init__(self, model: LoadedModel, mode: str = "sparse", kv_cache: str = "f32") -> None:
-        kv_rounded(np.zeros(0, np.float32), kv_cache)  # checks the type
         if not model.spec.causal:
             raise ValueError("DecoderRuntime needs a decoder (llama-family) artifact")
         if model.spec.rope_theta is None:
             raise InputError(model.artifact.path, "the artifact's spec has no rope_theta")
         self.model = model
         self.spec = model.spec
-        self.kv_cache = kv_cache
+        self.kv_cache = check_kv_dtype(kv_cache)
         self.ropes = Rope.per_layer(self.spec)
         self._offset_weights: dict[str, np.ndarray] = {}
         self.ffn = FFNRunner(model, mode)
@@ -96,7 +95,6 @@ class DecoderRuntime:
         else:
             raise InputError(model.artifact.path, "no lm_head.weight and the embeddings are not tied")
         self._steps: list[_StepLayer] | None = None  # made on the first decode step
-        self._runners: list[FFNRunner] = []  # one per part of a split prompt chunk (their counters)
 
     @property
     def mode(self) -> str:
@@ -187,7 +185,7 @@ class DecoderRuntime:
         T, past = ids.size, int(positions[0])
         H, KV, hd = s.num_heads, s.num_kv_heads, s.head_dim
         parts = self._row_parts(T)
-        runners = [self.ffn] if len(parts) == 1 else self._part_runners(len(parts))
+        runners = [self.ffn] if len(parts) == 1 else self.ffn.parts(len(parts))
         q, k, v = np.empty((H, T, hd), np.float32), np.empty((KV, T, hd), np.float32), np.empty((KV, T, hd), np.float32)
         masks = {}  # per window: the mask [1, 1, T, S] of the keys the cache gives (every layer alike)
         x = self._embed(ids)
@@ -215,9 +213,7 @@ class DecoderRuntime:
             if whole_ffn:
                 x += self._ffn_rows(i, x, self.ffn)
         if len(parts) > 1:
-            for runner in runners:
-                self.ffn.add_stats(runner)
-                runner.reset_stats()
+            self.ffn.merge_parts()
         return x
 
     def _row_parts(self, T: int) -> list[tuple[int, int]]:
@@ -225,13 +221,6 @@ class DecoderRuntime:
         (the Numba threads) with at least :data:`SPLIT_MIN_TOKENS` tokens each."""
         n = max(1, min(numba.get_num_threads(), T // SPLIT_MIN_TOKENS))
         return [(T * j // n, T * (j + 1) // n) for j in range(n)]
-
-    def _part_runners(self, n: int) -> list[FFNRunner]:
-        """``n`` FFN runners of the runtime's mode, one per part of a split prompt chunk
-        (their own counters, added to ``self.ffn``'s after it)."""
-        while len(self._runners) < n:
-            self._runners.append(FFNRunner(self.model, self.mode))
-        return self._runners[:n]
 
     def _qkv_rows(self, i: int, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, q: np.ndarray, k: np.ndarray,
                   v: np.ndarray) -> None:
@@ -274,7 +263,7 @@ class DecoderRuntime:
         ``runner``), its output norm if any, times the residual multiplier."""
         norms = LayerNorms.of(self.spec, i)
         h = self._norm(x, norms.ffn_in)
-        y = runner.many(i, h) if x.shape[0] > 1 else runner.one(i, h[0])[None]
+        y = runner.many(i, h)
         if norms.ffn_out:
             y = self._norm(y, norms.ffn_out)
         return y * np.float32(self.spec.residual_multiplier)

@@ -66,7 +66,6 @@ class EncoderRuntime:
         self.spec = model.spec
         self.ffn = FFNRunner(model, mode)
         self.max_length = min(max_length or self.spec.max_positions, self.spec.max_positions)
-        self._runners: list[FFNRunner] = []  # one per thread of a split batch (their counters)
 
     @property
     def mode(self) -> str:
@@ -102,17 +101,14 @@ class EncoderRuntime:
         if len(ranges) == 1:
             with encoder_thread_owner(ids.size):
                 return self._hidden_states(ids, mask, self.ffn)
-        while len(self._runners) < len(ranges):
-            self._runners.append(FFNRunner(self.model, self.mode))
+        runners = self.ffn.parts(len(ranges))
 
         def part(k: int) -> np.ndarray:
             lo, hi = ranges[k]
-            return self._hidden_states(ids[lo:hi], mask[lo:hi], self._runners[k])
+            return self._hidden_states(ids[lo:hi], mask[lo:hi], runners[k])
 
         out = np.concatenate(in_threads(part, len(ranges)))
-        for runner in self._runners[:len(ranges)]:
-            self.ffn.add_stats(runner)
-            runner.reset_stats()
+        self.ffn.merge_parts()
         return out
 
     def _split(self, mask: np.ndarray) -> list[tuple[int, int]]:

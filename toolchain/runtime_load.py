@@ -491,6 +491,7 @@ class FFNRunner:
         self.mode = mode
         self.modes = layer_modes(model, mode)
         self.scratch = Scratch()  # the predictors' decoded weights during a prefill
+        self._parts: list[FFNRunner] = []  # one per part of a call split across threads
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -499,11 +500,21 @@ class FFNRunner:
         self.neurons = np.zeros(n, np.int64)
         self.predictor_s = 0.0
 
-    def add_stats(self, other: "FFNRunner") -> None:
-        """Add ``other``'s counters (a runner of the same model and mode) to this one's."""
-        self.tokens += other.tokens
-        self.neurons += other.neurons
-        self.predictor_s += other.predictor_s
+    def parts(self, n: int) -> list["FFNRunner"]:
+        """``n`` runners of the same model and mode, one per part of a call split across
+        threads (:func:`in_threads`), with counters of their own: :meth:`merge_parts`
+        adds them to this one's. Kept for the next call."""
+        while len(self._parts) < n:
+            self._parts.append(FFNRunner(self.model, self.mode))
+        return self._parts[:n]
+
+    def merge_parts(self) -> None:
+        """Add the part runners' counters to this one's, and zero theirs."""
+        for part in self._parts:
+            self.tokens += part.tokens
+            self.neurons += part.neurons
+            self.predictor_s += part.predictor_s
+            part.reset_stats()
 
     def density(self) -> list[float]:
         """Per layer: neurons computed / (tokens x n_ff) since the last reset."""
